@@ -1,0 +1,28 @@
+"""User-facing errors and warnings, with one message template (after ignite's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["GradmedicError", "GradmedicWarning", "bad_argument"]
+
+
+class GradmedicError(ValueError):
+    """A user error: the message names the value that was wrong and the fix."""
+
+
+class GradmedicWarning(UserWarning):
+    """Something gradmedic could not do; the user's training is unaffected."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def bad_argument(name: str, expected: str, given: Any, fix: str | None = None) -> GradmedicError:
+    """Build the one-line error for an argument that does not fit."""
+    message = f"Argument {name} should be {expected}, but given {_show(given)}."
+    if fix:
+        message += f" {fix}"
+    return GradmedicError(message)

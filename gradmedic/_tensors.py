@@ -1,0 +1,38 @@
+"""Finding the tensor that matters in whatever a module or model returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["first_float_tensor"]
+
+
+def first_float_tensor(obj: Any, prefer_loss: bool = False) -> torch.Tensor | None:
+    """The first floating-point tensor in a tensor, tuple, list, dict or dataclass (depth first).
+
+    Hugging Face models return dict-like dataclasses whose first entry may be ``loss``; with
+    ``prefer_loss`` a ``.loss``/``["loss"]`` tensor wins over the rest.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() else None
+    if prefer_loss:
+        loss = obj.get("loss") if isinstance(obj, Mapping) else getattr(obj, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+            return loss
+    if isinstance(obj, Mapping):
+        items: Any = obj.values()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    elif isinstance(obj, (tuple, list)):
+        items = obj
+    else:
+        return None
+    for item in items:
+        found = first_float_tensor(item)
+        if found is not None:
+            return found
+    return None

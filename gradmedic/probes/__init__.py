@@ -1,0 +1,52 @@
+"""Probes: what is measured. One probe per file; PRESETS say which run how often."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradmedic.probes.activations import ActivationProbe
+from gradmedic.probes.backward import BackwardSignalProbe
+from gradmedic.probes.base import Chunk, LayerIndex, Probe
+from gradmedic.probes.gradients import GradientProbe
+from gradmedic.probes.nonfinite import NonFiniteProbe
+from gradmedic.probes.timesteps import TimeStepProbe
+
+__all__ = ["PRESETS", "PROBES", "ActivationProbe", "BackwardSignalProbe", "Chunk", "GradientProbe",
+           "LayerIndex", "NonFiniteProbe", "Probe", "TimeStepProbe", "build_probes"]
+
+PROBES: dict[str, type[Probe]] = {
+    p.name: p for p in (GradientProbe, BackwardSignalProbe, ActivationProbe, TimeStepProbe, NonFiniteProbe)
+}
+
+# name -> {probe name: constructor arguments}. The periods are chosen so that the default costs at
+# most ~3% of a training step (see BENCHMARKS.md); "full" measures everything at every step.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cheap": {
+        "gradients": {"every": 50, "update_ratio": False},
+    },
+    "standard": {
+        "gradients": {"every": 20},
+        "backward": {"every": 20},
+        "activations": {"every": 100},
+        "timesteps": {"every": 100},
+        "nonfinite": {"every": 100},
+    },
+    "full": {
+        "gradients": {"every": 1, "zero_fraction": True},
+        "backward": {"every": 1},
+        "activations": {"every": 1},
+        "timesteps": {"every": 1},
+        "nonfinite": {"every": 1},
+    },
+}
+
+
+def build_probes(preset: str, every: int | None = None) -> list[Probe]:
+    """Instantiate a preset's probes; ``every`` overrides every probe's period."""
+    probes = []
+    for name, kwargs in PRESETS[preset].items():
+        kwargs = dict(kwargs)
+        if every is not None:
+            kwargs["every"] = every
+        probes.append(PROBES[name](**kwargs))
+    return probes

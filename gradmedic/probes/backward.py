@@ -1,0 +1,75 @@
+"""The backward signal: RMS of dL/d(output) of each layer, the quantity that vanishes or explodes.
+
+Parameter gradients mix the backward signal with the layer's input scale; the gradient with respect
+to a layer's *output* is the signal itself (Nielsen's delta_l), so its profile across depth is what
+shows vanishing or exploding gradients.
+
+It is taken with a tensor hook registered on the output in a forward hook, not with
+``register_full_backward_hook``: the latter wraps the output in a BackwardHookFunction and then
+refuses a following in-place op (``ReLU(inplace=True)``). A tensor hook registered before an in-place
+op receives the gradient with respect to the value before it, which is the pre-activation here.
+A module called several times per forward accumulates: RMS over all its calls' elements.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradmedic._tensors import first_float_tensor
+from gradmedic.probes.base import LayerIndex, Probe
+
+__all__ = ["BackwardSignalProbe"]
+
+
+class BackwardSignalProbe(Probe):
+    name = "backward"
+    metrics = ("backward_rms",)
+    uses_hooks = True
+
+    def attach(self, layers: LayerIndex, capacity: int) -> None:
+        super().attach(layers, capacity)
+        self._rows = layers.rows_owning_params()
+        self._sq = torch.zeros(len(layers), dtype=self.dtype, device=self.device)
+        self._count = [0] * len(layers)
+        self._generation = 0  # hooks from an earlier step's graph are ignored if they fire late
+
+    def arm(self) -> None:
+        assert self.layers is not None
+        for row in self._rows:
+            module = self.layers.modules[row]
+            self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
+
+    def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
+        out = first_float_tensor(output)
+        if out is None or not out.requires_grad:
+            return
+        out.register_hook(self.guard(self._on_grad, row, self._generation))
+
+    def _on_grad(self, row: int, generation: int, grad: torch.Tensor) -> None:
+        if generation != self._generation:
+            return
+        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32 if grad.dtype.itemsize < 4 else None)
+        self._sq[row] += norm.to(self.dtype).square()
+        self._count[row] += grad.numel()
+
+    def collect(self, step: int) -> None:
+        seen = [r for r, n in enumerate(self._count) if n]
+        if not seen:
+            return
+        slot = self.buffer.open(step)
+        rows = torch.tensor(seen, dtype=torch.long, device=self.device)
+        counts = torch.tensor([float(self._count[r]) for r in seen], dtype=self.dtype, device=self.device)
+        rms = (self._sq.index_select(0, rows) / counts).sqrt()
+        self.buffer.write(slot, rows, "backward_rms", rms)
+        self._sq.zero_()
+        self._count = [0] * len(self._count)
+
+    def disarm(self) -> None:
+        super().disarm()
+        self._generation += 1
+        self._sq.zero_()
+        self._count = [0] * len(self._count)

@@ -1,0 +1,207 @@
+"""What every probe shares: the model's layer index, a schedule, a device buffer and guarded hooks.
+
+A probe measures one family of statistics. The Monitor drives it through a fixed life cycle:
+
+    attach(ctx)   once: allocate buffers on the model's device
+    arm()         before a scheduled step's forward: register hooks (hook-based probes only)
+    collect(step) after that step's backward: reduce what the hooks saw into the buffer
+    disarm()      remove the hooks again, so unscheduled steps pay nothing
+    flush()       move the buffer to the host as a Chunk (the only device-to-host copy)
+    detach()      free everything
+
+Everything between two flushes stays on the device: no ``.item()``, no ``.cpu()``, no Python branch
+on a tensor value. Any exception inside a hook or a collect is caught by ``guard`` and reported to the
+Monitor, which switches the probe off; the user's forward and backward never see it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype"]
+
+
+@dataclass
+class Chunk:
+    """What a probe hands to the trace at a flush: host arrays, nothing that holds a graph."""
+
+    steps: np.ndarray  # (S,) int64
+    layers: list[str]
+    metrics: list[str]
+    values: np.ndarray  # (S, L, M) float64, NaN where not measured
+    # series[name][layer] = (steps (S,), values (S, T)); e.g. per-time-step gradients
+    series: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LayerIndex:
+    """Every module of a model by qualified name, and the parameters each one owns.
+
+    A parameter shared by several modules (tied weights) belongs to the first owner in
+    ``named_modules`` order, so per-layer norms add up to the model's norm without double counting.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.names: list[str] = []
+        self.modules: list[nn.Module] = []
+        self.row: dict[int, int] = {}  # id(module) -> row
+        self.params: list[list[nn.Parameter]] = []  # trainable parameters first owned by each module
+        self.owns_params: list[bool] = []  # owns any parameter (trainable or frozen) directly
+        seen: set[int] = set()
+        for name, module in model.named_modules():
+            self.row[id(module)] = len(self.names)
+            self.names.append(name)
+            self.modules.append(module)
+            owned = []
+            direct = list(module.parameters(recurse=False))
+            for p in direct:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.requires_grad:
+                    owned.append(p)
+            self.params.append(owned)
+            self.owns_params.append(bool(direct))
+        params = [p for ps in self.params for p in ps]
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            first = next(iter(model.buffers()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.param_dtype = params[0].dtype if params else torch.float32
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows_owning_params(self) -> list[int]:
+        return [i for i, owns in enumerate(self.owns_params) if owns]
+
+
+def buffer_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (so float64 models keep their precision), else float32."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class StepBuffer:
+    """A preallocated (capacity, rows, metrics) tensor on the device; NaN means not measured."""
+
+    def __init__(self, capacity: int, rows: Sequence[str], metrics: Sequence[str], device: torch.device,
+                 dtype: torch.dtype):
+        self.rows = list(rows)
+        self.metrics = list(metrics)
+        self.col = {m: j for j, m in enumerate(self.metrics)}
+        self.values = torch.full((capacity, len(self.rows), len(self.metrics)), float("nan"),
+                                 device=device, dtype=dtype)
+        self.steps: list[int] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) >= self.values.shape[0]
+
+    def open(self, step: int) -> int:
+        """The slot for ``step`` (the same slot when several probes write the same step)."""
+        if self.steps and self.steps[-1] == step:
+            return len(self.steps) - 1
+        if self.full:
+            raise RuntimeError("StepBuffer is full; the Monitor flushes before this can happen")
+        self.steps.append(step)
+        return len(self.steps) - 1
+
+    def write(self, slot: int, rows: torch.Tensor, metric: str, values: torch.Tensor) -> None:
+        self.values[slot, :, self.col[metric]].index_copy_(0, rows, values.to(self.values.dtype))
+
+    def drain(self) -> Chunk | None:
+        """Copy the filled slots to the host (one transfer) and reset."""
+        if not self.steps:
+            return None
+        n = len(self.steps)
+        host = self.values[:n].cpu().numpy().astype(np.float64, copy=True)
+        self.values[:n].fill_(float("nan"))
+        steps = np.asarray(self.steps, dtype=np.int64)
+        self.steps = []
+        measured = ~np.all(np.isnan(host), axis=(0, 2))
+        keep = np.flatnonzero(measured)
+        return Chunk(steps=steps, layers=[self.rows[i] for i in keep], metrics=list(self.metrics),
+                     values=host[:, keep, :])
+
+
+class Probe:
+    """Base class: a schedule owned here, the statistics owned by the subclass."""
+
+    name: ClassVar[str] = "probe"
+    metrics: ClassVar[tuple[str, ...]] = ()
+    uses_hooks: ClassVar[bool] = False  # needs arm()/disarm() around a scheduled step
+
+    def __init__(self, every: int = 1):
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            from gradmedic._errors import bad_argument
+
+            raise bad_argument("every", "a positive int (measure every k-th step)", every)
+        self.every = every
+        self.failed = False
+        self.on_failure: Callable[[Probe, BaseException], None] | None = None
+        self._handles: list[Any] = []
+        self.layers: LayerIndex | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every={self.every})"
+
+    # --- schedule -------------------------------------------------------------------------------
+    def should_compute(self, step: int) -> bool:
+        return not self.failed and step % self.every == 0
+
+    # --- life cycle (subclasses extend) ---------------------------------------------------------
+    def attach(self, layers: LayerIndex, capacity: int) -> None:
+        self.layers = layers
+        self.device = layers.device
+        self.dtype = buffer_dtype(layers.device)
+        self.buffer = StepBuffer(capacity, layers.names, self.metrics, self.device, self.dtype)
+
+    def arm(self) -> None:
+        """Register the hooks that watch one forward/backward."""
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def collect(self, step: int) -> None:
+        """Reduce what was seen for ``step`` into the buffer, on the device."""
+
+    def after_step(self, step: int, next_scheduled: bool) -> None:
+        """Called after every Monitor step, scheduled or not (two-step statistics use it)."""
+
+    def flush(self) -> Chunk | None:
+        return self.buffer.drain()
+
+    def detach(self) -> None:
+        self.disarm()
+
+    # --- failure isolation ----------------------------------------------------------------------
+    def fail(self, error: BaseException) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        if self.on_failure is not None:
+            self.on_failure(self, error)
+
+    def guard(self, fn: Callable[..., Any], *bound: Any) -> Callable[..., None]:
+        """Wrap a hook so that an exception switches the probe off instead of reaching the user."""
+
+        @functools.wraps(fn)
+        def hook(*args: Any, **kwargs: Any) -> None:
+            if self.failed:
+                return None
+            try:
+                fn(*bound, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - a monitor must never break training
+                self.fail(error)
+            return None
+
+        return hook

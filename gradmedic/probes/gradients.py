@@ -1,0 +1,156 @@
+"""Per-layer gradient norm, weight norm, their ratio, and the update/weight ratio.
+
+A "layer" here is a module that owns trainable parameters. All norms come from a handful of fused
+``torch._foreach_norm`` calls (one per device/dtype group), then an ``index_add_`` folds the
+per-parameter squares into per-layer sums: the kernel count does not grow with the parameter count.
+
+The update/weight ratio ||W_s - W_{s-1}|| / ||W_{s-1}|| is measured from the parameters themselves
+(a snapshot taken at the step before a scheduled one), so it is right for any optimizer, Adam's
+per-coordinate steps and weight decay included. Exactly one ``optimizer.step()`` happens between two
+``Monitor.step()`` calls whichever order the user calls them in, so the snapshot brackets one update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradmedic.probes.base import LayerIndex, Probe
+
+__all__ = ["GradientProbe"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Plan:
+    """How a list of tensors splits into foreach groups, and which layer row each belongs to."""
+
+    groups: list[list[int]]  # indices into the parameter list, one list per (device, dtype)
+    owner: torch.Tensor  # (P,) layer row of each tensor, in group order
+    rows: torch.Tensor  # (R,) distinct rows present
+    count_per_row: torch.Tensor  # (R,) how many tensor elements each present row holds
+
+
+class GradientProbe(Probe):
+    name = "gradients"
+    metrics = ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight", "grad_zero_frac",
+               "total_grad_norm")
+
+    def __init__(self, every: int = 1, update_ratio: bool = True, zero_fraction: bool = False):
+        super().__init__(every)
+        self.update_ratio = update_ratio
+        # fraction of gradient entries that are exactly 0: how float16 underflow shows itself
+        self.zero_fraction = zero_fraction
+
+    def attach(self, layers: LayerIndex, capacity: int) -> None:
+        super().attach(layers, capacity)
+        self._params = [p for ps in layers.params for p in ps]
+        self._owner = [row for row, ps in enumerate(layers.params) for _ in ps]
+        self._plans: dict[tuple[bool, ...], _Plan] = {}
+        self._all_plan = self._plan(tuple(True for _ in self._params)) if self._params else None
+        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_step: int | None = None
+        self._snapshot_norm: torch.Tensor | None = None
+
+    # --- planning (host only, cached by which parameters have a gradient) -----------------------
+    def _plan(self, present: tuple[bool, ...]) -> _Plan:
+        plan = self._plans.get(present)
+        if plan is not None:
+            return plan
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, (p, has) in enumerate(zip(self._params, present, strict=True)):
+            if has:
+                by_key.setdefault((p.device, p.dtype), []).append(i)
+        groups = list(by_key.values())
+        order = [i for g in groups for i in g]
+        owner = [self._owner[i] for i in order]
+        rows = sorted(set(owner))
+        counts = {r: 0 for r in rows}
+        for i in order:
+            counts[self._owner[i]] += self._params[i].numel()
+        plan = _Plan(
+            groups=groups,
+            owner=torch.tensor(owner, dtype=torch.long, device=self.device),
+            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            count_per_row=torch.tensor([counts[r] for r in rows], dtype=self.dtype, device=self.device),
+        )
+        self._plans[present] = plan
+        return plan
+
+    def _norms(self, tensors: list[torch.Tensor], plan: _Plan, ord: float = 2.0) -> torch.Tensor:
+        """Per-tensor norms, in plan order, as one vector in the buffer's dtype and device."""
+        parts = []
+        for group in plan.groups:
+            ts = [tensors[i] for i in group]
+            low = ts[0].dtype in _LOW_PRECISION
+            norms = torch._foreach_norm(ts, ord, dtype=torch.float32) if low else torch._foreach_norm(ts, ord)
+            parts.append(torch.stack(norms).to(self.device, self.dtype, non_blocking=True))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _per_row(self, per_tensor: torch.Tensor, plan: _Plan, squares: bool = True) -> torch.Tensor:
+        """Fold per-tensor norms into per-layer norms (sqrt of the summed squares)."""
+        acc = torch.zeros(len(self.layers), dtype=self.dtype, device=self.device)
+        acc.index_add_(0, plan.owner, per_tensor.square() if squares else per_tensor)
+        picked = acc.index_select(0, plan.rows)
+        return picked.sqrt() if squares else picked
+
+    # --- measurement ------------------------------------------------------------------------------
+    def collect(self, step: int) -> None:
+        if not self._params:
+            return
+        present = tuple(p.grad is not None for p in self._params)
+        measured_update = self.update_ratio and self._snapshot_step == step - 1
+        if not any(present) and not measured_update:
+            return
+        slot = self.buffer.open(step)
+        if any(present):
+            plan = self._plan(present)
+            grads = [p.grad if p.grad is not None else p for p in self._params]
+            weights = [p.detach() for p in self._params]
+            grad_norms = self._norms(grads, plan)
+            grad = self._per_row(grad_norms, plan)
+            weight = self._per_row(self._norms(weights, plan), plan)
+            ratio = torch.where(weight > 0, grad / weight, torch.full_like(grad, float("nan")))
+            self.buffer.write(slot, plan.rows, "grad_norm", grad)
+            self.buffer.write(slot, plan.rows, "weight_norm", weight)
+            self.buffer.write(slot, plan.rows, "grad_to_weight", ratio)
+            root = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.buffer.write(slot, root, "total_grad_norm", grad_norms.square().sum().sqrt().reshape(1))
+            if self.zero_fraction:
+                nonzero = self._per_row(self._norms(grads, plan, ord=0.0), plan, squares=False)
+                self.buffer.write(slot, plan.rows, "grad_zero_frac", 1.0 - nonzero / plan.count_per_row)
+        if measured_update:
+            self._write_update(slot)
+
+    def _write_update(self, slot: int) -> None:
+        plan = self._all_plan
+        assert plan is not None and self._snapshot is not None and self._snapshot_norm is not None
+        params = [p.detach() for p in self._params]
+        for group in plan.groups:  # snapshot <- W_{s-1} - W_s, in place: no second copy of the model
+            torch._foreach_sub_([self._snapshot[i] for i in group], [params[i] for i in group])
+        change = self._per_row(self._norms(self._snapshot, plan), plan)
+        before = self._snapshot_norm
+        ratio = torch.where(before > 0, change / before, torch.full_like(change, float("nan")))
+        self.buffer.write(slot, plan.rows, "update_to_weight", ratio)
+        self._snapshot_step = None
+
+    def after_step(self, step: int, next_scheduled: bool) -> None:
+        if not (self.update_ratio and next_scheduled and self._params):
+            return
+        plan = self._all_plan
+        assert plan is not None
+        params = [p.detach() for p in self._params]
+        if self._snapshot is None:
+            self._snapshot = [p.clone() for p in params]
+        else:
+            for group in plan.groups:
+                torch._foreach_copy_([self._snapshot[i] for i in group], [params[i] for i in group])
+        self._snapshot_norm = self._per_row(self._norms(self._snapshot, plan), plan)
+        self._snapshot_step = step
+
+    def detach(self) -> None:
+        super().detach()
+        self._snapshot = None
+        self._snapshot_norm = None

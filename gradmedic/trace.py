@@ -1,0 +1,291 @@
+"""Trace: what a Monitor recorded, as steps x layers x metrics, plus per-time-step series and events.
+
+Saved as a zip of ``.npy`` arrays and one JSON document, loaded with ``allow_pickle=False``: a trace
+file from someone else cannot run code. Writes go to a temporary file renamed into place, so an
+interrupted save never leaves a half-written trace over a good one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradmedic._errors import GradmedicError
+from gradmedic.probes.base import Chunk
+
+__all__ = ["Trace"]
+
+FORMAT = "gradmedic-trace"
+VERSION = 1
+
+# Columns of the summary table: (metric, header); the first measured value per layer is the last step's.
+SUMMARY_COLUMNS = (
+    ("grad_norm", "grad norm"),
+    ("backward_rms", "backward signal"),
+    ("grad_to_weight", "grad/weight"),
+    ("update_to_weight", "update/weight"),
+    ("saturated_frac", "saturated"),
+    ("dead_frac", "dead"),
+    ("time_grad_ratio", "dL/dx first/last"),
+)
+
+
+class Trace:
+    """Steps x layers x metrics; NaN where a metric was not measured at a step."""
+
+    def __init__(self, meta: dict[str, Any] | None = None):
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._chunks: list[Chunk] = []
+        self._cache: tuple[np.ndarray, list[str], list[str], np.ndarray] | None = None
+
+    # --- building -------------------------------------------------------------------------------
+    def extend(self, chunk: Chunk) -> None:
+        self._chunks.append(chunk)
+        self._cache = None
+
+    def _materialise(self) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+        if self._cache is not None:
+            return self._cache
+        order = {name: i for i, name in enumerate(self.meta.get("modules", []))}
+        layers: list[str] = []
+        metrics: list[str] = []
+        for c in self._chunks:
+            layers += [x for x in c.layers if x not in layers]
+            metrics += [m for m in c.metrics if m not in metrics]
+        layers.sort(key=lambda name: order.get(name, len(order)))
+        steps = np.unique(np.concatenate([c.steps for c in self._chunks])) if self._chunks else \
+            np.zeros(0, dtype=np.int64)
+        values = np.full((len(steps), len(layers), len(metrics)), np.nan)
+        li = {x: i for i, x in enumerate(layers)}
+        mi = {m: j for j, m in enumerate(metrics)}
+        for c in self._chunks:
+            if not c.layers:
+                continue
+            si = np.searchsorted(steps, c.steps)
+            lidx = np.array([li[x] for x in c.layers])
+            midx = np.array([mi[m] for m in c.metrics])
+            block = values[np.ix_(si, lidx, midx)]
+            values[np.ix_(si, lidx, midx)] = np.where(np.isnan(c.values), block, c.values)
+        self._cache = (steps.astype(np.int64), layers, metrics, values)
+        return self._cache
+
+    # --- reading --------------------------------------------------------------------------------
+    @property
+    def steps(self) -> np.ndarray:
+        return self._materialise()[0]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._materialise()[1])
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self._materialise()[2])
+
+    @property
+    def values(self) -> np.ndarray:
+        """(steps, layers, metrics) float64 array; NaN where not measured."""
+        return self._materialise()[3]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def metric(self, name: str) -> np.ndarray:
+        """One metric as a (steps, layers) array."""
+        _, _, metrics, values = self._materialise()
+        if name not in metrics:
+            known = ", ".join(metrics) or "none yet"
+            raise GradmedicError(f"No metric {name!r} in this trace; it has: {known}.")
+        return values[:, :, metrics.index(name)]
+
+    def last(self, name: str) -> dict[str, float]:
+        """The last measured value of a metric for each layer that has one."""
+        if name not in self.metrics:
+            return {}
+        column = self.metric(name)
+        out = {}
+        for j, layer in enumerate(self.layers):
+            measured = np.flatnonzero(~np.isnan(column[:, j]))
+            if measured.size:
+                out[layer] = float(column[measured[-1], j])
+        return out
+
+    def series(self, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A per-step vector series, e.g. ``"time_grad_rms"``: layer -> (steps (S,), values (S, T))."""
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for c in self._chunks:
+            for layer, pair in c.series.get(name, {}).items():
+                parts.setdefault(layer, []).append(pair)
+        out = {}
+        for layer, pairs in parts.items():
+            width = max(v.shape[1] for _, v in pairs)
+            padded = [np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=np.nan) for _, v in pairs]
+            out[layer] = (np.concatenate([s for s, _ in pairs]), np.concatenate(padded))
+        return out
+
+    @property
+    def series_names(self) -> list[str]:
+        return sorted({name for c in self._chunks for name in c.series})
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Discrete happenings, e.g. the first module with a NaN: dicts with ``step`` and ``kind``."""
+        return [e for c in self._chunks for e in c.events]
+
+    # --- export ---------------------------------------------------------------------------------
+    def to_pandas(self):
+        """A DataFrame indexed by (step, layer), one column per metric; unmeasured rows dropped."""
+        try:
+            import pandas as pd
+        except ImportError as error:
+            raise GradmedicError("Trace.to_pandas() needs pandas: pip install pandas") from error
+        steps, layers, metrics, values = self._materialise()
+        index = pd.MultiIndex.from_product([steps, layers], names=["step", "layer"])
+        frame = pd.DataFrame(values.reshape(-1, len(metrics)), index=index, columns=metrics)
+        return frame.dropna(how="all")
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write step, layer and one column per metric; rows with nothing measured are left out."""
+        steps, layers, metrics, values = self._materialise()
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["step", "layer", *metrics])
+        for s, step in enumerate(steps):
+            for j, layer in enumerate(layers):
+                row = values[s, j]
+                if np.all(np.isnan(row)):
+                    continue
+                writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
+        return _write_atomic(Path(path), buffer.getvalue().encode())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json."""
+        steps, layers, metrics, values = self._materialise()
+        series_index: dict[str, list[str]] = {}
+        arrays: dict[str, np.ndarray] = {"steps.npy": steps, "values.npy": values}
+        for name in self.series_names:
+            series = self.series(name)
+            series_index[name] = list(series)
+            for i, (s, v) in enumerate(series.values()):
+                arrays[f"series/{name}/{i}.steps.npy"] = s
+                arrays[f"series/{name}/{i}.values.npy"] = v
+        doc = {"format": FORMAT, "version": VERSION, "meta": self.meta, "layers": layers, "metrics": metrics,
+               "events": self.events, "series": series_index}
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("trace.json", json.dumps(doc, indent=1, default=_json_default))
+            for name, array in arrays.items():
+                out = io.BytesIO()
+                np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+                zf.writestr(name, out.getvalue())
+        return _write_atomic(Path(path), buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        path = Path(path)
+        if not path.is_file():
+            raise GradmedicError(f"No trace file at {str(path)!r}: check the path (traces are written by "
+                                 "Monitor.trace.save).")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                doc = json.loads(zf.read("trace.json"))
+                if doc.get("format") != FORMAT:
+                    raise ValueError("not a gradmedic trace")
+                if doc.get("version", 0) > VERSION:
+                    raise ValueError(f"written by a newer gradmedic (format {doc['version']})")
+
+                def array(name: str) -> np.ndarray:
+                    return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
+
+                chunk = Chunk(steps=array("steps.npy"), layers=list(doc["layers"]),
+                              metrics=list(doc["metrics"]), values=array("values.npy"),
+                              events=list(doc["events"]))
+                for name, layers in doc["series"].items():
+                    chunk.series[name] = {
+                        layer: (array(f"series/{name}/{i}.steps.npy"), array(f"series/{name}/{i}.values.npy"))
+                        for i, layer in enumerate(layers)}
+        except (zipfile.BadZipFile, KeyError, ValueError, json.JSONDecodeError) as error:
+            raise GradmedicError(f"{str(path)!r} is not a readable gradmedic trace ({error}); "
+                                 "save one with Monitor.trace.save(path).") from None
+        trace = cls(doc["meta"])
+        trace.extend(chunk)
+        return trace
+
+    # --- display --------------------------------------------------------------------------------
+    def table(self, title: str | None = None):
+        """A rich Table: one row per layer, the last measured value of the main metrics."""
+        from rich.table import Table
+
+        layers = self.layers
+        columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
+        types = self.meta.get("types", {})
+        table = Table(title=title, title_justify="left")
+        table.add_column("layer")
+        table.add_column("type")
+        for _, header in columns:
+            table.add_column(header, justify="right")
+        last = {m: self.last(m) for m, _ in columns}
+        for layer in layers:
+            cells = [_fmt(last[m].get(layer), m) for m, _ in columns]
+            if all(c == "" for c in cells):
+                continue
+            table.add_row(layer or "(model)", types.get(layer, ""), *cells)
+        return table
+
+    def summary(self) -> str:
+        """The per-layer table and the events, as plain text."""
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        steps = self.steps
+        span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
+        console.print(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}")
+        console.print(self.table())
+        for e in self.events[:10]:
+            console.print(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at {e['module']!r}")
+        return console.file.getvalue()
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics={self.metrics}, "
+                f"events={len(self.events)})")
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return ""
+    if metric.endswith("_frac"):
+        return f"{100 * value:.0f}%"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.2e}"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
