@@ -1,0 +1,156 @@
+"""Activation probe: hand-built pre-activations with known saturated/dead counts, and numpy stats."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradmedic as gm
+from gradmedic.probes import ActivationProbe
+
+
+def measure(model, *inputs):
+    mon = gm.Monitor(model, probes=[ActivationProbe()])
+    out = model(*inputs)
+    out.float().sum().backward()
+    mon.step()
+    mon.close()
+    return mon.trace
+
+
+def fixed_linear(weights, bias=None):
+    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, 1)
+    lin = nn.Linear(1, w.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(torch.tensor(bias))
+    return lin
+
+
+def test_tanh_saturation_and_moments_by_hand():
+    # pre-activations for x = 1: 0, 0.5, 3, -5 -> tanh' = 1, 0.79, 0.0099, 0.00018: two below 0.05
+    model = nn.Sequential(fixed_linear([0.0, 0.5, 3.0, -5.0]), nn.Tanh())
+    trace = measure(model, torch.ones(1, 1))
+    y = np.tanh([0.0, 0.5, 3.0, -5.0])
+    assert trace.last("saturated_frac")["1"] == pytest.approx(0.5)
+    assert trace.last("act_mean")["1"] == pytest.approx(y.mean(), rel=1e-6)
+    assert trace.last("act_std")["1"] == pytest.approx(y.std(), rel=1e-6)
+
+
+def test_sigmoid_saturation_threshold():
+    # sigmoid'(z)/0.25 < 0.05 <=> |z| > 4.36: z = 4.0 is not saturated, z = 4.7 is
+    model = nn.Sequential(fixed_linear([4.0, 4.7, -4.7, 0.0]), nn.Sigmoid())
+    assert measure(model, torch.ones(1, 1)).last("saturated_frac")["1"] == pytest.approx(0.5)
+
+
+def test_dead_relu_units_2d():
+    # unit 0 has bias -10 and weight 1, inputs in [0, 1): never positive -> dead; units 1, 2 alive
+    model = nn.Sequential(nn.Linear(1, 3), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.copy_(torch.tensor([-10.0, 0.5, 0.1]))
+    trace = measure(model, torch.rand(16, 1))
+    assert trace.last("dead_frac")["1"] == pytest.approx(1 / 3)
+
+
+def test_conv_channels_are_units():
+    conv = nn.Conv2d(1, 4, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.copy_(torch.tensor([-10.0, -10.0, 0.0, 1.0]))
+    model = nn.Sequential(conv, nn.ReLU())
+    trace = measure(model, torch.rand(2, 1, 5, 5))
+    assert trace.last("dead_frac")["1"] == pytest.approx(0.5)
+
+
+def test_conv1d_three_dims_use_channel_axis():
+    # (B, C, L) after Conv1d: C = 3 channels, channel 1 dead; L = 7 positions all alive on other channels
+    conv = nn.Conv1d(1, 3, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.copy_(torch.tensor([1.0, -10.0, 1.0]))
+    model = nn.Sequential(conv, nn.ReLU())
+    trace = measure(model, torch.rand(2, 1, 7))
+    assert trace.last("dead_frac")["1"] == pytest.approx(1 / 3)
+
+
+def test_sequence_features_are_last_axis():
+    # (B, T, C) after Linear: C = 4 features, one dead; T = 6 must not be taken for the feature axis
+    lin = nn.Linear(1, 4)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.copy_(torch.tensor([1.0, 1.0, -10.0, 1.0]))
+    model = nn.Sequential(lin, nn.ReLU())
+    trace = measure(model, torch.rand(3, 6, 1))
+    assert trace.last("dead_frac")["1"] == pytest.approx(1 / 4)
+
+
+def test_one_relu_reused_after_two_layers_counts_each_call():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(1, 2)
+            self.b = nn.Linear(2, 4)
+            self.act = nn.ReLU()
+            with torch.no_grad():
+                self.a.weight.fill_(1.0)
+                self.a.bias.copy_(torch.tensor([1.0, -10.0]))  # call 1: 1 of 2 dead
+                self.b.weight.zero_()
+                self.b.bias.copy_(torch.tensor([1.0, 1.0, 1.0, -1.0]))  # call 2: 1 of 4 dead
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    trace = measure(Reuse(), torch.rand(5, 1))
+    assert trace.last("dead_frac")["act"] == pytest.approx(2 / 6)
+
+
+def test_functional_activations_are_booked_under_the_calling_module():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = fixed_linear([0.0, 3.0, -5.0, 1.0])
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(x)))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Functional()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return F.relu(self.relu(self.inner(x)))
+
+    trace = measure(Block(), torch.ones(2, 1))
+    assert trace.last("saturated_frac")["inner"] == pytest.approx(0.5)
+    # F.relu inside nn.ReLU is not double counted; the F.relu called by Block is booked under "" (Block)
+    assert set(trace.last("dead_frac")) == {"", "relu"}
+
+
+def test_functional_watch_leaves_no_mode_behind_after_an_error():
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            torch.sigmoid(self.lin(x))
+            raise KeyError("user bug")
+
+    model = Breaks()
+    mon = gm.Monitor(model, probes=[ActivationProbe()])
+    with pytest.raises(KeyError):
+        model(torch.ones(1, 2))
+    assert not torch.overrides._is_torch_function_mode_enabled()
+    mon.close()
+
+
+def test_half_precision_activations():
+    model = nn.Sequential(fixed_linear([0.0, 3.0]), nn.Tanh()).half()
+    trace = measure(model, torch.ones(1, 1, dtype=torch.float16))
+    assert trace.last("saturated_frac")["1"] == pytest.approx(0.5)

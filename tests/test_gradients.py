@@ -1,0 +1,148 @@
+"""Gradient probe against hand-derived values and an independent torch.func recomputation."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+import gradmedic as gm
+from gradmedic.probes import GradientProbe
+from tests.helpers import sigmoid_mlp
+
+
+def run(model, x, y, steps=1, optimizer=None, probes=None, before_opt=True):
+    mon = gm.Monitor(model, optimizer, probes=probes or [GradientProbe(every=1)])
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if before_opt:
+            mon.step(loss)
+        if optimizer is not None:
+            optimizer.step()
+        if not before_opt:
+            mon.step(loss)
+        if optimizer is not None:
+            optimizer.zero_grad()
+    mon.close()
+    return mon.trace
+
+
+def test_hand_derived_single_linear():
+    # y_hat = w x + b with w = 2, b = 0.5, x = 3, target 0: L = (6.5)^2, dL/dw = 2 * 6.5 * 3 = 39, dL/db = 13
+    lin = nn.Linear(1, 1)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+        lin.bias.fill_(0.5)
+    trace = run(lin, torch.tensor([[3.0]]), torch.tensor([[0.0]]))
+    assert trace.last("grad_norm")[""] == pytest.approx(math.hypot(39, 13), rel=1e-6)
+    assert trace.last("weight_norm")[""] == pytest.approx(math.hypot(2, 0.5), rel=1e-6)
+    assert trace.last("grad_to_weight")[""] == pytest.approx(math.hypot(39, 13) / math.hypot(2, 0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_matches_torch_func_per_layer(dtype, rtol):
+    model = sigmoid_mlp(dtype=dtype)
+    x = torch.randn(32, 16, dtype=dtype)
+    y = torch.randn(32, 4, dtype=dtype)
+    model64 = copy.deepcopy(model).double()
+    params64 = {k: v.detach() for k, v in model64.named_parameters()}
+
+    def loss_fn(p):
+        return nn.functional.mse_loss(functional_call(model64, p, (x.double(),)), y.double())
+
+    grads = grad(loss_fn)(params64)  # independent path: float64 torch.func
+    trace = run(model, x, y)
+    got = trace.last("grad_norm")
+    for layer in ("0", "2", "4", "6"):
+        want = math.sqrt(sum(float(grads[f"{layer}.{n}"].square().sum()) for n in ("weight", "bias")))
+        assert got[layer] == pytest.approx(want, rel=rtol)
+    total = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+    assert trace.last("total_grad_norm")[""] == pytest.approx(total, rel=rtol)
+
+
+@pytest.mark.parametrize("before_opt", [True, False])
+def test_update_ratio_is_the_actual_adam_change(before_opt):
+    model = sigmoid_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    snapshots = []
+    mon = gm.Monitor(model, opt, probes=[GradientProbe(every=2)])
+    for _ in range(5):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if before_opt:
+            snapshots.append([p.detach().clone() for p in model[0].parameters()])
+            mon.step()
+        opt.step()
+        if not before_opt:
+            snapshots.append([p.detach().clone() for p in model[0].parameters()])
+            mon.step()
+        opt.zero_grad()
+    trace = mon.trace
+    column = trace.metric("update_to_weight")[:, trace.layers.index("0")]
+    measured = {int(s): v for s, v in zip(trace.steps, column, strict=True) if not np.isnan(v)}
+    assert sorted(measured) == [2, 4]  # every=2: the update into each scheduled step (not step 0)
+    for s in (2, 4):
+        before, after = snapshots[s - 1], snapshots[s]
+        change = math.sqrt(sum(float((a - b).double().square().sum()) for a, b in zip(after, before, strict=True)))
+        norm = math.sqrt(sum(float(b.double().square().sum()) for b in before))
+        assert measured[s] == pytest.approx(change / norm, rel=1e-5)
+        # Adam's step is ~lr per coordinate, far from lr * grad: the ratio must not be grad-based
+    assert all(v > 1e-4 for v in measured.values())
+
+
+def test_shared_parameters_counted_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(6, 6, bias=False)
+            self.dec = nn.Linear(6, 6, bias=False)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.enc(x)))
+
+    torch.manual_seed(0)
+    model = Tied()
+    x = torch.randn(5, 6)
+    trace = run(model, x, torch.zeros(5, 6))
+    got = trace.last("grad_norm")
+    assert "dec" not in got  # owned by enc, the first owner
+    # independent path: autograd's accumulated grad of the one tied tensor (both uses summed)
+    assert got["enc"] == pytest.approx(float(model.enc.weight.grad.double().norm()), rel=1e-6)
+    assert trace.last("total_grad_norm")[""] == pytest.approx(got["enc"], rel=1e-6)
+
+
+def test_frozen_and_unused_parameters():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(4, 4)
+            self.used = nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 2)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.used(self.frozen(x))
+
+    model = Branchy()
+    trace = run(model, torch.randn(3, 4), torch.randn(3, 2))
+    got = trace.last("grad_norm")
+    assert set(got) == {"used"}  # frozen: not trainable; unused: grad None, so not measured (not 0)
+
+
+def test_zero_fraction_shows_float16_underflow():
+    lin = nn.Linear(4, 1, bias=False).half()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    probe = GradientProbe(every=1, zero_fraction=True)
+    mon = gm.Monitor(lin, probes=[probe])
+    # gradient = x * upstream; 1e-8 underflows to 0 in float16 (smallest subnormal ~6e-8)
+    x = torch.tensor([[1.0, 1.0, 1e-8, 0.0]], dtype=torch.float16)
+    lin(x).sum().backward()
+    mon.step()
+    assert mon.trace.last("grad_zero_frac")[""] == pytest.approx(0.5)

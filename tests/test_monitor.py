@@ -1,0 +1,213 @@
+"""Monitor: schedules, presets, clean detach, failure isolation, host syncs, odd outputs."""
+
+import copy
+import gc
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradmedic as gm
+from gradmedic.probes import PRESETS, GradientProbe, Probe
+from tests.helpers import count_host_syncs, hook_state, sigmoid_mlp
+
+
+def train(model, steps=6, monitor_kwargs=None, data_seed=2, dtype=torch.float32):
+    """A small SGD loop; with monitor_kwargs the Monitor watches it. Returns losses and the monitor."""
+    torch.manual_seed(data_seed)
+    x, y = torch.randn(16, 16, dtype=dtype), torch.randn(16, 4, dtype=dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    mon = gm.Monitor(model, opt, **monitor_kwargs) if monitor_kwargs is not None else None
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if mon is not None:
+            mon.step(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, mon
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_run_and_close_leaves_no_hook(preset):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.LSTM(8, 8, batch_first=True))
+    before = hook_state(model)
+    mon = gm.Monitor(model, preset=preset, every=2)
+    for _ in range(5):
+        model(torch.randn(2, 3, 4))[0].sum().backward()
+        mon.step()
+    mon.close()
+    assert hook_state(model) == before
+    assert list(mon.trace.steps) == [0, 2, 4]
+
+
+def test_context_manager_and_schedule():
+    model = sigmoid_mlp()
+    before = hook_state(model)
+    with gm.Monitor(model, probes=[GradientProbe(every=3)]) as mon:
+        for _ in range(7):
+            model(torch.randn(2, 16)).sum().backward()
+            mon.step()
+    assert hook_state(model) == before
+    assert list(mon.trace.steps) == [0, 3, 6]
+
+
+def test_monitored_training_is_bit_identical_to_unmonitored():
+    plain_model = sigmoid_mlp()
+    watched_model = copy.deepcopy(plain_model)
+    plain, _ = train(plain_model)
+    watched, mon = train(watched_model, monitor_kwargs={"preset": "full"})
+    assert plain == watched
+    for a, b in zip(plain_model.parameters(), watched_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not np.isnan(mon.trace.metric("loss")).all()
+
+
+class Exploding(Probe):
+    """A probe that raises in one chosen phase."""
+
+    name = "exploding"
+    metrics = ("x",)
+    uses_hooks = True
+
+    def __init__(self, phase):
+        super().__init__(every=1)
+        self.phase = phase
+
+    def arm(self):
+        if self.phase == "arm":
+            raise RuntimeError("boom in arm")
+        module = self.layers.modules[1]
+        self._handles.append(module.register_forward_hook(self.guard(self._fwd)))
+
+    def _fwd(self, module, args, output):
+        if self.phase == "forward":
+            raise RuntimeError("boom in forward hook")
+        output.register_hook(self.guard(self._bwd))
+
+    def _bwd(self, grad):
+        if self.phase == "backward":
+            raise RuntimeError("boom in backward hook")
+
+    def collect(self, step):
+        if self.phase == "collect":
+            raise RuntimeError("boom in collect")
+
+    def flush(self):
+        if self.phase == "flush":
+            raise RuntimeError("boom in flush")
+        return super().flush()
+
+
+@pytest.mark.parametrize("phase", ["arm", "forward", "backward", "collect", "flush"])
+def test_failing_probe_warns_once_and_leaves_training_intact(phase):
+    plain_model = sigmoid_mlp()
+    watched_model = copy.deepcopy(plain_model)
+    before = hook_state(watched_model)
+    plain, _ = train(plain_model)
+    with pytest.warns(gm.GradmedicWarning, match="exploding") as record:
+        watched, mon = train(watched_model, monitor_kwargs={"probes": [Exploding(phase), GradientProbe()],
+                                                            "flush_every": 2})
+        mon.close()
+    assert len([w for w in record if issubclass(w.category, gm.GradmedicWarning)]) == 1
+    assert plain == watched
+    for a, b in zip(plain_model.parameters(), watched_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert hook_state(watched_model) == before
+    assert len(mon.trace.steps) == 6  # the healthy probe kept recording
+
+
+def test_zero_host_syncs_between_flushes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 16), nn.Tanh(), nn.Linear(16, 3))
+    rnn = nn.GRU(3, 5, batch_first=True)
+    both = nn.ModuleDict({"cnn": model, "rnn": rnn})
+    opt = torch.optim.Adam(both.parameters(), lr=1e-3)
+    mon = gm.Monitor(both, opt, preset="full", flush_every=1000)
+    x, seq = torch.randn(8, 1, 6, 6), torch.randn(8, 5, 3)
+    with count_host_syncs() as syncs:
+        for _ in range(10):
+            loss = model(x).square().mean() + rnn(seq)[0].square().mean()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            opt.zero_grad()
+    assert dict(syncs) == {}, f"host syncs from gradmedic between flushes: {dict(syncs)}"
+    with count_host_syncs() as syncs:
+        mon.flush()
+    assert sum(syncs.values()) >= 1  # the flush is where the copies happen (and the counter works)
+
+
+def test_no_graph_or_activation_is_kept_after_the_step():
+    model = sigmoid_mlp()
+    mon = gm.Monitor(model, preset="full")
+    out = model(torch.randn(4, 16))
+    ref = weakref.ref(out)
+    out.sum().backward()
+    mon.step()
+    del out
+    gc.collect()
+    assert ref() is None
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    hidden: tuple
+
+
+class HFStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"out": Output(logits=self.head(h), hidden=(h,))}
+
+
+def test_dict_and_dataclass_outputs():
+    model = HFStyle()
+    with gm.Monitor(model, preset="full") as mon:
+        model(torch.randn(3, 4))["out"].logits.sum().backward()
+        mon.step()
+    assert set(mon.trace.last("backward_rms")) == {"body", "head"}
+    assert set(mon.trace.last("dead_frac")) == {""}  # the functional relu, booked under the root
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"preset": "fast"}, "Argument preset should be one of"),
+    ({"every": 0}, "Argument every should be a positive int"),
+    ({"flush_every": -1}, "Argument flush_every should be"),
+    ({"probes": ["gradients"]}, "Argument probes should be"),
+    ({"optimizer": "adam"}, "Argument optimizer should be"),
+])
+def test_bad_arguments_have_one_line_errors(kwargs, match):
+    with pytest.raises(gm.GradmedicError, match=match) as info:
+        gm.Monitor(sigmoid_mlp(), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_not_a_module_and_step_after_close():
+    with pytest.raises(gm.GradmedicError, match="Argument model should be a torch.nn.Module"):
+        gm.Monitor(lambda x: x)
+    mon = gm.Monitor(sigmoid_mlp())
+    mon.close()
+    mon.close()  # idempotent
+    with pytest.raises(gm.GradmedicError, match="after close"):
+        mon.step()
+
+
+def test_float64_model_full_preset():
+    model = sigmoid_mlp(dtype=torch.float64)
+    _, mon = train(model, monitor_kwargs={"preset": "full"}, dtype=torch.float64)
+    mon.close()
+    assert mon.trace.meta["dtype"] == "float64"
+    assert np.isfinite(mon.trace.metric("grad_norm")).any()

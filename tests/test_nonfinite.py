@@ -1,0 +1,49 @@
+"""Non-finite probe: the first module where a NaN or Inf appears, in the forward and the backward."""
+
+import torch
+from torch import nn
+
+import gradmedic as gm
+from gradmedic.probes import NonFiniteProbe
+
+
+class Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN for negative inputs
+
+
+class Sqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)  # finite at 0, but d sqrt/dx = inf there
+
+
+def run(model, x):
+    mon = gm.Monitor(model, probes=[NonFiniteProbe()])
+    model(x).sum().backward()
+    mon.step()
+    mon.close()
+    return mon.trace.events
+
+
+def test_first_forward_nan_is_the_module_that_made_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Tanh(), Log()), nn.Linear(3, 2))
+    events = run(model, -torch.ones(4, 3) * 10)
+    forward = [e for e in events if e["phase"] == "forward"]
+    assert forward == [{"step": 0, "kind": "nonfinite", "phase": "forward", "module": "1.1", "value": "nan"}]
+
+
+def test_backward_inf_from_finite_forward():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), Sqrt(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+        model[0].bias.zero_()
+    events = run(model, torch.ones(3, 2))  # ReLU output is 0 -> sqrt'(0) = inf in the backward
+    assert [e["phase"] for e in events] == ["backward"]
+    # the first gradient that is not finite is the one w.r.t. the ReLU's output (made by Sqrt's backward)
+    assert events[0]["module"] == "1" and events[0]["value"] == "inf"
+
+
+def test_healthy_model_has_no_events():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    assert run(model, torch.randn(4, 3)) == []
