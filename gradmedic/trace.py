@@ -29,13 +29,13 @@ VERSION = 1
 
 # Columns of the summary table: (metric, header); the first measured value per layer is the last step's.
 SUMMARY_COLUMNS = (
-    ("grad_norm", "grad norm"),
-    ("backward_rms", "backward signal"),
-    ("grad_to_weight", "grad/weight"),
-    ("update_to_weight", "update/weight"),
-    ("saturated_frac", "saturated"),
+    ("grad_norm", "|grad|"),
+    ("backward_rms", "dL/dout"),
+    ("grad_to_weight", "|g|/|w|"),
+    ("update_to_weight", "|dw|/|w|"),
+    ("saturated_frac", "satur."),
     ("dead_frac", "dead"),
-    ("time_grad_ratio", "dL/dx first/last"),
+    ("time_grad_ratio", "dx0/dxT"),
 )
 
 
@@ -228,7 +228,8 @@ class Trace:
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
         types = self.meta.get("types", {})
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", caption="dL/dout: RMS gradient w.r.t. the layer's "
+                      "output; dx0/dxT: dL/dx at the first over the last time step", caption_justify="left")
         table.add_column("layer")
         table.add_column("type")
         for _, header in columns:

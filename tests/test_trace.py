@@ -82,7 +82,8 @@ def test_failed_save_keeps_the_old_file(trace, tmp_path, monkeypatch):
 def test_to_pandas_and_csv(trace, tmp_path):
     frame = trace.to_pandas()
     assert frame.index.names == ["step", "layer"]
-    assert frame.loc[(2, "mlp.0"), "grad_norm"] == pytest.approx(trace.metric("grad_norm")[2, trace.layers.index("mlp.0")])
+    want = trace.metric("grad_norm")[2, trace.layers.index("mlp.0")]
+    assert frame.loc[(2, "mlp.0"), "grad_norm"] == pytest.approx(want)
     rows = list(csv.DictReader(open(trace.to_csv(tmp_path / "run.csv"))))
     assert len(rows) == len(frame)
     first = next(r for r in rows if r["step"] == "2" and r["layer"] == "mlp.0")
@@ -91,7 +92,7 @@ def test_to_pandas_and_csv(trace, tmp_path):
 
 def test_summary_is_readable(trace):
     text = trace.summary()
-    assert "mlp.0" in text and "grad norm" in text and "first nan in the forward pass at 'mlp.0'" in text
+    assert "mlp.0" in text and "|grad|" in text and "first nan in the forward pass at 'mlp.0'" in text
     assert "Trace(steps=5" in repr(trace)
     with pytest.raises(gm.GradmedicError, match="No metric 'nope'"):
         trace.metric("nope")

@@ -13,7 +13,6 @@ A module called several times per forward accumulates: RMS over all its calls' e
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

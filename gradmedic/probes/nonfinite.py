@@ -105,9 +105,9 @@ class NonFiniteProbe(Probe):
             return None
         for j, metric in enumerate(chunk.metrics):
             phase = metric.removeprefix("nonfinite_")
-            for s, l in zip(*np.nonzero(~np.isnan(chunk.values[:, :, j])), strict=True):
-                code = int(chunk.values[s, l, j])
+            for s, li in zip(*np.nonzero(~np.isnan(chunk.values[:, :, j])), strict=True):
+                code = int(chunk.values[s, li, j])
                 chunk.events.append({"step": int(chunk.steps[s]), "kind": "nonfinite", "phase": phase,
-                                     "module": chunk.layers[l], "value": CODES.get(code, "nan")})
+                                     "module": chunk.layers[li], "value": CODES.get(code, "nan")})
         chunk.events.sort(key=lambda e: (e["step"], e["phase"] != "forward"))
         return chunk
