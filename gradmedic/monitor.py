@@ -12,12 +12,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk, StepBuffer
+from gradmedic.probes.base import Chunk, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -60,9 +61,10 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = self._on_failure
             probe.attach(self.layers, flush_every + 1)
-        self._run = StepBuffer(flush_every + 1, [""], ["loss", "lr"], self.layers.device,
-                               self.probes[0].dtype if self.probes else torch.float64)
-        self._root = torch.zeros(1, dtype=torch.long, device=self.layers.device)
+        # loss and learning rate at every step: (capacity, 2) on the device, NaN where not given
+        self._run = torch.full((flush_every + 1, 2), float("nan"), device=self.layers.device,
+                               dtype=buffer_dtype(self.layers.device))
+        self._run_steps: list[int] = []
         self._trace = Trace(self._meta())
         self._step = 0
         self._since_flush = 0
@@ -109,17 +111,28 @@ class Monitor:
             lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
             if loss is None and lr is None:
                 return
-            slot = self._run.open(step)
-            for name, value in (("loss", loss), ("lr", lr)):
-                if value is None:
-                    continue
+            slot = len(self._run_steps)
+            self._run_steps.append(step)
+            for col, value in enumerate((loss, lr)):
                 if isinstance(value, torch.Tensor):
-                    value = value.detach().reshape(-1)[:1].to(self._run.values.device, self._run.values.dtype)
-                else:
-                    value = torch.tensor([float(value)], dtype=self._run.values.dtype)
-                self._run.write(slot, self._root, name, value)
+                    self._run[slot, col] = value.detach().reshape(-1)[0]
+                elif value is not None:
+                    self._run[slot, col] = float(value)
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
             self._warn("run", error)
+
+    def _drain_run(self) -> Chunk | None:
+        if not self._run_steps:
+            return None
+        n = len(self._run_steps)
+        host = self._run[:n].cpu().numpy().astype(np.float64, copy=True)
+        self._run[:n].fill_(float("nan"))
+        steps = np.asarray(self._run_steps, dtype=np.int64)
+        self._run_steps = []
+        scalars = {name: (steps[~np.isnan(host[:, j])], host[~np.isnan(host[:, j]), j])
+                   for j, name in enumerate(("loss", "lr")) if not np.isnan(host[:, j]).all()}
+        return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
+                     scalars=scalars)
 
     def _arm(self, step: int) -> None:
         for probe in self.probes:
@@ -140,7 +153,7 @@ class Monitor:
             if isinstance(chunk, Chunk):
                 self._trace.extend(chunk)
         try:
-            chunk = self._run.drain()
+            chunk = self._drain_run()
             if chunk is not None:
                 self._trace.extend(chunk)
         except Exception as error:  # noqa: BLE001

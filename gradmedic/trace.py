@@ -132,6 +132,19 @@ class Trace:
             out[layer] = (np.concatenate([s for s, _ in pairs]), np.concatenate(padded))
         return out
 
+    def scalar(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A run-level number recorded at every step, e.g. ``"loss"`` or ``"lr"``: (steps, values)."""
+        pairs = [c.scalars[name] for c in self._chunks if name in c.scalars]
+        if not pairs:
+            known = ", ".join(self.scalar_names) or "none"
+            raise GradmedicError(f"No scalar {name!r} in this trace (it has: {known}); pass the loss with "
+                                 "monitor.step(loss) and the optimizer to Monitor(model, optimizer).")
+        return np.concatenate([s for s, _ in pairs]), np.concatenate([v for _, v in pairs])
+
+    @property
+    def scalar_names(self) -> list[str]:
+        return sorted({name for c in self._chunks for name in c.scalars})
+
     @property
     def series_names(self) -> list[str]:
         return sorted({name for c in self._chunks for name in c.series})
@@ -178,8 +191,10 @@ class Trace:
             for i, (s, v) in enumerate(series.values()):
                 arrays[f"series/{name}/{i}.steps.npy"] = s
                 arrays[f"series/{name}/{i}.values.npy"] = v
+        for name in self.scalar_names:
+            arrays[f"scalars/{name}.steps.npy"], arrays[f"scalars/{name}.values.npy"] = self.scalar(name)
         doc = {"format": FORMAT, "version": VERSION, "meta": self.meta, "layers": layers, "metrics": metrics,
-               "events": self.events, "series": series_index}
+               "events": self.events, "series": series_index, "scalars": self.scalar_names}
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("trace.json", json.dumps(doc, indent=1, default=_json_default))
@@ -209,6 +224,8 @@ class Trace:
                 chunk = Chunk(steps=array("steps.npy"), layers=list(doc["layers"]),
                               metrics=list(doc["metrics"]), values=array("values.npy"),
                               events=list(doc["events"]))
+                for name in doc.get("scalars", []):
+                    chunk.scalars[name] = (array(f"scalars/{name}.steps.npy"), array(f"scalars/{name}.values.npy"))
                 for name, layers in doc["series"].items():
                     chunk.series[name] = {
                         layer: (array(f"series/{name}/{i}.steps.npy"), array(f"series/{name}/{i}.values.npy"))
@@ -250,6 +267,9 @@ class Trace:
         steps = self.steps
         span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
         console.print(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}")
+        if "loss" in self.scalar_names:
+            loss_steps, loss = self.scalar("loss")
+            console.print(f"loss {loss[0]:.4g} at step {loss_steps[0]} -> {loss[-1]:.4g} at step {loss_steps[-1]}")
         console.print(self.table())
         for e in self.events[:10]:
             console.print(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at {e['module']!r}")

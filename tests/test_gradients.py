@@ -146,3 +146,24 @@ def test_zero_fraction_shows_float16_underflow():
     lin(x).sum().backward()
     mon.step()
     assert mon.trace.last("grad_zero_frac")[""] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_sampled_update_ratio_estimates_the_exact_one(kind):
+    # two monitors on one model and one update: the default (64 sampled blocks) and every entry
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-3) if kind == "adam" else torch.optim.SGD(model.parameters(), 0.1)
+    sampled = gm.Monitor(model, probes=[GradientProbe()])
+    exact = gm.Monitor(model, probes=[GradientProbe(update_sample=None)])
+    x, y = torch.randn(64, 512), torch.randn(64, 10)
+    for _ in range(3):
+        nn.functional.mse_loss(model(x), y).backward()
+        sampled.step()
+        exact.step()
+        opt.step()
+        opt.zero_grad()
+    got, want = sampled.trace.last("update_to_weight"), exact.trace.last("update_to_weight")
+    assert set(got) == {"0", "2", "4"}
+    for layer in got:
+        assert got[layer] == pytest.approx(want[layer], rel=0.05)  # the sample's stated accuracy

@@ -38,6 +38,7 @@ def test_backward_inf_from_finite_forward():
     with torch.no_grad():
         model[0].weight.fill_(-1.0)
         model[0].bias.zero_()
+        model[3].weight.fill_(1.0)  # one sign of upstream gradient: +inf everywhere, not +inf meeting -inf
     events = run(model, torch.ones(3, 2))  # ReLU output is 0 -> sqrt'(0) = inf in the backward
     assert [e["phase"] for e in events] == ["backward"]
     # the first gradient that is not finite is the one w.r.t. the ReLU's output (made by Sqrt's backward)

@@ -52,6 +52,8 @@ def test_save_load_round_trip_without_pickle(trace, tmp_path):
     np.testing.assert_array_equal(loaded.values, trace.values)
     np.testing.assert_array_equal(loaded.series("time_grad_rms")["rnn"][1], trace.series("time_grad_rms")["rnn"][1])
     assert loaded.events == trace.events
+    for name in ("loss", "lr"):
+        np.testing.assert_array_equal(loaded.scalar(name)[1], trace.scalar(name)[1])
     assert loaded.meta == trace.meta
 
 

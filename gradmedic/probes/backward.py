@@ -32,8 +32,9 @@ class BackwardSignalProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._rows = layers.rows_owning_params()
-        self._sq = torch.zeros(len(layers), dtype=self.dtype, device=self.device)
-        self._count = [0] * len(layers)
+        self._norms: list[torch.Tensor] = []  # one 0-d norm per hook call: a single op in the hook
+        self._calls: list[int] = []  # the row of each call
+        self._count = [0] * len(layers)  # elements seen per row (host ints)
         self._generation = 0  # hooks from an earlier step's graph are ignored if they fire late
 
     def arm(self) -> None:
@@ -51,24 +52,30 @@ class BackwardSignalProbe(Probe):
     def _on_grad(self, row: int, generation: int, grad: torch.Tensor) -> None:
         if generation != self._generation:
             return
-        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32 if grad.dtype.itemsize < 4 else None)
-        self._sq[row] += norm.to(self.dtype).square()
+        low = grad.dtype.itemsize < 4
+        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32 if low else None))
+        self._calls.append(row)
         self._count[row] += grad.numel()
 
     def collect(self, step: int) -> None:
-        seen = [r for r, n in enumerate(self._count) if n]
-        if not seen:
+        if not self._norms:
             return
         slot = self.buffer.open(step)
+        seen = [r for r, n in enumerate(self._count) if n]
+        calls = torch.tensor(self._calls, dtype=torch.long, device=self.device)
+        sq = torch.zeros(len(self._count), dtype=self.dtype, device=self.device)
+        sq.index_add_(0, calls, torch.stack(self._norms).to(self.dtype).square())
         rows = torch.tensor(seen, dtype=torch.long, device=self.device)
         counts = torch.tensor([float(self._count[r]) for r in seen], dtype=self.dtype, device=self.device)
-        rms = (self._sq.index_select(0, rows) / counts).sqrt()
-        self.buffer.write(slot, rows, "backward_rms", rms)
-        self._sq.zero_()
+        self.buffer.write(slot, rows, "backward_rms", (sq.index_select(0, rows) / counts).sqrt())
+        self._reset()
+
+    def _reset(self) -> None:
+        self._norms.clear()
+        self._calls.clear()
         self._count = [0] * len(self._count)
 
     def disarm(self) -> None:
         super().disarm()
         self._generation += 1
-        self._sq.zero_()
-        self._count = [0] * len(self._count)
+        self._reset()

@@ -39,6 +39,9 @@ class Chunk:
     # series[name][layer] = (steps (S,), values (S, T)); e.g. per-time-step gradients
     series: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # scalars[name] = (steps (S,), values (S,)): run-level numbers recorded at every step (loss, lr),
+    # kept apart from the grid so that a long run does not make the grid dense
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 class LayerIndex:
