@@ -147,7 +147,7 @@ def time_workload(build, repeats: int, steps: int, progress, task) -> dict[str, 
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         runs[variant] = (model, opt, make_watcher(variant, model, opt))
-    for variant, (model, opt, watcher) in runs.items():  # warm-up, not timed
+    for model, opt, watcher in runs.values():  # warm-up, not timed
         run_steps(model, opt, batch, loss_fn, watcher, 3)
     ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rng = random.Random(0)

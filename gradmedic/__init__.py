@@ -1,9 +1,12 @@
 """gradmedic: find, explain and fix vanishing and exploding gradients in PyTorch models."""
 
 from gradmedic._errors import GradmedicError, GradmedicWarning
+from gradmedic.check import check
+from gradmedic.diagnosis import KINDS, REMEDIES, Finding, Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.trace import Trace
 
 __version__ = "0.1.0"
 
-__all__ = ["GradmedicError", "GradmedicWarning", "Monitor", "Trace", "__version__"]
+__all__ = ["KINDS", "REMEDIES", "Finding", "GradmedicError", "GradmedicWarning", "Monitor", "Report", "Trace",
+           "__version__", "check", "diagnose"]

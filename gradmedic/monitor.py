@@ -180,6 +180,12 @@ class Monitor:
                 self._warn(probe.name, error)
         self._closed = True
 
+    def diagnose(self):
+        """Findings about the run so far: the same as ``gm.diagnose(monitor.trace)``."""
+        from gradmedic.diagnosis import diagnose  # a later stage: imported on use, not at import time
+
+        return diagnose(self.trace)
+
     def __enter__(self) -> Monitor:
         return self
 

@@ -41,8 +41,8 @@ def test_backward_inf_from_finite_forward():
         model[3].weight.fill_(1.0)  # one sign of upstream gradient: +inf everywhere, not +inf meeting -inf
     events = run(model, torch.ones(3, 2))  # ReLU output is 0 -> sqrt'(0) = inf in the backward
     assert [e["phase"] for e in events] == ["backward"]
-    # the first gradient that is not finite is the one w.r.t. the ReLU's output (made by Sqrt's backward)
-    assert events[0]["module"] == "1" and events[0]["value"] == "inf"
+    # Sqrt's backward makes the first non-finite gradient (w.r.t. its input): Sqrt is named
+    assert events[0]["module"] == "2" and events[0]["value"] == "inf"
 
 
 def test_healthy_model_has_no_events():

@@ -9,13 +9,15 @@ from gradmedic.probes.backward import BackwardSignalProbe
 from gradmedic.probes.base import Chunk, LayerIndex, Probe
 from gradmedic.probes.gradients import GradientProbe
 from gradmedic.probes.nonfinite import NonFiniteProbe
+from gradmedic.probes.signal import SignalProbe
 from gradmedic.probes.timesteps import TimeStepProbe
 
 __all__ = ["PRESETS", "PROBES", "ActivationProbe", "BackwardSignalProbe", "Chunk", "GradientProbe",
-           "LayerIndex", "NonFiniteProbe", "Probe", "TimeStepProbe", "build_probes"]
+           "LayerIndex", "NonFiniteProbe", "Probe", "SignalProbe", "TimeStepProbe", "build_probes"]
 
 PROBES: dict[str, type[Probe]] = {
-    p.name: p for p in (GradientProbe, BackwardSignalProbe, ActivationProbe, TimeStepProbe, NonFiniteProbe)
+    p.name: p for p in (GradientProbe, BackwardSignalProbe, ActivationProbe, TimeStepProbe, NonFiniteProbe,
+                       SignalProbe)
 }
 
 # name -> {probe name: constructor arguments}. The periods are chosen so that the default costs at

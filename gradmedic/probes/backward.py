@@ -26,7 +26,10 @@ __all__ = ["BackwardSignalProbe"]
 
 class BackwardSignalProbe(Probe):
     name = "backward"
-    metrics = ("backward_rms",)
+    # backward_rms: RMS per element; backward_norm: the whole tensor's norm (summed over a module's calls);
+    # forward_index: the order in which layers first ran in this forward (depth order, whatever the
+    # order of definition)
+    metrics = ("backward_rms", "backward_norm", "forward_index")
     uses_hooks = True
 
     def attach(self, layers: LayerIndex, capacity: int) -> None:
@@ -36,6 +39,7 @@ class BackwardSignalProbe(Probe):
         self._calls: list[int] = []  # the row of each call
         self._count = [0] * len(layers)  # elements seen per row (host ints)
         self._generation = 0  # hooks from an earlier step's graph are ignored if they fire late
+        self._order: dict[int, int] = {}  # row -> position of its first call in this forward
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -44,6 +48,7 @@ class BackwardSignalProbe(Probe):
             self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
 
     def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
+        self._order.setdefault(row, len(self._order))
         out = first_float_tensor(output)
         if out is None or not out.requires_grad:
             return
@@ -67,10 +72,17 @@ class BackwardSignalProbe(Probe):
         sq.index_add_(0, calls, torch.stack(self._norms).to(self.dtype).square())
         rows = torch.tensor(seen, dtype=torch.long, device=self.device)
         counts = torch.tensor([float(self._count[r]) for r in seen], dtype=self.dtype, device=self.device)
-        self.buffer.write(slot, rows, "backward_rms", (sq.index_select(0, rows) / counts).sqrt())
+        picked = sq.index_select(0, rows)
+        self.buffer.write(slot, rows, "backward_rms", (picked / counts).sqrt())
+        self.buffer.write(slot, rows, "backward_norm", picked.sqrt())
+        if self._order:
+            ordered = torch.tensor(list(self._order), dtype=torch.long, device=self.device)
+            position = torch.tensor([float(v) for v in self._order.values()], dtype=self.dtype, device=self.device)
+            self.buffer.write(slot, ordered, "forward_index", position)
         self._reset()
 
     def _reset(self) -> None:
+        self._order.clear()
         self._norms.clear()
         self._calls.clear()
         self._count = [0] * len(self._count)

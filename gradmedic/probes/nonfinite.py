@@ -1,16 +1,17 @@
-"""Where a NaN or Inf is born: the first module whose output (forward) or output gradient (backward) holds one.
+"""Where a NaN or Inf is born: the first module whose forward, or whose backward, makes one.
 
-Forward hooks fire when a module *finishes*, children before their parent, so the first module in that
-order with a non-finite output is the innermost one that produced it from finite inputs. In the
-backward, tensor hooks on outputs fire in backward order; the first output whose gradient is
-non-finite names the place where the backward broke (the cause is in the backward of what consumed
-that output).
+Forward: hooks fire when a module *finishes*, children before their parent, so the first module in that
+order with a non-finite output made it from finite inputs. Backward: a module's backward produces the
+gradient with respect to its *input*, so the first input gradient (in backward order) that is not finite
+names the module whose backward made it (a sqrt at 0, a division by a tiny norm).
+
+torch.nn's parameter-free modules that cannot turn finite values into non-finite ones in either pass
+(ReLU, sigmoid, pooling, dropout, containers...) are not checked: the birthplace is never one of them.
 
 Each check is one sum kept on the device: NaN if any NaN, Inf if any Inf of one sign. +Inf meeting -Inf
-in one tensor sums to NaN and is reported as "nan"; the module is right either way.
-The first bad call is picked with an ``argmax`` on the device and written into the buffer at that
-module's row as a code: 1 NaN, 2 Inf. Nothing is read on the host until the flush turns codes into
-events.
+in one tensor sums to NaN and is reported as "nan"; the module is right either way. The first bad call
+is picked with an ``argmax`` on the device and written into the buffer at that module's row as a code:
+1 NaN, 2 Inf. Nothing is read on the host until the flush turns codes into events.
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ __all__ = ["NonFiniteProbe"]
 CODES = {1: "nan", 2: "inf"}
 
 
-# torch.nn containers return a child's output unchanged: checking them again finds nothing new
-_PASS_THROUGH = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# torch.nn modules that map finite inputs to finite outputs, and finite output gradients to finite input
+# gradients: the first non-finite value can never be born in them, so they are not checked. Containers
+# return a child's output unchanged. Everything else, every user-defined module included, is checked.
+_FINITE_TO_FINITE = (
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
+    nn.GELU, nn.SiLU, nn.Softsign,
+    nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+
+def _is_torch_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
 
 
 def _probe_sum(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +75,7 @@ class NonFiniteProbe(Probe):
     def arm(self) -> None:
         assert self.layers is not None
         for row, module in enumerate(self.layers.modules):
-            if type(module) in _PASS_THROUGH:
+            if isinstance(module, _FINITE_TO_FINITE) and _is_torch_module(module):
                 continue
             self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
 
@@ -80,8 +93,9 @@ class NonFiniteProbe(Probe):
         codes, rows = self._seen["forward"]
         codes.append(_probe_sum(out))
         rows.append(row)
-        if out.requires_grad:
-            out.register_hook(self.guard(self._on_grad, row, self._generation))
+        x = first_float_tensor(args)
+        if x is not None and x.requires_grad:
+            x.register_hook(self.guard(self._on_grad, row, self._generation))
 
     def _on_grad(self, row: int, generation: int, grad: torch.Tensor) -> None:
         if generation != self._generation:

@@ -1,0 +1,174 @@
+"""Finding, Report and KINDS: what diagnosis hands to a person (and to ``treat``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gradmedic.diagnosis.prescriptions import REMEDIES
+from gradmedic.trace import Trace
+
+__all__ = ["KINDS", "SEVERITIES", "Finding", "Report"]
+
+KINDS: tuple[str, ...] = (
+    "vanishing_gradients",
+    "exploding_gradients",
+    "saturated_units",
+    "dead_units",
+    "nonfinite",
+    "vanishing_through_time",
+    "exploding_through_time",
+    "gradient_underflow",
+    "stalled_updates",
+)
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: what, how bad, where (earliest layer first), the numbers, and what to do."""
+
+    kind: str
+    severity: str
+    layers: list[str]
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    remedies: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Finding.kind should be one of {KINDS}, but given {self.kind!r}.")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"Finding.severity should be one of {SEVERITIES}, but given {self.severity!r}.")
+        unknown = [r for r in self.remedies if r not in REMEDIES]
+        if unknown:
+            raise ValueError(f"Finding.remedies should be ids from REMEDIES, but given {unknown}.")
+
+    @property
+    def rank(self) -> int:
+        return SEVERITIES.index(self.severity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+class Report:
+    """The findings about one model or run, worst first, with the trace they were read from."""
+
+    def __init__(self, findings: list[Finding], trace: Trace | None = None, context: dict[str, Any] | None = None):
+        self.findings = sorted(findings, key=lambda f: (-f.rank, KINDS.index(f.kind)))
+        self.trace = trace
+        self.context = dict(context or {})
+
+    @property
+    def healthy(self) -> bool:
+        """True when no finding is a warning or an error."""
+        return all(f.severity == "info" for f in self.findings)
+
+    def worst(self) -> str | None:
+        """The highest severity present, or None."""
+        return self.findings[0].severity if self.findings else None
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"healthy": self.healthy, "findings": [f.to_dict() for f in self.findings],
+                               "context": _jsonable(self.context)}
+        if self.trace is not None:
+            doc["layers"] = _layer_rows(self.trace)
+        return doc
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    # --- display --------------------------------------------------------------------------------
+    def table(self):
+        """A rich Table: one row per layer with the numbers the rules read and the findings there."""
+        from rich.table import Table
+
+        table = Table(title_justify="left")
+        for header in ("layer", "type", "backward signal", "grad/weight", "saturated", "dead", "finding"):
+            table.add_column(header, justify="left" if header in ("layer", "type", "finding") else "right")
+        where: dict[str, list[str]] = {}
+        for f in self.findings:
+            for layer in f.layers:
+                where.setdefault(layer, []).append(f.kind)
+        for row in _layer_rows(self.trace) if self.trace is not None else []:
+            cells = [_fmt(row.get("backward_norm")), _fmt(row.get("grad_to_weight")),
+                     _pct(row.get("saturated_frac")), _pct(row.get("dead_frac"))]
+            table.add_row(row["layer"] or "(model)", row["type"], *cells, ", ".join(where.get(row["layer"], [])))
+        return table
+
+    def render(self, console=None) -> None:
+        """Print the table and the findings with their remedies (to ``console`` or stdout)."""
+        from rich.console import Console
+
+        console = console or Console()
+        if self.trace is not None:
+            console.print(self.table())
+        if not self.findings:
+            console.print("[green]No findings: gradients flow.[/]")
+        colour = {"info": "cyan", "warning": "yellow", "error": "red"}
+        for f in self.findings:
+            console.print(f"[{colour[f.severity]}]{f.severity.upper()}[/] {f.kind}: {f.message}")
+            if f.remedies:
+                fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
+                console.print(f"    remedies: {fixes}")
+        verdict = "healthy" if self.healthy else f"not healthy ({self.worst()})"
+        console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        self.render(console)
+        return console.file.getvalue()
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{f.severity}:{f.kind}" for f in self.findings)
+        return f"Report(healthy={self.healthy}, findings=[{kinds}])"
+
+
+_ROW_METRICS = ("backward_norm", "backward_rms", "grad_norm", "grad_to_weight", "update_to_weight",
+                "saturated_frac", "dead_frac", "forward_gain", "backward_gain", "time_grad_ratio", "grad_zero_frac")
+
+
+def _layer_rows(trace: Trace) -> list[dict[str, Any]]:
+    types = trace.meta.get("types", {})
+    last = {m: trace.last(m) for m in _ROW_METRICS}
+    rows = []
+    for layer in trace.layers:
+        row: dict[str, Any] = {"layer": layer, "type": types.get(layer, "")}
+        for m in _ROW_METRICS:
+            value = last[m].get(layer)
+            if value is not None and math.isfinite(value):
+                row[m] = value
+        if len(row) > 2:
+            rows.append(row)
+    return rows
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON: NaN/Inf become strings, tuples lists, numpy scalars Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"

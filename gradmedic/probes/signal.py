@@ -1,0 +1,96 @@
+"""Signal propagation: per-layer forward gain and backward gain, the init-time view of gradient flow.
+
+forward gain  = RMS(output) / RMS(input)          of each parameterised layer
+backward gain = RMS(dL/d input) / RMS(dL/d output)
+
+A product of backward gains far below 1 over depth is vanishing, far above 1 exploding (Saxe et al.
+2014; Schoenholz et al. 2017 call the per-layer mean squared gain chi). The forward gain says why:
+a layer that shrinks or blows up its input usually does the same to gradients. A layer whose input
+does not require a gradient (the first one) has no backward gain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradmedic._tensors import first_float_tensor
+from gradmedic.probes.base import LayerIndex, Probe
+
+__all__ = ["SignalProbe"]
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32 if t.dtype.itemsize < 4 else None)
+
+
+class SignalProbe(Probe):
+    name = "signal"
+    metrics = ("forward_gain", "backward_gain")
+    uses_hooks = True
+
+    def attach(self, layers: LayerIndex, capacity: int) -> None:
+        super().attach(layers, capacity)
+        self._rows = layers.rows_owning_params()
+        # per quantity: list of (row, norm tensor, element count); quantities: in, out, grad_in, grad_out
+        self._parts: dict[str, list[tuple[int, torch.Tensor, int]]] = {k: [] for k in ("in", "out", "gin", "gout")}
+        self._generation = 0
+
+    def arm(self) -> None:
+        assert self.layers is not None
+        for row in self._rows:
+            module = self.layers.modules[row]
+            self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
+
+    def disarm(self) -> None:
+        super().disarm()
+        self._generation += 1
+        for parts in self._parts.values():
+            parts.clear()
+
+    def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
+        x, y = first_float_tensor(args), first_float_tensor(output)
+        if x is None or y is None:
+            return
+        self._parts["in"].append((row, _sq(x), x.numel()))
+        self._parts["out"].append((row, _sq(y), y.numel()))
+        if x.requires_grad and y.requires_grad:
+            gen = self._generation
+            x.register_hook(self.guard(self._on_grad, "gin", row, gen))
+            y.register_hook(self.guard(self._on_grad, "gout", row, gen))
+
+    def _on_grad(self, key: str, row: int, generation: int, grad: torch.Tensor) -> None:
+        if generation == self._generation:
+            self._parts[key].append((row, _sq(grad), grad.numel()))
+
+    def _rms(self, key: str) -> torch.Tensor:
+        """Per-row RMS (NaN where not seen) over all calls."""
+        size = len(self.layers) if self.layers is not None else 0
+        out = torch.full((size,), float("nan"), dtype=self.dtype, device=self.device)
+        parts = self._parts[key]
+        if not parts:
+            return out
+        rows = torch.tensor([r for r, _, _ in parts], dtype=torch.long, device=self.device)
+        sq = torch.zeros(size, dtype=self.dtype, device=self.device)
+        sq.index_add_(0, rows, torch.stack([n.to(self.dtype) for _, n, _ in parts]).square())
+        counts = [0.0] * size
+        for r, _, k in parts:
+            counts[r] += k
+        seen = torch.tensor(sorted({r for r, _, _ in parts}), dtype=torch.long, device=self.device)
+        den = torch.tensor(counts, dtype=self.dtype, device=self.device)
+        out.index_copy_(0, seen, (sq / den.clamp_min(1)).sqrt().index_select(0, seen))
+        return out
+
+    def collect(self, step: int) -> None:
+        if not self._parts["out"]:
+            return
+        slot = self.buffer.open(step)
+        rows = torch.tensor(self._rows, dtype=torch.long, device=self.device)
+        forward = (self._rms("out") / self._rms("in")).index_select(0, rows)
+        backward = (self._rms("gin") / self._rms("gout")).index_select(0, rows)
+        self.buffer.write(slot, rows, "forward_gain", forward)
+        self.buffer.write(slot, rows, "backward_gain", backward)
+        for parts in self._parts.values():
+            parts.clear()
