@@ -105,7 +105,7 @@ def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
 
 def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
     if loss_fn is not None:
-        return loss_fn(outputs, targets) if targets is not None else loss_fn(outputs)
+        return loss_fn(outputs, targets)
     hf_loss = first_float_tensor(outputs, prefer_loss=True)
     has_loss = hf_loss is not None and hf_loss.numel() == 1 and (
         getattr(outputs, "loss", None) is hf_loss or (isinstance(outputs, Mapping) and outputs.get("loss") is hf_loss))

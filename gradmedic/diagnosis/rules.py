@@ -215,7 +215,7 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
                                   f"Gradients are up to {top:.1e}x the weights they update (at '{hot[0]}' and "
                                   f"{len(hot) - 1} more): one step at an ordinary learning rate overwrites them.",
                                   {"step": step, "max_grad_to_weight": top}, ctx))
-    if "total_grad_norm" in trace.metrics:
+    if "total_grad_norm" in trace.metrics and "" in trace.layers:
         total = trace.metric("total_grad_norm")[:, trace.layers.index("")]
         measured = np.flatnonzero(np.isfinite(total) & (total > 0))
         if measured.size >= 3:

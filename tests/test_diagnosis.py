@@ -1,0 +1,150 @@
+"""Diagnosis on a zoo of sick and healthy models: the right kind at the right earliest layer, and
+healthy models with no warning or error. All seeded; the whole file runs in seconds."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import gradmedic as gm
+from gradmedic.diagnosis import REMEDIES, Finding, prescribe
+from tests.zoo import Encoder, LastStepRNN, Log, mlp, resnet
+
+
+def findings(model, inputs, **kwargs):
+    torch.manual_seed(1)
+    return gm.check(model, inputs, **kwargs)
+
+
+def relu_rnn_exploding():
+    m = LastStepRNN("rnn", nonlinearity="relu")
+    with torch.no_grad():
+        m.rnn.weight_hh_l0.copy_(torch.eye(32) * 1.3)  # recurrent gain 1.3 per step
+        m.rnn.weight_ih_l0.mul_(0.1)
+    return m
+
+
+def nan_in_the_middle():
+    base = mlp(3, 16, nn.Tanh)
+    return nn.Sequential(base[:2], nn.Sequential(nn.Tanh(), Log()), base[2:])
+
+
+X = torch.randn(64, 16)
+SICK = [
+    # (name, model factory, inputs, kind, earliest layer, minimum severity)
+    ("sigmoid depth 6", lambda: mlp(6, 32, nn.Sigmoid), X, "vanishing_gradients", "0", "warning"),
+    ("sigmoid depth 10", lambda: mlp(10, 32, nn.Sigmoid), X, "vanishing_gradients", "0", "error"),
+    ("sigmoid depth 10 wide", lambda: mlp(10, 128, nn.Sigmoid, seed=3), X, "vanishing_gradients", "0", "error"),
+    ("relu depth 20 default init", lambda: mlp(20, 64, nn.ReLU), X, "vanishing_gradients", "0", "error"),
+    ("tanh N(0,1) init", lambda: mlp(5, 64, nn.Tanh, init="normal1"), X, "saturated_units", "1", "warning"),
+    ("relu N(0,1) init", lambda: mlp(8, 64, nn.ReLU, init="normal1"), X, "exploding_gradients", "0", "error"),
+    ("tanh rnn T=50", lambda: LastStepRNN("rnn"), torch.rand(16, 50, 2), "vanishing_through_time", "rnn", "error"),
+    ("tanh rnn T=200", lambda: LastStepRNN("rnn", hidden=16), torch.rand(8, 200, 2), "vanishing_through_time",
+     "rnn", "error"),
+    ("relu rnn gain 1.3", relu_rnn_exploding, torch.rand(16, 40, 2), "exploding_through_time", "rnn", "warning"),
+    ("log of negatives", nan_in_the_middle, X, "nonfinite", "1.1", "error"),
+    ("float16 deep sigmoid", lambda: mlp(10, 32, nn.Sigmoid, dtype=torch.float16), X.half(), "gradient_underflow",
+     "0", "warning"),
+]
+
+
+def dead_relu():
+    model = mlp(6, 64, nn.ReLU)
+    with torch.no_grad():
+        model[2].bias.fill_(-4.0)
+    return model
+
+
+SICK.append(("dead relu layer", dead_relu, X, "dead_units", "3", "error"))
+
+
+@pytest.mark.parametrize("name,build,inputs,kind,earliest,severity", SICK, ids=[s[0] for s in SICK])
+def test_pathology_is_found_at_the_right_layer(name, build, inputs, kind, earliest, severity):
+    report = findings(build(), inputs)
+    matching = report.of_kind(kind)
+    assert matching, f"{name}: no {kind} in {report!r}"
+    finding = matching[0]
+    assert finding.layers[0] == earliest, f"{name}: {finding.layers}"
+    assert finding.rank >= ("info", "warning", "error").index(severity)
+    assert not report.healthy
+    assert finding.remedies and all(r in REMEDIES for r in finding.remedies)
+    assert finding.message and "\n" not in finding.message
+
+
+HEALTHY = [
+    ("he relu + batchnorm mlp depth 10", lambda: mlp(10, 64, nn.ReLU, init="he", norm=True), X),
+    ("he relu + batchnorm mlp depth 20", lambda: mlp(20, 32, nn.ReLU, init="he", norm=True, seed=2), X),
+    ("residual cnn with batchnorm", lambda: resnet(8), torch.randn(16, 1, 12, 12)),
+    ("short lstm", lambda: LastStepRNN("lstm"), torch.rand(16, 10, 2)),
+    ("short gru", lambda: LastStepRNN("gru"), torch.rand(16, 10, 2)),
+    ("pre-layernorm transformer encoder", lambda: Encoder(), torch.randn(8, 10, 32)),
+]
+
+
+@pytest.mark.parametrize("name,build,inputs", HEALTHY, ids=[h[0] for h in HEALTHY])
+def test_healthy_models_get_no_warning(name, build, inputs):
+    report = findings(build(), inputs)
+    assert report.healthy, f"{name}: {report!r}"
+
+
+def test_stalled_updates_need_training_steps():
+    model = mlp(4, 32, nn.ReLU)
+    report = findings(model, X, targets=torch.randint(0, 4, (64,)), steps=3,
+                      optimizer=torch.optim.SGD(model.parameters(), lr=1e-7))
+    stalled = report.of_kind("stalled_updates")
+    assert stalled and stalled[0].layers[0] == "0"
+    assert findings(model, X).of_kind("stalled_updates") == []  # steps=0: no updates to judge
+
+
+def test_torch_transformer_encoder_module():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    report = findings(model, torch.randn(4, 7, 16))
+    assert "layers.0.linear1" in report.trace.layers
+    json.loads(report.to_json())
+
+
+def test_hugging_face_model_from_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)  # random weights, nothing downloaded
+    ids = torch.randint(0, 100, (4, 12))
+    report = findings(model, {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])})  # uses outputs.loss
+    names = dict(model.named_modules())
+    assert "bert.encoder.layer.0.attention.self.query" in report.trace.layers
+    assert all(layer in names for f in report.findings for layer in f.layers)
+    assert not any(f.severity == "error" for f in report.findings), repr(report)
+
+
+def test_report_json_and_text():
+    report = findings(mlp(10, 32, nn.Sigmoid), X)
+    doc = json.loads(report.to_json())
+    assert doc["healthy"] is False
+    assert doc["findings"][0]["kind"] == "vanishing_gradients"
+    assert set(doc["findings"][0]) == {"kind", "severity", "layers", "message", "evidence", "remedies"}
+    assert {row["layer"] for row in doc["layers"]} >= {"0", "18"}
+    text = str(report)
+    assert "vanishing_gradients" in text and "remedies: 1. add_normalization" in text
+
+
+def test_findings_validate_their_fields():
+    with pytest.raises(ValueError, match="kind"):
+        Finding("slow", "error", [], "m")
+    with pytest.raises(ValueError, match="severity"):
+        Finding("nonfinite", "fatal", [], "m")
+    with pytest.raises(ValueError, match="remedies"):
+        Finding("nonfinite", "error", [], "m", remedies=["pray"])
+    for kind in gm.KINDS:
+        assert all(r in REMEDIES for r in prescribe(kind, {}))
+
+
+def test_prescriptions_follow_the_model():
+    assert prescribe("vanishing_gradients", {"saturating": True})[0] == "add_normalization"
+    assert prescribe("vanishing_gradients", {"relu": True})[0] == "he_init"
+    assert prescribe("vanishing_through_time", {"rnn": True})[0] == "gated_recurrence"
+    assert prescribe("vanishing_through_time", {"lstm": True})[0] == "forget_gate_bias"
+    assert prescribe("nonfinite", {"low_precision": True})[1] == "loss_scaling"
