@@ -4,9 +4,10 @@ from gradmedic._errors import GradmedicError, GradmedicWarning
 from gradmedic.check import check
 from gradmedic.diagnosis import KINDS, REMEDIES, Finding, Report, diagnose
 from gradmedic.monitor import Monitor
+from gradmedic.remedies import Treatment, treat
 from gradmedic.trace import Trace
 
 __version__ = "0.1.0"
 
 __all__ = ["KINDS", "REMEDIES", "Finding", "GradmedicError", "GradmedicWarning", "Monitor", "Report", "Trace",
-           "__version__", "check", "diagnose"]
+           "Treatment", "__version__", "check", "diagnose", "treat"]

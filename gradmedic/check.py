@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._inputs import split_inputs
 from gradmedic._tensors import first_float_tensor
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
@@ -45,7 +46,7 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
         raise bad_argument("loss_fn", "a callable loss_fn(outputs, targets)", loss_fn)
     if not any(p.requires_grad for p in model.parameters()):
         raise bad_argument("model", "a module with trainable parameters", type(model).__name__)
-    args, kwargs = _split_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         try:
@@ -67,17 +68,6 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
                 monitor.step(loss)
     monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default"}
     return diagnose(monitor.trace)
-
-
-def _split_inputs(inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    raise bad_argument("inputs", "a tensor, a tuple of tensors (positional arguments) or a dict (keyword "
-                       "arguments)", inputs)
 
 
 def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Remedies: torch-shaped functions that act on a model or a training loop, and ``treat`` to choose them."""
+
+from gradmedic.remedies.accumulate import accumulate
+from gradmedic.remedies.clip import MODES, AutoClip, adaptive_clip_grad_, clip_
+from gradmedic.remedies.gradcheck import GradcheckResult, gradcheck
+from gradmedic.remedies.init import (
+    fixup_,
+    following_activations,
+    forget_gate_bias_,
+    he_,
+    identity_recurrent_,
+    lsuv_,
+    orthogonal_,
+    xavier_,
+)
+from gradmedic.remedies.precision import ScaledStep
+from gradmedic.remedies.restart import RestartOnVanishing, dormant_units, recycle_
+from gradmedic.remedies.schedules import exponential_decay, step_decay, warm_restarts
+from gradmedic.remedies.surgery import ACTIVATIONS, Residual, add_normalization, add_residual, swap_activation
+from gradmedic.remedies.treat import Treatment, treat
+
+__all__ = ["ACTIVATIONS", "MODES", "AutoClip", "GradcheckResult", "Residual", "RestartOnVanishing", "ScaledStep",
+           "Treatment", "accumulate", "adaptive_clip_grad_", "add_normalization", "add_residual", "clip_",
+           "dormant_units", "exponential_decay", "fixup_", "following_activations", "forget_gate_bias_",
+           "gradcheck", "he_", "identity_recurrent_", "lsuv_", "orthogonal_", "recycle_", "step_decay",
+           "swap_activation", "treat", "warm_restarts", "xavier_"]

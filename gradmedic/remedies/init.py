@@ -1,0 +1,231 @@
+"""Initialisation remedies, on ``torch.nn.init`` underneath; the value added is choosing per layer.
+
+- ``he_`` (He et al. 2015) and ``xavier_`` (Glorot & Bengio 2010) take the gain of the activation that
+  *actually follows* each layer (found by running one forward pass, or from the module order), so a
+  Linear before a Tanh gets tanh's gain and one before a ReLU gets ReLU's.
+- ``orthogonal_`` (Saxe et al. 2014), also for recurrent weight matrices, gate by gate.
+- ``lsuv_`` (Mishkin & Matas 2016): orthonormal init, then rescale each layer in forward order until its
+  output variance on a batch is 1 within ``tol`` (at most ``max_iter`` passes per layer).
+- ``identity_recurrent_`` (Le et al. 2015, IRNN): recurrent weights = identity, recurrent biases 0.
+- ``forget_gate_bias_`` (Gers et al. 2000): LSTM forget-gate bias set so that the two biases sum to 1.
+- ``fixup_`` (Zhang et al. 2019): the last layer of each residual branch starts at zero.
+
+Each function works in place on the given module (returns it), touches only weights it understands,
+and returns without change on modules it has nothing to do for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradmedic._errors import GradmedicError, bad_argument
+
+__all__ = ["fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_", "lsuv_",
+           "orthogonal_", "xavier_"]
+
+_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+
+# torch.nn.init.calculate_gain names for the activation modules
+_GAIN_NAME: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU, "relu"), (nn.ReLU6, "relu"), (nn.LeakyReLU, "leaky_relu"), (nn.Tanh, "tanh"),
+    (nn.Sigmoid, "sigmoid"), (nn.SELU, "selu"), (nn.GELU, "relu"), (nn.SiLU, "relu"), (nn.ELU, "relu"),
+)
+
+
+def _gain_name(module: nn.Module | None) -> tuple[str, float | None]:
+    if module is None:
+        return "linear", None
+    for kind, name in _GAIN_NAME:
+        if isinstance(module, kind):
+            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else None
+            return name, slope
+    return "linear", None
+
+
+def following_activations(model: nn.Module, inputs: Any = None) -> dict[nn.Module, nn.Module | None]:
+    """For each Linear/Conv layer, the activation module that consumes its output (or None).
+
+    With ``inputs``, one forward pass records the order in which modules ran; without, the order of
+    ``named_modules`` (right for Sequential models). Normalisation layers in between are looked through.
+    """
+    order: list[nn.Module] = []
+    if inputs is not None:
+        from gradmedic._inputs import run_forward
+
+        handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in model.modules()
+                   if not list(m.children())]
+        try:
+            with torch.no_grad():
+                run_forward(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    else:
+        order = [m for m in model.modules() if not list(m.children())]
+    result: dict[nn.Module, nn.Module | None] = {}
+    for i, module in enumerate(order):
+        if not isinstance(module, _WEIGHTED) or module in result:
+            continue
+        nxt = None
+        for later in order[i + 1:]:
+            if isinstance(later, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Dropout)):
+                continue
+            nxt = later if _gain_name(later)[0] != "linear" else None
+            break
+        result[module] = nxt
+    return result
+
+
+def _weighted(model: nn.Module) -> Iterable[nn.Module]:
+    return (m for m in model.modules() if isinstance(m, _WEIGHTED))
+
+
+def he_(model: nn.Module, inputs: Any = None, mode: str = "fan_in") -> nn.Module:
+    """He/Kaiming normal init with the gain of the following activation; biases to zero."""
+    if mode not in ("fan_in", "fan_out"):
+        raise bad_argument("mode", '"fan_in" or "fan_out"', mode)
+    follows = following_activations(model, inputs)
+    for module in _weighted(model):
+        name, slope = _gain_name(follows.get(module))
+        if name in ("relu", "leaky_relu"):
+            nn.init.kaiming_normal_(module.weight, a=slope or 0.0, mode=mode, nonlinearity=name)
+        else:  # He's derivation is for rectifiers; other layers keep variance with the plain gain
+            gain = nn.init.calculate_gain(name)
+            fan = nn.init._calculate_correct_fan(module.weight, mode)
+            with torch.no_grad():
+                module.weight.normal_(0.0, gain / math.sqrt(fan))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def xavier_(model: nn.Module, inputs: Any = None, uniform: bool = True) -> nn.Module:
+    """Xavier/Glorot init with the gain of the following activation; biases to zero."""
+    follows = following_activations(model, inputs)
+    for module in _weighted(model):
+        name, slope = _gain_name(follows.get(module))
+        gain = nn.init.calculate_gain(name, slope)
+        (nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_)(module.weight, gain=gain)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def _recurrent_weights(model: nn.Module) -> Iterable[tuple[nn.Module, str, torch.Tensor]]:
+    for module in model.modules():
+        if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+            for name, p in module.named_parameters(recurse=False):
+                yield module, name, p
+
+
+def _gates(module: nn.Module) -> int:
+    mode = getattr(module, "mode", None) or type(module).__name__
+    return 4 if "LSTM" in mode else 3 if "GRU" in mode else 1
+
+
+def orthogonal_(model: nn.Module, gain: float | None = None, inputs: Any = None) -> nn.Module:
+    """Orthogonal weights (each recurrent gate block separately); biases to zero."""
+    follows = following_activations(model, inputs)
+    for module in _weighted(model):
+        g = gain if gain is not None else nn.init.calculate_gain(*_gain_name(follows.get(module)))
+        nn.init.orthogonal_(module.weight, gain=g)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    for module, name, p in _recurrent_weights(model):
+        if name.startswith("weight"):
+            for block in p.detach().chunk(_gates(module), dim=0):
+                nn.init.orthogonal_(block, gain=1.0 if gain is None else gain)
+        elif name.startswith("bias"):
+            nn.init.zeros_(p)
+    return model
+
+
+def identity_recurrent_(model: nn.Module, scale: float = 1.0) -> nn.Module:
+    """IRNN: identity recurrent matrices (times ``scale``) and zero recurrent biases, for ReLU RNNs."""
+    touched = False
+    for module, name, p in _recurrent_weights(model):
+        if _gates(module) != 1:
+            continue
+        with torch.no_grad():
+            if name.startswith("weight_hh"):
+                p.copy_(torch.eye(p.shape[0], p.shape[1], dtype=p.dtype, device=p.device) * scale)
+                touched = True
+            elif name.startswith("bias_hh") or name.startswith("bias_ih"):
+                p.zero_()
+    if not touched:
+        raise GradmedicError("identity_recurrent_ found no nn.RNN/nn.RNNCell in the model; it applies to plain "
+                             "RNNs (use forget_gate_bias_ for LSTMs).")
+    return model
+
+
+def forget_gate_bias_(model: nn.Module, value: float = 1.0) -> nn.Module:
+    """LSTM forget-gate biases: b_ih + b_hh = ``value`` for the forget gate (PyTorch gate order i, f, g, o)."""
+    touched = False
+    for module, name, p in _recurrent_weights(model):
+        if _gates(module) != 4 or not name.startswith("bias"):
+            continue
+        hidden = p.shape[0] // 4
+        with torch.no_grad():
+            p[hidden:2 * hidden].fill_(value / 2)  # split between b_ih and b_hh
+        touched = True
+    if not touched:
+        raise GradmedicError("forget_gate_bias_ found no LSTM with biases in the model; it applies to nn.LSTM and "
+                             "nn.LSTMCell built with bias=True.")
+    return model
+
+
+def lsuv_(model: nn.Module, inputs: Any, tol: float = 0.1, max_iter: int = 10) -> nn.Module:
+    """LSUV: orthonormal init, then scale each layer (in forward order) to unit output variance on ``inputs``."""
+    from gradmedic._inputs import run_forward
+
+    if not (isinstance(tol, float) and 0 < tol < 1):
+        raise bad_argument("tol", "a float in (0, 1)", tol)
+    orthogonal_(model, gain=1.0)
+    order: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in _weighted(model)]
+    try:
+        with torch.no_grad():
+            run_forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    seen: list[nn.Module] = list(dict.fromkeys(order))
+    for module in seen:
+        captured: dict[str, torch.Tensor] = {}
+        handle = module.register_forward_hook(lambda mod, a, o, store=captured: store.__setitem__("out", o))
+        try:
+            for _ in range(max_iter):
+                with torch.no_grad():
+                    run_forward(model, inputs)
+                    var = captured["out"].float().var()
+                    if abs(float(var) - 1.0) < tol or float(var) == 0.0:
+                        break
+                    module.weight.div_(torch.sqrt(var).to(module.weight.dtype))
+        finally:
+            handle.remove()
+    return model
+
+
+def fixup_(model: nn.Module) -> nn.Module:
+    """Zero the last weighted layer of every residual branch (``gradmedic`` residual wrappers and any module
+    that exposes ``.branch``), so each block starts as the identity (Fixup, Zhang et al. 2019)."""
+    touched = False
+    for module in model.modules():
+        branch = getattr(module, "branch", None)
+        if not isinstance(branch, nn.Module):
+            continue
+        last = [m for m in branch.modules() if isinstance(m, _WEIGHTED)]
+        if last:
+            nn.init.zeros_(last[-1].weight)
+            if last[-1].bias is not None:
+                nn.init.zeros_(last[-1].bias)
+            touched = True
+    if not touched:
+        raise GradmedicError("fixup_ found no residual branch (a module with a .branch attribute, as "
+                             "gradmedic.remedies.add_residual makes); add residual connections first.")
+    return model

@@ -1,0 +1,171 @@
+"""Reviving stuck units (ReDo) and restarting a run that has stalled.
+
+``recycle_`` follows Sokar et al. (2023), "The dormant neuron phenomenon in deep RL" (ReDo): a unit's
+score is its mean |activation| over the batch divided by the layer's mean of that; a unit scoring at
+most ``tau`` (0.1) is dormant. For saturating activations (sigmoid/tanh) a unit is stuck when it passes
+on no *gradient*, so the score there is the unit's mean derivative over the layer's mean derivative.
+A dormant unit's incoming weights are re-drawn (PyTorch's default Linear/Conv init) and its bias
+zeroed; its outgoing weights are zeroed, after folding its mean output into the next layer's bias, so
+the network computes the same function at the moment of the reset. The optimizer's moments for those
+entries are reset too. The last weighted layer (the output) is never recycled.
+
+``RestartOnVanishing``: after ``patience`` consecutive reports with vanishing gradients, re-initialise
+the model with a better init (He for ReLU nets, Xavier otherwise) and say so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._inputs import run_forward
+from gradmedic.probes.activations import activation_family
+from gradmedic.remedies.init import following_activations, he_, xavier_
+
+__all__ = ["RestartOnVanishing", "dormant_units", "recycle_"]
+
+_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _unit_axis_mean(y: torch.Tensor) -> torch.Tensor:
+    """Mean over every axis but the unit axis (1 for (B, C) and (B, C, ...) maps)."""
+    dims = tuple(d for d in range(y.dim()) if d != 1)
+    return y.mean(dim=dims) if dims else y
+
+
+def _derivative(family_name: str, y: torch.Tensor) -> torch.Tensor:
+    if family_name == "sigmoid":
+        return y * (1 - y) / 0.25
+    if family_name == "tanh":
+        return 1 - y * y
+    return (y.abs() < 1).to(y.dtype)  # hardtanh-like: 1 inside, 0 on the flat parts
+
+
+@torch.no_grad()
+def dormant_units(model: nn.Module, inputs: Any, tau: float = 0.1) -> dict[nn.Module, torch.Tensor]:
+    """For each weighted layer that feeds an activation: a bool mask of its dormant output units."""
+    if not 0 <= tau < 1:
+        raise bad_argument("tau", "a float in [0, 1)", tau)
+    follows = {layer: act for layer, act in following_activations(model, inputs).items() if act is not None}
+    captured: dict[nn.Module, torch.Tensor] = {}
+    handles = [act.register_forward_hook(lambda m, a, o: captured.__setitem__(m, o.detach()))
+               for act in set(follows.values())]
+    try:
+        run_forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    masks = {}
+    for layer, act in follows.items():
+        y = captured.get(act)
+        if y is None or y.dim() < 2:
+            continue
+        family = activation_family(act)
+        if family is not None and family.saturated is not None and not family.dies:
+            score = _unit_axis_mean(_derivative(family.name, y.float()))
+        else:
+            score = _unit_axis_mean(y.float().abs())
+        masks[layer] = score <= tau * score.mean().clamp_min(1e-12)
+    return masks
+
+
+def _consumers(model: nn.Module, inputs: Any) -> dict[nn.Module, nn.Module]:
+    """The weighted layer that runs next after each weighted layer (forward order)."""
+    order: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in model.modules()
+               if isinstance(m, _WEIGHTED)]
+    try:
+        with torch.no_grad():
+            run_forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    order = list(dict.fromkeys(order))
+    return {a: b for a, b in zip(order[:-1], order[1:], strict=True)}
+
+
+def _reset_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, index: Any) -> None:
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(p, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == p.shape:
+            value[index] = 0
+
+
+@torch.no_grad()
+def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | None = None,
+             tau: float = 0.1) -> dict[str, int]:
+    """Re-initialise dormant units in place (ReDo). Returns {layer name: units recycled}."""
+    names = {m: n for n, m in model.named_modules()}
+    masks = dormant_units(model, inputs, tau)
+    consumers = _consumers(model, inputs)
+    follows = following_activations(model, inputs)
+    captured: dict[nn.Module, torch.Tensor] = {}
+    handles = [act.register_forward_hook(lambda m, a, o: captured.__setitem__(m, o.detach()))
+               for act in {follows[k] for k in masks}]
+    try:
+        run_forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    done: dict[str, int] = {}
+    outgoing_to_zero: list[tuple[nn.Module, torch.Tensor]] = []
+    for layer, mask in masks.items():
+        nxt = consumers.get(layer)
+        if nxt is None or not bool(mask.any()):
+            continue  # the output layer, or nothing dormant
+        if nxt.weight.shape[1] != mask.numel():
+            continue  # a flatten or reshape in between: the unit-to-column map is not one to one
+        units = mask.nonzero().flatten()
+        # 1. fold each unit's mean output into the next layer's bias (its outgoing weights go to zero below)
+        mean_out = _unit_axis_mean(captured[follows[layer]].float())[units]
+        if nxt.bias is not None:
+            outgoing = nxt.weight[:, units]
+            nxt.bias.add_(outgoing.reshape(outgoing.shape[0], len(units), -1).sum(-1) @ mean_out.to(outgoing.dtype))
+        outgoing_to_zero.append((nxt, units))
+        # 2. re-draw the incoming weights as PyTorch's default init does, zero the bias
+        fresh = torch.empty_like(layer.weight)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        layer.weight[units] = fresh[units]
+        _reset_state(optimizer, layer.weight, units)
+        if layer.bias is not None:
+            layer.bias[units] = 0
+            _reset_state(optimizer, layer.bias, units)
+        done[names[layer]] = len(units)
+    # 3. last, so that a re-drawn row of a recycled consumer cannot bring an outgoing weight back
+    for nxt, units in outgoing_to_zero:
+        nxt.weight[:, units] = 0
+        _reset_state(optimizer, nxt.weight, (slice(None), units))
+    return done
+
+
+class RestartOnVanishing:
+    """Re-initialise the model after ``patience`` consecutive reports with vanishing gradients."""
+
+    def __init__(self, model: nn.Module, patience: int = 3, inputs: Any = None):
+        if not isinstance(patience, int) or patience < 1:
+            raise bad_argument("patience", "a positive int", patience)
+        self.model = model
+        self.patience = patience
+        self.inputs = inputs
+        self.streak = 0
+        self.restarts = 0
+
+    def update(self, report: Any) -> bool:
+        """Feed a Report; returns True when it restarted the model (rebuild the optimizer then)."""
+        vanishing = any(f.kind == "vanishing_gradients" and f.severity != "info" for f in report.findings)
+        self.streak = self.streak + 1 if vanishing else 0
+        if self.streak < self.patience:
+            return False
+        relu = bool(report.context.get("relu")) and not report.context.get("saturating")
+        try:
+            (he_ if relu else xavier_)(self.model, self.inputs)
+        except Exception as error:
+            raise GradmedicError(f"RestartOnVanishing could not re-initialise the model ({error}).") from error
+        self.streak = 0
+        self.restarts += 1
+        return True
