@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_float_tensor"]
+__all__ = ["first_float_tensor", "sum_of_squares"]
 
 
 def first_float_tensor(obj: Any, prefer_loss: bool = False) -> torch.Tensor | None:
@@ -36,3 +36,19 @@ def first_float_tensor(obj: Any, prefer_loss: bool = False) -> torch.Tensor | No
         if found is not None:
             return found
     return None
+
+
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """sum(t**2) as a 0-d tensor, at least float32, without reading ``t`` twice.
+
+    A BLAS dot of a contiguous tensor with itself is 2-2.5x faster on a CPU than
+    ``linalg.vector_norm`` (35 us against 87 us on a 64x16x28x28 map); it accumulates in the tensor's
+    precision (float32: ~1e-5 relative), which is plenty for a statistic.
+    """
+    t = t.detach()
+    if t.dtype.itemsize < 4:
+        t = t.float()
+    if t.is_contiguous() and t.device.type == "cpu":
+        flat = t.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(t).square()

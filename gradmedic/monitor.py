@@ -96,7 +96,7 @@ class Monitor:
         for probe in self.probes:
             if probe.should_compute(step) and (not probe.uses_hooks or probe in self._armed):
                 self._safely(probe, probe.collect, step)
-        self._disarm()
+        self._disarm(keep=step + 1)
         self._record_run(step, loss)
         for probe in self.probes:
             self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
@@ -136,14 +136,20 @@ class Monitor:
 
     def _arm(self, step: int) -> None:
         for probe in self.probes:
-            if probe.uses_hooks and probe.should_compute(step):
+            if probe.uses_hooks and probe.should_compute(step) and probe not in self._armed:
                 if self._safely(probe, probe.arm):
                     self._armed.append(probe)
 
-    def _disarm(self) -> None:
+    def _disarm(self, keep: int | None = None) -> None:
+        """Remove hooks; a probe also due at step ``keep`` keeps its hooks and only resets its state."""
+        staying = []
         for probe in self._armed:
-            self._safely(probe, probe.disarm)
-        self._armed.clear()
+            if keep is not None and probe.should_compute(keep):
+                if self._safely(probe, probe.reset):
+                    staying.append(probe)
+            else:
+                self._safely(probe, probe.disarm)
+        self._armed = staying
 
     # --- flushing and closing -------------------------------------------------------------------
     def flush(self) -> None:

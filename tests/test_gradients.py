@@ -167,3 +167,25 @@ def test_sampled_update_ratio_estimates_the_exact_one(kind):
     assert set(got) == {"0", "2", "4"}
     for layer in got:
         assert got[layer] == pytest.approx(want[layer], rel=0.05)  # the sample's stated accuracy
+
+
+def test_sampled_weight_norm_estimates_the_exact_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x, y = torch.randn(64, 784), torch.randn(64, 10)
+    for _ in range(5):  # trained a little, so the weights are no longer i.i.d.
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    mon = gm.Monitor(model, probes=[GradientProbe()])
+    mon.step()
+    got = mon.trace.last("weight_norm")
+    for layer in ("0", "2", "4"):
+        params = list(model.get_submodule(layer).parameters())
+        exact = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+        assert got[layer] == pytest.approx(exact, rel=0.02)
+    # the gradient norm stays exact
+    exact_grad = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model[0].parameters()))
+    assert mon.trace.last("grad_norm")["0"] == pytest.approx(exact_grad, rel=1e-5)  # float32 sum of 400k

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmedic._tensors import first_float_tensor
+from gradmedic._tensors import first_float_tensor, sum_of_squares
 from gradmedic.probes.base import LayerIndex, Probe
 
 __all__ = ["BackwardSignalProbe"]
@@ -35,7 +35,7 @@ class BackwardSignalProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._rows = layers.rows_owning_params()
-        self._norms: list[torch.Tensor] = []  # one 0-d norm per hook call: a single op in the hook
+        self._squares: list[torch.Tensor] = []  # one 0-d sum of squares per hook call: one op in the hook
         self._calls: list[int] = []  # the row of each call
         self._count = [0] * len(layers)  # elements seen per row (host ints)
         self._generation = 0  # hooks from an earlier step's graph are ignored if they fire late
@@ -57,19 +57,18 @@ class BackwardSignalProbe(Probe):
     def _on_grad(self, row: int, generation: int, grad: torch.Tensor) -> None:
         if generation != self._generation:
             return
-        low = grad.dtype.itemsize < 4
-        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32 if low else None))
+        self._squares.append(sum_of_squares(grad))
         self._calls.append(row)
         self._count[row] += grad.numel()
 
     def collect(self, step: int) -> None:
-        if not self._norms:
+        if not self._squares:
             return
         slot = self.buffer.open(step)
         seen = [r for r, n in enumerate(self._count) if n]
         calls = torch.tensor(self._calls, dtype=torch.long, device=self.device)
         sq = torch.zeros(len(self._count), dtype=self.dtype, device=self.device)
-        sq.index_add_(0, calls, torch.stack(self._norms).to(self.dtype).square())
+        sq.index_add_(0, calls, torch.stack(self._squares).to(self.dtype))
         rows = torch.tensor(seen, dtype=torch.long, device=self.device)
         counts = torch.tensor([float(self._count[r]) for r in seen], dtype=self.dtype, device=self.device)
         picked = sq.index_select(0, rows)
@@ -83,11 +82,11 @@ class BackwardSignalProbe(Probe):
 
     def _reset(self) -> None:
         self._order.clear()
-        self._norms.clear()
+        self._squares.clear()
         self._calls.clear()
         self._count = [0] * len(self._count)
 
-    def disarm(self) -> None:
-        super().disarm()
+    def reset(self) -> None:
+        super().reset()
         self._generation += 1
         self._reset()

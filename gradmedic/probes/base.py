@@ -5,7 +5,8 @@ A probe measures one family of statistics. The Monitor drives it through a fixed
     attach(ctx)   once: allocate buffers on the model's device
     arm()         before a scheduled step's forward: register hooks (hook-based probes only)
     collect(step) after that step's backward: reduce what the hooks saw into the buffer
-    disarm()      remove the hooks again, so unscheduled steps pay nothing
+    disarm()      remove the hooks again, so unscheduled steps pay nothing (reset() alone when the
+                  probe is due at the next step too: the hooks stay, only the step's state goes)
     flush()       move the buffer to the host as a Chunk (the only device-to-host copy)
     detach()      free everything
 
@@ -173,6 +174,11 @@ class Probe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget this step's partial state; hooks from an earlier step's graph must be ignored after it.
+        The Monitor calls it instead of disarm() + arm() when the probe is due again at the next step."""
 
     def collect(self, step: int) -> None:
         """Reduce what was seen for ``step`` into the buffer, on the device."""

@@ -14,7 +14,9 @@ A tensor larger than ``update_sample`` entries is snapshotted on a fixed sample 
 strided sample would stream the whole tensor through memory). Its squared norms are scaled by
 numel / sample. Copying, subtracting and norming a whole 2M-parameter MLP at every step costs ~10% of
 its training step on a CPU; the sample costs a few percent of that and estimates the ratio within a
-few percent (see the tests). ``update_sample=None`` measures every entry.
+few percent (see the tests). The weight norms (of ``weight_norm`` and ``grad_to_weight``) of such
+tensors come from the same sample: a second full pass over the weights would cost as much as the
+gradient's. Gradient norms are always exact. ``update_sample=None`` measures every entry.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class GradientProbe(Probe):
         # the factor numel / sampled entries, per parameter
         self._scale = torch.tensor([p.numel() / _sample_view(p, self.update_sample).numel() for p in self._params],
                                    dtype=self.dtype, device=self.device)
+        self._views: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
+        self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, per-row norms, all params)
         low = any(p.dtype in _LOW_PRECISION for p in self._params)
         self._zeros = self.zero_fraction is True or (self.zero_fraction == "auto" and low)
 
@@ -149,10 +153,13 @@ class GradientProbe(Probe):
         if any(present):
             plan = self._plan(present)
             grads = [p.grad if p.grad is not None else p for p in self._params]
-            weights = [p.detach() for p in self._params]
             grad_norms = self._norms(grads, plan)
             grad = self._per_row(grad_norms, plan)
-            weight = self._per_row(self._norms(weights, plan), plan)
+            # the gradient norm is exact; the weight norm of a large tensor comes from the update sample
+            # (a second full pass over the weights would cost as much as the gradient's)
+            weight = self._sampled_norms(self._sampled(), plan)
+            if plan is self._all_plan:
+                self._weight_sample_norm = (step, weight)
             ratio = torch.where(weight > 0, grad / weight, torch.full_like(grad, float("nan")))
             self.buffer.write(slot, plan.rows, "grad_norm", grad)
             self.buffer.write(slot, plan.rows, "weight_norm", weight)
@@ -166,8 +173,11 @@ class GradientProbe(Probe):
             self._write_update(slot)
 
     def _sampled(self) -> list[torch.Tensor]:
-        """Views of the sampled entries (taken anew each time: a parameter's storage may be replaced)."""
-        return [_sample_view(p, self.update_sample) for p in self._params]
+        """Views of the sampled entries, rebuilt whenever a parameter's storage has been replaced."""
+        key = tuple(p.data_ptr() for p in self._params)
+        if self._views is None or self._views[0] != key:
+            self._views = (key, [_sample_view(p, self.update_sample) for p in self._params])
+        return self._views[1]
 
     def _sampled_norms(self, tensors: list[torch.Tensor], plan: _Plan) -> torch.Tensor:
         """Per-layer norms estimated from the samples: squares scaled by numel / sample."""
@@ -197,10 +207,14 @@ class GradientProbe(Probe):
         else:
             for group in plan.groups:
                 torch._foreach_copy_([self._snapshot[i] for i in group], [params[i] for i in group])
-        self._snapshot_norm = self._sampled_norms(self._snapshot, plan)
+        if self._weight_sample_norm is not None and self._weight_sample_norm[0] == step:
+            self._snapshot_norm = self._weight_sample_norm[1]  # the same sample, unchanged since collect()
+        else:
+            self._snapshot_norm = self._sampled_norms(self._snapshot, plan)
         self._snapshot_step = step
 
     def detach(self) -> None:
         super().detach()
+        self._views = None
         self._snapshot = None
         self._snapshot_norm = None

@@ -79,8 +79,8 @@ class NonFiniteProbe(Probe):
                 continue
             self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
 
-    def disarm(self) -> None:
-        super().disarm()
+    def reset(self) -> None:
+        super().reset()
         self._generation += 1
         for codes, rows in self._seen.values():
             codes.clear()

@@ -16,14 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmedic._tensors import first_float_tensor
+from gradmedic._tensors import first_float_tensor, sum_of_squares
 from gradmedic.probes.base import LayerIndex, Probe
 
 __all__ = ["SignalProbe"]
 
 
-def _sq(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32 if t.dtype.itemsize < 4 else None)
 
 
 class SignalProbe(Probe):
@@ -44,8 +42,8 @@ class SignalProbe(Probe):
             module = self.layers.modules[row]
             self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
 
-    def disarm(self) -> None:
-        super().disarm()
+    def reset(self) -> None:
+        super().reset()
         self._generation += 1
         for parts in self._parts.values():
             parts.clear()
@@ -54,8 +52,8 @@ class SignalProbe(Probe):
         x, y = first_float_tensor(args), first_float_tensor(output)
         if x is None or y is None:
             return
-        self._parts["in"].append((row, _sq(x), x.numel()))
-        self._parts["out"].append((row, _sq(y), y.numel()))
+        self._parts["in"].append((row, sum_of_squares(x), x.numel()))
+        self._parts["out"].append((row, sum_of_squares(y), y.numel()))
         if x.requires_grad and y.requires_grad:
             gen = self._generation
             x.register_hook(self.guard(self._on_grad, "gin", row, gen))
@@ -63,7 +61,7 @@ class SignalProbe(Probe):
 
     def _on_grad(self, key: str, row: int, generation: int, grad: torch.Tensor) -> None:
         if generation == self._generation:
-            self._parts[key].append((row, _sq(grad), grad.numel()))
+            self._parts[key].append((row, sum_of_squares(grad), grad.numel()))
 
     def _rms(self, key: str) -> torch.Tensor:
         """Per-row RMS (NaN where not seen) over all calls."""
@@ -74,7 +72,7 @@ class SignalProbe(Probe):
             return out
         rows = torch.tensor([r for r, _, _ in parts], dtype=torch.long, device=self.device)
         sq = torch.zeros(size, dtype=self.dtype, device=self.device)
-        sq.index_add_(0, rows, torch.stack([n.to(self.dtype) for _, n, _ in parts]).square())
+        sq.index_add_(0, rows, torch.stack([n.to(self.dtype) for _, n, _ in parts]))
         counts = [0.0] * size
         for r, _, k in parts:
             counts[r] += k

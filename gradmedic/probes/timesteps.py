@@ -51,8 +51,8 @@ class TimeStepProbe(Probe):
             hook = self._make_pre_hook(row)
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def disarm(self) -> None:
-        super().disarm()
+    def reset(self) -> None:
+        super().reset()
         self._generation += 1
         self._parts.clear()
         self._calls.clear()
