@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
+from benchmarks._markdown import replace_section  # noqa: E402
 
 console = Console()
 MARK_BEGIN, MARK_END = "<!-- check:begin -->", "<!-- check:end -->"
@@ -64,13 +65,7 @@ def main(repeats: int = 7) -> None:
         "", "`check` deep-copies the model, runs one forward and backward with every probe (and the signal-"
         "propagation view), flushes once and runs the rules.", MARK_END, ""])
     path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    replace_section(path, MARK_BEGIN, MARK_END, block)
     console.print(f"wrote {path}")
 
 

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
+from benchmarks._markdown import replace_section  # noqa: E402
 from tests.helpers import count_host_syncs  # noqa: E402
 
 console = Console()
@@ -266,14 +267,7 @@ def write_markdown(path: Path, args, results, syncs, memory) -> None:
         for step, rss, peak, trace_mb in samples[:: max(len(samples) // 4, 1)] + samples[-1:]:
             lines.append(f"| {preset} | {step} | {rss:.0f} | {peak:.0f} | {trace_mb:.2f} |")
     lines.append(MARK_END)
-    block = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    replace_section(path, MARK_BEGIN, MARK_END, "\n".join(lines) + "\n")
     console.print(f"wrote {path}")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ from torch import nn
 
 from gradmedic._errors import bad_argument
 
-__all__ = ["run_forward", "split_inputs"]
+__all__ = ["forward_with_hooks", "run_forward", "split_inputs"]
 
 
 def split_inputs(inputs: Any) -> tuple[tuple, dict]:
@@ -28,3 +28,15 @@ def split_inputs(inputs: Any) -> tuple[tuple, dict]:
 def run_forward(model: nn.Module, inputs: Any) -> Any:
     args, kwargs = split_inputs(inputs)
     return model(*args, **kwargs)
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, inputs: Any, modules: Iterable[nn.Module],
+                       hook: Callable[[nn.Module, Any, Any], None]) -> Any:
+    """One no-grad forward with ``hook(module, args, output)`` on ``modules``; the hooks are gone after."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        return run_forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -81,3 +81,7 @@ def test_bad_input():
         gm.treat("model", report)
     with pytest.raises(gm.GradmedicError, match="Argument max_rounds"):
         gm.treat(nn.Linear(2, 2), report, max_rounds=0)
+    quantised = nn.Linear(2, 2)
+    quantised.register_parameter("codes", nn.Parameter(torch.zeros(2, dtype=torch.int8), requires_grad=False))
+    with pytest.raises(gm.GradmedicError, match="floating point"):
+        gm.treat(quantised, report)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._inputs import forward_with_hooks
 
 __all__ = ["fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_", "lsuv_",
            "orthogonal_", "xavier_"]
@@ -55,16 +56,8 @@ def following_activations(model: nn.Module, inputs: Any = None) -> dict[nn.Modul
     """
     order: list[nn.Module] = []
     if inputs is not None:
-        from gradmedic._inputs import run_forward
-
-        handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in model.modules()
-                   if not list(m.children())]
-        try:
-            with torch.no_grad():
-                run_forward(model, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        leaves = [m for m in model.modules() if not list(m.children())]
+        forward_with_hooks(model, inputs, leaves, lambda mod, a, o: order.append(mod))
     else:
         order = [m for m in model.modules() if not list(m.children())]
     result: dict[nn.Module, nn.Module | None] = {}
@@ -181,33 +174,20 @@ def forget_gate_bias_(model: nn.Module, value: float = 1.0) -> nn.Module:
 
 def lsuv_(model: nn.Module, inputs: Any, tol: float = 0.1, max_iter: int = 10) -> nn.Module:
     """LSUV: orthonormal init, then scale each layer (in forward order) to unit output variance on ``inputs``."""
-    from gradmedic._inputs import run_forward
-
     if not (isinstance(tol, float) and 0 < tol < 1):
         raise bad_argument("tol", "a float in (0, 1)", tol)
     orthogonal_(model, gain=1.0)
     order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in _weighted(model)]
-    try:
-        with torch.no_grad():
-            run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    seen: list[nn.Module] = list(dict.fromkeys(order))
-    for module in seen:
+    forward_with_hooks(model, inputs, _weighted(model), lambda mod, a, o: order.append(mod))
+    for module in dict.fromkeys(order):  # forward order, each layer once
         captured: dict[str, torch.Tensor] = {}
-        handle = module.register_forward_hook(lambda mod, a, o, store=captured: store.__setitem__("out", o))
-        try:
-            for _ in range(max_iter):
-                with torch.no_grad():
-                    run_forward(model, inputs)
-                    var = captured["out"].float().var()
-                    if abs(float(var) - 1.0) < tol or float(var) == 0.0:
-                        break
-                    module.weight.div_(torch.sqrt(var).to(module.weight.dtype))
-        finally:
-            handle.remove()
+        for _ in range(max_iter):
+            forward_with_hooks(model, inputs, [module], lambda mod, a, o, store=captured: store.update(out=o))
+            var = captured["out"].float().var()
+            if abs(float(var) - 1.0) < tol or float(var) == 0.0:
+                break
+            with torch.no_grad():
+                module.weight.div_(torch.sqrt(var).to(module.weight.dtype))
     return model
 
 

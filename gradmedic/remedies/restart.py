@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
-from gradmedic._inputs import run_forward
+from gradmedic._inputs import forward_with_hooks
 from gradmedic.probes.activations import activation_family
 from gradmedic.remedies.init import following_activations, he_, xavier_
 
@@ -52,13 +52,7 @@ def dormant_units(model: nn.Module, inputs: Any, tau: float = 0.1) -> dict[nn.Mo
         raise bad_argument("tau", "a float in [0, 1)", tau)
     follows = {layer: act for layer, act in following_activations(model, inputs).items() if act is not None}
     captured: dict[nn.Module, torch.Tensor] = {}
-    handles = [act.register_forward_hook(lambda m, a, o: captured.__setitem__(m, o.detach()))
-               for act in set(follows.values())]
-    try:
-        run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, inputs, set(follows.values()), lambda m, a, o: captured.__setitem__(m, o.detach()))
     masks = {}
     for layer, act in follows.items():
         y = captured.get(act)
@@ -76,14 +70,8 @@ def dormant_units(model: nn.Module, inputs: Any, tau: float = 0.1) -> dict[nn.Mo
 def _consumers(model: nn.Module, inputs: Any) -> dict[nn.Module, nn.Module]:
     """The weighted layer that runs next after each weighted layer (forward order)."""
     order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in model.modules()
-               if isinstance(m, _WEIGHTED)]
-    try:
-        with torch.no_grad():
-            run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    weighted = [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    forward_with_hooks(model, inputs, weighted, lambda mod, a, o: order.append(mod))
     order = list(dict.fromkeys(order))
     return {a: b for a, b in zip(order[:-1], order[1:], strict=True)}
 
@@ -105,13 +93,7 @@ def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | N
     consumers = _consumers(model, inputs)
     follows = following_activations(model, inputs)
     captured: dict[nn.Module, torch.Tensor] = {}
-    handles = [act.register_forward_hook(lambda m, a, o: captured.__setitem__(m, o.detach()))
-               for act in {follows[k] for k in masks}]
-    try:
-        run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, inputs, {follows[k] for k in masks}, lambda m, a, o: captured.__setitem__(m, o.detach()))
     done: dict[str, int] = {}
     outgoing_to_zero: list[tuple[nn.Module, torch.Tensor]] = []
     for layer, mask in masks.items():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
-from gradmedic._inputs import run_forward
+from gradmedic._inputs import forward_with_hooks
 from gradmedic.remedies.init import following_activations
 
 __all__ = ["ACTIVATIONS", "Residual", "add_normalization", "add_residual", "swap_activation"]
@@ -130,15 +130,9 @@ def add_residual(model: nn.Sequential, inputs: Any = None, rezero: bool = True, 
     units = _units(model)
     shapes: dict[int, tuple[Any, Any]] = {}
     if inputs is not None:
-        handles = [child.register_forward_hook(
-            lambda mod, a, o, i=i: shapes.__setitem__(i, (tuple(a[0].shape), tuple(o.shape))))
-            for i, child in enumerate(model)]
-        try:
-            with torch.no_grad():
-                run_forward(model, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        index = {id(child): i for i, child in enumerate(model)}
+        forward_with_hooks(model, inputs, list(model),
+                           lambda mod, a, o: shapes.__setitem__(index[id(mod)], (tuple(a[0].shape), tuple(o.shape))))
 
     def same_shape(block: list[int]) -> bool:
         first, last = block[0], block[-1]
