@@ -4,10 +4,11 @@ Three workloads (an 8x512 tanh MLP, a 6-conv BN/ReLU CNN, a 2-layer LSTM) are ti
 Monitor preset, and under two reference styles of per-step gradient logging written here:
 Lightning's ``grad_norm`` (a ``.norm()`` per parameter, read with ``.item()``) and ``wandb.watch``'s
 gradient histograms (a 64-bin ``histc`` per parameter, moved with ``.cpu()``). Every variant runs its
-own copy of the same model; the variants are interleaved in a shuffled order in every repeat, and the
-figure reported is the median over repeats of (variant time / plain time in the same repeat), so slow
-drift of the machine cancels. Then host syncs between flushes are counted and memory is followed over
-2,000 monitored steps. Results go to BENCHMARKS.md (between the markers) and to stdout.
+own copy of the same model; the variants are interleaved step by step, in a shuffled order at each
+step, and the figure reported is the median over repeats of (variant time / plain time in the same
+repeat), so drift of the machine, even within a second, hits every variant alike. Then host syncs
+between flushes are counted and memory is followed over 2,000 monitored steps. Results go to
+BENCHMARKS.md (between the markers) and to stdout.
 
     python benchmarks/overhead.py            # full run (~10 minutes on 2 cores)
     python benchmarks/overhead.py --quick    # a smoke run with few steps
@@ -153,13 +154,14 @@ def time_workload(build, repeats: int, steps: int, progress, task) -> dict[str, 
     ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rng = random.Random(0)
     for _ in range(repeats):
-        order = list(VARIANTS)
-        rng.shuffle(order)
-        times = {}
-        for variant in order:
-            model, opt, watcher = runs[variant]
-            times[variant] = run_steps(model, opt, batch, loss_fn, watcher, steps)
-            progress.advance(task)
+        times = dict.fromkeys(VARIANTS, 0.0)
+        for _ in range(steps):  # interleaved step by step, in a shuffled order: drift hits every variant alike
+            order = list(VARIANTS)
+            rng.shuffle(order)
+            for variant in order:
+                model, opt, watcher = runs[variant]
+                times[variant] += run_steps(model, opt, batch, loss_fn, watcher, 1)
+        progress.advance(task, len(VARIANTS))
         for variant in VARIANTS:
             ratios[variant].append(times[variant] / times["plain"])
         ratios.setdefault("_plain_ms", []).append(1000 * times["plain"] / steps)
@@ -247,8 +249,9 @@ def write_markdown(path: Path, args, results, syncs, memory) -> None:
     lines = [MARK_BEGIN, "## Monitor overhead (`benchmarks/overhead.py`)", "",
              f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU. "
-             f"{args.repeats} interleaved repeats of {args.steps} Adam steps per variant; each cell is the "
-             "median over repeats of (variant time / plain time in the same repeat).", "",
+             f"{args.repeats} repeats of {args.steps} Adam steps per variant, interleaved step by step in a "
+             "shuffled order; each cell is the median over repeats of (variant time / plain time in the same "
+             "repeat).", "",
              "| workload | plain ms/step | cheap | standard (default) | full | Lightning-style `.item()` "
              "| wandb-style `histc` |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
