@@ -92,7 +92,7 @@ def test_lsuv_reaches_unit_variance():
 def test_identity_recurrent_and_forget_bias():
     rnn = identity_recurrent_(nn.RNN(3, 5, nonlinearity="relu"))
     torch.testing.assert_close(rnn.weight_hh_l0.detach(), torch.eye(5))
-    assert float(rnn.bias_hh_l0.abs().max()) == 0.0
+    assert float(rnn.bias_hh_l0.detach().abs().max()) == 0.0
     lstm = forget_gate_bias_(nn.LSTM(3, 5, num_layers=2))
     for layer in (0, 1):
         total = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
