@@ -34,7 +34,7 @@ def train(model, case, clip=None, steps=STEPS) -> float:
             clip([p for p in model.parameters() if p.grad is not None])
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return sum(losses[-10:]) / 10
 
 
