@@ -1,5 +1,7 @@
-"""The lab: small, seeded experiments that measure each remedy (in progress: the tasks so far)."""
+"""The lab: small, seeded experiments that measure each remedy (in progress: tasks and model families)."""
 
+from gradmedic.lab.models import CNNSpec, MLPSpec, RNNSpec, build_cnn, build_mlp, build_rnn
 from gradmedic.lab.tasks import Task, adding, copy_task, digits, sequential_digits
 
-__all__ = ["Task", "adding", "copy_task", "digits", "sequential_digits"]
+__all__ = ["CNNSpec", "MLPSpec", "RNNSpec", "Task", "adding", "build_cnn", "build_mlp", "build_rnn", "copy_task",
+           "digits", "sequential_digits"]
