@@ -29,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradmedic._tensors import first_float_tensor, sum_of_squares
-from gradmedic.probes.base import LayerIndex, Probe
+from gradmedic.probes.base import LayerIndex, Probe, is_torch_module
 
 __all__ = ["SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
 
@@ -124,11 +124,6 @@ class _FunctionalWatch(TorchFunctionMode):
         return out
 
 
-def _is_torch_module(module: nn.Module) -> bool:
-    """torch.nn's own modules call no activation function we would not already see as a module."""
-    return type(module).__module__.startswith("torch.nn.")
-
-
 class ActivationProbe(Probe):
     name = "activations"
     metrics = ("act_mean", "act_std", "saturated_frac", "dead_frac")
@@ -162,7 +157,8 @@ class ActivationProbe(Probe):
                                                                   always_call=True))
             elif self.layers.owns_params[row]:
                 self._handles.append(module.register_forward_hook(self.guard(self._note_layout, module)))
-            if self.functional and family is None and not _is_torch_module(module):
+            # torch.nn's own modules call no activation function that is not already seen as a module
+            if self.functional and family is None and not is_torch_module(module):
                 self._handles.append(module.register_forward_pre_hook(self.guard(self._enter, module)))
                 self._handles.append(
                     module.register_forward_hook(self.guard(self._leave, module), always_call=True))

@@ -38,7 +38,6 @@ class BackwardSignalProbe(Probe):
         self._squares: list[torch.Tensor] = []  # one 0-d sum of squares per hook call: one op in the hook
         self._calls: list[int] = []  # the row of each call
         self._count = [0] * len(layers)  # elements seen per row (host ints)
-        self._generation = 0  # hooks from an earlier step's graph are ignored if they fire late
         self._order: dict[int, int] = {}  # row -> position of its first call in this forward
 
     def arm(self) -> None:
@@ -52,11 +51,9 @@ class BackwardSignalProbe(Probe):
         out = first_float_tensor(output)
         if out is None or not out.requires_grad:
             return
-        out.register_hook(self.guard(self._on_grad, row, self._generation))
+        out.register_hook(self.step_guard(self._on_grad, row))
 
-    def _on_grad(self, row: int, generation: int, grad: torch.Tensor) -> None:
-        if generation != self._generation:
-            return
+    def _on_grad(self, row: int, grad: torch.Tensor) -> None:
         self._squares.append(sum_of_squares(grad))
         self._calls.append(row)
         self._count[row] += grad.numel()
@@ -88,5 +85,4 @@ class BackwardSignalProbe(Probe):
 
     def reset(self) -> None:
         super().reset()
-        self._generation += 1
         self._reset()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype"]
+__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "is_torch_module"]
 
 
 @dataclass
@@ -85,6 +85,11 @@ class LayerIndex:
 
     def rows_owning_params(self) -> list[int]:
         return [i for i, owns in enumerate(self.owns_params) if owns]
+
+
+def is_torch_module(module: nn.Module) -> bool:
+    """A module class of torch.nn's own (whose forward we know), not one a user defined."""
+    return type(module).__module__.startswith("torch.nn.")
 
 
 def buffer_dtype(device: torch.device) -> torch.dtype:
@@ -151,6 +156,7 @@ class Probe:
         self.failed = False
         self.on_failure: Callable[[Probe, BaseException], None] | None = None
         self._handles: list[Any] = []
+        self._generation = 0  # bumped by reset(): hooks bound to an older step's graph go quiet
         self.layers: LayerIndex | None = None
 
     def __repr__(self) -> str:
@@ -177,8 +183,10 @@ class Probe:
         self.reset()
 
     def reset(self) -> None:
-        """Forget this step's partial state; hooks from an earlier step's graph must be ignored after it.
-        The Monitor calls it instead of disarm() + arm() when the probe is due again at the next step."""
+        """Forget this step's partial state; hooks from an earlier step's graph are ignored after it.
+        The Monitor calls it instead of disarm() + arm() when the probe is due again at the next step.
+        Subclasses that keep per-step state extend it."""
+        self._generation += 1
 
     def collect(self, step: int) -> None:
         """Reduce what was seen for ``step`` into the buffer, on the device."""
@@ -199,6 +207,17 @@ class Probe:
         self.failed = True
         if self.on_failure is not None:
             self.on_failure(self, error)
+
+    def step_guard(self, fn: Callable[..., Any], *bound: Any) -> Callable[..., None]:
+        """``guard`` for a tensor hook registered during a step: it does nothing if it fires after the
+        step was collected (a graph kept alive past ``Monitor.step()``)."""
+        generation = self._generation
+
+        def current(*args: Any) -> None:
+            if generation == self._generation:
+                fn(*bound, *args)
+
+        return self.guard(current)
 
     def guard(self, fn: Callable[..., Any], *bound: Any) -> Callable[..., None]:
         """Wrap a hook so that an exception switches the probe off instead of reaching the user."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradmedic._tensors import first_float_tensor
-from gradmedic.probes.base import Chunk, LayerIndex, Probe
+from gradmedic.probes.base import Chunk, LayerIndex, Probe, is_torch_module
 
 __all__ = ["NonFiniteProbe"]
 
@@ -40,10 +40,6 @@ _FINITE_TO_FINITE = (
     nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
 )
-
-
-def _is_torch_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.nn.")
 
 
 def _probe_sum(t: torch.Tensor) -> torch.Tensor:
@@ -69,19 +65,17 @@ class NonFiniteProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._seen: dict[str, tuple[list[torch.Tensor], list[int]]] = {"forward": ([], []), "backward": ([], [])}
-        self._generation = 0
         self._row_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def arm(self) -> None:
         assert self.layers is not None
         for row, module in enumerate(self.layers.modules):
-            if isinstance(module, _FINITE_TO_FINITE) and _is_torch_module(module):
+            if isinstance(module, _FINITE_TO_FINITE) and is_torch_module(module):
                 continue
             self._handles.append(module.register_forward_hook(self.guard(self._on_forward, row)))
 
     def reset(self) -> None:
         super().reset()
-        self._generation += 1
         for codes, rows in self._seen.values():
             codes.clear()
             rows.clear()
@@ -95,11 +89,9 @@ class NonFiniteProbe(Probe):
         rows.append(row)
         x = first_float_tensor(args)
         if x is not None and x.requires_grad:
-            x.register_hook(self.guard(self._on_grad, row, self._generation))
+            x.register_hook(self.step_guard(self._on_grad, row))
 
-    def _on_grad(self, row: int, generation: int, grad: torch.Tensor) -> None:
-        if generation != self._generation:
-            return
+    def _on_grad(self, row: int, grad: torch.Tensor) -> None:
         codes, rows = self._seen["backward"]
         codes.append(_probe_sum(grad))
         rows.append(row)

@@ -34,7 +34,6 @@ class SignalProbe(Probe):
         self._rows = layers.rows_owning_params()
         # per quantity: list of (row, norm tensor, element count); quantities: in, out, grad_in, grad_out
         self._parts: dict[str, list[tuple[int, torch.Tensor, int]]] = {k: [] for k in ("in", "out", "gin", "gout")}
-        self._generation = 0
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -44,7 +43,6 @@ class SignalProbe(Probe):
 
     def reset(self) -> None:
         super().reset()
-        self._generation += 1
         for parts in self._parts.values():
             parts.clear()
 
@@ -55,13 +53,11 @@ class SignalProbe(Probe):
         self._parts["in"].append((row, sum_of_squares(x), x.numel()))
         self._parts["out"].append((row, sum_of_squares(y), y.numel()))
         if x.requires_grad and y.requires_grad:
-            gen = self._generation
-            x.register_hook(self.guard(self._on_grad, "gin", row, gen))
-            y.register_hook(self.guard(self._on_grad, "gout", row, gen))
+            x.register_hook(self.step_guard(self._on_grad, "gin", row))
+            y.register_hook(self.step_guard(self._on_grad, "gout", row))
 
-    def _on_grad(self, key: str, row: int, generation: int, grad: torch.Tensor) -> None:
-        if generation == self._generation:
-            self._parts[key].append((row, sum_of_squares(grad), grad.numel()))
+    def _on_grad(self, key: str, row: int, grad: torch.Tensor) -> None:
+        self._parts[key].append((row, sum_of_squares(grad), grad.numel()))
 
     def _rms(self, key: str) -> torch.Tensor:
         """Per-row RMS (NaN where not seen) over all calls."""

@@ -40,7 +40,6 @@ class TimeStepProbe(Probe):
                       if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
         self._parts: dict[int, list[tuple[int, torch.Tensor, int]]] = {}  # row -> (offset, sq, count)
         self._calls: dict[int, int] = {}
-        self._generation = 0
         self._series: dict[int, torch.Tensor] = {}  # row -> (capacity, T) NaN-padded
         self._series_steps: dict[int, list[int]] = {}
 
@@ -53,7 +52,6 @@ class TimeStepProbe(Probe):
 
     def reset(self) -> None:
         super().reset()
-        self._generation += 1
         self._parts.clear()
         self._calls.clear()
 
@@ -75,21 +73,18 @@ class TimeStepProbe(Probe):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return None
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
-        gen = self._generation
         if isinstance(module, nn.RNNCellBase):
             t = self._calls.get(row, 0)
             self._calls[row] = t + 1
-            x_in.register_hook(self.guard(self._on_grad, row, None, t, gen))
+            x_in.register_hook(self.step_guard(self._on_grad, row, None, t))
         else:
             time_axis = 1 if (module.batch_first and x.dim() == 3) else 0
-            x_in.register_hook(self.guard(self._on_grad, row, time_axis, 0, gen))
+            x_in.register_hook(self.step_guard(self._on_grad, row, time_axis, 0))
         if in_args:
             return (x_in, *args[1:]), kwargs
         return args, {**kwargs, "input": x_in}
 
-    def _on_grad(self, row: int, time_axis: int | None, offset: int, gen: int, grad: torch.Tensor) -> None:
-        if gen != self._generation:
-            return
+    def _on_grad(self, row: int, time_axis: int | None, offset: int, grad: torch.Tensor) -> None:
         g = grad.detach()
         if g.dtype.itemsize < 4:
             g = g.float()
