@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GradmedicError", "GradmedicWarning", "bad_argument"]
+__all__ = ["GradmedicError", "GradmedicWarning", "bad_argument", "first_line"]
 
 
 class GradmedicError(ValueError):
@@ -26,3 +26,9 @@ def bad_argument(name: str, expected: str, given: Any, fix: str | None = None) -
     if fix:
         message += f" {fix}"
     return GradmedicError(message)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to one line, for the one-line errors that wrap it."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

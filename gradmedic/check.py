@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._errors import GradmedicError, bad_argument, first_line
 from gradmedic._inputs import split_inputs
 from gradmedic._tensors import first_float_tensor
 from gradmedic.diagnosis import Report, diagnose
@@ -53,7 +53,7 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
             work = copy.deepcopy(model)
         except Exception as error:
             raise GradmedicError(f"check works on a copy, and copy.deepcopy(model) failed ({type(error).__name__}: "
-                                 f"{_first_line(error)}); make the model deep-copyable.") from error
+                                 f"{first_line(error)}); make the model deep-copyable.") from error
         for p in work.parameters():
             p.grad = None
         opt = _optimizer_for(work, model, optimizer) if steps else None
@@ -75,14 +75,14 @@ def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
         outputs = model(*args, **kwargs)
     except Exception as error:
         raise GradmedicError(f"The model's forward failed on these inputs ({type(error).__name__}: "
-                             f"{_first_line(error)}); check their shapes, dtypes and device against the model.") \
+                             f"{first_line(error)}); check their shapes, dtypes and device against the model.") \
             from error
     try:
         loss = _loss(outputs, targets, loss_fn)
     except GradmedicError:
         raise
     except Exception as error:
-        raise GradmedicError(f"The loss failed ({type(error).__name__}: {_first_line(error)}); check that "
+        raise GradmedicError(f"The loss failed ({type(error).__name__}: {first_line(error)}); check that "
                              "loss_fn(outputs, targets) fits the model's outputs.") from error
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
         raise GradmedicError(f"The loss should be a floating-point scalar tensor, but it is {_describe(loss)}; "
@@ -131,13 +131,8 @@ def _optimizer_for(work: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
     try:
         return type(optimizer)([g for g in groups if g["params"]], **defaults)
     except Exception as error:
-        raise GradmedicError(f"Could not rebuild {type(optimizer).__name__} for the copy ({_first_line(error)}); "
+        raise GradmedicError(f"Could not rebuild {type(optimizer).__name__} for the copy ({first_line(error)}); "
                              "pass optimizer=None to train the copy with Adam(lr=1e-3).") from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def _describe(obj: Any) -> str:

@@ -65,7 +65,7 @@ def _fail(message: str) -> int:
 
 def _load_factory(spec: str) -> Callable[[], Any]:
     """``path/to/file.py:function`` -> the function. Raises GradmedicError with one line."""
-    from gradmedic._errors import GradmedicError
+    from gradmedic._errors import GradmedicError, first_line
 
     path_text, sep, name = spec.rpartition(":")
     if not sep or not path_text or not name:
@@ -82,7 +82,7 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     try:
         loader_spec.loader.exec_module(module)
     except Exception as error:
-        raise GradmedicError(f"importing {path_text} failed: {type(error).__name__}: {_one_line(error)}") from None
+        raise GradmedicError(f"importing {path_text} failed: {type(error).__name__}: {first_line(error)}") from None
     finally:
         sys.path.pop(0)
     factory = getattr(module, name, None)
@@ -92,23 +92,18 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     return factory
 
 
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def _check(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import gradmedic as gm
-    from gradmedic._errors import GradmedicError
+    from gradmedic._errors import GradmedicError, first_line
 
     try:
         factory = _load_factory(args.target)
         try:
             case = factory()
         except Exception as error:
-            raise GradmedicError(f"{args.target}() raised {type(error).__name__}: {_one_line(error)}") from None
+            raise GradmedicError(f"{args.target}() raised {type(error).__name__}: {first_line(error)}") from None
         if not isinstance(case, dict) or "model" not in case or "inputs" not in case:
             raise GradmedicError(f"{args.target}() should return a dict with 'model' and 'inputs' (and optionally "
                                  f"'targets', 'loss_fn'), but returned {type(case).__name__}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk, buffer_dtype
+from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -61,10 +61,9 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = self._on_failure
             probe.attach(self.layers, flush_every + 1)
-        # loss and learning rate at every step: (capacity, 2) on the device, NaN where not given
-        self._run = torch.full((flush_every + 1, 2), float("nan"), device=self.layers.device,
-                               dtype=buffer_dtype(self.layers.device))
-        self._run_steps: list[int] = []
+        # loss and learning rate at every step, in a one-row StepBuffer; flushed as scalars, not grid rows
+        self._run = StepBuffer(flush_every + 1, [""], ["loss", "lr"], self.layers.device,
+                               buffer_dtype(self.layers.device))
         self._trace = Trace(self._meta())
         self._step = 0
         self._since_flush = 0
@@ -111,26 +110,25 @@ class Monitor:
             lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
             if loss is None and lr is None:
                 return
-            slot = len(self._run_steps)
-            self._run_steps.append(step)
+            slot = self._run.open(step)
             for col, value in enumerate((loss, lr)):
                 if isinstance(value, torch.Tensor):
-                    self._run[slot, col] = value.detach().reshape(-1)[0]
+                    self._run.values[slot, 0, col] = value.detach().reshape(-1)[0]
                 elif value is not None:
-                    self._run[slot, col] = float(value)
+                    self._run.values[slot, 0, col] = float(value)
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
             self._warn("run", error)
 
     def _drain_run(self) -> Chunk | None:
-        if not self._run_steps:
+        grid = self._run.drain()
+        if grid is None or not grid.layers:  # nothing but NaN was recorded (drain drops such rows)
             return None
-        n = len(self._run_steps)
-        host = self._run[:n].cpu().numpy().astype(np.float64, copy=True)
-        self._run[:n].fill_(float("nan"))
-        steps = np.asarray(self._run_steps, dtype=np.int64)
-        self._run_steps = []
-        scalars = {name: (steps[~np.isnan(host[:, j])], host[~np.isnan(host[:, j]), j])
-                   for j, name in enumerate(("loss", "lr")) if not np.isnan(host[:, j]).all()}
+        scalars = {}
+        for j, name in enumerate(grid.metrics):
+            column = grid.values[:, 0, j]
+            measured = ~np.isnan(column)
+            if measured.any():
+                scalars[name] = (grid.steps[measured], column[measured])
         return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
                      scalars=scalars)
 
