@@ -23,7 +23,7 @@ from gradmedic.remedies.surgery import ACTIVATIONS
 
 __all__ = ["CNNSpec", "MLPSpec", "RNNSpec", "build_cnn", "build_mlp", "build_rnn"]
 
-INITS = ("default", "he", "xavier", "orthogonal", "normal1")
+INITS = ("default", "he", "xavier", "glorot", "orthogonal", "normal1")
 SKIPS = ("none", "residual", "rezero", "long")
 CELLS = ("tanh", "relu", "irnn", "lstm", "gru")
 
@@ -33,7 +33,10 @@ class MLPSpec:
     depth: int = 10  # hidden layers
     width: int = 64
     activation: str = "relu"  # a key of gradmedic.remedies.ACTIVATIONS
-    init: str = "default"  # one of INITS; "normal1" is the classic N(0, 1) mistake
+    # one of INITS. "glorot" is Glorot & Bengio's gain-1 Xavier (what He et al. 2015 compared against);
+    # "xavier" is gradmedic's remedy, which scales by the following activation's gain; "normal1" is the
+    # classic N(0, 1) mistake
+    init: str = "default"
     norm: str = "none"  # "none", "batch" or "layer"
     skip: str = "none"  # one of SKIPS
     skip_every: int = 2  # for skip="long": blocks spanned by each long skip
@@ -113,6 +116,11 @@ def _initialise(model: nn.Module, init: str) -> nn.Module:
         xavier_(model)
     elif init == "orthogonal":
         orthogonal_(model)
+    elif init == "glorot":
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
     elif init == "normal1":
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -1,0 +1,162 @@
+"""The three report pages: a lab suite (claims, per-experiment tables and figures), and a diagnosis
+``Report`` (from ``check`` or a Monitor trace: findings, per-layer numbers, gradient-flow figures)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gradmedic.report import plots
+from gradmedic.report.html import Page
+
+__all__ = ["report_page", "suite_page"]
+
+
+def _num(value: Any) -> str:
+    from gradmedic.lab.claims import fmt
+
+    return fmt(value) if isinstance(value, (int, float)) or value is None else str(value)
+
+
+def _median_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | None]]:
+    steps = runs[0]["curve"]["steps"]
+    stacked = np.array([[np.nan if v is None else v for v in r["curve"]["loss"]] for r in runs], dtype=float)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(stacked, axis=0)
+    return steps, [None if math.isnan(v) else float(v) for v in med]
+
+
+def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]],
+               description: str = "", wall_s: float | None = None) -> Page:
+    """A lab suite: the claims table, then one section per experiment."""
+    from gradmedic.lab.claims import group_results, judge
+    from gradmedic.lab.suites import SUITES
+
+    page = Page(f"gradmedic lab: {suite_name}")
+    if description:
+        page.paragraph(description)
+    seeds = sorted({c["seed"] for c, _ in rows})
+    page.paragraph(f"{len(rows)} runs, seeds {seeds}" + (f", {wall_s:.0f} s of run time in all" if wall_s else "")
+                   + ". Losses are the mean of the last 10% of training steps; 'ratio' is the first layer's "
+                   "gradient norm over the last layer's.", muted=True)
+    grouped = group_results(rows)
+    verdicts = judge(grouped)
+    page.heading("Claims")
+    page.table(("claim", "experiment", "verdict", "measured"),
+               [(v.claim, v.experiment, v.verdict, v.evidence) for v in verdicts],
+               [v.verdict.replace(" ", "-") for v in verdicts])
+    suite = SUITES.get(suite_name)
+    for name, by_label in grouped.items():
+        experiment = suite.experiment(name) if suite else None
+        page.heading(experiment.title if experiment else name)
+        table = []
+        for label, runs in by_label.items():
+            r = runs[0]
+            table.append((label, len(runs), _num(_med(runs, "final_loss")), _num(_med(runs, "test_acc")),
+                          _num(_med(runs, "steps_to_target")), _num(_med(runs, "ratio_init")),
+                          _num(_med(runs, "ratio_trained")), _num(r["baseline"]), f"{_med(runs, 'wall_s'):.1f}"))
+        page.table(("run", "seeds", "final loss", "test acc", "steps to target", "ratio at init",
+                    "ratio trained", "baseline", "wall s"), table)
+        curves = {label: _median_curve(runs) for label, runs in by_label.items()}
+        baseline = next(iter(by_label.values()))[0]["baseline"]
+        page.figure(plots.loss_curves(curves, baseline, title=f"{name}: training loss"), f"{name} loss curves")
+        if experiment is not None and experiment.kind == "time":
+            _time_figures(page, name, by_label)
+        else:
+            _layer_figures(page, name, by_label)
+    return page
+
+
+def _med(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r.get(key) for r in runs if r.get(key) is not None]
+    return float(np.median(values)) if values else None
+
+
+def _layer_figures(page: Page, name: str, by_label: dict[str, list[dict[str, Any]]]) -> None:
+    grads = {label: runs[0]["gradients"] for label, runs in by_label.items() if runs[0]["gradients"]["grad_norm"]}
+    if not grads:
+        return
+    # bars need one layer axis: group runs whose layers are the same as the first one's
+    first = next(iter(grads.values()))["layers"]
+    same = {label: g["grad_norm"][0] for label, g in grads.items() if g["layers"] == first}
+    page.figure(plots.layer_bars(first, same, title=f"{name}: per-layer gradient at init"),
+                f"{name} per-layer gradient bars")
+    label, g = next(iter(grads.items()))
+    page.figure(plots.gradient_heatmap(g["steps"], g["layers"], np.array(g["grad_norm"], dtype=float),
+                                       title=f"{name} / {label}: gradient flow over training"),
+                f"{name} gradient heatmap")
+
+
+def _time_figures(page: Page, name: str, by_label: dict[str, list[dict[str, Any]]]) -> None:
+    longest = max((len(runs[0]["time"].get("init") or []) for runs in by_label.values()), default=0)
+    curves = {label: runs[0]["time"]["init"] for label, runs in by_label.items()
+              if runs[0]["time"] and len(runs[0]["time"]["init"]) == longest}
+    if curves:
+        page.figure(plots.time_curves(curves, title=f"{name}: dL/dx_t at init, T={longest}"),
+                    f"{name} gradient through time")
+
+
+def report_page(report, title: str = "gradmedic report") -> Page:
+    """A diagnosis Report (from gm.check or gm.diagnose(trace)): findings, per-layer numbers, figures."""
+    page = Page(title)
+    trace = report.trace
+    if trace is not None:
+        model = trace.meta.get("model", "model")
+        page.paragraph(f"{model}: {len(trace.layers)} modules, {len(trace.steps)} recorded step(s), "
+                       f"preset {trace.meta.get('preset', '?')}, dtype {trace.meta.get('dtype', '?')}.", muted=True)
+    page.heading("Findings")
+    if not report.findings:
+        page.paragraph("No findings: the gradients look healthy.")
+    else:
+        page.table(("severity", "kind", "layers", "what to do", "remedies (best first)"),
+                   [(f.severity, f.kind, ", ".join(f.layers[:4]) + (" …" if len(f.layers) > 4 else ""), f.message,
+                     ", ".join(f.remedies)) for f in report.findings],
+                   [f.severity for f in report.findings])
+    if trace is None:
+        return page
+    doc = report.to_dict()
+    layer_rows = doc.get("layers", [])
+    if layer_rows:
+        columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
+                   if any(c in r for r in layer_rows)]
+        page.heading("Per layer (last recorded step)")
+        page.table(("layer", "type", *columns),
+                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in layer_rows])
+    _trace_figures(page, trace)
+    return page
+
+
+def _trace_figures(page: Page, trace) -> None:
+    metric = "grad_norm" if "grad_norm" in trace.metrics else "backward_norm" if "backward_norm" in trace.metrics \
+        else None
+    if metric is not None:
+        values = trace.metric(metric)
+        keep_cols = ~np.all(np.isnan(values), axis=0)
+        keep_rows = ~np.all(np.isnan(values), axis=1)
+        layers = [name for name, k in zip(trace.layers, keep_cols, strict=True) if k]
+        values = values[keep_rows][:, keep_cols]
+        steps = trace.steps[keep_rows]
+        quantity = "|dL/dW|" if metric == "grad_norm" else "|dL/d output|"
+        if len(steps) > 1:
+            page.figure(plots.gradient_heatmap(steps, layers, values, title="Gradient flow: layer x step",
+                                               quantity=quantity), "gradient heatmap")
+        page.figure(plots.layer_bars(layers, {f"step {int(steps[-1])}": list(values[-1])},
+                                     title="Gradient per layer, last recorded step", quantity=quantity),
+                    "per-layer gradient bars")
+    if "time_grad_rms" in trace.series_names:
+        curves = {}
+        for layer, (steps, values) in trace.series("time_grad_rms").items():
+            curves[f"{layer}, step {int(steps[0])}"] = list(values[0])
+            if len(steps) > 1:
+                curves[f"{layer}, step {int(steps[-1])}"] = list(values[-1])
+        page.figure(plots.time_curves(curves, title="Gradient through time"), "per-time-step gradient")
+    if "loss" in trace.scalar_names:
+        steps, loss = trace.scalar("loss")
+        if len(steps) > 1:
+            page.figure(plots.loss_curves({"loss": (list(steps), list(loss))}, title="Training loss"), "loss curve")

@@ -1,0 +1,118 @@
+"""Matplotlib figures of gradient flow. Each function takes plain arrays and returns a Figure, so the
+same plot serves a lab suite, a Monitor trace and a check report.
+
+Gradient norms span many orders of magnitude, so every gradient axis is logarithmic; zeros and NaNs
+(a layer with no gradient) are left blank rather than drawn at an arbitrary floor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["gradient_heatmap", "layer_bars", "loss_curves", "time_curves"]
+
+_MAX_LABELS = 40  # layer names shown on an axis; beyond that every k-th
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display needed; keeps working in CI and over ssh
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _positive_log(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log10(values), np.nan)
+
+
+def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.ndarray, title: str = "",
+                     quantity: str = "|dL/dW|"):
+    """Layers (rows, input at the top) x steps (columns), colour = log10 of the gradient norm."""
+    plt = _pyplot()
+    data = _positive_log(np.asarray(values, dtype=float).T)  # (layers, steps)
+    height = min(9.0, 1.6 + 0.22 * len(layers))
+    fig, ax = plt.subplots(figsize=(7.5, height), layout="constrained")
+    masked = np.ma.masked_invalid(data)
+    image = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("training step")
+    step_ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
+    ax.set_xticks(step_ticks, [str(int(steps[i])) for i in step_ticks])
+    every = max(1, len(layers) // _MAX_LABELS + (len(layers) % _MAX_LABELS > 0))
+    rows = list(range(0, len(layers), every))
+    ax.set_yticks(rows, [_short(layers[i]) for i in rows], fontsize=7)
+    fig.colorbar(image, ax=ax, label=f"log10 {quantity}")
+    ax.set_title(title or "Gradient flow", fontsize=10)
+    return fig
+
+
+def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]], title: str = "",
+               quantity: str = "|dL/dW| at init"):
+    """Per-layer gradient norms (log scale), one bar group per layer, one colour per label."""
+    plt = _pyplot()
+    labels = list(norms)
+    n = max(1, len(labels))
+    x = np.arange(len(layers))
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
+    width = 0.8 / n
+    for i, label in enumerate(labels):
+        v = np.array([np.nan if a is None else a for a in norms[label]], dtype=float)
+        v = np.where(v > 0, v, np.nan)
+        ax.bar(x[: len(v)] + (i - (n - 1) / 2) * width, v, width=width, label=label)
+    ax.set_yscale("log")
+    every = max(1, len(layers) // 25 + (len(layers) % 25 > 0))
+    ax.set_xticks(x[::every], [_short(layers[i], 18) for i in range(0, len(layers), every)], rotation=60,
+                  ha="right", fontsize=7)
+    ax.set_ylabel(quantity)
+    ax.set_xlabel("layer (input → output)")
+    if len(labels) > 1:
+        ax.legend(fontsize=7, ncol=min(4, len(labels)))
+    ax.set_title(title or "Gradient per layer", fontsize=10)
+    return fig
+
+
+def loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]]], baseline: float | None = None,
+                title: str = ""):
+    """Training loss per label; the task's input-blind baseline as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
+    seen: list[np.ndarray] = []
+    for label, (steps, loss) in curves.items():
+        y = np.array([np.nan if v is None else v for v in loss], dtype=float)
+        seen.append(y[np.isfinite(y)])
+        ax.plot(list(steps)[: len(y)], y, label=label, linewidth=1.4)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="input-blind baseline")
+    finite = np.concatenate(seen) if seen else np.array([])
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:  # log only when it spans decades
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or "Loss", fontsize=10)
+    return fig
+
+
+def time_curves(curves: Mapping[str, Sequence[float | None]], title: str = ""):
+    """RMS of dL/dx_t against t, one line per label: how the gradient decays back through time."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
+    for label, values in curves.items():
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        y = np.where(y > 0, y, np.nan)
+        ax.plot(np.arange(1, len(y) + 1), y, label=label, linewidth=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("time step t (the loss is read at the last)")
+    ax.set_ylabel("RMS of dL/dx_t")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or "Gradient through time", fontsize=10)
+    return fig
