@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,40 +15,120 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
-    from torch import nn
 
-    import gradmedic as gm
+    from gradmedic.demo import run_demo
 
-    console = Console()
-    torch.manual_seed(args.seed)
-    widths = [32] + [64] * args.depth + [10]
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:], strict=False):
-        layers += [nn.Linear(a, b), nn.Sigmoid()]
-    model = nn.Sequential(*layers[:-1])
-    x = torch.randn(256, 32)
-    y = x[:, :10].argmax(dim=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    console.print(f"[bold]gradmedic demo[/]: a {args.depth}-layer sigmoid MLP, {args.steps} SGD steps, "
-                  "every probe at every step")
-    with gm.Monitor(model, optimizer, preset="full") as monitor:
-        for _ in range(args.steps):
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            monitor.step(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-    trace = monitor.trace
-    console.print(trace.table(title=f"Per layer, at step {int(trace.steps[-1])}"))
-    signal = trace.last("backward_rms")
-    linear = [name for name in trace.layers if trace.meta["types"].get(name) == "Linear"]
-    first, last = signal[linear[0]], signal[linear[-1]]
-    console.print(f"Backward signal at the first layer is {first / last:.1e} of that at the last: "
-                  f"the gradient vanishes through {args.depth} sigmoid layers.")
-    if args.save:
-        console.print(f"Trace saved to {trace.save(args.save)}")
+    run_demo(steps=args.steps, depth=args.depth, seed=args.seed, html=args.report, console=Console())
+    return 0
+
+
+def _lab_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gradmedic.lab.suites import SUITES
+
+    if args.json:
+        print(json.dumps({name: {"description": s.description, "runs": len(s.configs), "seeds": list(s.seeds),
+                                 "experiments": [e.name for e in s.experiments]} for name, s in SUITES.items()},
+                         indent=2))
+        return 0
+    table = Table(title="gradmedic lab suites", title_justify="left")
+    for header in ("suite", "runs", "experiments", "description"):
+        table.add_column(header)
+    for name, suite in SUITES.items():
+        table.add_row(name, str(len(suite.configs)), ", ".join(e.name for e in suite.experiments), suite.description)
+    Console().print(table)
+    return 0
+
+
+def _lab_run(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+
+    from gradmedic._errors import GradmedicError
+    from gradmedic.lab.claims import group_results, judge
+    from gradmedic.lab.runner import run_suite
+    from gradmedic.lab.store import Store
+    from gradmedic.lab.suites import get_suite
+
+    console = Console(stderr=args.json)
+    try:
+        suite = get_suite(args.suite)
+        store = Store(args.db)
+        start = time.perf_counter()
+        summary = run_suite(suite, store, workers=args.workers, progress=not args.no_progress)
+    except GradmedicError as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        done = len(Store(args.db).finished(args.suite))
+        return _fail(f"interrupted; {done} finished runs of {args.suite!r} are saved in {args.db}. Run the same "
+                     "command again to resume.")
+    elapsed = time.perf_counter() - start
+    rows = [(c, r) for _, c, r, _ in store.results(suite.name)]
+    verdicts = judge(group_results(rows))
+    if args.json:
+        print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
+                          "finished": summary.finished, "failed": [list(f) for f in summary.failed],
+                          "seconds": round(elapsed, 1),
+                          "claims": [vars(v) for v in verdicts]}, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
+        for header in ("claim", "verdict", "measured"):
+            table.add_column(header, overflow="fold")
+        style = {"supported": "green", "not supported": "red", "mixed": "yellow"}
+        for v in verdicts:
+            table.add_row(v.claim, f"[{style.get(v.verdict, '')}]{v.verdict}[/]", v.evidence)
+        console.print(table)
+        console.print(f"{summary.finished} runs finished, {summary.skipped} already in {args.db}, "
+                      f"{len(summary.failed)} failed; {elapsed:.0f} s. HTML: gradmedic report {args.db} -o report.html")
+    for name, error in summary.failed:
+        print(f"gradmedic: run failed: {name}: {error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradmedic._errors import GradmedicError
+    from gradmedic.report import report_page, suite_page, write_page
+
+    source = Path(args.source)
+    try:
+        if not source.is_file():
+            raise GradmedicError(f"no such file: {args.source} (give a lab database or a .gmtrace file)")
+        with source.open("rb") as handle:
+            magic = handle.read(16)
+        if magic.startswith(b"SQLite format 3"):
+            from gradmedic.lab.store import Store
+            from gradmedic.lab.suites import SUITES
+
+            store = Store(source)
+            suites = store.suites()
+            if not suites:
+                raise GradmedicError(f"{args.source} has no lab results yet; run gradmedic lab run SUITE --db "
+                                     f"{args.source}")
+            name = args.suite or (suites[0] if len(suites) == 1 else None)
+            if name is None or name not in suites:
+                raise GradmedicError(f"{args.source} holds suites {', '.join(suites)}; choose one with --suite")
+            rows = [(c, r) for _, c, r, _ in store.results(name)]
+            wall = sum(w for _, _, _, w in store.results(name))
+            page = suite_page(name, rows, SUITES[name].description if name in SUITES else "", wall)
+        elif magic.startswith(b"PK"):
+            import gradmedic as gm
+
+            trace = gm.Trace.load(source)
+            page = report_page(gm.diagnose(trace), title=f"gradmedic report: {source.name}")
+        else:
+            raise GradmedicError(f"{args.source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
+        out = write_page(page, args.output)
+    except GradmedicError as error:
+        return _fail(str(error))
+    except OSError as error:
+        return _fail(f"cannot write {args.output}: {error.strerror or error}")
+    print(f"Report written to {out}")
     return 0
 
 
@@ -116,10 +197,19 @@ def _check(args: argparse.Namespace) -> int:
                           optimizer=case.get("optimizer"), steps=args.steps)
     except GradmedicError as error:
         return _fail(str(error))
+    if args.report:
+        from gradmedic.report import report_page, write_page
+
+        try:
+            write_page(report_page(report, title=f"gradmedic check: {args.target}"), args.report)
+        except OSError as error:
+            return _fail(f"cannot write {args.report}: {error.strerror or error}")
     if args.json:
         print(report.to_json())
     else:
         report.render(Console())
+        if args.report:
+            print(f"Report written to {args.report}")
     if args.fail_on is not None:
         from gradmedic.diagnosis import SEVERITIES
 
@@ -153,11 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "PyTorch models.")
     parser.add_argument("--version", action="version", version=f"gradmedic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="watch a deep sigmoid MLP train and print the per-layer table")
-    demo.add_argument("--steps", type=_positive, default=20, help="training steps (default 20)")
+    demo = sub.add_parser("demo", help="a sick model on digits: diagnose, treat, retrain, compare")
+    demo.add_argument("--steps", type=_positive, default=300, help="training steps per run (default 300)")
     demo.add_argument("--depth", type=_positive, default=10, help="hidden layers (default 10)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--save", metavar="PATH", help="also save the trace (.gmtrace)")
+    demo.add_argument("--report", metavar="PATH", default="gradmedic-demo.html",
+                      help="HTML report path (default gradmedic-demo.html)")
     demo.set_defaults(run=_demo)
     check = sub.add_parser("check", help="diagnose a model built by FILE.py:FUNCTION")
     check.add_argument("target", metavar="FILE.py:FUNCTION",
@@ -166,7 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON (Report.to_json())")
     check.add_argument("--fail-on", choices=("warning", "error"), default=None,
                        help="exit 1 when a finding this severe or worse is present (for CI)")
+    check.add_argument("--report", metavar="OUT.html", help="also write an HTML report with figures")
     check.set_defaults(run=_check)
+    lab = sub.add_parser("lab", help="the lab: run the classic experiments and judge the claims")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    lab_list = lab_sub.add_parser("list", help="the suites and their experiments")
+    lab_list.add_argument("--json", action="store_true")
+    lab_list.set_defaults(run=_lab_list)
+    lab_run = lab_sub.add_parser("run", help="run a suite (resumes: finished runs are skipped)")
+    lab_run.add_argument("suite", metavar="SUITE", help="a suite name (gradmedic lab list)")
+    lab_run.add_argument("--workers", type=_positive, default=None, help="worker processes (default: CPU cores)")
+    lab_run.add_argument("--db", default="gradmedic-lab.db", help="results database (default gradmedic-lab.db)")
+    lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
+    lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lab_run.set_defaults(run=_lab_run)
+    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace")
+    report.add_argument("source", metavar="DB|TRACE", help="a lab database or a .gmtrace file")
+    report.add_argument("-o", "--output", required=True, metavar="report.html")
+    report.add_argument("--suite", help="which suite, when the database holds several")
+    report.set_defaults(run=_report)
     return parser
 
 

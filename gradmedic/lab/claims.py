@@ -126,7 +126,8 @@ def _activations(res):
     ratio = {act: _m(res[f"{act} d={deepest}"], "ratio_init") for act in ("sigmoid", "tanh", "relu", "gelu")
              if f"{act} d={deepest}" in res}
     oks = [ratio[a] > 10 * ratio[b] for a in ("relu", "gelu") for b in ("sigmoid", "tanh") if a in ratio and b in ratio]
-    text = f"first/last gradient ratio at init, depth {deepest}: " + ", ".join(f"{a} {fmt(v)}" for a, v in ratio.items())
+    text = f"first/last gradient ratio at init, depth {deepest}: "
+    text += ", ".join(f"{a} {fmt(v)}" for a, v in ratio.items())
     text += "; loss: " + ", ".join(f"{a} {fmt(_loss(res[f'{a} d={deepest}']))}" for a in ratio)
     return _verdict(oks), text
 
@@ -297,7 +298,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("Orthogonal init keeps a deep tanh net's first/last gradient ratio near 1", "init_tanh", _orthogonal),
     Claim("Residual connections let a 30-layer net train", "residual_mlp", _residual),
     Claim("Long skip connections carry more gradient to the first layer", "residual_mlp", _long_skips),
-    Claim("A deeper plain CNN trains worse than a shallower one; a deeper residual CNN does not", "resnet_cnn", _resnet),
+    Claim("A deeper plain CNN trains worse than a shallower one; a deeper residual CNN does not", "resnet_cnn",
+          _resnet),
     Claim("BatchNorm lets a 20-layer sigmoid net train", "batchnorm", _a_trains_b_stalls("batchnorm", "plain")),
     Claim("LSTM and GRU learn the adding problem at lengths where a tanh RNN stays at the baseline", "rnn_adding",
           _rnn(("lstm", "gru"))),

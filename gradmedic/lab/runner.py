@@ -96,7 +96,8 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
                             on_result(config, result)
                     bar.advance(_name(config))
     except BrokenProcessPool:
-        raise GradmedicError(f"A lab worker process died during suite {suite.name!r}; {summary.skipped + summary.finished}"
+        saved = summary.skipped + summary.finished
+        raise GradmedicError(f"A lab worker process died during suite {suite.name!r}; {saved}"
                              f" of {summary.total} runs are saved in {store.path}. Run the same command again to "
                              "resume.") from None
     finally:

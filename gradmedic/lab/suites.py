@@ -45,6 +45,11 @@ def _mlp(steps: int, optimizer: str = "adam", lr: float = 1e-3, **spec: Any) -> 
     return {"task": "digits", "model": "mlp", "spec": spec, "optimizer": optimizer, "lr": lr, "steps": steps}
 
 
+_OPTIMIZER_RUNS = (("sgd", "sgd", 1.0, "none"), ("momentum", "momentum", 0.1, "none"),
+                   ("rmsprop", "rmsprop", 1e-2, "none"), ("adam", "adam", 1e-2, "none"),
+                   ("adam + exp decay", "adam", 1e-2, "exp"), ("sgd + warm restarts", "sgd", 1.0, "restarts"))
+
+
 def _experiments(scale: str) -> tuple[Experiment, ...]:
     """The grids at one scale: "smoke", "quick" or "full"."""
     quick, full = scale == "quick", scale == "full"
@@ -91,10 +96,7 @@ def _experiments(scale: str) -> tuple[Experiment, ...]:
         Experiment("optimizers", "5-layer sigmoid MLP: SGD, momentum, RMSprop, Adam, decay, warm restarts",
                    tuple((label, {**_mlp(max(s, 400) if scale != "smoke" else s, opt, lr, depth=5,
                                          activation="sigmoid"), "schedule": sched})
-                         for label, opt, lr, sched in (("sgd", "sgd", 1.0, "none"), ("momentum", "momentum", 0.1, "none"),
-                                                       ("rmsprop", "rmsprop", 1e-2, "none"), ("adam", "adam", 1e-2, "none"),
-                                                       ("adam + exp decay", "adam", 1e-2, "exp"),
-                                                       ("sgd + warm restarts", "sgd", 1.0, "restarts")))),
+                         for label, opt, lr, sched in _OPTIMIZER_RUNS)),
         Experiment("recycling", "6-layer ReLU MLP at Adam lr 0.01 (units die): with and without ReDo recycling",
                    tuple((label, {**_mlp(s, "adam", 0.01, depth=6, activation="relu"), "recycle_every": every})
                          for label, every in (("no recycling", 0), ("recycle every 50", max(s // 6, 5))))),

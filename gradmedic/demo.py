@@ -1,0 +1,177 @@
+"""``gradmedic demo``: the whole loop on a model that will not train, in about half a minute on a CPU.
+
+A 10-layer sigmoid MLP on scikit-learn's digits is trained as a user would (Adam, lr 1e-3) under a
+Monitor; the trace is diagnosed; ``treat`` changes a copy; the copy is retrained with the same budget and
+the treatment's recipe. Before/after numbers are printed and an HTML report is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["DemoResult", "run_demo", "sick_model"]
+
+
+def sick_model(depth: int = 10, width: int = 64, seed: int = 0) -> nn.Sequential:
+    """Linear/Sigmoid x depth, PyTorch's default init: the textbook vanishing-gradient net."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    sizes = [64] + [width] * depth
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+@dataclass
+class Phase:
+    """One training run's numbers."""
+
+    final_loss: float
+    test_acc: float
+    ratio_init: float  # first Linear's gradient norm over the last one's, at step 0
+    curve: list[float]
+    trace: Any = field(repr=False, default=None)
+
+
+@dataclass
+class DemoResult:
+    before: Phase
+    after: Phase
+    report: Any  # the diagnosis of the sick run
+    treatment: Any
+    html: Path | None = None
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, steps: int, batch: int, seed: int,
+           clip=None, progress=None) -> Phase:
+    from gradmedic.monitor import Monitor
+
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    with Monitor(model, optimizer, every=max(1, steps // 20)) as monitor:
+        for _ in range(steps):
+            idx = torch.randint(0, len(task.x_train), (batch,), generator=gen)
+            loss = F.cross_entropy(model(task.x_train[idx]), task.y_train[idx])
+            loss.backward()
+            monitor.step(loss)
+            if clip is not None:
+                clip(list(model.parameters()))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(task.x_test).argmax(1) == task.y_test).float().mean())
+    model.train()
+    trace = monitor.trace
+    norms = trace.metric("grad_norm")[0]
+    linear = [j for j, name in enumerate(trace.layers) if trace.meta["types"].get(name) == "Linear"]
+    ratio = float(norms[linear[0]] / norms[linear[-1]])
+    return Phase(float(np.mean(losses[-max(1, steps // 10):])), acc, ratio, losses, trace)
+
+
+def run_demo(steps: int = 300, depth: int = 10, seed: int = 0, html: str | Path | None = "gradmedic-demo.html",
+             console=None) -> DemoResult:
+    import gradmedic as gm
+    from gradmedic.lab.tasks import digits
+
+    task = digits(seed)
+    model = sick_model(depth, seed=seed)
+    batch = 64
+    say = console.print if console is not None else (lambda *a, **k: None)
+    say(f"[bold]gradmedic demo[/]: a {depth}-layer sigmoid MLP on scikit-learn's digits "
+        f"({len(task.x_train)} train / {len(task.x_test)} test images), Adam lr 1e-3, {steps} steps, batch {batch}")
+    with _progress(console, 2 * steps) as advance:
+        before = _train(model, torch.optim.Adam(model.parameters(), lr=1e-3), task, steps, batch, seed,
+                        progress=advance)
+        report = gm.diagnose(before.trace)
+        x, y = task.x_train[:256], task.y_train[:256]
+        treatment = gm.treat(model, report, inputs=x, targets=y)
+        after = _train(treatment.model, treatment.optimizer(), task, steps, batch, seed, clip=treatment.clip,
+                       progress=advance)
+    result = DemoResult(before, after, report, treatment)
+    if console is not None:
+        _print(console, result)
+    if html:
+        result.html = _write_html(result, html, depth, steps)
+        say(f"Report written to [bold]{result.html}[/]")
+    return result
+
+
+class _progress:
+    """A rich progress bar over both training runs (or nothing without a console)."""
+
+    def __init__(self, console, total: int):
+        self.console, self.total, self.bar = console, total, None
+
+    def __enter__(self):
+        if self.console is None:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=self.console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task("", total=self.total)
+        return lambda: self.bar.update(task, advance=1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print(console, result: DemoResult) -> None:
+    from rich.table import Table
+
+    console.print(result.report.table() if result.report.findings else "No findings.")
+    for f in result.report.findings:
+        console.print(f"[bold]{f.severity}[/] {f.kind}: {f.message}")
+    console.print("[bold]Treatment[/] (gm.treat):")
+    console.print(str(result.treatment))
+    table = Table(title="Before and after, same data, steps and seed", title_justify="left")
+    for header in ("", "final train loss", "test accuracy", "first/last layer gradient at init"):
+        table.add_column(header, justify="right" if header else "left")
+    for name, phase in (("sick model", result.before), ("treated model", result.after)):
+        table.add_row(name, f"{phase.final_loss:.3f}", f"{phase.test_acc:.1%}", f"{phase.ratio_init:.1e}")
+    console.print(table)
+
+
+def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) -> Path:
+    from gradmedic.report import plots, report_page, write_page
+
+    page = report_page(result.report, title=f"gradmedic demo: a {depth}-layer sigmoid MLP on digits")
+    page.heading("Treatment")
+    page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])
+    if result.treatment.recipe:
+        page.paragraph("Training recipe: " + ", ".join(result.treatment.recipe))
+    page.heading("Before and after")
+    page.table(("", "final train loss", "test accuracy", "first/last layer gradient at init"),
+               [(name, f"{p.final_loss:.3f}", f"{p.test_acc:.1%}", f"{p.ratio_init:.1e}")
+                for name, p in (("sick model", result.before), ("treated model", result.after))])
+    steps_axis = list(range(steps))
+    page.figure(plots.loss_curves({"sick": (steps_axis, result.before.curve),
+                                   "treated": (steps_axis, result.after.curve)}, title="Training loss"),
+                "loss before and after")
+    page.figure(_bars(result, plots), "per-layer gradient before and after")
+    return write_page(page, path)
+
+
+def _bars(result: DemoResult, plots):
+    norms = {}
+    for name, phase in (("sick, step 0", result.before), ("treated, step 0", result.after)):
+        trace = phase.trace
+        row = trace.metric("grad_norm")[0]
+        norms[name] = [float(v) for v, layer in zip(row, trace.layers, strict=True)
+                       if trace.meta["types"].get(layer) == "Linear"]
+    n = min(len(v) for v in norms.values())
+    return plots.layer_bars([f"Linear {i}" for i in range(n)], {k: v[:n] for k, v in norms.items()},
+                            title="Gradient per Linear layer at the first step")
