@@ -68,7 +68,50 @@ def test_bad_input_exits_2_with_one_line(args, match):
     assert "Traceback" not in done.stderr
 
 
-def test_demo_runs():
-    done = run("demo", "--steps", "2", "--depth", "4")
+def test_demo_runs_and_writes_its_report(tmp_path):
+    out = tmp_path / "demo.html"
+    done = run("demo", "--steps", "20", "--depth", "6", "--report", str(out))
     assert done.returncode == 0, done.stderr
-    assert "vanishes" in done.stdout
+    assert "vanishing_gradients" in done.stdout and "treated model" in done.stdout
+    # the sick run (heatmap, per-layer bars, loss) + before/after (loss curves, per-layer bars)
+    assert out.read_text().count("<img ") == 5
+
+
+def test_lab_list_json():
+    import json
+
+    done = run("lab", "list", "--json")
+    assert done.returncode == 0, done.stderr
+    suites = json.loads(done.stdout)
+    assert {"smoke", "quick", "full"} <= set(suites) and suites["quick"]["runs"] > 40
+
+
+@pytest.mark.parametrize("args,match", [
+    (("lab", "run", "nope"), "No lab suite 'nope'"),
+    (("lab", "run", "smoke", "--workers", "0"), "--workers"),
+    (("report", "missing.db", "-o", "x.html"), "no such file"),
+    (("report", "README.md", "-o", "x.html"), "neither a lab database"),
+])
+def test_lab_and_report_bad_input_is_one_line(args, match, tmp_path):
+    done = run(*args, cwd=tmp_path if args[0] == "lab" else ROOT)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_report_and_trace_report(tmp_path):
+    page = tmp_path / "check.html"
+    done = run("check", "examples/tanh_rnn.py:build", "--report", str(page))
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert "vanishing_through_time" in text and "data:image/png;base64," in text
+    model, x = load_example("sigmoid_mlp")["model"], load_example("sigmoid_mlp")["inputs"]
+    with gm.Monitor(model, preset="full") as monitor:
+        for _ in range(3):
+            model(x).square().mean().backward()
+            monitor.step()
+    trace_path = monitor.trace.save(tmp_path / "run.gmtrace")
+    done = run("report", str(trace_path), "-o", str(tmp_path / "trace.html"))
+    assert done.returncode == 0, done.stderr
+    assert "vanishing_gradients" in (tmp_path / "trace.html").read_text()

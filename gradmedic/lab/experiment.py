@@ -194,7 +194,21 @@ def _dead_fraction(trace) -> float | None:
 
 
 def run_experiment(config: dict[str, Any]) -> dict[str, Any]:
-    """Train one seeded configuration and return its metrics (plain JSON)."""
+    """Train one seeded configuration and return its metrics (plain JSON).
+
+    Runs on one intra-op thread (restored afterwards): the reductions of a multi-threaded matmul
+    differ in the last bits from run to run and machine to machine, and a deep net's training amplifies
+    them, so the same configuration gives the same numbers in a worker, in a test or on another laptop.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: dict[str, Any]) -> dict[str, Any]:
     from gradmedic.monitor import Monitor
     from gradmedic.remedies import AutoClip, accumulate, clip_, recycle_
 

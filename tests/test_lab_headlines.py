@@ -1,0 +1,90 @@
+"""The lab's headline orderings, on small seeded configurations (seconds each), and the lab's recorded
+gradient ratio checked against an independent autograd computation."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gradmedic.lab import run_experiment
+from gradmedic.lab.experiment import _build_model, make_task
+
+
+def adding(cell, length=20, steps=500):
+    return run_experiment({"task": "adding", "length": length, "model": "rnn", "spec": {"cell": cell, "hidden": 32},
+                           "steps": steps, "lr": 1e-2})
+
+
+def test_tanh_rnn_stays_near_the_adding_baseline_where_lstm_and_gru_go_below():
+    tanh, lstm, gru = adding("tanh"), adding("lstm"), adding("gru")
+    baseline = tanh["baseline"]  # 1/6
+    print({k: r["final_loss"] for k, r in (("tanh", tanh), ("lstm", lstm), ("gru", gru))})
+    assert tanh["final_loss"] > 0.85 * baseline  # measured 0.172 at T=20 (seed 0)
+    assert lstm["final_loss"] < 0.1 * baseline and gru["final_loss"] < 0.1 * baseline  # measured 0.002, 0.0006
+    # and the reason: at init, the gradient from the last step reaching t=1 is tiny for the tanh RNN
+    assert tanh["time"]["ratio_init"] < 1e-2
+
+
+def test_deep_sigmoid_first_layer_gradient_is_orders_below_the_last():
+    r = run_experiment({"model": "mlp", "spec": {"depth": 10, "activation": "sigmoid"}, "steps": 1})
+    norms = r["gradients"]["grad_norm"][0]
+    assert r["ratio_init"] < 1e-6  # measured 2.5e-9: ~10 sigmoid derivatives (<= 1/4) and small weights
+    assert all(b > a for a, b in zip(norms[:-1], norms[1:-1], strict=False))  # rising layer by layer
+
+
+def test_recorded_ratio_matches_autograd_on_the_same_batch():
+    config = {"model": "mlp", "spec": {"depth": 6, "activation": "sigmoid"}, "steps": 1, "batch": 32, "seed": 3}
+    r = run_experiment(config)
+    from gradmedic.lab.experiment import _validate
+
+    full = _validate(config)
+    task = make_task(full)
+    model = _build_model(full, task)
+    gen = torch.Generator().manual_seed(full["seed"] + 1)
+    idx = torch.randint(0, len(task.x_train), (full["batch"],), generator=gen)
+    loss = F.cross_entropy(model(task.x_train[idx]), task.y_train[idx])
+    first, last = list(model.stem[0].parameters()), list(model.head.parameters())  # a layer: weight and bias
+    grads = torch.autograd.grad(loss, first + last)
+    norm = [torch.cat([g.flatten() for g in part]).norm() for part in (grads[:2], grads[2:])]
+    expected = float(norm[0] / norm[1])
+    assert r["ratio_init"] == pytest.approx(expected, rel=1e-5)  # float32 norms, same batch, same weights
+
+
+def test_residual_beats_plain_at_depth():
+    def mlp(skip):
+        return run_experiment({"model": "mlp", "spec": {"depth": 30, "activation": "relu", "skip": skip},
+                               "steps": 300, "lr": 1e-3})
+
+    plain, residual = mlp("none"), mlp("residual")
+    assert plain["final_loss"] > 0.9 * plain["baseline"]  # measured 2.30: stalled at ln 10
+    assert residual["final_loss"] < 0.3 * plain["final_loss"]  # measured 0.086
+    assert residual["ratio_init"] > 1e3 * plain["ratio_init"]  # 0.22 vs 1.3e-11
+
+
+def test_he_init_beats_glorot_for_a_deep_relu_net():
+    def mlp(init):
+        return run_experiment({"model": "mlp", "spec": {"depth": 30, "activation": "relu", "init": init},
+                               "optimizer": "momentum", "lr": 0.02, "steps": 400})
+
+    he, glorot = mlp("he"), mlp("glorot")
+    assert glorot["final_loss"] > 0.9 * glorot["baseline"]  # measured 2.30: nothing learned
+    # measured 1.01 (baseline 2.30). A 30-layer plain ReLU net under SGD is erratic: across seeds and
+    # learning rates He's final loss ranged 0.13-2.1 in our runs, so the test asks for clear learning only
+    assert he["final_loss"] < 0.75 * he["baseline"]
+    assert 0.2 < he["ratio_init"] < 5 and glorot["ratio_init"] < 1e-2  # He keeps the scale, Glorot halves it
+
+
+def test_a_run_is_reproducible():
+    config = {"model": "mlp", "spec": {"depth": 3}, "steps": 20}
+    a, b = run_experiment(config), run_experiment(config)
+    assert a["curve"] == b["curve"] and a["gradients"] == b["gradients"]
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"task": "mnist"}, "Argument task"), ({"steps": 0}, "Argument steps"), ({"lr_": 1}, "Argument config"),
+    ({"batch": 10, "accumulate": 3}, "Argument accumulate"), ({"spec": {"depht": 3}}, "Argument spec"),
+])
+def test_bad_configurations_name_the_key(config, match):
+    from gradmedic import GradmedicError
+
+    with pytest.raises(GradmedicError, match=match):
+        run_experiment(config)
