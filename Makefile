@@ -19,6 +19,10 @@ $(VENV)/.gradmedic-installed: $(BIN)/python pyproject.toml
 	$(PIP) -e .
 	@touch $@
 
+$(VENV)/.gradmedic-lab-installed: $(VENV)/.gradmedic-installed
+	$(PIP) -e ".[lab]"
+	@touch $@
+
 $(VENV)/.gradmedic-dev-installed: $(VENV)/.gradmedic-installed
 	$(PIP) -e ".[dev]"
 	@touch $@
@@ -26,7 +30,7 @@ $(VENV)/.gradmedic-dev-installed: $(VENV)/.gradmedic-installed
 install: $(VENV)/.gradmedic-installed
 install-dev: $(VENV)/.gradmedic-dev-installed
 
-demo: install
+demo: $(VENV)/.gradmedic-lab-installed
 	$(BIN)/gradmedic demo
 
 test: install-dev
@@ -37,4 +41,4 @@ bench: install-dev
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
+	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache gradmedic-demo.html gradmedic-lab.db*

@@ -17,9 +17,15 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from gradmedic._errors import GradmedicError
     from gradmedic.demo import run_demo
 
-    run_demo(steps=args.steps, depth=args.depth, seed=args.seed, html=args.report, console=Console())
+    try:
+        run_demo(steps=args.steps, depth=args.depth, seed=args.seed, html=args.report, console=Console())
+    except GradmedicError as error:
+        return _fail(str(error))
+    except OSError as error:
+        return _fail(f"cannot write {args.report}: {error.strerror or error}")
     return 0
 
 

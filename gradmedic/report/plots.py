@@ -17,7 +17,12 @@ _MAX_LABELS = 40  # layer names shown on an axis; beyond that every k-th
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from gradmedic._errors import GradmedicError
+
+        raise GradmedicError("Reports need matplotlib: pip install 'gradmedic[report]'") from None
 
     matplotlib.use("Agg", force=False)  # no display needed; keeps working in CI and over ssh
     import matplotlib.pyplot as plt
