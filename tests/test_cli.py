@@ -115,3 +115,20 @@ def test_check_report_and_trace_report(tmp_path):
     done = run("report", str(trace_path), "-o", str(tmp_path / "trace.html"))
     assert done.returncode == 0, done.stderr
     assert "vanishing_gradients" in (tmp_path / "trace.html").read_text()
+
+
+def test_lab_run_smoke_json_then_resume(tmp_path):
+    import json
+
+    db = tmp_path / "lab.db"
+    done = run("lab", "run", "smoke", "--db", str(db), "--workers", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["runs"], doc["finished"], doc["failed"]) == (48, 48, [])
+    assert {c["verdict"] for c in doc["claims"]} <= {"supported", "not supported", "mixed"}
+    assert len(doc["claims"]) == 18  # every claim but the copy task's (full suite only)
+    again = json.loads(run("lab", "run", "smoke", "--db", str(db), "--json").stdout)
+    assert (again["skipped"], again["finished"]) == (48, 0) and again["claims"] == doc["claims"]
+    done = run("report", str(db), "-o", str(tmp_path / "lab.html"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "lab.html").read_text().count("<img ") >= 13 * 2
