@@ -80,6 +80,9 @@ def _build_model(config: dict[str, Any], task: Task) -> nn.Module:
 
 
 def _validate(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration with its defaults filled in; a GradmedicError names what is wrong."""
+    if not isinstance(config, dict):
+        raise GradmedicError(f"A lab configuration should be a dict, but given {type(config).__name__}.")
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise bad_argument("config", f"keys among {sorted(DEFAULTS)}", unknown)
@@ -281,9 +284,3 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
     result["wall_s"] = time.perf_counter() - start
     return result
 
-
-def check_config(config: Any) -> dict[str, Any]:
-    """The configuration with its defaults filled in; a GradmedicError names what is wrong."""
-    if not isinstance(config, dict):
-        raise GradmedicError(f"A lab configuration should be a dict, but given {type(config).__name__}.")
-    return _validate(config)

@@ -31,11 +31,10 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _run_one(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
+def _run_one(config: dict[str, Any]) -> dict[str, Any]:
     from gradmedic.lab.experiment import run_experiment
 
-    result = run_experiment({k: v for k, v in config.items() if k not in _LABELS})
-    return result, result["wall_s"]
+    return run_experiment({k: v for k, v in config.items() if k not in _LABELS})
 
 
 @dataclass
@@ -84,13 +83,13 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
                 for future in finished:
                     config = futures[future]
                     try:
-                        result, wall = future.result()
+                        result = future.result()
                     except BrokenProcessPool:
                         raise
                     except Exception as error:  # the run itself failed: report it, keep going
                         summary.failed.append((_name(config), f"{type(error).__name__}: {first_line(error)}"))
                     else:
-                        store.put(suite.name, config, result, wall)
+                        store.put(suite.name, config, result, result["wall_s"])
                         summary.finished += 1
                         if on_result is not None:
                             on_result(config, result)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,9 @@ def _num(value: Any) -> str:
 def _median_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | None]]:
     steps = runs[0]["curve"]["steps"]
     stacked = np.array([[np.nan if v is None else v for v in r["curve"]["loss"]] for r in runs], dtype=float)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(stacked, axis=0)
+    with warnings.catch_warnings():  # a step where every seed had diverged is an all-NaN column
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(stacked, axis=0)
     return steps, [None if math.isnan(v) else float(v) for v in med]
 
 

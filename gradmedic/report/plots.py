@@ -34,10 +34,24 @@ def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
+def _values(seq, positive: bool = False) -> np.ndarray:
+    """Floats with None as NaN; with ``positive``, zeros and negatives too (they have no place on a log axis)."""
+    y = np.array([np.nan if v is None else v for v in seq], dtype=float)
+    return np.where(y > 0, y, np.nan) if positive else y
+
+
 def _positive_log(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(values > 0, np.log10(values), np.nan)
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=10)
 
 
 def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.ndarray, title: str = "",
@@ -70,18 +84,13 @@ def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     width = 0.8 / n
     for i, label in enumerate(labels):
-        v = np.array([np.nan if a is None else a for a in norms[label]], dtype=float)
-        v = np.where(v > 0, v, np.nan)
+        v = _values(norms[label], positive=True)
         ax.bar(x[: len(v)] + (i - (n - 1) / 2) * width, v, width=width, label=label)
     ax.set_yscale("log")
     every = max(1, len(layers) // 25 + (len(layers) % 25 > 0))
     ax.set_xticks(x[::every], [_short(layers[i], 18) for i in range(0, len(layers), every)], rotation=60,
                   ha="right", fontsize=7)
-    ax.set_ylabel(quantity)
-    ax.set_xlabel("layer (input → output)")
-    if len(labels) > 1:
-        ax.legend(fontsize=7, ncol=min(4, len(labels)))
-    ax.set_title(title or "Gradient per layer", fontsize=10)
+    _finish(ax, "layer (input → output)", quantity, title or "Gradient per layer", legend=len(labels) > 1)
     return fig
 
 
@@ -92,7 +101,7 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     seen: list[np.ndarray] = []
     for label, (steps, loss) in curves.items():
-        y = np.array([np.nan if v is None else v for v in loss], dtype=float)
+        y = _values(loss)
         seen.append(y[np.isfinite(y)])
         ax.plot(list(steps)[: len(y)], y, label=label, linewidth=1.4)
     if baseline is not None:
@@ -100,10 +109,7 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]
     finite = np.concatenate(seen) if seen else np.array([])
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:  # log only when it spans decades
         ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title or "Loss", fontsize=10)
+    _finish(ax, "training step", "training loss", title or "Loss")
     return fig
 
 
@@ -112,12 +118,8 @@ def time_curves(curves: Mapping[str, Sequence[float | None]], title: str = ""):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     for label, values in curves.items():
-        y = np.array([np.nan if v is None else v for v in values], dtype=float)
-        y = np.where(y > 0, y, np.nan)
+        y = _values(values, positive=True)
         ax.plot(np.arange(1, len(y) + 1), y, label=label, linewidth=1.4)
     ax.set_yscale("log")
-    ax.set_xlabel("time step t (the loss is read at the last)")
-    ax.set_ylabel("RMS of dL/dx_t")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title or "Gradient through time", fontsize=10)
+    _finish(ax, "time step t (the loss is read at the last)", "RMS of dL/dx_t", title or "Gradient through time")
     return fig
