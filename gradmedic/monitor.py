@@ -18,7 +18,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
+from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype, unwrap_model
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -31,11 +31,19 @@ class Monitor:
     backward signal every 20 steps, activations, time steps and NaN/Inf every 100) or ``"full"``
     (everything, every step). ``every`` overrides every probe's period; ``probes`` replaces the preset
     with probe instances of your own.
+
+    Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
+    DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
+    combines every rank's numbers in one collective (``gradmedic.integrations.distributed``), and only
+    rank 0's ``trace.save`` writes (``rank_files=True``: every rank writes ``NAME.rankN.gmtrace``).
+    Create the Monitor on every rank, and call ``close()`` on every rank: reading ``monitor.trace``
+    mid-run does not communicate and shows what was combined at the last flush.
+    ``distributed=False`` keeps each rank's numbers local.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  preset: str = "standard", every: int | None = None, probes: list[Probe] | None = None,
-                 flush_every: int = 100):
+                 flush_every: int = 100, distributed: bool | None = None, rank_files: bool = False):
         if not isinstance(model, nn.Module):
             raise bad_argument("model", "a torch.nn.Module", model)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -51,11 +59,14 @@ class Monitor:
         if not any(True for _ in model.parameters()):
             raise bad_argument("model", "a module with parameters", type(model).__name__,
                                "There is no gradient to watch in a model without parameters.")
+        if distributed not in (None, True, False):
+            raise bad_argument("distributed", "None (combine across ranks when a process group is initialised),"
+                               " True or False", distributed)
         self.model = model
         self.optimizer = optimizer
         self.flush_every = flush_every
         self.preset = preset if probes is None else "custom"
-        self.layers = LayerIndex(model)
+        self.layers = LayerIndex(unwrap_model(model))
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
         self._warned: set[str] = set()
         for probe in self.probes:
@@ -65,11 +76,26 @@ class Monitor:
         self._run = StepBuffer(flush_every + 1, [""], ["loss", "lr"], self.layers.device,
                                buffer_dtype(self.layers.device))
         self._trace = Trace(self._meta())
+        self._combiner = self._rank_combiner(distributed, rank_files)
         self._step = 0
         self._since_flush = 0
         self._armed: list[Probe] = []
         self._closed = False
         self._arm(0)
+
+    def _rank_combiner(self, distributed: bool | None, rank_files: bool) -> Any:
+        """A RankCombiner when this process is one rank of several (and not told otherwise), else None."""
+        if distributed is False or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        from gradmedic.integrations.distributed import RankCombiner, active
+
+        if not active():
+            return None
+        combiner = RankCombiner(self.layers, type(self.model).__name__)
+        if combiner.rank != 0:
+            self._trace.rank_suffix = f".rank{combiner.rank}" if rank_files else ""
+        self._trace.meta["distributed"] = combiner.describe()
+        return combiner
 
     def _meta(self) -> dict[str, Any]:
         layers = self.layers
@@ -151,23 +177,33 @@ class Monitor:
 
     # --- flushing and closing -------------------------------------------------------------------
     def flush(self) -> None:
-        """Move every probe's device buffer into the trace (one device-to-host copy per probe)."""
-        for probe in self.probes:
+        """Move every probe's device buffer into the trace (one device-to-host copy per probe).
+
+        Under torch.distributed this is a collective: every rank must flush at the same point (the
+        Monitor does so every ``flush_every`` steps and at ``close()``)."""
+        chunks: dict[str, Chunk] = {}
+        for i, probe in enumerate(self.probes):
             chunk = self._safely(probe, probe.flush)
             if isinstance(chunk, Chunk):
-                self._trace.extend(chunk)
+                chunks[f"{i}:{probe.name}"] = chunk
         try:
             chunk = self._drain_run()
             if chunk is not None:
-                self._trace.extend(chunk)
+                chunks["run"] = chunk
         except Exception as error:  # noqa: BLE001
             self._warn("run", error)
+        if self._combiner is not None:
+            chunks = self._combiner.combine(chunks)  # one collective; this rank's own numbers if it fails
+            self._trace.meta["distributed"] = self._combiner.describe()
+        for chunk in chunks.values():
+            self._trace.extend(chunk)
         self._since_flush = 0
 
     @property
     def trace(self) -> Trace:
-        """The trace so far (reading it flushes what is still on the device)."""
-        if not self._closed:
+        """The trace so far (reading it flushes what is still on the device; under torch.distributed it
+        does not, since a flush is a collective: it holds what was combined at the last flush)."""
+        if not self._closed and self._combiner is None:
             self.flush()
         return self._trace
 

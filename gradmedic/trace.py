@@ -46,6 +46,8 @@ class Trace:
         self.meta: dict[str, Any] = dict(meta or {})
         self._chunks: list[Chunk] = []
         self._cache: tuple[np.ndarray, list[str], list[str], np.ndarray] | None = None
+        # set by a rank-aware Monitor on ranks other than 0: "" writes nothing, ".rankN" writes NAME.rankN.EXT
+        self.rank_suffix: str | None = None
 
     # --- building -------------------------------------------------------------------------------
     def extend(self, chunk: Chunk) -> None:
@@ -180,8 +182,16 @@ class Trace:
                 writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
         return _write_atomic(Path(path), buffer.getvalue().encode())
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json."""
+    def save(self, path: str | os.PathLike) -> Path | None:
+        """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json.
+
+        Under torch.distributed only rank 0 writes (None elsewhere), unless the Monitor was made with
+        ``rank_files=True``: then rank N writes ``NAME.rankN.gmtrace`` beside it."""
+        if self.rank_suffix is not None:
+            if not self.rank_suffix:
+                return None
+            path = Path(path)
+            path = path.with_name(f"{path.stem}{self.rank_suffix}{path.suffix}")
         steps, layers, metrics, values = self._materialise()
         series_index: dict[str, list[str]] = {}
         arrays: dict[str, np.ndarray] = {"steps.npy": steps, "values.npy": values}

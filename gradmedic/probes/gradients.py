@@ -27,13 +27,24 @@ import torch
 
 from gradmedic.probes.base import LayerIndex, Probe
 
-__all__ = ["GradientProbe"]
+__all__ = ["GradientProbe", "local_tensor"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 UPDATE_SAMPLE = 16384  # entries per tensor for the update ratio (see the module docstring)
 
 
 SAMPLE_BLOCKS = 64  # contiguous blocks per sampled tensor
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor itself.
+
+    Norms are taken of the local part only, with no collective; the Monitor combines the shards'
+    squares across ranks at a flush (``gradmedic.integrations.distributed``)."""
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        with torch.no_grad():
+            return t.to_local()
+    return t
 
 
 def _sample_view(p: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -84,6 +95,8 @@ class GradientProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._params = [p for ps in layers.params for p in ps]
+        self._tensors = [local_tensor(p) for p in self._params]  # what this rank holds (a shard under FSDP2)
+        self._sharded = any(t is not p for t, p in zip(self._tensors, self._params, strict=True))
         self._owner = [row for row, ps in enumerate(layers.params) for _ in ps]
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._all_plan = self._plan(tuple(True for _ in self._params)) if self._params else None
@@ -91,13 +104,13 @@ class GradientProbe(Probe):
         self._snapshot_step: int | None = None
         self._snapshot_norm: torch.Tensor | None = None
         # the factor numel / sampled entries, per parameter
-        self._scale = torch.tensor([p.numel() / _sample_view(p, self.update_sample).numel() for p in self._params],
+        self._scale = torch.tensor([p.numel() / _sample_view(p, self.update_sample).numel() for p in self._tensors],
                                    dtype=self.dtype, device=self.device)
         self._views: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
         self._current: list[torch.Tensor] | None = None  # this step's sample, contiguous
         self._current_step: int | None = None
         self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, per-row norms, all params)
-        low = any(p.dtype in _LOW_PRECISION for p in self._params)
+        low = any(p.dtype in _LOW_PRECISION for p in self._tensors)
         self._zeros = self.zero_fraction is True or (self.zero_fraction == "auto" and low)
 
     # --- planning (host only, cached by which parameters have a gradient) -----------------------
@@ -106,7 +119,7 @@ class GradientProbe(Probe):
         if plan is not None:
             return plan
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, (p, has) in enumerate(zip(self._params, present, strict=True)):
+        for i, (p, has) in enumerate(zip(self._tensors, present, strict=True)):
             if has:
                 by_key.setdefault((p.device, p.dtype), []).append(i)
         groups = list(by_key.values())
@@ -115,7 +128,7 @@ class GradientProbe(Probe):
         rows = sorted(set(owner))
         counts = {r: 0 for r in rows}
         for i in order:
-            counts[self._owner[i]] += self._params[i].numel()
+            counts[self._owner[i]] += self._tensors[i].numel()
         plan = _Plan(
             groups=groups,
             order=torch.tensor(order, dtype=torch.long, device=self.device),
@@ -154,7 +167,8 @@ class GradientProbe(Probe):
         slot = self.buffer.open(step)
         if any(present):
             plan = self._plan(present)
-            grads = [p.grad if p.grad is not None else p for p in self._params]
+            grads = [local_tensor(p.grad) if p.grad is not None else t for p, t in zip(self._params, self._tensors,
+                                                                                      strict=True)]
             grad_norms = self._norms(grads, plan)
             grad = self._per_row(grad_norms, plan)
             # the gradient norm is exact; the weight norm of a large tensor comes from the update sample
@@ -176,9 +190,11 @@ class GradientProbe(Probe):
 
     def _sampled(self) -> list[torch.Tensor]:
         """Views of the sampled entries, rebuilt whenever a parameter's storage has been replaced."""
-        key = tuple(p.data_ptr() for p in self._params)
+        if self._sharded:
+            self._tensors = [local_tensor(p) for p in self._params]  # FSDP2 may swap a shard's storage
+        key = tuple(p.data_ptr() for p in self._tensors)
         if self._views is None or self._views[0] != key:
-            self._views = (key, [_sample_view(p, self.update_sample) for p in self._params])
+            self._views = (key, [_sample_view(p, self.update_sample) for p in self._tensors])
         return self._views[1]
 
     def _gather(self, step: int) -> list[torch.Tensor]:
