@@ -65,7 +65,8 @@ def _lab_run(args: argparse.Namespace) -> int:
         suite = get_suite(args.suite)
         store = Store(args.db)
         start = time.perf_counter()
-        summary = run_suite(suite, store, workers=args.workers, progress=not args.no_progress)
+        summary = run_suite(suite, store, workers=args.workers, progress=not args.no_progress,
+                            backend=args.backend, address=args.address)
     except GradmedicError as error:
         return _fail(str(error))
     except KeyboardInterrupt:
@@ -274,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab_run.add_argument("suite", metavar="SUITE", help="a suite name (gradmedic lab list)")
     lab_run.add_argument("--workers", type=_positive, default=None, help="worker processes (default: CPU cores)")
     lab_run.add_argument("--db", default="gradmedic-lab.db", help="results database (default gradmedic-lab.db)")
+    lab_run.add_argument("--backend", choices=("process", "ray"), default="process",
+                         help="process: a local process pool (default); ray: Ray tasks (pip install gradmedic[ray])")
+    lab_run.add_argument("--address", default=None,
+                         help="with --backend ray: an existing cluster ('auto', 'ray://HOST:10001'); "
+                              "default: a local Ray instance")
     lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
     lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
     lab_run.set_defaults(run=_lab_run)

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from typing import Any
 
 from gradmedic._errors import GradmedicError, bad_argument, first_line
+from gradmedic.lab.backends import make_executor
 from gradmedic.lab.store import Store, run_key
 from gradmedic.lab.suites import Suite
 
 __all__ = ["RunSummary", "run_suite"]
 
 _LABELS = ("experiment", "label")
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +49,12 @@ def _name(config: dict[str, Any]) -> str:
 
 
 def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: bool = True,
-              on_result: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> RunSummary:
+              on_result: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+              backend: str = "process", address: str | None = None) -> RunSummary:
     """Run every configuration of ``suite`` not yet in ``store``; returns what happened.
+
+    ``backend``: ``"process"`` (a local process pool, the default) or ``"ray"`` (Ray tasks on a local
+    instance, or on the cluster at ``address``); see ``gradmedic.lab.backends``.
 
     A run that raises is reported in ``summary.failed`` and not stored (a rerun tries it again). A worker
     that dies (killed, out of memory) stops the suite with a GradmedicError; what finished is kept.
@@ -70,9 +68,8 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
     summary = RunSummary(suite.name, len(suite.configs), len(suite.configs) - len(pending))
     if not pending:
         return summary
+    executor = make_executor(backend, min(workers, len(pending)), address)
     bar = _Bar(suite, len(pending), progress)
-    executor = ProcessPoolExecutor(min(workers, len(pending)), mp_context=get_context("spawn"),
-                                   initializer=_init_worker)
     futures: dict[Future, dict[str, Any]] = {}
     try:
         with bar:
@@ -87,6 +84,7 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
                     except BrokenProcessPool:
                         raise
                     except Exception as error:  # the run itself failed: report it, keep going
+                        error = getattr(error, "cause", None) or error  # Ray wraps the run's own exception
                         summary.failed.append((_name(config), f"{type(error).__name__}: {first_line(error)}"))
                     else:
                         store.put(suite.name, config, result, result["wall_s"])
