@@ -67,6 +67,8 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", gm.GradmedicWarning)
         monitor = gm.Monitor(wrapped, opt, preset="full", flush_every=FLUSH)
+        # a second, local Monitor on the same model: each rank's own numbers, to check the combining rules
+        local = gm.Monitor(wrapped, opt, preset="full", flush_every=FLUSH, distributed=False)
         ref = {"loss": [], "grad_norm": [], "weight_norm": []}
         for step in range(STEPS):
             if mode == "lag" and rank == 1 and step == 7:
@@ -78,6 +80,7 @@ def main() -> None:
             loss = nn.functional.cross_entropy(wrapped(xr), yr)
             loss.backward()
             monitor.step(loss)
+            local.step(loss)
             opt.step()
             opt.zero_grad()
             # the single-process reference on the whole batch: the same trajectory as the mean over ranks
@@ -89,8 +92,14 @@ def main() -> None:
             ref_opt.step()
             ref_opt.zero_grad()
         monitor.close()
+        local.close()
         collected = [w for w in caught if issubclass(w.category, gm.GradmedicWarning)]
     trace = monitor.trace
+    own = {m: {x: [float(v) for v in local.trace.metric(m)[:, j]] for j, x in enumerate(local.trace.layers)}
+           for m in ("backward_rms", "act_mean", "saturated_frac")}
+    everyone = [None] * world
+    if mode != "lag":
+        dist.all_gather_object(everyone, own)
     saved = trace.save(outdir / "run.gmtrace")
     result = {
         "rank": rank, "saved": str(saved) if saved else None, "layers": trace.layers,
@@ -100,6 +109,9 @@ def main() -> None:
         "weight_norm": {name: [float(v) for v in trace.metric("weight_norm")[:, j]]
                         for j, name in enumerate(trace.layers)},
         "loss": [float(v) for v in trace.scalar("loss")[1]],
+        "combined": {m: {x: [float(v) for v in trace.metric(m)[:, j]] for j, x in enumerate(trace.layers)}
+                     for m in ("backward_rms", "act_mean", "saturated_frac")},
+        "per_rank": everyone,
     }
     (outdir / f"rank{rank}.json").write_text(json.dumps(result))
     if mode != "lag":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,17 @@ def test_combined_numbers_equal_one_process_on_the_whole_batch(mode, tmp_path):
             assert r0["weight_norm"][name][s] == pytest.approx(ref["weight_norm"][s][name], rel=RTOL)
     # the loss is the mean over ranks: with equal halves, the whole batch's mean loss
     assert r0["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+    # activation and backward statistics: each rank's own (a local Monitor on the same run) combined by hand
+    per_rank = r0["per_rank"]
+    for layer, combined in r0["combined"]["backward_rms"].items():
+        if all(layer in p["backward_rms"] for p in per_rank):
+            own = np.array([p["backward_rms"][layer] for p in per_rank])
+            np.testing.assert_allclose(combined, np.sqrt((own ** 2).mean(axis=0)), rtol=1e-9)  # RMS over ranks
+    for metric in ("act_mean", "saturated_frac"):
+        for layer, combined in r0["combined"][metric].items():
+            own = np.array([p[metric][layer] for p in per_rank])
+            np.testing.assert_allclose(combined, own.mean(axis=0), rtol=1e-9, atol=1e-12)  # mean over ranks
+    assert r0["combined"]["act_mean"]  # the Tanh layers were measured
     # every rank holds the same combined numbers; only rank 0 wrote the trace
     assert r1["grad_norm"] == r0["grad_norm"] and r1["loss"] == r0["loss"]
     assert r0["saved"] and r1["saved"] is None
