@@ -33,6 +33,12 @@ VANISHING_ERROR = 1e-5
 # Growth toward the input, the mirror image: 100x is a warning, 10^5 an error.
 EXPLODING_WARNING = 1e2
 EXPLODING_ERROR = 1e5
+# Batch-normalised nets: BatchNorm itself makes gradients grow toward the input at init by a fixed factor
+# per BN layer (Yang et al. 2019, "A Mean Field Theory of Batch Normalization"), and the weights before a
+# BN are scale-invariant, so a large gradient grows them and slows itself down (Arora et al. 2019). Such
+# nets train: MobileNetV2 (16 inverted-residual blocks, ~50 BNs) reads 100-200x at init. A warning from
+# 1000x there.
+EXPLODING_BATCHNORM_WARNING = 1e3
 # A gradient 10x the weight it updates: an SGD step at lr 0.1 replaces the layer wholesale. Healthy
 # layers sit at 1e-4..1e-1; this catches nets whose forward signal explodes, so that their gradients are
 # huge but flat across depth (large deltas times small inputs early, small deltas times large inputs late).
@@ -65,13 +71,26 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     blocks = depth_order(trace, step, [k for k, r in roles.items() if r == "block" and k in bs
                                        and math.isfinite(bs[k])])
     if len(blocks) >= 2:
+        # one profile per stack (an encoder's and a decoder's blocks): the encoder's gradient arrives through
+        # cross-attention, so it is compared with the encoder's own deepest blocks, not with the decoder's
+        # grad/weight of a block: of all its parameters together, the speed the block learns at; a scaled
+        # branch keeps it small by design, so like a layer's it counts only together with the stream's
+        grads, weights = latest(trace, "grad_norm"), latest(trace, "weight_norm")
+        gsq, wsq = _block_sums(blocks, grads[1] if grads else {}), _block_sums(blocks, weights[1] if weights else {})
         b = np.array([bs[k] for k in blocks])
-        deep = max(1, math.ceil(REFERENCE_FRACTION * len(blocks)))
-        reference = np.median(b[-deep:])
-        if reference <= 0:
-            return None  # no gradient at all: zero_gradient's case
-        b = b / reference
-        return step, blocks, b, b, "blocks"
+        g = np.array([math.sqrt(gsq[k] / wsq[k]) if wsq.get(k) else math.nan for k in blocks])
+        stacks = [_stack(k) for k in blocks]
+        for stack in dict.fromkeys(stacks):
+            mine = np.array([s == stack for s in stacks])
+            deep = max(1, math.ceil(REFERENCE_FRACTION * int(mine.sum())))
+            reference = np.median(b[mine][-deep:])
+            if reference <= 0:
+                return None  # no gradient at all: zero_gradient's case
+            b[mine] = b[mine] / reference
+            g_ref = np.nanmedian(g[mine][-deep:]) if np.any(np.isfinite(g[mine][-deep:])) else math.nan
+            g[mine] = g[mine] / g_ref if g_ref > 0 else b[mine]
+        g = np.where(np.isfinite(g), g, b)
+        return step, blocks, b, g, "blocks"
     gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v)}
     layers = depth_order(trace, step, [k for k in bs if k in gw and bs[k] > 0])
     if len(layers) < 2:
@@ -80,6 +99,24 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     g = np.array([gw[k] for k in layers])
     deep = max(1, math.ceil(REFERENCE_FRACTION * len(layers)))
     return step, layers, b / np.median(b[-deep:]), g / np.median(g[-deep:]), "layers"
+
+
+def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
+    """Sum of squares of a per-layer norm over each block's layers (and its own parameters)."""
+    out = {}
+    for block in blocks:
+        values = [v for k, v in per_layer.items() if (k == block or k.startswith(block + ".")) and math.isfinite(v)]
+        if values:
+            out[block] = float(sum(v * v for v in values))
+    return out
+
+
+def _stack(block: str) -> str:
+    """The stack a block belongs to: its name up to its first index (``model.encoder.layers``); nested
+    indices (``stages.1.layers.0``) stay in one stack."""
+    parts = block.split(".")
+    first = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
+    return ".".join(parts[:first])
 
 
 def zero_gradient(trace: Trace, ctx: dict) -> list[Finding]:
@@ -121,8 +158,9 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     acts = ", ".join(ctx.get("activations", [])) or "its"
     if unit == "blocks":
         message = (f"The gradient on the residual stream at the output of '{hit[0]}' is "
-                   f"{b[layers.index(hit[0])]:.1e} of that at the deepest blocks: it vanishes through "
-                   f"{len(layers) - 1} blocks; {len(hit)} block(s) get little gradient.")
+                   f"{b[layers.index(hit[0])]:.1e} of that at the deepest blocks and the block learns "
+                   f"{g[layers.index(hit[0])]:.1e} as fast: it vanishes through {len(layers) - 1} blocks; "
+                   f"{len(hit)} block(s) hardly learn.")
     else:
         message = (f"The gradient reaching '{hit[0]}' is {b[layers.index(hit[0])]:.1e} of that at the deepest "
                    f"layers and it learns {g[layers.index(hit[0])]:.1e} as fast: it vanishes through "
@@ -139,10 +177,11 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     if profile is not None:
         step, layers, b, g, unit = profile
         both = np.minimum(b, g)
-        hit = [k for k, v in zip(layers, both, strict=True) if v > EXPLODING_WARNING]
+        warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else EXPLODING_WARNING
+        hit = [k for k, v in zip(layers, both, strict=True) if v > warning]
         if hit:
             worst = float(both.max())
-            severity = severity_of(worst, EXPLODING_WARNING, EXPLODING_ERROR, below=False)
+            severity = severity_of(worst, warning, EXPLODING_ERROR, below=False)
             assert severity is not None
             where = "on the residual stream from the deepest blocks" if unit == "blocks" else "from the deepest layers"
             message = f"The gradient grows {worst:.1e}x {where} back to '{hit[0]}': it explodes through depth."
@@ -150,8 +189,13 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
                                   {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
                                    "worst_ratio": worst}, ctx))
     measured = latest(trace, "grad_to_weight")
-    if measured is not None and not found:
+    if measured is not None and not found and not ctx.get("normalized"):
+        # the absolute rule catches a forward signal that explodes; normalisation layers rescale the
+        # forward at every block, so with them it reads only small-by-design weights (0.02-std transformer
+        # init, LayerScale gammas) and is not applied
         step, gw = measured
+        roles = trace.meta.get("roles", {})
+        gw = {k: v for k, v in gw.items() if roles.get(k) not in ("block", "norm")}
         hot = [k for k in depth_order(trace, step, list(gw)) if gw[k] > GRAD_TO_WEIGHT_EXPLODING]
         if hot:
             top = max(gw[k] for k in hot)

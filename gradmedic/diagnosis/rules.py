@@ -75,6 +75,7 @@ def context_of(trace: Trace) -> dict:
         "saturating": "saturating" in act_kind.values(),
         "relu": bool(kinds & _RELU_NAMES) or "relu" in act_kind.values(),
         "normalized": bool(norms),
+        "batchnorm": any("BatchNorm" in k for k in kinds),
         "rnn": "RNN" in kinds or "RNNCell" in kinds,
         "lstm": "LSTM" in kinds or "LSTMCell" in kinds,
         "gru": "GRU" in kinds or "GRUCell" in kinds,
