@@ -18,7 +18,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype, unwrap_model
+from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -66,7 +66,7 @@ class Monitor:
         self.optimizer = optimizer
         self.flush_every = flush_every
         self.preset = preset if probes is None else "custom"
-        self.layers = LayerIndex(unwrap_model(model))
+        self.layers = LayerIndex(model)  # wrappers (compile, DDP, FSDP) looked through
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
         self._warned: set[str] = set()
         for probe in self.probes:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "is_torch_module", "unwrap_model"]
+__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "is_torch_module"]
 
 
 @dataclass
@@ -43,19 +43,6 @@ class Chunk:
     # scalars[name] = (steps (S,), values (S,)): run-level numbers recorded at every step (loss, lr),
     # kept apart from the grid so that a long run does not make the grid dense
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside wrappers that prefix every name: DDP / DataParallel (``module.``) and
-    torch.compile (``_orig_mod.``). Hooks on the inner module see the same forward and backward, and
-    layer names are the ones the user's own ``named_modules()`` gives."""
-    while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 class LayerIndex:
