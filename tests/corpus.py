@@ -36,6 +36,15 @@ def _tiny_text(**extra) -> dict:
                 max_position_embeddings=64, **extra)
 
 
+HF_NAMES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox (pythia)", "opt", "bert", "roberta", "distilbert", "bart",
+            "t5", "vit", "deit", "swin", "resnet (bottleneck)", "convnext (layerscale 1e-6)", "mobilenet_v2",
+            "efficientnet", "mamba")
+# transformers' EfficientNet init draws BatchNorm gammas from N(0, 0.02) like a Linear's weights, so each
+# block scales its signal by ~1e-5 and the gradient vanishes: a real pathology of that random init
+# (tests/test_corpus.py checks it against torch.autograd), not a false alarm
+SICK_AT_INIT = ("efficientnet",)
+
+
 def hf_families() -> list[tuple[str, object]]:
     import transformers as tr
 
@@ -78,6 +87,7 @@ def hf_families() -> list[tuple[str, object]]:
         ("mamba", _lm(tr, "MambaConfig", "MambaForCausalLM", vocab_size=V, hidden_size=32, state_size=8,
                       num_hidden_layers=4, expand=2, conv_kernel=4)),
     ]
+    assert tuple(n for n, _ in families) == HF_NAMES
     return families
 
 

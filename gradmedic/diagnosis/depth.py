@@ -30,19 +30,26 @@ __all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
 VANISHING_WARNING = 1e-2
 # 1e-5: at a learning rate that suits the last layer the first one would need 10^5 times more steps.
 VANISHING_ERROR = 1e-5
-# Growth toward the input, the mirror image: 100x is a warning, 10^5 an error.
-EXPLODING_WARNING = 1e2
+# Growth toward the input through plain layers. Calibrated on the trainability grid (BENCHMARKS.md): tanh
+# nets in the chaotic phase (sigma_w^2 >= 2.5) grow it 23-34x at depth 40-80 and do not train, while every
+# cell that trains stays at or below 9.9x; 15 lies between (their geometric mean). 10^5 is an error.
+EXPLODING_WARNING = 15.0
 EXPLODING_ERROR = 1e5
+# Along a residual stream the mirror image of the vanishing warning, 100x: blocks add their branches to
+# the stream, so a modest growth toward the input is their normal sum, not chaos.
+EXPLODING_STREAM_WARNING = 1e2
 # Batch-normalised nets: BatchNorm itself makes gradients grow toward the input at init by a fixed factor
 # per BN layer (Yang et al. 2019, "A Mean Field Theory of Batch Normalization"), and the weights before a
 # BN are scale-invariant, so a large gradient grows them and slows itself down (Arora et al. 2019). Such
 # nets train: MobileNetV2 (16 inverted-residual blocks, ~50 BNs) reads 100-200x at init. A warning from
 # 1000x there.
 EXPLODING_BATCHNORM_WARNING = 1e3
-# A gradient 10x the weight it updates: an SGD step at lr 0.1 replaces the layer wholesale. Healthy
-# layers sit at 1e-4..1e-1; this catches nets whose forward signal explodes, so that their gradients are
-# huge but flat across depth (large deltas times small inputs early, small deltas times large inputs late).
-GRAD_TO_WEIGHT_EXPLODING = 10.0
+# A gradient many times the weight it updates. Healthy layers sit at 1e-4..1e-1; this catches nets whose
+# forward signal explodes, so that their gradients are huge but flat across depth (large deltas times small
+# inputs early, small deltas times large inputs late). Calibrated on the trainability grid (ReLU, sigma_w^2
+# > 2, SGD lr 0.01; BENCHMARKS.md): cells that train reach up to 55, cells that do not from 79; 64 lies
+# between (at 64 one SGD step at lr 1/64 replaces the layer wholesale).
+GRAD_TO_WEIGHT_EXPLODING = 64.0
 GRAD_TO_WEIGHT_EXPLODING_ERROR = 1e4  # no learning rate that suits any other layer can train this one
 # The reference for a depth profile: the median over the deepest quarter of the layers, so that a small,
 # special head (a 16x10 classifier after global pooling) does not set the scale for everything else.
@@ -146,7 +153,11 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     if profile is None:
         return []
     step, layers, b, g, unit = profile
-    both = np.maximum(b, g)  # a layer vanishes when both measures have fallen
+    # a layer vanishes when the geometric mean of its signal and its speed has fallen: neither alone (see
+    # above), and not only when both have (the max): a plain ReLU net in the ordered phase (sigma_w^2 < 2)
+    # loses its backward signal 1000x while grad/weight falls 100x, because its activations shrink too; the
+    # trainability grid (BENCHMARKS.md) separates trainable from untrainable cells by 20x on this measure
+    both = np.sqrt(b * g)
     hit = [k for k, v in zip(layers, both, strict=True) if v < VANISHING_WARNING]
     if not hit:
         return []
@@ -177,7 +188,8 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     if profile is not None:
         step, layers, b, g, unit = profile
         both = np.minimum(b, g)
-        warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else EXPLODING_WARNING
+        warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else (
+            EXPLODING_STREAM_WARNING if unit == "blocks" else EXPLODING_WARNING)
         hit = [k for k, v in zip(layers, both, strict=True) if v > warning]
         if hit:
             worst = float(both.max())
