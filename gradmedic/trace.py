@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 
 from gradmedic._errors import GradmedicError
+from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic.probes.base import Chunk
 
 __all__ = ["Trace"]
-
-FORMAT = "gradmedic-trace"
-VERSION = 1
 
 # Columns of the summary table: (metric, header); the first measured value per layer is the last step's.
 SUMMARY_COLUMNS = (
@@ -205,35 +203,16 @@ class Trace:
         return _write_atomic(Path(path), buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Trace:
+    def load(cls, path: str | os.PathLike, max_bytes: int = MAX_TRACE_BYTES) -> Trace:
+        """Load a saved trace. The file is treated as untrusted: its size, arrays and document are checked
+        before anything large is read (``max_bytes`` caps the uncompressed size), and whatever is wrong is
+        one GradmedicError line."""
         path = Path(path)
         if not path.is_file():
             raise GradmedicError(f"No trace file at {str(path)!r}: check the path (traces are written by "
                                  "Monitor.trace.save).")
-        try:
-            with zipfile.ZipFile(path) as zf:
-                doc = json.loads(zf.read("trace.json"))
-                if doc.get("format") != FORMAT:
-                    raise ValueError("not a gradmedic trace")
-                if doc.get("version", 0) > VERSION:
-                    raise ValueError(f"written by a newer gradmedic (format {doc['version']})")
-
-                def array(name: str) -> np.ndarray:
-                    return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
-
-                chunk = Chunk(steps=array("steps.npy"), layers=list(doc["layers"]),
-                              metrics=list(doc["metrics"]), values=array("values.npy"),
-                              events=list(doc["events"]))
-                for name in doc.get("scalars", []):
-                    chunk.scalars[name] = (array(f"scalars/{name}.steps.npy"), array(f"scalars/{name}.values.npy"))
-                for name, layers in doc["series"].items():
-                    chunk.series[name] = {
-                        layer: (array(f"series/{name}/{i}.steps.npy"), array(f"series/{name}/{i}.values.npy"))
-                        for i, layer in enumerate(layers)}
-        except (zipfile.BadZipFile, KeyError, ValueError, json.JSONDecodeError) as error:
-            raise GradmedicError(f"{str(path)!r} is not a readable gradmedic trace ({error}); "
-                                 "save one with Monitor.trace.save(path).") from None
-        trace = cls(doc["meta"])
+        meta, chunk = read_trace(path, max_bytes)
+        trace = cls(meta)
         trace.extend(chunk)
         return trace
 
