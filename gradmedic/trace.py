@@ -220,6 +220,7 @@ class Trace:
     def table(self, title: str | None = None):
         """A rich Table: one row per layer, the last measured value of the main metrics."""
         from rich.table import Table
+        from rich.text import Text
 
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
@@ -235,23 +236,27 @@ class Trace:
             cells = [_fmt(last[m].get(layer), m) for m, _ in columns]
             if all(c == "" for c in cells):
                 continue
-            table.add_row(layer or "(model)", types.get(layer, ""), *cells)
+            # names come from the user's code (or a file): Text, never markup or emoji codes
+            table.add_row(Text(layer or "(model)"), Text(str(types.get(layer, ""))), *cells)
         return table
 
     def summary(self) -> str:
         """The per-layer table and the events, as plain text."""
         from rich.console import Console
+        from rich.text import Text
 
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps
         span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
-        console.print(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}")
+        console.print(Text(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}"))
         if "loss" in self.scalar_names:
             loss_steps, loss = self.scalar("loss")
             console.print(f"loss {loss[0]:.4g} at step {loss_steps[0]} -> {loss[-1]:.4g} at step {loss_steps[-1]}")
         console.print(self.table())
         for e in self.events[:10]:
-            console.print(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at {e['module']!r}")
+            if e.get("kind") == "nonfinite":
+                console.print(Text(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
+                                   f"{e['module']!r}"))
         return console.file.getvalue()
 
     def __str__(self) -> str:

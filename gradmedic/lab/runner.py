@@ -4,14 +4,25 @@ Results are written by the parent, one transaction per run, as soon as a worker 
 interrupted suite (Ctrl-C, or a worker killed) keeps every finished run; running it again skips them.
 Workers are spawned (not forked: a forked copy of a process that already started torch's thread pools
 can hang) and use one intra-op thread each, so N workers use N cores without oversubscribing them.
+
+Workers never outlive the parent: each asks the kernel for SIGKILL when its parent dies (Linux prctl
+PR_SET_PDEATHSIG) and also watches its parent's pid from a thread (every platform), so a ``kill -9`` of
+``gradmedic lab run`` leaves no idle worker behind. Ctrl-C is the parent's to handle: workers are
+started with SIGINT ignored; the parent keeps every result that had arrived, stops the workers at once
+and leaves the suite resumable. One suite at a time runs on a database (``Store.exclusive``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
@@ -25,10 +36,53 @@ __all__ = ["RunSummary", "run_suite"]
 _LABELS = ("experiment", "label")
 
 
-def _init_worker() -> None:
+# How often a worker checks that its parent is alive where the kernel cannot tell it (not Linux): a
+# kill -9 of the parent leaves the workers idle for at most this long.
+PARENT_POLL_S = 0.5
+
+
+def _init_worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Exit when the parent process dies: PR_SET_PDEATHSIG where the kernel has it, a watching thread always
+    (the kernel's signal fires when the parent's spawning thread exits, and does not exist off Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the request above was in place
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gradmedic-parent-watch", daemon=True).start()
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are started, so that they inherit it ignored from their first
+    instruction (a Ctrl-C during their start-up would otherwise print a traceback from each of them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -66,44 +120,77 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise bad_argument("workers", "a positive int", workers)
     done = store.finished(suite.name)
-    pending = [c for c in suite.configs if run_key(c) not in done]
-    summary = RunSummary(suite.name, len(suite.configs), len(suite.configs) - len(pending))
-    if not pending:
-        return summary
+    if all(run_key(c) in done for c in suite.configs):  # nothing to do: no lock needed to say so
+        return RunSummary(suite.name, len(suite.configs), len(suite.configs))
+    with store.exclusive():
+        done = store.finished(suite.name)  # again, now that no other run can add to it
+        pending = [c for c in suite.configs if run_key(c) not in done]
+        summary = RunSummary(suite.name, len(suite.configs), len(suite.configs) - len(pending))
+        if pending:
+            _run_pending(suite, store, pending, workers, progress, on_result, summary)
+    return summary
+
+
+def _run_pending(suite: Suite, store: Store, pending: list[dict[str, Any]], workers: int, progress: bool,
+                 on_result: Callable[[dict[str, Any], dict[str, Any]], None] | None, summary: RunSummary) -> None:
     bar = _Bar(suite, len(pending), progress)
-    executor = ProcessPoolExecutor(min(workers, len(pending)), mp_context=get_context("spawn"),
-                                   initializer=_init_worker)
     futures: dict[Future, dict[str, Any]] = {}
+    stored: set[Future] = set()
+
+    def keep(future: Future) -> None:
+        """Store a finished run's result, or note its failure."""
+        stored.add(future)
+        config = futures[future]
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise
+        except Exception as error:  # the run itself failed: report it, keep going
+            summary.failed.append((_name(config), f"{type(error).__name__}: {first_line(error)}"))
+        else:
+            store.put(suite.name, config, result, result["wall_s"])
+            summary.finished += 1
+            if on_result is not None:
+                on_result(config, result)
+        bar.advance(_name(config))
+
+    with _sigint_ignored():  # the pool's processes (and multiprocessing's resource tracker) start here
+        executor = ProcessPoolExecutor(min(workers, len(pending)), mp_context=get_context("spawn"),
+                                       initializer=_init_worker, initargs=(os.getpid(),))
+        try:
+            futures = {executor.submit(_run_one, c): c for c in pending}
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+    interrupted = False
     try:
         with bar:
-            futures = {executor.submit(_run_one, c): c for c in pending}
             waiting = set(futures)
             while waiting:
                 finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    config = futures[future]
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        raise
-                    except Exception as error:  # the run itself failed: report it, keep going
-                        summary.failed.append((_name(config), f"{type(error).__name__}: {first_line(error)}"))
-                    else:
-                        store.put(suite.name, config, result, result["wall_s"])
-                        summary.finished += 1
-                        if on_result is not None:
-                            on_result(config, result)
-                    bar.advance(_name(config))
+                    keep(future)
     except BrokenProcessPool:
         saved = summary.skipped + summary.finished
         raise GradmedicError(f"A lab worker process died during suite {suite.name!r}; {saved}"
                              f" of {summary.total} runs are saved in {store.path}. Run the same command again to "
                              "resume.") from None
+    except KeyboardInterrupt:
+        interrupted = True
+        for future in futures:  # results that arrived while we were interrupted are kept too
+            if future not in stored and future.done() and not future.cancelled():
+                try:
+                    keep(future)
+                except BaseException:  # noqa: BLE001,S110 - a broken pool or a second Ctrl-C: keep the rest
+                    pass
+        raise
     finally:
         for future in futures:
             future.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
-    return summary
+        if interrupted:  # do not wait for runs in flight: stop their workers now
+            for process in list(getattr(executor, "_processes", {}).values()):
+                process.kill()
+        executor.shutdown(wait=not interrupted, cancel_futures=True)
 
 
 class _Bar:
