@@ -42,7 +42,11 @@ PARENT_POLL_S = 0.5
 
 
 def _init_worker(parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # Ctrl-C reaches the whole process group: the parent decides. SIGINT was blocked from the start (see
+    # _sigint_deferred); once ignored, a Ctrl-C that came during start-up is discarded by the unblocking.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent(parent)
     import torch
 
@@ -72,17 +76,18 @@ def _die_with_parent(parent: int) -> None:
 
 
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while worker processes are started, so that they inherit it ignored from their first
-    instruction (a Ctrl-C during their start-up would otherwise print a traceback from each of them)."""
-    if threading.current_thread() is not threading.main_thread():
+def _sigint_deferred() -> Iterator[None]:
+    """Block SIGINT while worker processes are started: they inherit the blocked mask across exec, so a
+    Ctrl-C during their start-up (seconds of importing torch) cannot print a traceback from each of them,
+    and the parent gets its KeyboardInterrupt when the block ends, with the workers known and stoppable."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C is raised here
 
 
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -154,16 +159,13 @@ def _run_pending(suite: Suite, store: Store, pending: list[dict[str, Any]], work
                 on_result(config, result)
         bar.advance(_name(config))
 
-    with _sigint_ignored():  # the pool's processes (and multiprocessing's resource tracker) start here
-        executor = ProcessPoolExecutor(min(workers, len(pending)), mp_context=get_context("spawn"),
-                                       initializer=_init_worker, initargs=(os.getpid(),))
-        try:
-            futures = {executor.submit(_run_one, c): c for c in pending}
-        except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
+    executor: ProcessPoolExecutor | None = None
     interrupted = False
     try:
+        with _sigint_deferred():  # the pool's processes (and multiprocessing's resource tracker) start here
+            executor = ProcessPoolExecutor(min(workers, len(pending)), mp_context=get_context("spawn"),
+                                           initializer=_init_worker, initargs=(os.getpid(),))
+            futures = {executor.submit(_run_one, c): c for c in pending}
         with bar:
             waiting = set(futures)
             while waiting:
@@ -185,12 +187,13 @@ def _run_pending(suite: Suite, store: Store, pending: list[dict[str, Any]], work
                     pass
         raise
     finally:
-        for future in futures:
-            future.cancel()
-        if interrupted:  # do not wait for runs in flight: stop their workers now
-            for process in list(getattr(executor, "_processes", {}).values()):
-                process.kill()
-        executor.shutdown(wait=not interrupted, cancel_futures=True)
+        # futures are not cancelled here: the pool's own thread marks what is left (cancelling beside it
+        # races with it: InvalidStateError on a cancelled future when the pool breaks)
+        if executor is not None:
+            if interrupted:  # do not wait for runs in flight: stop their workers now
+                for process in list((getattr(executor, "_processes", None) or {}).values()):
+                    process.kill()
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _Bar:
