@@ -98,14 +98,24 @@ def _saved(db: Path) -> int:
     return len(Store(db).finished("stop")) if db.exists() else 0
 
 
-def _stop(proc) -> None:
-    if proc.poll() is None:
+def _stop(proc, family=()) -> None:
+    """Kill what a test started, also when it failed: its process group (it has its own session) and the
+    workers it saw (reparented if their parent is gone)."""
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in _alive(family):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=30)
 
 
 def test_kill_9_of_the_parent_leaves_no_worker_alive(tmp_path):
     proc, db = _start(tmp_path)
+    family: dict[int, str] = {}
     try:
         _wait_for(lambda: _saved(db) >= 1 and len(_workers(proc)) == 2, what="two workers and a saved run")
         family = _children(proc.pid)  # the workers and multiprocessing's resource tracker
@@ -117,13 +127,12 @@ def test_kill_9_of_the_parent_leaves_no_worker_alive(tmp_path):
             time.sleep(0.05)
         assert _alive(family) == [], {pid: family[pid] for pid in _alive(family)}
     finally:
-        _stop(proc)
-        for pid in _alive(_children(proc.pid)):
-            os.kill(pid, signal.SIGKILL)
+        _stop(proc, family)
 
 
 def test_ctrl_c_keeps_what_finished_and_does_not_wait_for_runs_in_flight(tmp_path):
     proc, db = _start(tmp_path)
+    family: dict[int, str] = {}
     try:
         _wait_for(lambda: _saved(db) >= 2 and len(_workers(proc)) == 2, what="the short runs")
         family = _children(proc.pid)
@@ -131,7 +140,7 @@ def test_ctrl_c_keeps_what_finished_and_does_not_wait_for_runs_in_flight(tmp_pat
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
         out, err = proc.communicate(timeout=60)  # a long run would take minutes: it was not waited for
     finally:
-        _stop(proc)
+        _stop(proc, family)
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "interrupted; 2 finished runs of 'stop' are saved" in err, err
     assert "Traceback" not in err and out == ""
@@ -157,6 +166,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 
 def test_a_second_lab_run_on_the_same_database_is_refused_in_one_line(tmp_path):
     first, db = _start(tmp_path)
+    second = None
     try:
         _wait_for(lambda: len(_workers(first)) == 2, what="the first run's workers")
         second, _ = _start(tmp_path, db=db)
@@ -166,6 +176,8 @@ def test_a_second_lab_run_on_the_same_database_is_refused_in_one_line(tmp_path):
         assert _saved(db) <= 2  # the second did no run of its own
     finally:
         _stop(first)
+        if second is not None:
+            _stop(second)
     with Store(db).exclusive():  # kill -9 of the holder released the lock
         pass
 
