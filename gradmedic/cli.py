@@ -1,13 +1,20 @@
-"""The ``gradmedic`` command line."""
+"""The ``gradmedic`` command line.
+
+Its contract: bad input exits 2 with one line on stderr, never a traceback; ``--json`` puts exactly the
+JSON on stdout. The user's factory and model run with stdout sent to stderr (so their prints cannot
+corrupt the JSON), and a factory that calls ``sys.exit`` or is interrupted cannot make a check pass.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +74,17 @@ def _lab_run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         summary = run_suite(suite, store, workers=args.workers, progress=not args.no_progress,
                             backend=args.backend, address=args.address)
+        elapsed = time.perf_counter() - start
+        rows = _in_suite_order(suite.configs, store.results(suite.name))
     except GradmedicError as error:
         return _fail(str(error))
     except KeyboardInterrupt:
-        done = len(Store(args.db).finished(args.suite))
-        return _fail(f"interrupted; {done} finished runs of {args.suite!r} are saved in {args.db}. Run the same "
-                     "command again to resume.")
-    elapsed = time.perf_counter() - start
-    rows = [(c, r) for _, c, r, _ in store.results(suite.name)]
+        try:
+            done = f"{len(Store(args.db).finished(args.suite))} finished runs of {args.suite!r} are saved in {args.db}"
+        except (GradmedicError, KeyboardInterrupt):
+            done = "nothing was lost that had finished"
+        print(f"gradmedic: interrupted; {done}. Run the same command again to resume.", file=sys.stderr)
+        return 130
     verdicts = judge(group_results(rows))
     if args.json:
         print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
@@ -83,19 +93,31 @@ def _lab_run(args: argparse.Namespace) -> int:
                           "claims": [vars(v) for v in verdicts]}, indent=2))
     else:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
         for header in ("claim", "verdict", "measured"):
             table.add_column(header, overflow="fold")
         style = {"supported": "green", "not supported": "red", "mixed": "yellow"}
         for v in verdicts:
-            table.add_row(v.claim, f"[{style.get(v.verdict, '')}]{v.verdict}[/]", v.evidence)
+            table.add_row(Text(v.claim), Text(v.verdict, style=style.get(v.verdict, "")), Text(v.evidence))
         console.print(table)
-        console.print(f"{summary.finished} runs finished, {summary.skipped} already in {args.db}, "
-                      f"{len(summary.failed)} failed; {elapsed:.0f} s. HTML: gradmedic report {args.db} -o report.html")
+        console.print(Text(f"{summary.finished} runs finished, {summary.skipped} already in {args.db}, "
+                           f"{len(summary.failed)} failed; {elapsed:.0f} s. HTML: gradmedic report {args.db} -o "
+                           "report.html"))
     for name, error in summary.failed:
         print(f"gradmedic: run failed: {name}: {error}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _in_suite_order(configs: list[dict[str, Any]], results) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(config, result) rows in the suite's own order (stored order, by key, for runs the suite no longer
+    has), so that the claims' evidence reads the same however the runs were scheduled or finished."""
+    from gradmedic.lab.store import run_key
+
+    position = {run_key(c): i for i, c in enumerate(configs)}
+    rows = [(c, r) for _, c, r, _ in results]
+    return sorted(rows, key=lambda row: position.get(run_key(row[0]), len(position)))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -120,7 +142,7 @@ def _report(args: argparse.Namespace) -> int:
             name = args.suite or (suites[0] if len(suites) == 1 else None)
             if name is None or name not in suites:
                 raise GradmedicError(f"{args.source} holds suites {', '.join(suites)}; choose one with --suite")
-            rows = [(c, r) for _, c, r, _ in store.results(name)]
+            rows = _in_suite_order(SUITES[name].configs if name in SUITES else [], store.results(name))
             wall = sum(w for _, _, _, w in store.results(name))
             page = suite_page(name, rows, SUITES[name].description if name in SUITES else "", wall)
         elif magic.startswith(b"PK"):
@@ -143,7 +165,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"gradmedic: error: {message} (see gradmedic {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"gradmedic: error: {message} (see {self.prog} --help)\n")
 
 
 def _fail(message: str) -> int:
@@ -169,6 +191,9 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     sys.path.insert(0, str(path.resolve().parent))
     try:
         loader_spec.loader.exec_module(module)
+    except SystemExit as error:
+        raise GradmedicError(f"importing {path_text} called sys.exit({error.code!r}); a factory file must not exit "
+                             "(guard its script part with if __name__ == '__main__')") from None
     except Exception as error:
         raise GradmedicError(f"importing {path_text} failed: {type(error).__name__}: {first_line(error)}") from None
     finally:
@@ -183,27 +208,15 @@ def _load_factory(spec: str) -> Callable[[], Any]:
 def _check(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    import gradmedic as gm
-    from gradmedic._errors import GradmedicError, first_line
+    from gradmedic._errors import GradmedicError
 
     try:
-        factory = _load_factory(args.target)
-        try:
-            case = factory()
-        except Exception as error:
-            raise GradmedicError(f"{args.target}() raised {type(error).__name__}: {first_line(error)}") from None
-        if not isinstance(case, dict) or "model" not in case or "inputs" not in case:
-            raise GradmedicError(f"{args.target}() should return a dict with 'model' and 'inputs' (and optionally "
-                                 f"'targets', 'loss_fn'), but returned {type(case).__name__}"
-                                 + (f" with keys {sorted(case)}" if isinstance(case, dict) else ""))
-        unknown = sorted(set(case) - {"model", "inputs", "targets", "loss_fn", "optimizer"})
-        if unknown:
-            raise GradmedicError(f"{args.target}() returned unknown keys {unknown}; use model, inputs, targets, "
-                                 "loss_fn")
-        report = gm.check(case["model"], case["inputs"], targets=case.get("targets"), loss_fn=case.get("loss_fn"),
-                          optimizer=case.get("optimizer"), steps=args.steps)
+        with _stdout_to_stderr():  # the user's code may print; with --json stdout holds only the JSON
+            report = _check_target(args)
     except GradmedicError as error:
         return _fail(str(error))
+    except SystemExit as error:  # from the user's model: a check that did not run must not pass
+        return _fail(f"the model of {args.target} called sys.exit({error.code!r}) during the check")
     if args.report:
         from gradmedic.report import report_page, write_page
 
@@ -224,6 +237,51 @@ def _check(args: argparse.Namespace) -> int:
         if any(f.rank >= threshold for f in report.findings):
             return 1
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send stdout to stderr, Python's and the process's file descriptor 1 alike (C code, subprocesses)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (embedded, closed): Python's stdout only
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _check_target(args: argparse.Namespace):
+    """Import the factory, build the case and check it; every failure of the user's code is one line."""
+    import gradmedic as gm
+    from gradmedic._errors import GradmedicError, first_line
+
+    factory = _load_factory(args.target)
+    try:
+        case = factory()
+    except SystemExit as error:
+        raise GradmedicError(f"{args.target}() called sys.exit({error.code!r}) instead of returning a dict with "
+                             "'model' and 'inputs'") from None
+    except Exception as error:
+        raise GradmedicError(f"{args.target}() raised {type(error).__name__}: {first_line(error)}") from None
+    if not isinstance(case, dict) or "model" not in case or "inputs" not in case:
+        raise GradmedicError(f"{args.target}() should return a dict with 'model' and 'inputs' (and optionally "
+                             f"'targets', 'loss_fn'), but returned {type(case).__name__}"
+                             + (f" with keys {sorted(case)}" if isinstance(case, dict) else ""))
+    unknown = sorted(set(case) - {"model", "inputs", "targets", "loss_fn", "optimizer"})
+    if unknown:
+        raise GradmedicError(f"{args.target}() returned unknown keys {unknown}; use model, inputs, targets, "
+                             "loss_fn")
+    return gm.check(case["model"], case["inputs"], targets=case.get("targets"), loss_fn=case.get("loss_fn"),
+                    optimizer=case.get("optimizer"), steps=args.steps)
 
 
 def _non_negative(text: str) -> int:
@@ -292,9 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, start-up included: one line, the shell's 130
+        print("gradmedic: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

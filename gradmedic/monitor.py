@@ -4,12 +4,18 @@ Hooks are registered only for the steps a probe is scheduled on (armed at the en
 ``step()``), so an unscheduled step runs the user's model with no gradmedic code in it at all.
 Statistics stay on the model's device until a flush (every ``flush_every`` steps, on ``close()`` and
 when ``.trace`` is read). A probe that raises is switched off with one warning; the user's forward,
-backward and optimizer step go on as if it had never been there.
+backward and optimizer step go on as if it had never been there. The same holds for the Monitor's own
+machinery: a trace that refuses a chunk or a probe that cannot be disarmed costs a warning and that
+data, never the user's step, and ``close()`` takes every hook off whatever failed before it.
+
+A module added to the model after the Monitor was created is not measured (the probes index the
+model once); the Monitor says so in one warning rather than leaving the gap silent.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -81,6 +87,7 @@ class Monitor:
         self._since_flush = 0
         self._armed: list[Probe] = []
         self._closed = False
+        self._watch_new_modules()
         self._arm(0)
 
     def _rank_combiner(self, distributed: bool | None, rank_files: bool) -> Any:
@@ -196,8 +203,15 @@ class Monitor:
             chunks = self._combiner.combine(chunks)  # one collective; this rank's own numbers if it fails
             self._trace.meta["distributed"] = self._combiner.describe()
         for chunk in chunks.values():
-            self._trace.extend(chunk)
+            self._record(chunk)
         self._since_flush = 0
+
+    def _record(self, chunk: Chunk) -> None:
+        try:
+            self._trace.extend(chunk)
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("trace", error, what="recording into the trace", consequence="these measurements were "
+                       "dropped")
 
     @property
     def trace(self) -> Trace:
@@ -211,14 +225,18 @@ class Monitor:
         """Flush and remove every hook; the model is left exactly as it was. Safe to call twice."""
         if self._closed:
             return
-        self.flush()
-        self._disarm()
-        for probe in self.probes:
-            try:
-                probe.detach()
-            except Exception as error:  # noqa: BLE001
-                self._warn(probe.name, error)
         self._closed = True
+        try:
+            self.flush()
+        finally:  # whatever failed above, no hook of ours stays on the model
+            self._disarm()
+            for probe in self.probes:
+                try:
+                    probe.detach()
+                except Exception as error:  # noqa: BLE001
+                    self._warn(probe.name, error)
+                    probe.remove_hooks()
+            self._unwatch_new_modules()
 
     def diagnose(self):
         """Findings about the run so far: the same as ``gm.diagnose(monitor.trace)``."""
@@ -251,12 +269,50 @@ class Monitor:
         self._warn(probe.name, error)
         try:
             probe.disarm()
-        except Exception:  # noqa: BLE001,S110 - already failing; the warning has been given
-            pass
+        except Exception:  # noqa: BLE001 - already failing; the warning has been given
+            probe.remove_hooks()
 
-    def _warn(self, what: str, error: BaseException) -> None:
-        if what in self._warned:
+    def _warn(self, key: str, error: BaseException, what: str | None = None,
+              consequence: str = "it was switched off") -> None:
+        if key in self._warned:
             return
-        self._warned.add(what)
-        warnings.warn(f"gradmedic: the {what!r} probe failed ({type(error).__name__}: {error}) and was "
-                      "switched off; your training step is unaffected.", GradmedicWarning, stacklevel=3)
+        self._warned.add(key)
+        what = what or f"the {key!r} probe"
+        warnings.warn(f"gradmedic: {what} failed ({type(error).__name__}: {error}) and {consequence}; your "
+                      "training step is unaffected.", GradmedicWarning, stacklevel=3)
+
+    # --- modules added later --------------------------------------------------------------------
+    def _watch_new_modules(self) -> None:
+        """Warn once when a submodule is added to (or replaced in) the model while this Monitor is open.
+        torch calls a global registration hook for every module assignment: no cost per step."""
+        this = weakref.ref(self)
+
+        def on_register(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+            monitor = this()
+            if monitor is None or monitor._closed or module is None:
+                return
+            try:
+                monitor._on_new_module(parent, name, module)
+            except Exception:  # noqa: BLE001,S110 - a warning is not worth breaking the user's code
+                pass
+
+        register = getattr(nn.modules.module, "register_module_module_registration_hook", None)
+        self._module_hook = register(on_register) if register is not None else None
+        if self._module_hook is not None:  # a Monitor dropped without close() takes its hook along
+            weakref.finalize(self, self._module_hook.remove)
+
+    def _on_new_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        layers = self.layers
+        if id(parent) not in layers.row or id(module) in layers.row or "new module" in self._warned:
+            return
+        self._warned.add("new module")
+        parent_name = layers.names[layers.row[id(parent)]]
+        qualified = f"{parent_name}.{name}" if parent_name else name
+        warnings.warn(f"gradmedic: module {qualified!r} ({type(module).__name__}) was added to the model after the "
+                      "Monitor was created and is not measured; create the Monitor after changing the model "
+                      "(monitor.close(), then gm.Monitor(model, ...)).", GradmedicWarning, stacklevel=4)
+
+    def _unwatch_new_modules(self) -> None:
+        if getattr(self, "_module_hook", None) is not None:
+            self._module_hook.remove()
+            self._module_hook = None

@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 
 from gradmedic._errors import GradmedicError
+from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic.probes.base import Chunk
 
 __all__ = ["Trace"]
-
-FORMAT = "gradmedic-trace"
-VERSION = 1
 
 # Columns of the summary table: (metric, header); the first measured value per layer is the last step's.
 SUMMARY_COLUMNS = (
@@ -215,35 +213,16 @@ class Trace:
         return _write_atomic(Path(path), buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Trace:
+    def load(cls, path: str | os.PathLike, max_bytes: int = MAX_TRACE_BYTES) -> Trace:
+        """Load a saved trace. The file is treated as untrusted: its size, arrays and document are checked
+        before anything large is read (``max_bytes`` caps the uncompressed size), and whatever is wrong is
+        one GradmedicError line."""
         path = Path(path)
         if not path.is_file():
             raise GradmedicError(f"No trace file at {str(path)!r}: check the path (traces are written by "
                                  "Monitor.trace.save).")
-        try:
-            with zipfile.ZipFile(path) as zf:
-                doc = json.loads(zf.read("trace.json"))
-                if doc.get("format") != FORMAT:
-                    raise ValueError("not a gradmedic trace")
-                if doc.get("version", 0) > VERSION:
-                    raise ValueError(f"written by a newer gradmedic (format {doc['version']})")
-
-                def array(name: str) -> np.ndarray:
-                    return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
-
-                chunk = Chunk(steps=array("steps.npy"), layers=list(doc["layers"]),
-                              metrics=list(doc["metrics"]), values=array("values.npy"),
-                              events=list(doc["events"]))
-                for name in doc.get("scalars", []):
-                    chunk.scalars[name] = (array(f"scalars/{name}.steps.npy"), array(f"scalars/{name}.values.npy"))
-                for name, layers in doc["series"].items():
-                    chunk.series[name] = {
-                        layer: (array(f"series/{name}/{i}.steps.npy"), array(f"series/{name}/{i}.values.npy"))
-                        for i, layer in enumerate(layers)}
-        except (zipfile.BadZipFile, KeyError, ValueError, json.JSONDecodeError) as error:
-            raise GradmedicError(f"{str(path)!r} is not a readable gradmedic trace ({error}); "
-                                 "save one with Monitor.trace.save(path).") from None
-        trace = cls(doc["meta"])
+        meta, chunk = read_trace(path, max_bytes)
+        trace = cls(meta)
         trace.extend(chunk)
         return trace
 
@@ -251,6 +230,7 @@ class Trace:
     def table(self, title: str | None = None):
         """A rich Table: one row per layer, the last measured value of the main metrics."""
         from rich.table import Table
+        from rich.text import Text
 
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
@@ -266,23 +246,27 @@ class Trace:
             cells = [_fmt(last[m].get(layer), m) for m, _ in columns]
             if all(c == "" for c in cells):
                 continue
-            table.add_row(layer or "(model)", types.get(layer, ""), *cells)
+            # names come from the user's code (or a file): Text, never markup or emoji codes
+            table.add_row(Text(layer or "(model)"), Text(str(types.get(layer, ""))), *cells)
         return table
 
     def summary(self) -> str:
         """The per-layer table and the events, as plain text."""
         from rich.console import Console
+        from rich.text import Text
 
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps
         span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
-        console.print(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}")
+        console.print(Text(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}"))
         if "loss" in self.scalar_names:
             loss_steps, loss = self.scalar("loss")
             console.print(f"loss {loss[0]:.4g} at step {loss_steps[0]} -> {loss[-1]:.4g} at step {loss_steps[-1]}")
         console.print(self.table())
         for e in self.events[:10]:
-            console.print(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at {e['module']!r}")
+            if e.get("kind") == "nonfinite":
+                console.print(Text(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
+                                   f"{e['module']!r}"))
         return console.file.getvalue()
 
     def __str__(self) -> str:

@@ -90,6 +90,7 @@ class Report:
     def table(self):
         """A rich Table: one row per layer with the numbers the rules read and the findings there."""
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title_justify="left")
         for header in ("layer", "type", "backward signal", "grad/weight", "saturated", "dead", "finding"):
@@ -101,12 +102,15 @@ class Report:
         for row in _layer_rows(self.trace) if self.trace is not None else []:
             cells = [_fmt(row.get("backward_norm")), _fmt(row.get("grad_to_weight")),
                      _pct(row.get("saturated_frac")), _pct(row.get("dead_frac"))]
-            table.add_row(row["layer"] or "(model)", row["type"], *cells, ", ".join(where.get(row["layer"], [])))
+            # names come from the user's code: Text, never markup ("[/]" or "[red]" in a name is data)
+            table.add_row(Text(row["layer"] or "(model)"), Text(row["type"]), *cells,
+                          ", ".join(where.get(row["layer"], [])))
         return table
 
     def render(self, console=None) -> None:
         """Print the table and the findings with their remedies (to ``console`` or stdout)."""
         from rich.console import Console
+        from rich.text import Text
 
         console = console or Console()
         if self.trace is not None:
@@ -115,10 +119,10 @@ class Report:
             console.print("[green]No findings: gradients flow.[/]")
         colour = {"info": "cyan", "warning": "yellow", "error": "red"}
         for f in self.findings:
-            console.print(f"[{colour[f.severity]}]{f.severity.upper()}[/] {f.kind}: {f.message}")
+            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), f" {f.kind}: {f.message}"))
             if f.remedies:
                 fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
-                console.print(f"    remedies: {fixes}")
+                console.print(Text(f"    remedies: {fixes}"))
         verdict = "healthy" if self.healthy else f"not healthy ({self.worst()})"
         console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
 

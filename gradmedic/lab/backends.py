@@ -26,14 +26,17 @@ __all__ = ["BACKENDS", "make_executor"]
 BACKENDS = ("process", "ray")
 
 
-def _init_worker() -> None:
+def _pin_threads() -> None:
     import torch
 
     torch.set_num_threads(1)
 
 
-def make_executor(backend: str, workers: int, address: str | None = None) -> Any:
-    """An executor with ``submit`` and ``shutdown`` for ``backend`` (see the module docstring)."""
+def make_executor(backend: str, workers: int, address: str | None = None,
+                  initializer: Callable[..., None] = _pin_threads, initargs: tuple[Any, ...] = ()) -> Any:
+    """An executor with ``submit`` and ``shutdown`` for ``backend`` (see the module docstring).
+    ``initializer(*initargs)`` starts each pool worker (the runner's: one thread, SIGINT left to the
+    parent, exit with the parent); Ray tasks pin themselves to one thread."""
     if backend not in BACKENDS:
         raise bad_argument("backend", f"one of {BACKENDS}", backend)
     if backend == "process":
@@ -41,12 +44,13 @@ def make_executor(backend: str, workers: int, address: str | None = None) -> Any
             raise bad_argument("address", "None with the process backend (an address is for --backend ray)",
                                address)
         # spawned, not forked: a forked copy of a process that already started torch's threads can hang
-        return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
+        return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=initializer,
+                                   initargs=initargs)
     return RayExecutor(workers, address)
 
 
 def _pinned(fn: Callable[[dict[str, Any]], dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
-    _init_worker()
+    _pin_threads()
     return fn(config)
 
 

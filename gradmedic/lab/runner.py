@@ -4,14 +4,25 @@ Results are written by the parent, one transaction per run, as soon as a worker 
 interrupted suite (Ctrl-C, or a worker killed) keeps every finished run; running it again skips them.
 Workers are spawned (not forked: a forked copy of a process that already started torch's thread pools
 can hang) and use one intra-op thread each, so N workers use N cores without oversubscribing them.
+
+Workers never outlive the parent: each asks the kernel for SIGKILL when its parent dies (Linux prctl
+PR_SET_PDEATHSIG) and also watches its parent's pid from a thread (every platform), so a ``kill -9`` of
+``gradmedic lab run`` leaves no idle worker behind. Ctrl-C is the parent's to handle: workers are
+started with SIGINT ignored; the parent keeps every result that had arrived, stops the workers at once
+and leaves the suite resumable. One suite at a time runs on a database (``Store.exclusive``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +34,60 @@ from gradmedic.lab.suites import Suite
 __all__ = ["RunSummary", "run_suite"]
 
 _LABELS = ("experiment", "label")
+
+
+# How often a worker checks that its parent is alive where the kernel cannot tell it (not Linux): a
+# kill -9 of the parent leaves the workers idle for at most this long.
+PARENT_POLL_S = 0.5
+
+
+def _init_worker(parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides. SIGINT was blocked from the start (see
+    # _sigint_deferred); once ignored, a Ctrl-C that came during start-up is discarded by the unblocking.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent(parent)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Exit when the parent process dies: PR_SET_PDEATHSIG where the kernel has it, a watching thread always
+    (the kernel's signal fires when the parent's spawning thread exits, and does not exist off Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the request above was in place
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gradmedic-parent-watch", daemon=True).start()
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Block SIGINT while worker processes are started: they inherit the blocked mask across exec, so a
+    Ctrl-C during their start-up (seconds of importing torch) cannot print a traceback from each of them,
+    and the parent gets its KeyboardInterrupt when the block ends, with the workers known and stoppable."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C is raised here
 
 
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -64,44 +129,77 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise bad_argument("workers", "a positive int", workers)
     done = store.finished(suite.name)
-    pending = [c for c in suite.configs if run_key(c) not in done]
-    summary = RunSummary(suite.name, len(suite.configs), len(suite.configs) - len(pending))
-    if not pending:
-        return summary
-    executor = make_executor(backend, min(workers, len(pending)), address)
+    if all(run_key(c) in done for c in suite.configs):  # nothing to do: no lock needed to say so
+        return RunSummary(suite.name, len(suite.configs), len(suite.configs))
+    with store.exclusive():
+        done = store.finished(suite.name)  # again, now that no other run can add to it
+        pending = [c for c in suite.configs if run_key(c) not in done]
+        summary = RunSummary(suite.name, len(suite.configs), len(suite.configs) - len(pending))
+        if pending:
+            _run_pending(suite, store, pending, workers, progress, on_result, summary, backend, address)
+    return summary
+
+
+def _run_pending(suite: Suite, store: Store, pending: list[dict[str, Any]], workers: int, progress: bool,
+                 on_result: Callable[[dict[str, Any], dict[str, Any]], None] | None, summary: RunSummary,
+                 backend: str = "process", address: str | None = None) -> None:
     bar = _Bar(suite, len(pending), progress)
     futures: dict[Future, dict[str, Any]] = {}
+    stored: set[Future] = set()
+
+    def keep(future: Future) -> None:
+        """Store a finished run's result, or note its failure."""
+        stored.add(future)
+        config = futures[future]
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise
+        except Exception as error:  # the run itself failed: report it, keep going
+            error = getattr(error, "cause", None) or error  # Ray wraps the run's own exception
+            summary.failed.append((_name(config), f"{type(error).__name__}: {first_line(error)}"))
+        else:
+            store.put(suite.name, config, result, result["wall_s"])
+            summary.finished += 1
+            if on_result is not None:
+                on_result(config, result)
+        bar.advance(_name(config))
+
+    executor: Any = None
+    interrupted = False
     try:
-        with bar:
+        with _sigint_deferred():  # the pool's processes (and multiprocessing's resource tracker) start here
+            executor = make_executor(backend, min(workers, len(pending)), address, initializer=_init_worker,
+                                     initargs=(os.getpid(),))
             futures = {executor.submit(_run_one, c): c for c in pending}
+        with bar:
             waiting = set(futures)
             while waiting:
                 finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    config = futures[future]
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        raise
-                    except Exception as error:  # the run itself failed: report it, keep going
-                        error = getattr(error, "cause", None) or error  # Ray wraps the run's own exception
-                        summary.failed.append((_name(config), f"{type(error).__name__}: {first_line(error)}"))
-                    else:
-                        store.put(suite.name, config, result, result["wall_s"])
-                        summary.finished += 1
-                        if on_result is not None:
-                            on_result(config, result)
-                    bar.advance(_name(config))
+                    keep(future)
     except BrokenProcessPool:
         saved = summary.skipped + summary.finished
         raise GradmedicError(f"A lab worker process died during suite {suite.name!r}; {saved}"
                              f" of {summary.total} runs are saved in {store.path}. Run the same command again to "
                              "resume.") from None
+    except KeyboardInterrupt:
+        interrupted = True
+        for future in futures:  # results that arrived while we were interrupted are kept too
+            if future not in stored and future.done() and not future.cancelled():
+                try:
+                    keep(future)
+                except BaseException:  # noqa: BLE001,S110 - a broken pool or a second Ctrl-C: keep the rest
+                    pass
+        raise
     finally:
-        for future in futures:
-            future.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
-    return summary
+        # futures are not cancelled here: the pool's own thread marks what is left (cancelling beside it
+        # races with it: InvalidStateError on a cancelled future when the pool breaks)
+        if executor is not None:
+            if interrupted:  # do not wait for runs in flight: stop their workers now
+                for process in list((getattr(executor, "_processes", None) or {}).values()):
+                    process.kill()
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _Bar:

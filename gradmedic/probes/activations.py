@@ -14,6 +14,11 @@ A module called several times per forward accumulates over its calls; each call 
 since one activation module reused after two different layers is two sets of units. Functional
 activations (``F.relu``, ``torch.sigmoid``, ``x.tanh()``) are seen through a ``TorchFunctionMode``
 active only during a scheduled forward, and are booked under the module whose ``forward`` called them.
+The mode is always taken off torch's stack again, also when the probe fails inside one of its calls.
+
+Only training forwards count: a forward that builds no graph (``torch.no_grad()``, ``inference_mode``)
+is not measured, and when a step saw forwards in train mode, those run in eval mode (a validation pass
+with gradients on) are left out of it too. A model trained in eval mode is still measured.
 """
 
 from __future__ import annotations
@@ -124,6 +129,9 @@ class _FunctionalWatch(TorchFunctionMode):
     def __init__(self, on_call: Callable[[Family, Any, Any], None]):
         super().__init__()
         self.on_call = on_call
+        # >0 while our handler runs: torch has popped the mode for that time and pushes it back after,
+        # so __exit__ must not be called from inside (it would pop someone else's mode, or nothing)
+        self.inside = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -135,7 +143,11 @@ class _FunctionalWatch(TorchFunctionMode):
             x = x.detach().clone()  # an in-place op overwrites its input
         out = func(*args, **kwargs)
         if family is not None:
-            self.on_call(family if isinstance(family, Family) else family(args, kwargs), out, x)
+            self.inside += 1
+            try:
+                self.on_call(family if isinstance(family, Family) else family(args, kwargs), out, x)
+            finally:
+                self.inside -= 1
         return out
 
 
@@ -155,13 +167,15 @@ class ActivationProbe(Probe):
         self._calls: list[int] = []
         self._n: list[int] = []
         self._moments: list[torch.Tensor] = []  # (sum, sum of squares) per call
-        self._sat: list[tuple[int, torch.Tensor, int]] = []  # (row, saturated count, elements)
-        self._dead: list[tuple[int, torch.Tensor, int]] = []  # (row, alive units, units)
+        self._training: list[bool] = []  # per call: ran in train mode (eval calls are dropped when mixed)
+        self._sat: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, saturated count, elements)
+        self._dead: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, alive units, units)
         self._stack: list[nn.Module] = []  # user-defined modules running now (functional attribution)
         self._inside_activation = 0
         self._channels_first = False
         self._watch: _FunctionalWatch | None = None
         self._pre_input: torch.Tensor | None = None
+        self._pending_exit: Any = None  # handle of a hook that takes a watch off the stack after a failure
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -182,6 +196,13 @@ class ActivationProbe(Probe):
                 self._handles.append(
                     module.register_forward_hook(self.guard(self._leave, module), always_call=True))
 
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        try:
+            self._stop_watch()
+        except Exception:  # noqa: BLE001,S110 - remove_hooks never raises
+            self._watch = None
+
     def reset(self) -> None:
         super().reset()
         self._stop_watch()
@@ -190,7 +211,7 @@ class ActivationProbe(Probe):
         self._reset()
 
     def _reset(self) -> None:
-        for store in (self._calls, self._n, self._moments, self._sat, self._dead):
+        for store in (self._calls, self._n, self._moments, self._training, self._sat, self._dead):
             store.clear()
 
     # --- which module is running ------------------------------------------------------------------
@@ -203,7 +224,7 @@ class ActivationProbe(Probe):
             self._pre_input = args[0].detach().clone()  # the in-place op overwrites the pre-activation
 
     def _enter(self, module: nn.Module, _module: nn.Module, args: Any) -> None:
-        if not self._stack and self._watch is None:
+        if not self._stack and self._watch is None and torch.is_grad_enabled():
             self._watch = _FunctionalWatch(self.guard(self._on_functional))
             self._watch.__enter__()
         self._stack.append(module)
@@ -215,9 +236,24 @@ class ActivationProbe(Probe):
             self._stop_watch()
 
     def _stop_watch(self) -> None:
-        if self._watch is not None:
-            watch, self._watch = self._watch, None
+        if self._watch is None:
+            return
+        watch, self._watch = self._watch, None
+        if not watch.inside:
             watch.__exit__(None, None, None)
+        elif self._stack and self._pending_exit is None:
+            # stopped from inside the mode's own handler (the probe failed there): the mode goes back on
+            # the stack when the handler returns, so take it off when the outermost watched forward ends,
+            # where it would have been taken off anyway (inert until then: a failed probe measures nothing)
+            def leave(*_: Any) -> None:
+                self._pending_exit.remove()
+                self._pending_exit = None
+                try:
+                    watch.__exit__(None, None, None)
+                except Exception:  # noqa: BLE001,S110 - already failed and reported; never reach the user
+                    pass
+
+            self._pending_exit = self._stack[0].register_forward_hook(leave, always_call=True)
 
     # --- measurement ------------------------------------------------------------------------------
     def _on_module(self, row: int, family: Family, module: nn.Module, args: Any, output: Any) -> None:
@@ -226,35 +262,39 @@ class ActivationProbe(Probe):
         pre, self._pre_input = self._pre_input, None
         if pre is None and not getattr(module, "inplace", False):
             pre = first_float_tensor(args)
-        if out is not None:
-            self._measure(row, family, out, pre)
+        if out is not None and torch.is_grad_enabled():  # no graph, no training step
+            self._measure(row, family, out, module.training, pre)
 
     def _on_functional(self, family: Family, output: Any, pre: Any) -> None:
         if not self._stack or self._inside_activation or self.layers is None:
             return  # inside nn.ReLU etc.: measured as a module already
         out = first_float_tensor(output)
-        if out is not None:
-            self._measure(self.layers.row[id(self._stack[-1])], family, out, first_float_tensor(pre))
+        if out is not None and torch.is_grad_enabled():
+            caller = self._stack[-1]
+            self._measure(self.layers.row[id(caller)], family, out, caller.training, first_float_tensor(pre))
 
     @torch.no_grad()
-    def _measure(self, row: int, family: Family, y: torch.Tensor, pre: torch.Tensor | None = None) -> None:
+    def _measure(self, row: int, family: Family, y: torch.Tensor, training: bool,
+                 pre: torch.Tensor | None = None) -> None:
         y = y.detach()
         if y.dtype.itemsize < 4:
             y = y.float()
         n = y.numel()
         if n == 0:
             return
+        call = len(self._calls)
         self._calls.append(row)
         self._n.append(n)
+        self._training.append(training)
         # sum and sum of squares are the fastest full reductions (~5-8 us each on 128x512); var_mean is
         # ~20x slower
         self._moments.append(torch.stack([y.sum(), sum_of_squares(y).to(y.dtype)]))
         if family.saturated is not None:
-            self._sat.append((row, family.saturated(y), n))
+            self._sat.append((call, row, family.saturated(y), n))
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
             others = tuple(d for d in range(y.dim()) if d != axis)
-            self._dead.append((row, self._alive_units(y, pre, axis, others), y.shape[axis]))
+            self._dead.append((call, row, self._alive_units(y, pre, axis, others), y.shape[axis]))
 
     @staticmethod
     def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...]) -> torch.Tensor:
@@ -269,7 +309,21 @@ class ActivationProbe(Probe):
         spread = 1.4826 * (means - means.median()).abs().median()
         return ((top > 0) | (top > -DEAD_MARGIN * spread)).sum()
 
+    def _drop_eval_calls(self) -> None:
+        """When the step had train-mode forwards, forget the eval-mode ones (a validation pass)."""
+        if all(self._training) or not any(self._training):
+            return
+        keep = [i for i, t in enumerate(self._training) if t]
+        renumber = {old: new for new, old in enumerate(keep)}
+        self._calls[:] = [self._calls[i] for i in keep]
+        self._n[:] = [self._n[i] for i in keep]
+        self._moments[:] = [self._moments[i] for i in keep]
+        self._training[:] = [True] * len(keep)
+        for parts in (self._sat, self._dead):
+            parts[:] = [(renumber[c], r, v, k) for c, r, v, k in parts if c in renumber]
+
     def collect(self, step: int) -> None:
+        self._drop_eval_calls()
         if not self._calls:
             return
         slot = self.buffer.open(step)
@@ -288,12 +342,12 @@ class ActivationProbe(Probe):
         for metric, parts, flip in (("saturated_frac", self._sat, False), ("dead_frac", self._dead, True)):
             if not parts:
                 continue
-            where = torch.tensor([r for r, _, _ in parts], dtype=torch.long, device=dev)
+            where = torch.tensor([r for _, r, _, _ in parts], dtype=torch.long, device=dev)
             count = torch.zeros(2, size, dtype=dt, device=dev)
-            counted = torch.stack([c.to(dt) for _, c, _ in parts])
-            of = torch.tensor([float(k) for _, _, k in parts], dtype=dt, device=dev)
+            counted = torch.stack([c.to(dt) for _, _, c, _ in parts])
+            of = torch.tensor([float(k) for _, _, _, k in parts], dtype=dt, device=dev)
             count.index_add_(1, where, torch.stack([of - counted if flip else counted, of]))
-            picked = torch.tensor(sorted({r for r, _, _ in parts}), dtype=torch.long, device=dev)
+            picked = torch.tensor(sorted({r for _, r, _, _ in parts}), dtype=torch.long, device=dev)
             hit, out_of = count.index_select(1, picked)
             self.buffer.write(slot, picked, metric, hit / out_of)
         self._reset()

@@ -187,10 +187,18 @@ class Probe:
         """Register the hooks that watch one forward/backward."""
 
     def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.remove_hooks()
         self.reset()
+
+    def remove_hooks(self) -> None:
+        """Take every hook off the model. Never raises: the Monitor falls back on it when a disarm() fails,
+        so that a broken probe cannot leave hooks behind."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            try:
+                handle.remove()
+            except Exception:  # noqa: BLE001,S110 - removing the others matters more
+                pass
 
     def reset(self) -> None:
         """Forget this step's partial state; hooks from an earlier step's graph are ignored after it.

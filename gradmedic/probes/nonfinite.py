@@ -82,7 +82,7 @@ class NonFiniteProbe(Probe):
 
     def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
         out = first_float_tensor(output)
-        if out is None:
+        if out is None or not torch.is_grad_enabled():  # a no_grad/inference forward is not a training step
             return
         codes, rows = self._seen["forward"]
         codes.append(_probe_sum(out))

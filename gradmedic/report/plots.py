@@ -30,8 +30,15 @@ def _pyplot():
     return plt
 
 
+def _plain(text: str) -> str:
+    """User text (layer names, labels) as literal text: a ``$`` would start matplotlib's mathtext, and a
+    name such as ``a$\\frac{1}{$`` would crash the drawing. A leading ``_`` would hide a legend entry."""
+    text = str(text).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def _short(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return _plain(name if len(name) <= width else "…" + name[-(width - 1):])
 
 
 def _values(seq, positive: bool = False) -> np.ndarray:
@@ -51,7 +58,7 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> No
     ax.set_ylabel(ylabel)
     if legend:
         ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_plain(title), fontsize=10)
 
 
 def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.ndarray, title: str = "",
@@ -70,7 +77,7 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     rows = list(range(0, len(layers), every))
     ax.set_yticks(rows, [_short(layers[i]) for i in rows], fontsize=7)
     fig.colorbar(image, ax=ax, label=f"log10 {quantity}")
-    ax.set_title(title or "Gradient flow", fontsize=10)
+    ax.set_title(_plain(title or "Gradient flow"), fontsize=10)
     return fig
 
 
@@ -85,7 +92,7 @@ def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]
     width = 0.8 / n
     for i, label in enumerate(labels):
         v = _values(norms[label], positive=True)
-        ax.bar(x[: len(v)] + (i - (n - 1) / 2) * width, v, width=width, label=label)
+        ax.bar(x[: len(v)] + (i - (n - 1) / 2) * width, v, width=width, label=_plain(label))
     ax.set_yscale("log")
     every = max(1, len(layers) // 25 + (len(layers) % 25 > 0))
     ax.set_xticks(x[::every], [_short(layers[i], 18) for i in range(0, len(layers), every)], rotation=60,
@@ -103,7 +110,7 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]
     for label, (steps, loss) in curves.items():
         y = _values(loss)
         seen.append(y[np.isfinite(y)])
-        ax.plot(list(steps)[: len(y)], y, label=label, linewidth=1.4)
+        ax.plot(list(steps)[: len(y)], y, label=_plain(label), linewidth=1.4)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="input-blind baseline")
     finite = np.concatenate(seen) if seen else np.array([])
@@ -119,7 +126,7 @@ def time_curves(curves: Mapping[str, Sequence[float | None]], title: str = ""):
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     for label, values in curves.items():
         y = _values(values, positive=True)
-        ax.plot(np.arange(1, len(y) + 1), y, label=label, linewidth=1.4)
+        ax.plot(np.arange(1, len(y) + 1), y, label=_plain(label), linewidth=1.4)
     ax.set_yscale("log")
     _finish(ax, "time step t (the loss is read at the last)", "RMS of dL/dx_t", title or "Gradient through time")
     return fig
