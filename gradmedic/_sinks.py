@@ -26,7 +26,7 @@ import numpy as np
 from gradmedic._errors import bad_argument
 from gradmedic.probes.base import Chunk
 
-__all__ = ["CallableSink", "Sink", "WriterSink", "as_sink", "chunk_records", "tag"]
+__all__ = ["CallableSink", "Sink", "WriterSink", "as_sink", "chunk_records", "findings_text", "tag"]
 
 PREFIX = "gradmedic"
 # bookkeeping columns that are not measurements (the order layers ran in)
@@ -82,6 +82,12 @@ class Sink:
             for event in chunk.events:
                 self.text("events", _event_text(event), int(event.get("step", 0)))
         self.flush()
+
+
+def findings_text(findings: list[Any]) -> str:
+    """Markdown (TensorBoard renders it), one paragraph per finding."""
+    lines = [f"**{f.severity}** {f.kind} at {', '.join(f.layers[:4]) or 'the model'}: {f.message}" for f in findings]
+    return "\n\n".join(lines) or "No findings: the gradients look healthy."
 
 
 def _event_text(event: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
-from gradmedic._sinks import as_sink
+from gradmedic._sinks import as_sink, findings_text
 from gradmedic._wrappers import unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
 from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
@@ -242,10 +242,7 @@ class Monitor:
             self._to_sink(self._findings_to_sink)
 
     def _findings_to_sink(self, sink: Any) -> None:
-        report = self.diagnose()
-        lines = [f"**{f.severity}** {f.kind} at {', '.join(f.layers[:4]) or 'the model'}: {f.message}"
-                 for f in report.findings] or ["No findings: the gradients look healthy."]
-        sink.text("findings", "\n\n".join(lines), max(self._step - 1, 0))
+        sink.text("findings", findings_text(self.diagnose().findings), max(self._step - 1, 0))
         sink.flush()
 
     def diagnose(self):

@@ -1,0 +1,9 @@
+"""Where users already train: Hugging Face ``Trainer``, Lightning, TensorBoard.
+
+Each submodule imports its framework only when used; ``import gradmedic`` (and this package) imports
+none of them. ``from gradmedic.integrations.huggingface import GradmedicCallback``,
+``from gradmedic.integrations.lightning import GradmedicCallback``,
+``from gradmedic.integrations.tensorboard import TensorBoardSink, write_trace``.
+"""
+
+__all__: list[str] = []
