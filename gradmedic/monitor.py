@@ -25,7 +25,7 @@ from torch import nn
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
 from gradmedic._sinks import as_sink, findings_text
-from gradmedic._wrappers import unwrap
+from gradmedic.architecture import unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
 from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
 from gradmedic.trace import Trace
@@ -67,7 +67,7 @@ class Monitor:
         self.flush_every = flush_every
         self.sink = as_sink(log_to)
         self.preset = preset if probes is None else "custom"
-        self.layers = LayerIndex(unwrap(model))
+        self.layers = LayerIndex(model)  # through wrappers (torch.compile, DDP): the user's names
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
         self._warned: set[str] = set()
         for probe in self.probes:
