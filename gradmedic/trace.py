@@ -254,7 +254,7 @@ class Trace:
         types = self.meta.get("types", {})
         table = Table(title=title, title_justify="left", caption="dL/dout: RMS gradient w.r.t. the layer's "
                       "output; dx0/dxT: dL/dx at the first over the last time step", caption_justify="left")
-        table.add_column("layer")
+        table.add_column("layer", overflow="fold")  # folded on a narrow terminal, never cut short
         table.add_column("type")
         for _, header in columns:
             table.add_column(header, justify="right")
