@@ -78,3 +78,11 @@ def test_chromium_shows_the_role_figure_in_the_first_screen(report, tmp_path):
     pixels = (image[int(top):int(bottom)] * 255).round().astype(int).reshape(-1, 3)
     colours = sum(1 for c in TAB10 if (np.abs(pixels - c).max(axis=1) <= 8).sum() >= 50)
     assert colours >= 5, colours  # one colour per role line: the multi-line profile, not another figure
+
+
+def test_a_plain_mlp_has_no_role_profile():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(8, 8), nn.Sigmoid())])
+    assert role_lines(gm.check(model, torch.randn(4, 8)).trace, "grad_norm") == {}

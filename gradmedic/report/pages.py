@@ -154,8 +154,9 @@ _NOT_PROFILED = frozenset({"block", "activation", "embedding", "other"})
 
 
 def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
-    """Last recorded ``metric`` of each layer inside a repeated block, one line per role and position in
-    the block (``h.*.attn.c_attn``): label -> (block indices, values). Empty without repeated blocks."""
+    """Last recorded ``metric`` of each layer inside a repeated block (a ``block`` in the architecture
+    table's roles), one line per role and position in the block (``h.*.attn.c_attn``):
+    label -> (block indices, values). Empty for a model without repeated blocks."""
     from gradmedic.architecture import block_index
 
     roles = trace.meta.get("roles", {})
@@ -167,7 +168,9 @@ def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
         parts = layer.split(".")
         at = max(i for i, p in enumerate(parts) if p.isdigit())
         prefix, rest = ".".join(parts[:at]), ".".join(parts[at + 1:])
-        groups.setdefault((prefix, f"{rest} ({role})" if rest else role), {})[index] = value
+        if not rest or roles.get(".".join(parts[:at + 1])) != "block":
+            continue  # not inside a residual block (a plain Sequential's layers are numbered too)
+        groups.setdefault((prefix, f"{rest} ({role})"), {})[index] = value
     groups = {key: by_block for key, by_block in groups.items() if len(by_block) >= 2}
     stacks = {prefix for prefix, _ in groups}
     lines = {}
