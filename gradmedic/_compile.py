@@ -8,10 +8,16 @@ with the hooks, and the compiled graph (built on a step without hooks) is used o
 
 One process-wide count, so that two Monitors arming and disarming in any order restore the stance the
 user had, and a Monitor dropped without ``close()`` gives its share back when it is collected.
+
+Nothing happens until dynamo is loaded (``torch.compile`` loads it): importing ``torch._dynamo`` takes
+seconds, which a user who never compiles should not pay. So create the Monitor after
+``torch.compile(model)`` (``Monitor(torch.compile(model))``); a model compiled later is covered from the
+Monitor's next step on.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -56,8 +62,8 @@ class EagerWhileArmed:
         if on == self.held:
             return
         if on:
-            if torch.compiler.is_compiling():  # set_stance is refused inside a compiled region
-                return
+            if "torch._dynamo" not in sys.modules or torch.compiler.is_compiling():
+                return  # nothing is compiled yet (tried again at the next arm); or inside a compiled region
             _acquire()
         else:
             _release()
