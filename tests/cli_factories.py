@@ -16,11 +16,20 @@ def wrong_shape():
     return {"model": nn.Linear(3, 2), "inputs": torch.randn(4, 5)}
 
 
-def gpt2():
-    """A 12-block GPT-2 (random weights from a config): long layer names, as users' models have."""
-    import transformers
 
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=12, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, T, 8)
+        return self.head(self.encoder(x)[:, -1])
+
+
+def transformer():
+    """A 12-block transformer encoder: layer names like encoder.layers.11.self_attn.out_proj, longer than
+    a piped 80-column table had room for."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=12, n_head=2)
-    ids = torch.randint(0, 32, (2, 8))
-    return {"model": transformers.GPT2LMHeadModel(config), "inputs": {"input_ids": ids, "labels": ids}}
+    return {"model": _Encoder(), "inputs": torch.randn(2, 6, 8), "targets": torch.tensor([0, 2])}
