@@ -20,15 +20,30 @@ from typing import Any
 
 __all__ = ["main"]
 
+# Width given to tables when the output is not a terminal (a pipe, a file, CI logs): wide enough for
+# every row on one line, so that `gradmedic check ... | cat` (or grep) shows whole layer names; rich
+# would otherwise assume 80 columns and cut GPT-2's names to `transfor…`. COLUMNS, when set, still wins.
+PIPE_WIDTH = 10_000
+
+
+def _console(stderr: bool = False):
+    """A rich Console: the terminal's width on a terminal, PIPE_WIDTH when piped."""
+    import os
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from gradmedic._errors import GradmedicError
     from gradmedic.demo import run_demo
 
     try:
-        run_demo(steps=args.steps, depth=args.depth, seed=args.seed, html=args.report, console=Console())
+        run_demo(steps=args.steps, depth=args.depth, seed=args.seed, html=args.report, console=_console())
     except GradmedicError as error:
         return _fail(str(error))
     except OSError as error:
@@ -37,7 +52,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _lab_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from gradmedic.lab.suites import SUITES
@@ -52,14 +66,12 @@ def _lab_list(args: argparse.Namespace) -> int:
         table.add_column(header)
     for name, suite in SUITES.items():
         table.add_row(name, str(len(suite.configs)), ", ".join(e.name for e in suite.experiments), suite.description)
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
 def _lab_run(args: argparse.Namespace) -> int:
     import time
-
-    from rich.console import Console
 
     from gradmedic._errors import GradmedicError
     from gradmedic.lab.claims import group_results, judge
@@ -67,7 +79,7 @@ def _lab_run(args: argparse.Namespace) -> int:
     from gradmedic.lab.store import Store
     from gradmedic.lab.suites import get_suite
 
-    console = Console(stderr=args.json)
+    console = _console(stderr=args.json)
     try:
         suite = get_suite(args.suite)
         store = Store(args.db)
@@ -206,7 +218,6 @@ def _load_factory(spec: str) -> Callable[[], Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from gradmedic._errors import GradmedicError
 
@@ -227,7 +238,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json())
     else:
-        report.render(Console())
+        report.render(_console())
         if args.report:
             print(f"Report written to {args.report}")
     if args.fail_on is not None:

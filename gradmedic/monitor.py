@@ -3,13 +3,20 @@
 Hooks are registered only for the steps a probe is scheduled on (armed at the end of the previous
 ``step()``), so an unscheduled step runs the user's model with no gradmedic code in it at all.
 Statistics stay on the model's device until a flush (every ``flush_every`` steps, on ``close()`` and
-when ``.trace`` is read). A probe that raises is switched off with one warning; the user's forward,
-backward and optimizer step go on as if it had never been there. The same holds for the Monitor's own
-machinery: a trace that refuses a chunk or a probe that cannot be disarmed costs a warning and that
-data, never the user's step, and ``close()`` takes every hook off whatever failed before it.
+when ``.trace`` is read); a ``log_to`` sink receives them there too. A probe that raises is switched off
+with one warning; the user's forward, backward and optimizer step go on as if it had never been there.
+The same holds for the Monitor's own machinery: a trace that refuses a chunk or a probe that cannot be
+disarmed costs a warning and that data, never the user's step, and ``close()`` takes every hook off
+whatever failed before it.
 
 A module added to the model after the Monitor was created is not measured (the probes index the
 model once); the Monitor says so in one warning rather than leaving the gap silent.
+
+Under ``torch.compile`` the hooks must not be traced: dynamo would inline them into the graph, guard on
+them and recompile whenever they come and go. While hooks are armed the Monitor sets the compiler's
+stance to ``force_eager``, so a scheduled step runs the model eagerly with the hooks and every other step
+runs the compiled graph, which was compiled (once) without them. The model is read through its
+wrappers (``_orig_mod``, DDP's ``module``), so layers carry the user's names.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradmedic._compile import EagerWhileArmed
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
+from gradmedic._sinks import as_sink, findings_text
+from gradmedic.architecture import unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
 from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
 from gradmedic.trace import Trace
@@ -36,20 +46,23 @@ class Monitor:
     ``preset``: ``"cheap"`` (gradient norms every 50 steps), ``"standard"`` (default: gradients and
     backward signal every 20 steps, activations, time steps and NaN/Inf every 100) or ``"full"``
     (everything, every step). ``every`` overrides every probe's period; ``probes`` replaces the preset
-    with probe instances of your own.
+    with probe instances of your own. ``log_to``: a TensorBoard ``SummaryWriter`` or a callable
+    ``(step, metrics)`` (``wandb.log`` and ``mlflow.log_metrics`` work as they are) that receives the
+    numbers at each flush.
 
     Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
     DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
     combines every rank's numbers in one collective (``gradmedic.integrations.distributed``), and only
-    rank 0's ``trace.save`` writes (``rank_files=True``: every rank writes ``NAME.rankN.gmtrace``).
-    Create the Monitor on every rank, and call ``close()`` on every rank: reading ``monitor.trace``
-    mid-run does not communicate and shows what was combined at the last flush.
+    rank 0's ``trace.save`` and ``log_to`` sink write (``rank_files=True``: every rank writes
+    ``NAME.rankN.gmtrace``). Create the Monitor on every rank, and call ``close()`` on every rank:
+    reading ``monitor.trace`` mid-run does not communicate and shows what was combined at the last flush.
     ``distributed=False`` keeps each rank's numbers local.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  preset: str = "standard", every: int | None = None, probes: list[Probe] | None = None,
-                 flush_every: int = 100, distributed: bool | None = None, rank_files: bool = False):
+                 flush_every: int = 100, log_to: Any = None, distributed: bool | None = None,
+                 rank_files: bool = False):
         if not isinstance(model, nn.Module):
             raise bad_argument("model", "a torch.nn.Module", model)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -71,6 +84,7 @@ class Monitor:
         self.model = model
         self.optimizer = optimizer
         self.flush_every = flush_every
+        self.sink = as_sink(log_to)
         self.preset = preset if probes is None else "custom"
         self.layers = LayerIndex(model)  # wrappers (compile, DDP, FSDP) looked through
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
@@ -86,6 +100,8 @@ class Monitor:
         self._step = 0
         self._since_flush = 0
         self._armed: list[Probe] = []
+        self._recorded: set[int] = set()  # ids of probes that record_gradients() measured this step
+        self._eager = EagerWhileArmed()  # compiled code runs eagerly while hooks are armed
         self._closed = False
         self._watch_new_modules()
         self._arm(0)
@@ -108,7 +124,7 @@ class Monitor:
         layers = self.layers
         params = {name: sum(p.numel() for p in ps) for name, ps in zip(layers.names, layers.params, strict=True)
                   if ps}
-        return {"model": type(self.model).__name__, "preset": self.preset, "modules": layers.names,
+        return {"model": type(unwrap(self.model)).__name__, "preset": self.preset, "modules": layers.names,
                 "types": {n: type(m).__name__ for n, m in zip(layers.names, layers.modules, strict=True)},
                 "params": params, "roles": dict(layers.roles), "dtype": str(layers.param_dtype).removeprefix("torch."),
                 "device": str(layers.device), "probes": [repr(p) for p in self.probes],
@@ -126,8 +142,11 @@ class Monitor:
             raise GradmedicError("Monitor.step() was called after close(); create a new Monitor to go on.")
         step = self._step
         for probe in self.probes:
+            if id(probe) in self._recorded:
+                continue  # measured at the end of backward by record_gradients()
             if probe.should_compute(step) and (not probe.uses_hooks or probe in self._armed):
                 self._safely(probe, probe.collect, step)
+        self._recorded.clear()
         self._disarm(keep=step + 1)
         self._record_run(step, loss)
         for probe in self.probes:
@@ -137,6 +156,20 @@ class Monitor:
         if self._since_flush >= self.flush_every:
             self.flush()
         self._arm(self._step)
+
+    def record_gradients(self) -> None:
+        """Measure the parameter gradients now, for the current step, without ending it.
+
+        For training loops that change gradients between backward and ``step()`` (a Trainer that clips
+        them): call it at the end of each backward; the last call before ``step()`` is the one kept, so
+        under gradient accumulation the recorded gradient is the accumulated one, before clipping.
+        """
+        if self._closed:
+            return
+        step = self._step
+        for probe in self.probes:
+            if not probe.uses_hooks and probe.should_compute(step) and self._safely(probe, probe.collect, step):
+                self._recorded.add(id(probe))
 
     def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
         try:
@@ -170,6 +203,7 @@ class Monitor:
             if probe.uses_hooks and probe.should_compute(step) and probe not in self._armed:
                 if self._safely(probe, probe.arm):
                     self._armed.append(probe)
+        self._run_eagerly(bool(self._armed))
 
     def _disarm(self, keep: int | None = None) -> None:
         """Remove hooks; a probe also due at step ``keep`` keeps its hooks and only resets its state."""
@@ -181,10 +215,19 @@ class Monitor:
             else:
                 self._safely(probe, probe.disarm)
         self._armed = staying
+        self._run_eagerly(bool(self._armed))
+
+    def _run_eagerly(self, on: bool) -> None:
+        """Keep torch.compile from tracing the hooks: compiled code runs eagerly while they are armed."""
+        try:
+            self._eager.hold(on)
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("compile stance", error)
 
     # --- flushing and closing -------------------------------------------------------------------
     def flush(self) -> None:
-        """Move every probe's device buffer into the trace (one device-to-host copy per probe).
+        """Move every probe's device buffer into the trace (one device-to-host copy per probe), and
+        hand the same numbers to the ``log_to`` sink.
 
         Under torch.distributed this is a collective: every rank must flush at the same point (the
         Monitor does so every ``flush_every`` steps and at ``close()``)."""
@@ -204,7 +247,15 @@ class Monitor:
             self._trace.meta["distributed"] = self._combiner.describe()
         for chunk in chunks.values():
             self._record(chunk)
+        if self.sink is not None and chunks and self._writes:
+            self._to_sink(lambda sink: sink.write(list(chunks.values())))
         self._since_flush = 0
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes files and logs: always, except ranks other than 0 under
+        torch.distributed (unless ``rank_files=True``)."""
+        return self._trace.rank_suffix != ""
 
     def _record(self, chunk: Chunk) -> None:
         try:
@@ -212,6 +263,15 @@ class Monitor:
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
             self._warn("trace", error, what="recording into the trace", consequence="these measurements were "
                        "dropped")
+
+    def _to_sink(self, write: Any) -> None:
+        """A sink that fails is switched off with one warning, like a probe."""
+        try:
+            write(self.sink)
+        except Exception as error:  # noqa: BLE001 - a logger must never break training
+            self.sink = None
+            warnings.warn(f"gradmedic: writing to log_to failed ({type(error).__name__}: {error}); logging is "
+                          "switched off, the trace still records everything.", GradmedicWarning, stacklevel=3)
 
     @property
     def trace(self) -> Trace:
@@ -237,6 +297,12 @@ class Monitor:
                     self._warn(probe.name, error)
                     probe.remove_hooks()
             self._unwatch_new_modules()
+        if self.sink is not None and self._writes:
+            self._to_sink(self._findings_to_sink)
+
+    def _findings_to_sink(self, sink: Any) -> None:
+        sink.text("findings", findings_text(self.diagnose().findings), max(self._step - 1, 0))
+        sink.flush()
 
     def diagnose(self):
         """Findings about the run so far: the same as ``gm.diagnose(monitor.trace)``."""

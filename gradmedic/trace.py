@@ -180,6 +180,13 @@ class Trace:
                 writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
         return _write_atomic(Path(path), buffer.getvalue().encode())
 
+    def to_tensorboard(self, logdir: str | os.PathLike) -> Path:
+        """Write the trace as TensorBoard scalars (``gradmedic/<metric>/<layer>``) and its findings as
+        text; needs the tensorboard package. See ``gradmedic.integrations.tensorboard``."""
+        from gradmedic.integrations.tensorboard import write_trace  # the framework is imported on use only
+
+        return write_trace(self, logdir)
+
     def save(self, path: str | os.PathLike) -> Path | None:
         """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json.
 
@@ -237,7 +244,7 @@ class Trace:
         types = self.meta.get("types", {})
         table = Table(title=title, title_justify="left", caption="dL/dout: RMS gradient w.r.t. the layer's "
                       "output; dx0/dxT: dL/dx at the first over the last time step", caption_justify="left")
-        table.add_column("layer")
+        table.add_column("layer", overflow="fold")  # folded on a narrow terminal, never cut short
         table.add_column("type")
         for _, header in columns:
             table.add_column(header, justify="right")

@@ -132,3 +132,17 @@ def test_lab_run_smoke_json_then_resume(tmp_path):
     done = run("report", str(db), "-o", str(tmp_path / "lab.html"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "lab.html").read_text().count("<img ") >= 13 * 2
+
+
+def test_piped_check_shows_whole_layer_names():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run(f"'{SCRIPT}' check tests/cli_factories.py:transformer | cat", shell=True,
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout
+    rows = {line.split("│")[1].strip() for line in done.stdout.splitlines() if line.count("│") > 2}
+    for block in (0, 11):
+        for leaf in ("self_attn", "self_attn.out_proj", "linear1", "linear2", "norm1", "norm2"):
+            assert f"encoder.layers.{block}.{leaf}" in rows  # one cell, the whole name

@@ -94,7 +94,9 @@ class Report:
 
         table = Table(title_justify="left")
         for header in ("layer", "type", "backward signal", "grad/weight", "saturated", "dead", "finding"):
-            table.add_column(header, justify="left" if header in ("layer", "type", "finding") else "right")
+            # a layer name is folded onto more lines on a narrow terminal, never cut short
+            table.add_column(header, justify="left" if header in ("layer", "type", "finding") else "right",
+                             overflow="fold" if header == "layer" else "ellipsis")
         where: dict[str, list[str]] = {}
         for f in self.findings:
             for layer in f.layers:

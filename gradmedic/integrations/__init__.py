@@ -1,2 +1,10 @@
-"""Integrations with the tools people train with. Each module imports its framework lazily, so that
-``import gradmedic`` never imports any of them; import the one you need by its full name."""
+"""Where users already train: Hugging Face ``Trainer``, Lightning, TensorBoard, torch.distributed.
+
+Each submodule imports its framework only when used; ``import gradmedic`` (and this package) imports
+none of them. ``from gradmedic.integrations.huggingface import GradmedicCallback``,
+``from gradmedic.integrations.lightning import GradmedicCallback``,
+``from gradmedic.integrations.tensorboard import TensorBoardSink, write_trace``;
+``gradmedic.integrations.distributed`` is used by the Monitor itself under torch.distributed.
+"""
+
+__all__: list[str] = []

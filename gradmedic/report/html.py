@@ -26,6 +26,7 @@ img{max-width:100%;display:block;margin:.6em 0}
 .supported{background:#dcf5dc}.not-supported{background:#fadcdc}.mixed{background:#fff2cc}
 .error{background:#fadcdc}.warning{background:#fff2cc}.info{background:#e8f0fe}
 .muted{color:#777;font-size:.85em}
+summary{cursor:pointer;font-weight:600;margin:.6em 0}
 """
 
 
@@ -44,7 +45,8 @@ class Page:
         self._parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def table(self, headers: Sequence[str], rows: Iterable[Sequence[object]],
-              row_classes: Sequence[str] | None = None) -> None:
+              row_classes: Sequence[str] | None = None, folded: str | None = None) -> None:
+        """``folded``: the table sits closed inside ``<details>`` under that summary (no script needed)."""
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
         body = []
         for i, row in enumerate(rows):
@@ -53,7 +55,10 @@ class Page:
                 f'<td class="num">{html.escape(str(c))}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
                 else f"<td>{html.escape(str(c))}</td>" for c in row)
             body.append(f"<tr{cls}>{cells}</tr>")
-        self._parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        if folded is not None:
+            table = f"<details><summary>{html.escape(folded)}</summary>{table}</details>"
+        self._parts.append(table)
 
     def figure(self, fig, alt: str) -> None:
         """Embed a matplotlib figure as a PNG and close it (figures hold memory until closed)."""

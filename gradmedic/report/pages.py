@@ -101,7 +101,8 @@ def _time_figures(page: Page, name: str, by_label: dict[str, list[dict[str, Any]
 
 
 def report_page(report, title: str = "gradmedic report") -> Page:
-    """A diagnosis Report (from gm.check or gm.diagnose(trace)): findings, per-layer numbers, figures."""
+    """A diagnosis Report (from gm.check or gm.diagnose(trace)): findings first, then the figures, then the
+    per-layer table folded away (a 48-block transformer has some 340 rows)."""
     page = Page(title)
     trace = report.trace
     if trace is not None:
@@ -112,41 +113,96 @@ def report_page(report, title: str = "gradmedic report") -> Page:
     if not report.findings:
         page.paragraph("No findings: the gradients look healthy.")
     else:
-        page.table(("severity", "kind", "layers", "what to do", "remedies (best first)"),
-                   [(f.severity, f.kind, ", ".join(f.layers[:4]) + (" …" if len(f.layers) > 4 else ""), f.message,
-                     ", ".join(f.remedies)) for f in report.findings],
+        page.table(("severity", "kind", "where", "what was found", "what to do"),
+                   [(f.severity, f.kind, _where(f.layers), f.message, _action(f.remedies)) for f in report.findings],
                    [f.severity for f in report.findings])
     if trace is None:
         return page
-    doc = report.to_dict()
-    layer_rows = doc.get("layers", [])
+    _trace_figures(page, trace)
+    layer_rows = report.to_dict().get("layers", [])
     if layer_rows:
         columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
                    if any(c in r for r in layer_rows)]
         page.heading("Per layer (last recorded step)")
         page.table(("layer", "type", *columns),
-                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in layer_rows])
-    _trace_figures(page, trace)
+                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in layer_rows],
+                   folded=f"{len(layer_rows)} layers: show the table")
     return page
 
 
+_WHERE = 4  # layer names shown per finding; the rest are counted
+
+
+def _where(layers: list[str]) -> str:
+    shown = ", ".join(x or "(model)" for x in layers[:_WHERE])
+    return shown + (f" and {len(layers) - _WHERE} more" if len(layers) > _WHERE else "")
+
+
+def _action(remedies: list[str]) -> str:
+    """The best-ranked remedy as an instruction, then the other ids to try."""
+    from gradmedic.diagnosis import REMEDIES
+
+    if not remedies:
+        return "Nothing to change; keep watching."
+    first = REMEDIES[remedies[0]].description
+    text = f"{first[:1].upper()}{first[1:]} ({remedies[0]}; gm.treat applies it)."
+    return text + (f" Else try: {', '.join(remedies[1:4])}." if len(remedies) > 1 else "")
+
+
+_MAX_BARS = 60  # beyond this many layers a bar per layer is a comb: the per-role profile reads better
+_NOT_PROFILED = frozenset({"block", "activation", "embedding", "other"})
+
+
+def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Last recorded ``metric`` of each layer inside a repeated block (a ``block`` in the architecture
+    table's roles), one line per role and position in the block (``h.*.attn.c_attn``):
+    label -> (block indices, values). Empty for a model without repeated blocks."""
+    from gradmedic.architecture import block_index
+
+    roles = trace.meta.get("roles", {})
+    groups: dict[tuple[str, str], dict[int, float]] = {}
+    for layer, value in trace.last(metric).items():
+        index, role = block_index(layer), roles.get(layer)
+        if index is None or role is None or role in _NOT_PROFILED:
+            continue
+        parts = layer.split(".")
+        at = max(i for i, p in enumerate(parts) if p.isdigit())
+        prefix, rest = ".".join(parts[:at]), ".".join(parts[at + 1:])
+        if not rest or roles.get(".".join(parts[:at + 1])) != "block":
+            continue  # not inside a residual block (a plain Sequential's layers are numbered too)
+        groups.setdefault((prefix, f"{rest} ({role})"), {})[index] = value
+    groups = {key: by_block for key, by_block in groups.items() if len(by_block) >= 2}
+    stacks = {prefix for prefix, _ in groups}
+    lines = {}
+    for (prefix, label), by_block in groups.items():
+        blocks = sorted(by_block)
+        lines[f"{prefix}: {label}" if len(stacks) > 1 else label] = (blocks, [by_block[b] for b in blocks])
+    return lines
+
+
 def _trace_figures(page: Page, trace) -> None:
+    page.heading("Figures")
     metric = "grad_norm" if "grad_norm" in trace.metrics else "backward_norm" if "backward_norm" in trace.metrics \
         else None
+    quantity = "|dL/dW|" if metric == "grad_norm" else "|dL/d output|"
     if metric is not None:
+        lines = role_lines(trace, metric)
+        if lines:
+            page.figure(plots.role_profile(lines, title="Gradient per role across blocks, last recorded step",
+                                           quantity=quantity), "per-role depth profile")
         values = trace.metric(metric)
         keep_cols = ~np.all(np.isnan(values), axis=0)
         keep_rows = ~np.all(np.isnan(values), axis=1)
         layers = [name for name, k in zip(trace.layers, keep_cols, strict=True) if k]
         values = values[keep_rows][:, keep_cols]
         steps = trace.steps[keep_rows]
-        quantity = "|dL/dW|" if metric == "grad_norm" else "|dL/d output|"
         if len(steps) > 1:
             page.figure(plots.gradient_heatmap(steps, layers, values, title="Gradient flow: layer x step",
                                                quantity=quantity), "gradient heatmap")
-        page.figure(plots.layer_bars(layers, {f"step {int(steps[-1])}": list(values[-1])},
-                                     title="Gradient per layer, last recorded step", quantity=quantity),
-                    "per-layer gradient bars")
+        if not lines or len(layers) <= _MAX_BARS:
+            page.figure(plots.layer_bars(layers, {f"step {int(steps[-1])}": list(values[-1])},
+                                         title="Gradient per layer, last recorded step", quantity=quantity),
+                        "per-layer gradient bars")
     if "time_grad_rms" in trace.series_names:
         curves = {}
         for layer, (steps, values) in trace.series("time_grad_rms").items():

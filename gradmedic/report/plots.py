@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["gradient_heatmap", "layer_bars", "loss_curves", "time_curves"]
+__all__ = ["gradient_heatmap", "layer_bars", "loss_curves", "role_profile", "time_curves"]
 
 _MAX_LABELS = 40  # layer names shown on an axis; beyond that every k-th
 
@@ -129,4 +129,21 @@ def time_curves(curves: Mapping[str, Sequence[float | None]], title: str = ""):
         ax.plot(np.arange(1, len(y) + 1), y, label=_plain(label), linewidth=1.4)
     ax.set_yscale("log")
     _finish(ax, "time step t (the loss is read at the last)", "RMS of dL/dx_t", title or "Gradient through time")
+    return fig
+
+
+def role_profile(lines: Mapping[str, tuple[Sequence[int], Sequence[float | None]]], title: str = "",
+                 quantity: str = "|dL/dW|"):
+    """The depth profile of a model made of repeated blocks: block index on the x axis, one line per
+    role (attention q/k/v/out, MLP in/out, each norm), log scale. Reads at a glance where a 48-block
+    transformer's 300 per-layer bars would be a comb."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.0, 3.8), layout="constrained")
+    markers = "osD^v<>ph*"
+    for i, (label, (blocks, values)) in enumerate(lines.items()):
+        ax.plot(list(blocks), _values(values, positive=True), label=label, linewidth=1.4,
+                marker=markers[i % len(markers)], markersize=3)
+    ax.set_yscale("log")
+    _finish(ax, "block (input → output)", quantity, title or "Gradient per role across blocks", legend=False)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the lines
     return fig
