@@ -26,6 +26,13 @@ def _check(name: str, value: Any, op: str | None = None, cutoff: float = math.na
     return Check(name, math.nan if value is None else float(value), op, float(cutoff))
 
 
+def _div(a: Any, b: Any) -> float:
+    """a / b for two recorded numbers; NaN when either is missing or b is 0 (a check on NaN never holds)."""
+    if a is None or b is None or b == 0:
+        return math.nan
+    return float(a) / float(b)
+
+
 def _loss(r: dict[str, Any]) -> float:
     """Final training loss; a run that diverged counts as +inf."""
     return math.inf if r.get("final_loss") is None else float(r["final_loss"])
@@ -58,9 +65,10 @@ def _nielsen(v):
     if not r or not r["gradients"]["grad_norm"]:
         return []
     hidden = [x if x is not None else math.nan for x in r["gradients"]["grad_norm"][0][:-1]]  # the head is no hidden
-    rise = min(b / a for a, b in zip(hidden, hidden[1:], strict=False) if a) if len(hidden) > 1 else math.nan
-    return [_check("smallest layer-to-next rise of |dL/dW| at init", rise, ">", 1.0),
-            _check("first/last hidden layer |dL/dW| at init", hidden[0] / hidden[-1], "<", VANISHING)]
+    rises = [_div(b, a) for a, b in zip(hidden, hidden[1:], strict=False)]
+    return [_check("smallest layer-to-next rise of |dL/dW| at init", min(rises) if rises else math.nan, ">", 1.0),
+            _check("first/last hidden layer |dL/dW| at init", _div(hidden[0], hidden[-1]), "<", VANISHING),
+            *(_check(f"hidden layer {i + 1} |dL/dW| at init", x) for i, x in enumerate(hidden))]
 
 
 def _activations(v):
@@ -72,7 +80,7 @@ def _activations(v):
         for bad in ("sigmoid", "tanh"):
             if good in v and bad in v:
                 out.append(_check(f"{good} / {bad} gradient ratio at init",
-                                  v[good]["ratio_init"] / v[bad]["ratio_init"], ">", BETTER))
+                                  _div(v[good]["ratio_init"], v[bad]["ratio_init"]), ">", BETTER))
     return out + [_check(f"{a} loss", _loss(v[a])) for a in acts]
 
 
@@ -130,7 +138,7 @@ def _residual(v):
 def _long(v):
     if "long" not in v or "none" not in v:
         return []
-    return [_check("long-skip / plain gradient ratio at init", v["long"]["ratio_init"] / v["none"]["ratio_init"],
+    return [_check("long-skip / plain gradient ratio at init", _div(v["long"]["ratio_init"], v["none"]["ratio_init"]),
                    ">", BETTER)]
 
 
@@ -173,7 +181,9 @@ def _clipping(v):
     out = [_stalls("no clipping (diverged counts as stalled)", none),
            _check("no clipping: largest per-step gradient norm", none.get("max_grad_norm")),
            _check("no clipping: diverged at step", none.get("diverged_at"))]
-    return out + [_trains(k, r) for k, r in v.items() if k != "none"]
+    # "converging", as the claim says, not "trained to half the baseline": the clipped run stays finite and its
+    # loss falls clearly below the baseline (AGC at 0.01 gets there more slowly than norm clipping)
+    return out + [_learns(k, r) for k, r in v.items() if k != "none"]
 
 
 def _adaptive(v):
@@ -202,15 +212,16 @@ def _redo(v):
     a, b = next((r for k, r in v.items() if k.startswith("recycle")), None), v.get("no recycling")
     if not a or not b:
         return []
-    return [_check("dead fraction with / without", (a["dead_frac"] or 0) / max(b["dead_frac"] or 0, 1e-12), "<", 1),
-            _check("loss with / without", _loss(a) / _loss(b), "<", 1), _check("units recycled", a["recycled_units"])]
+    return [_check("dead fraction with / without", _div(a["dead_frac"], b["dead_frac"]), "<", 1),
+            _check("loss with / without", _div(_loss(a), _loss(b)), "<", 1),
+            _check("units recycled", a["recycled_units"])]
 
 
 def _accumulation(v):
     acc, small = v.get("4 x 16 accumulated"), v.get("batch 16")
     if not acc or not small:
         return []
-    return [_check("accumulated / batch-16 gradient ratio at init", acc["ratio_init"] / small["ratio_init"], ">",
+    return [_check("accumulated / batch-16 gradient ratio at init", _div(acc["ratio_init"], small["ratio_init"]), ">",
                    2.0), _check("batch 16 loss", _loss(small)), _check("4 x 16 accumulated loss", _loss(acc))]
 
 
@@ -221,8 +232,9 @@ def _capacity(v):
     out = []
     for k, r in v.items():
         if k != "baseline":
-            out.append(_check(f"{k} / baseline gradient ratio at init", r["ratio_init"] / base["ratio_init"], ">", 2.0))
-            out.append(_check(f"{k} / baseline loss", _loss(r) / _loss(base), "<", 1.0))
+            out.append(_check(f"{k} / baseline gradient ratio at init", _div(r["ratio_init"], base["ratio_init"]), ">",
+                              2.0))
+            out.append(_check(f"{k} / baseline loss", _div(_loss(r), _loss(base)), "<", 1.0))
     return out
 
 

@@ -170,9 +170,11 @@ def _experiments(scale: str) -> tuple[Experiment, ...]:
                             ("rezero", "rezero", 0)))),
     ]
     if full:
-        exps.append(Experiment("rnn_copy", "Copy task with delay T (hidden 64, Adam 1e-3, clip 1): tanh RNN vs "
+        exps.append(Experiment("rnn_copy", "Copy task with delay T (hidden 64, Adam 3e-3, clip 1): tanh RNN vs "
                                "LSTM vs GRU",
-                               tuple((f"{cell} T={t}", _rnn("copy", t, cell, 4000)) for t in (10, 20)
+                               # measured T=10, 3,000 steps at Adam 3e-3 (seed 0): LSTM 0.49, GRU 0.60 against
+                               # a baseline of 0.69, still learning; 10,000 steps has not been measured here
+                               tuple((f"{cell} T={t}", _rnn("copy", t, cell, 10000, 3e-3)) for t in (10, 20)
                                      for cell in ("tanh", "lstm", "gru")), kind="time"))
         exps.append(Experiment("transformer_deep", "Transformer LM on associative recall at 48 and 100 layers: "
                                "post-LN vs ReZero vs DeepNorm",
