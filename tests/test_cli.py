@@ -134,12 +134,12 @@ def test_lab_run_smoke_json_then_resume(tmp_path):
     page = tmp_path / "README.md"
     page.write_text("# x\n\nbefore\n<!-- gradmedic-lab:claims:begin -->\nold\n"
                     "<!-- gradmedic-lab:claims:end -->\nafter\n")
-    done = run("lab", "publish", str(db), "--suite", "smoke", str(page))
+    done = run("lab", "publish", str(db), str(page), "--suite", "smoke")
     assert done.returncode == 0, done.stderr
     text = page.read_text()
     assert "before" in text and "after" in text and "old" not in text and "seeds [0]" in text
     assert "CPU capability" in text and text.count("| **") == 19
-    done = run("lab", "publish", str(db), "--suite", "quick", str(page))
+    done = run("lab", "publish", str(db), str(page), "--suite", "quick")
     assert done.returncode == 2 and "no results of suite 'quick'" in done.stderr
     done = run("report", str(db), "-o", str(tmp_path / "lab.html"))
     assert done.returncode == 0, done.stderr

@@ -18,6 +18,10 @@ BETTER = 10.0  # "keeps gradients better": a first/last ratio at least 10x (one 
 ISOMETRIC = 100.0  # "well conditioned": singular values of the Jacobian within two decades of each other
 GATED_LEARNS = 0.2  # the adding problem is "learned" below 20% of its baseline (Le et al. 2015 plot ~0.1)
 HEALTHY = 1e-2  # a first/last gradient ratio above this is not vanishing (degradation is not vanishing)
+# "helps the loss": lowers the final loss by at least 5% of the baseline. Two runs that both trained end
+# within a few hundredths of each other, and which one is lower changed with the CPU kernel alone (ReDo,
+# quick suite: with/without ratios 0.73-1.01 under avx2, 1.5-2.8 under default)
+HELPS = 0.05
 
 
 def _check(name: str, value: Any, op: str | None = None, cutoff: float = math.nan):
@@ -36,6 +40,11 @@ def _div(a: Any, b: Any) -> float:
 def _loss(r: dict[str, Any]) -> float:
     """Final training loss; a run that diverged counts as +inf."""
     return math.inf if r.get("final_loss") is None else float(r["final_loss"])
+
+
+def _helps(label: str, better: dict[str, Any], than: dict[str, Any]):
+    gain = max(_loss(than) - _loss(better), 0.0) if math.isfinite(_loss(than)) else math.inf
+    return _check(f"{label}: loss improvement", gain, ">", HELPS * than["baseline"])
 
 
 def _trains(label: str, r: dict[str, Any]):
@@ -213,7 +222,7 @@ def _redo(v):
     if not a or not b:
         return []
     return [_check("dead fraction with / without", _div(a["dead_frac"], b["dead_frac"]), "<", 1),
-            _check("loss with / without", _div(_loss(a), _loss(b)), "<", 1),
+            _helps("recycling", a, b), _check("loss without", _loss(b)), _check("loss with", _loss(a)),
             _check("units recycled", a["recycled_units"])]
 
 
@@ -234,7 +243,7 @@ def _capacity(v):
         if k != "baseline":
             out.append(_check(f"{k} / baseline gradient ratio at init", _div(r["ratio_init"], base["ratio_init"]), ">",
                               2.0))
-            out.append(_check(f"{k} / baseline loss", _div(_loss(r), _loss(base)), "<", 1.0))
+            out.append(_helps(k, r, base))
     return out
 
 
