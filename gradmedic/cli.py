@@ -102,7 +102,7 @@ def _lab_run(args: argparse.Namespace) -> int:
         print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
                           "finished": summary.finished, "failed": [list(f) for f in summary.failed],
                           "seconds": round(elapsed, 1),
-                          "claims": [vars(v) for v in verdicts]}, indent=2))
+                          "claims": [{**vars(v), "summary": v.summary} for v in verdicts]}, indent=2))
     else:
         from rich.table import Table
         from rich.text import Text
@@ -110,9 +110,9 @@ def _lab_run(args: argparse.Namespace) -> int:
         table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
         for header in ("claim", "verdict", "measured"):
             table.add_column(header, overflow="fold")
-        style = {"supported": "green", "not supported": "red", "mixed": "yellow"}
+        style = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
         for v in verdicts:
-            table.add_row(Text(v.claim), Text(v.verdict, style=style.get(v.verdict, "")), Text(v.evidence))
+            table.add_row(Text(v.claim), Text(v.summary, style=style.get(v.verdict, "")), Text(v.evidence))
         console.print(table)
         console.print(Text(f"{summary.finished} runs finished, {summary.skipped} already in {args.db}, "
                            f"{len(summary.failed)} failed; {elapsed:.0f} s. HTML: gradmedic report {args.db} -o "
@@ -130,6 +130,20 @@ def _in_suite_order(configs: list[dict[str, Any]], results) -> list[tuple[dict[s
     position = {run_key(c): i for i, c in enumerate(configs)}
     rows = [(c, r) for _, c, r, _ in results]
     return sorted(rows, key=lambda row: position.get(run_key(row[0]), len(position)))
+
+
+def _lab_publish(args: argparse.Namespace) -> int:
+    from gradmedic._errors import GradmedicError
+    from gradmedic.lab.publish import publish
+
+    try:
+        publish(args.db, args.suite, args.files)
+    except GradmedicError as error:
+        return _fail(str(error))
+    except OSError as error:
+        return _fail(f"cannot write {error.filename}: {error.strerror or error}")
+    print(f"Claims of suite {args.suite!r} from {args.db} written to {', '.join(args.files)}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -352,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
     lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
     lab_run.set_defaults(run=_lab_run)
+    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into README/BENCHMARKS from a database")
+    lab_pub.add_argument("db", metavar="DB", help="a lab database")
+    lab_pub.add_argument("--suite", default="quick", help="which suite's results (default quick)")
+    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["README.md", "BENCHMARKS.md"],
+                         help="Markdown files with a claims section (default README.md BENCHMARKS.md)")
+    lab_pub.set_defaults(run=_lab_publish)
     report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace")
     report.add_argument("source", metavar="DB|TRACE", help="a lab database or a .gmtrace file")
     report.add_argument("-o", "--output", required=True, metavar="report.html")

@@ -91,6 +91,7 @@ def test_lab_list_json():
     (("lab", "run", "smoke", "--workers", "0"), "--workers"),
     (("report", "missing.db", "-o", "x.html"), "no such file"),
     (("report", "README.md", "-o", "x.html"), "neither a lab database"),
+    (("lab", "publish", "missing.db"), "no such lab database"),
 ])
 def test_lab_and_report_bad_input_is_one_line(args, match, tmp_path):
     done = run(*args, cwd=tmp_path if args[0] == "lab" else ROOT)
@@ -124,11 +125,22 @@ def test_lab_run_smoke_json_then_resume(tmp_path):
     done = run("lab", "run", "smoke", "--db", str(db), "--workers", "2", "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    assert (doc["runs"], doc["finished"], doc["failed"]) == (48, 48, [])
-    assert {c["verdict"] for c in doc["claims"]} <= {"supported", "not supported", "mixed"}
-    assert len(doc["claims"]) == 18  # every claim but the copy task's (full suite only)
+    assert (doc["runs"], doc["finished"], doc["failed"]) == (54, 54, [])
+    assert {c["verdict"] for c in doc["claims"]} <= {"supported", "not supported", "inconclusive", "not run"}
+    assert len(doc["claims"]) == 19  # every claim but the copy task's and the 100-layer transformer's (full only)
+    assert all(c["summary"].startswith(c["verdict"]) for c in doc["claims"])
     again = json.loads(run("lab", "run", "smoke", "--db", str(db), "--json").stdout)
-    assert (again["skipped"], again["finished"]) == (48, 0) and again["claims"] == doc["claims"]
+    assert (again["skipped"], again["finished"]) == (54, 0) and again["claims"] == doc["claims"]
+    page = tmp_path / "README.md"
+    page.write_text("# x\n\nbefore\n<!-- gradmedic-lab:claims:begin -->\nold\n"
+                    "<!-- gradmedic-lab:claims:end -->\nafter\n")
+    done = run("lab", "publish", str(db), str(page), "--suite", "smoke")
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert "before" in text and "after" in text and "old" not in text and "seeds [0]" in text
+    assert "CPU capability" in text and text.count("| **") == 19
+    done = run("lab", "publish", str(db), str(page), "--suite", "quick")
+    assert done.returncode == 2 and "no results of suite 'quick'" in done.stderr
     done = run("report", str(db), "-o", str(tmp_path / "lab.html"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "lab.html").read_text().count("<img ") >= 13 * 2

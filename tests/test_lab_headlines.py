@@ -18,7 +18,9 @@ def test_tanh_rnn_stays_near_the_adding_baseline_where_lstm_and_gru_go_below():
     tanh, lstm, gru = adding("tanh"), adding("lstm"), adding("gru")
     baseline = tanh["baseline"]  # 1/6
     print({k: r["final_loss"] for k, r in (("tanh", tanh), ("lstm", lstm), ("gru", gru))})
-    assert tanh["final_loss"] > 0.85 * baseline  # measured 0.172 at T=20 (seed 0)
+    # measured 0.172 at T=20 (seed 0) and the LSTM/GRU 0.002/0.001 under ATEN_CPU_CAPABILITY default, avx2
+    # and avx512 alike: the tanh RNN sits at the baseline, the gated cells 8x below the 0.1 x baseline cut-off
+    assert tanh["final_loss"] > 0.85 * baseline
     assert lstm["final_loss"] < 0.1 * baseline and gru["final_loss"] < 0.1 * baseline  # measured 0.002, 0.0006
     # and the reason: at init, the gradient from the last step reaching t=1 is tiny for the tanh RNN
     assert tanh["time"]["ratio_init"] < 1e-2
@@ -61,16 +63,23 @@ def test_residual_beats_plain_at_depth():
 
 
 def test_he_init_beats_glorot_for_a_deep_relu_net():
-    def mlp(init):
+    # A 30-layer plain ReLU net under SGD + momentum is erratic at lr 0.005-0.02: He's final loss ranged
+    # 0.29-2.05 over seeds and CPU kernels (ATEN_CPU_CAPABILITY default/avx2/avx512). At lr 0.002 for 800
+    # steps it trains on every seed and kernel we ran: final loss 0.098-0.204 over seeds 0-2 x the three
+    # capabilities (baseline ln 10 = 2.30), so the cut-off 0.25 x baseline = 0.575 is 2.8x above the worst.
+    def mlp(init, seed):
         return run_experiment({"model": "mlp", "spec": {"depth": 30, "activation": "relu", "init": init},
-                               "optimizer": "momentum", "lr": 0.02, "steps": 400})
+                               "optimizer": "momentum", "lr": 0.002, "steps": 800, "seed": seed})
 
-    he, glorot = mlp("he"), mlp("glorot")
-    assert glorot["final_loss"] > 0.9 * glorot["baseline"]  # measured 2.30: nothing learned
-    # measured 1.01 (baseline 2.30). A 30-layer plain ReLU net under SGD is erratic: across seeds and
-    # learning rates He's final loss ranged 0.13-2.1 in our runs, so the test asks for clear learning only
-    assert he["final_loss"] < 0.75 * he["baseline"]
-    assert 0.2 < he["ratio_init"] < 5 and glorot["ratio_init"] < 1e-2  # He keeps the scale, Glorot halves it
+    glorot = mlp("glorot", 0)
+    assert glorot["final_loss"] > 0.9 * glorot["baseline"]  # measured 2.29-2.30 on every kernel: nothing learned
+    for seed in (0, 1):
+        he = mlp("he", seed)
+        assert he["final_loss"] < 0.25 * he["baseline"], (seed, he["final_loss"])
+        # He keeps the first/last gradient ratio near 1 (measured 0.59-1.27), Glorot halves the signal each
+        # layer (measured 4e-5 to 2.4e-4)
+        assert 0.2 < he["ratio_init"] < 5
+    assert glorot["ratio_init"] < 1e-2
 
 
 def test_a_run_is_reproducible():

@@ -6,12 +6,15 @@ run is watched by a ``Monitor`` so that its per-layer gradient ratios (at init a
 come from the same probes a user gets, not from a second measuring path.
 
 Keys (defaults in ``DEFAULTS``): ``task`` (digits | digits_image | pixel_digits | row_digits |
-permuted_digits | adding | copy), ``length`` (adding/copy), ``model`` (mlp | cnn | rnn), ``spec`` (fields
-of MLPSpec / CNNSpec / RNNSpec), ``optimizer`` (sgd | momentum | rmsprop | adam), ``lr``, ``schedule``
-(none | step | exp | restarts), ``steps``, ``batch``, ``accumulate`` (micro-batches per step), ``clip``
-(none | value | norm | autoclip | agc), ``recycle_every`` (steps; 0 = never), ``target`` (a training loss:
-``steps_to_target`` is the first step whose 10-step mean is below it; default half the task's
-baseline), ``seed``.
+permuted_digits | adding | copy | recall), ``length`` (adding/copy: T; recall: key-value pairs), ``model``
+(mlp | cnn | rnn | transformer), ``spec`` (fields of MLPSpec / CNNSpec / RNNSpec / TransformerSpec),
+``optimizer`` (sgd | momentum | rmsprop | adam), ``lr``, ``schedule`` (none | step | exp | restarts),
+``warmup`` (steps of linear learning-rate warmup; 0 = none), ``steps``, ``batch``, ``accumulate``
+(micro-batches per step), ``clip`` (none | value | norm | autoclip | agc), ``recycle_every`` (steps; 0 =
+never), ``redraw_patience`` (re-draw all parameters from the run's init, with a fresh seed, after this many
+consecutive steps whose gradient has vanished; 0 = never), ``jacobian`` (MLP/CNN: record the singular
+values of the blocks' input-output Jacobian at init), ``target`` (a training loss: ``steps_to_target`` is
+the first step whose 10-step mean is below it; default half the task's baseline), ``seed``.
 """
 
 from __future__ import annotations
@@ -28,22 +31,30 @@ from torch.nn import functional as F
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic.lab.models import CNNSpec, MLPSpec, RNNSpec, build_cnn, build_mlp, build_rnn
-from gradmedic.lab.tasks import Task, adding, copy_task, digits, sequential_digits
+from gradmedic.lab.tasks import Task, adding, copy_task, digits, recall, sequential_digits
+from gradmedic.lab.transformer import TransformerSpec, build_transformer
 
-__all__ = ["DEFAULTS", "make_task", "run_experiment"]
+__all__ = ["DEFAULTS", "machine", "make_task", "run_experiment"]
 
 DEFAULTS: dict[str, Any] = {
     "task": "digits", "length": 0, "model": "mlp", "spec": {}, "optimizer": "adam", "lr": 1e-3,
     "schedule": "none", "steps": 200, "batch": 64, "accumulate": 1, "clip": "none", "clip_level": 1.0,
-    "recycle_every": 0, "target": None, "seed": 0,
+    "recycle_every": 0, "target": None, "seed": 0, "warmup": 0, "redraw_patience": 0, "jacobian": False,
 }
-TASKS = ("digits", "digits_image", "pixel_digits", "row_digits", "permuted_digits", "adding", "copy")
+TASKS = ("digits", "digits_image", "pixel_digits", "row_digits", "permuted_digits", "adding", "copy", "recall")
+MODELS = ("mlp", "cnn", "rnn", "transformer")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 SCHEDULES = ("none", "step", "exp", "restarts")
 CLIPS = ("none", "value", "norm", "autoclip", "agc")
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 CURVE_POINTS = 60  # the loss curve is kept at about this many points
 SNAPSHOTS = 8  # per-layer gradient norms are recorded at about this many steps
+# "the gradient has vanished" for redraw_patience: the first weighted layer's gradient norm is below this
+# fraction of the last layer's. A healthy deep net sits near 1e-1..1e1 (He init measured 0.6-1.3 at depth
+# 30); a dead ReLU net gives exactly 0 and a 20-layer sigmoid net ~1e-17, so 1e-6 separates them by decades.
+VANISHED_RATIO = 1e-6
+MAX_REDRAWS = 10  # a run re-draws its parameters at most this many times
+JACOBIAN_INPUTS = 8  # training inputs at which the Jacobian's singular values are taken (medians reported)
 
 
 def make_task(config: dict[str, Any]) -> Task:
@@ -58,12 +69,15 @@ def make_task(config: dict[str, Any]) -> Task:
         return sequential_digits(seed, pixelwise=name != "row_digits", permuted=name == "permuted_digits")
     if name == "adding":
         return adding(length, seed=seed)
+    if name == "recall":
+        return recall(length or 4, seed=seed)
     return copy_task(length, seed=seed)
 
 
-def _build_model(config: dict[str, Any], task: Task) -> nn.Module:
-    family = config["model"]
-    spec_cls, build = {"mlp": (MLPSpec, build_mlp), "cnn": (CNNSpec, build_cnn), "rnn": (RNNSpec, build_rnn)}[family]
+def _build_model(config: dict[str, Any], task: Task, seed: int | None = None) -> nn.Module:
+    family, seed = config["model"], config["seed"] if seed is None else seed
+    spec_cls, build = {"mlp": (MLPSpec, build_mlp), "cnn": (CNNSpec, build_cnn), "rnn": (RNNSpec, build_rnn),
+                       "transformer": (TransformerSpec, build_transformer)}[family]
     known = {f.name for f in fields(spec_cls)}
     unknown = sorted(set(config["spec"]) - known)
     if unknown:
@@ -76,7 +90,12 @@ def _build_model(config: dict[str, Any], task: Task) -> nn.Module:
         spec.setdefault("every_step", task.y_train.dim() == 2 and task.loss == "cross_entropy")
     elif family == "mlp":
         spec.setdefault("d_in", task.x_train.shape[-1])
-    return build(spec_cls(**spec), seed=config["seed"])
+    elif family == "transformer":
+        if task.x_train.dtype != torch.long:
+            raise bad_argument("task", "a token task (recall) for model 'transformer'", task.name)
+        spec.setdefault("vocab", int(max(task.x_train.max(), task.x_test.max())) + 1)
+        spec.setdefault("max_len", task.x_train.shape[1])
+    return build(spec_cls(**spec), seed=seed)
 
 
 def _validate(config: dict[str, Any]) -> dict[str, Any]:
@@ -88,12 +107,20 @@ def _validate(config: dict[str, Any]) -> dict[str, Any]:
         raise bad_argument("config", f"keys among {sorted(DEFAULTS)}", unknown)
     full = {**DEFAULTS, **config}
     for key, allowed in (("task", TASKS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("clip", CLIPS),
-                         ("model", ("mlp", "cnn", "rnn"))):
+                         ("model", MODELS)):
         if full[key] not in allowed:
             raise bad_argument(key, f"one of {allowed}", full[key])
     for key in ("steps", "batch", "accumulate"):
         if not isinstance(full[key], int) or full[key] < 1:
             raise bad_argument(key, "a positive int", full[key])
+    for key in ("warmup", "redraw_patience"):
+        if not isinstance(full[key], int) or isinstance(full[key], bool) or full[key] < 0:
+            raise bad_argument(key, "an int >= 0", full[key])
+    if full["warmup"] and full["schedule"] != "none":
+        raise bad_argument("warmup", f"0 with schedule={full['schedule']!r} (warmup goes with schedule 'none')",
+                           full["warmup"])
+    if full["jacobian"] and full["model"] != "mlp":
+        raise bad_argument("jacobian", "False unless model is 'mlp'", full["jacobian"])
     if full["batch"] % full["accumulate"]:
         raise bad_argument("accumulate", f"a divisor of batch={full['batch']}", full["accumulate"])
     return full
@@ -110,7 +137,9 @@ def _optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Optimize
 def _schedule(config: dict[str, Any], optimizer: torch.optim.Optimizer):
     from gradmedic.remedies import exponential_decay, step_decay, warm_restarts
 
-    steps = config["steps"]
+    steps, warmup = config["steps"], config["warmup"]
+    if warmup:  # linear from lr / warmup to lr over the first `warmup` steps, then constant
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     return {"none": lambda: None,
             "step": lambda: step_decay(optimizer, every=max(1, steps // 3), factor=0.3),
             "exp": lambda: exponential_decay(optimizer, factor=0.01 ** (1.0 / steps)),
@@ -191,6 +220,55 @@ def _evaluate(model: nn.Module, task: Task, loss_fn) -> dict[str, float | None]:
     return {"test_loss": loss if math.isfinite(loss) else None, "test_acc": acc}
 
 
+def _jacobian_spectrum(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Singular values of d(blocks' output)/d(blocks' input) at ``x``'s rows: the input-output Jacobian of
+    the same-width part of the net, whose spread is what dynamical isometry (Saxe et al. 2014; Pennington
+    et al. 2017) is about. Medians over the rows of the condition number and of the std of log10(sigma)."""
+    from torch.func import jacrev, vmap
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            h = model.stem(x)
+        jac = vmap(jacrev(lambda row: model.body(row.unsqueeze(0)).squeeze(0)))(h)  # (n, width, width)
+        sv = torch.linalg.svdvals(jac.detach().double())  # descending, per row
+    finally:
+        model.train(was_training)
+    cond = sv[:, 0] / sv[:, -1].clamp_min(1e-300)
+    spread = sv.clamp_min(1e-300).log10().std(dim=1)
+    return {"cond": float(cond.median()), "log10_spread": float(spread.median()),
+            "sv_max": float(sv[:, 0].median()), "sv_min": float(sv[:, -1].median()),
+            "sv": [float(v) for v in sv[0]]}
+
+
+def _global_grad_norm(model: nn.Module) -> float:
+    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else 0.0
+
+
+def _vanished(model: nn.Module) -> bool:
+    """The first weighted layer's gradient norm is below VANISHED_RATIO times the last one's (or both are 0)."""
+    layers = [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    norms = []
+    for layer in (layers[0], layers[-1]):
+        grads = [p.grad for p in layer.parameters() if p.grad is not None]
+        norms.append(float(torch.cat([g.flatten() for g in grads]).norm()) if grads else 0.0)
+    return norms[0] <= VANISHED_RATIO * norms[1]
+
+
+def _redraw(model: nn.Module, config: dict[str, Any], task: Task, optimizer: torch.optim.Optimizer, n: int) -> None:
+    """Re-draw every parameter from the run's own init with a fresh seed, in place (the Monitor's hooks stay),
+    and forget the optimizer's state: the "restart learning" remedy, as the seeds' documents state it."""
+    fresh = _build_model(config, task, seed=config["seed"] + 7919 * n)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+            p.copy_(q)
+        for b, c in zip(model.buffers(), fresh.buffers(), strict=True):
+            b.copy_(c)
+    optimizer.state.clear()
+
+
 def _dead_fraction(trace) -> float | None:
     values = trace.last("dead_frac")
     return float(np.mean(list(values.values()))) if values else None
@@ -232,7 +310,10 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
     target = config["target"] if config["target"] is not None else 0.5 * task.baseline
     losses = torch.full((steps,), float("nan"))
     recycled = 0
+    redraws, streak, redraw_steps = 0, 0, []
+    max_grad_norm: float | None = None  # the largest global gradient norm of a step, before any clipping
     diverged_at = None
+    jacobian = _jacobian_spectrum(model, task.x_train[:JACOBIAN_INPUTS]) if config["jacobian"] else None
     with Monitor(model, optimizer, probes=_probes(model, every), flush_every=min(100, steps)) as monitor:
         for step in range(steps):
             idx = torch.randint(0, len(task.x_train), (batch,), generator=gen)
@@ -246,6 +327,17 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
             if not torch.isfinite(loss):
                 diverged_at = step
                 break
+            grad_norm = _global_grad_norm(model)
+            max_grad_norm = grad_norm if max_grad_norm is None or not grad_norm <= max_grad_norm else max_grad_norm
+            if config["redraw_patience"] and redraws < MAX_REDRAWS:
+                streak = streak + 1 if _vanished(model) else 0
+                if streak >= config["redraw_patience"]:
+                    redraws, streak = redraws + 1, 0
+                    redraw_steps.append(step)
+                    _redraw(model, config, task, optimizer, redraws)
+                    optimizer.zero_grad(set_to_none=True)
+                    losses[step] = loss.detach()
+                    continue
             if config["clip"] != "none":
                 clip_(model.parameters(), config["clip"], max_norm=level, clip_value=level, clip_factor=level,
                       autoclip=autoclip)
@@ -279,8 +371,21 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
         "time": _time_profile(trace),
         "dead_frac": _dead_fraction(trace),
         "recycled_units": recycled,
+        "redraws": redraw_steps,
+        "max_grad_norm": max_grad_norm if max_grad_norm is None or math.isfinite(max_grad_norm) else None,
+        "jacobian": jacobian,
         "params": sum(p.numel() for p in model.parameters()),
     }
     result["wall_s"] = time.perf_counter() - start
+    result["machine"] = machine()
     return result
+
+
+def machine() -> dict[str, str]:
+    """Where a run ran: the platform, PyTorch's CPU kernel capability (ATEN_CPU_CAPABILITY picks it; the
+    kernels differ in their last bits, which deep nets amplify) and the torch version."""
+    import platform
+
+    return {"platform": f"{platform.system()} {platform.machine()}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 

@@ -37,6 +37,9 @@ class MLPSpec:
     # "xavier" is gradmedic's remedy, which scales by the following activation's gain; "normal1" is the
     # classic N(0, 1) mistake
     init: str = "default"
+    # for "glorot" and "orthogonal": the weights' gain sigma_w (0 keeps the init's own: 1 for glorot, the
+    # following activation's for orthogonal, 5/3 for tanh). Gain 1 is tanh's critical point with zero biases.
+    gain: float = 0.0
     norm: str = "none"  # "none", "batch" or "layer"
     skip: str = "none"  # one of SKIPS
     skip_every: int = 2  # for skip="long": blocks spanned by each long skip
@@ -83,15 +86,18 @@ class _Stack(nn.Module):
         self.head = head
         self.long_every = long_every
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        """The blocks alone: the same-width map whose input-output Jacobian the lab measures."""
         anchor = h
         for i, block in enumerate(self.blocks):
             h = block(h)
             if self.long_every and (i + 1) % self.long_every == 0:
                 h = h + anchor  # a long path from k blocks back
                 anchor = h
-        return self.head(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)))
 
 
 def _validate(spec: MLPSpec | CNNSpec) -> None:
@@ -109,17 +115,17 @@ def _validate(spec: MLPSpec | CNNSpec) -> None:
         raise bad_argument("dropout", "a float in [0, 1)", spec.dropout)
 
 
-def _initialise(model: nn.Module, init: str) -> nn.Module:
+def _initialise(model: nn.Module, init: str, gain: float = 0.0) -> nn.Module:
     if init == "he":
         he_(model)
     elif init == "xavier":
         xavier_(model)
     elif init == "orthogonal":
-        orthogonal_(model)
+        orthogonal_(model, gain=gain or None)
     elif init == "glorot":
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_normal_(m.weight)
+                nn.init.xavier_normal_(m.weight, gain=gain or 1.0)
                 nn.init.zeros_(m.bias)
     elif init == "normal1":
         for m in model.modules():
@@ -135,7 +141,7 @@ def build_mlp(spec: MLPSpec, seed: int = 0) -> nn.Module:
     stem = nn.Sequential(nn.Linear(spec.d_in, spec.width), ACTIVATIONS[spec.activation]())
     blocks = [_Block(spec, conv=False) for _ in range(spec.depth - 1)]
     long_every = spec.skip_every if spec.skip == "long" else None
-    return _initialise(_Stack(stem, blocks, nn.Linear(spec.width, spec.d_out), long_every), spec.init)
+    return _initialise(_Stack(stem, blocks, nn.Linear(spec.width, spec.d_out), long_every), spec.init, spec.gain)
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ class CNNSpec:
     channels: int = 16
     activation: str = "relu"
     init: str = "default"
+    gain: float = 0.0
     norm: str = "none"
     skip: str = "none"
     skip_every: int = 2
@@ -160,7 +167,7 @@ def build_cnn(spec: CNNSpec, seed: int = 0) -> nn.Module:
     blocks = [_Block(spec, conv=True) for _ in range(spec.depth - 1)]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec.channels, spec.d_out))
     long_every = spec.skip_every if spec.skip == "long" else None
-    return _initialise(_Stack(stem, blocks, head, long_every), spec.init)
+    return _initialise(_Stack(stem, blocks, head, long_every), spec.init, spec.gain)
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,9 @@ class RNNSpec:
     d_in: int = 2
     d_out: int = 1
     forget_bias: bool = False  # LSTM only: forget-gate bias 1
+    # tanh/relu cells: the recurrent matrix W_hh drawn orthogonal and scaled by this gain (0 keeps
+    # PyTorch's default). A gain above 1 makes the recurrence expand: gradients through time explode.
+    recurrent_gain: float = 0.0
     every_step: bool = False  # predict at every step (copy task) instead of from the last one
 
 
@@ -188,6 +198,8 @@ class _Recurrent(nn.Module):
 def build_rnn(spec: RNNSpec, seed: int = 0) -> nn.Module:
     if spec.cell not in CELLS:
         raise bad_argument("cell", f"one of {CELLS}", spec.cell)
+    if spec.recurrent_gain and spec.cell not in ("tanh", "relu"):
+        raise bad_argument("recurrent_gain", "0 unless cell is 'tanh' or 'relu'", spec.recurrent_gain)
     if spec.forget_bias and spec.cell != "lstm":
         raise bad_argument("forget_bias", "False unless cell is 'lstm'", spec.forget_bias)
     torch.manual_seed(seed)
@@ -196,6 +208,8 @@ def build_rnn(spec: RNNSpec, seed: int = 0) -> nn.Module:
                                 nonlinearity="tanh" if spec.cell == "tanh" else "relu")
         if spec.cell == "irnn":
             identity_recurrent_(rnn)
+        elif spec.recurrent_gain:
+            nn.init.orthogonal_(rnn.weight_hh_l0, gain=spec.recurrent_gain)
     else:
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[spec.cell](spec.d_in, spec.hidden, batch_first=True)
         if spec.forget_bias:

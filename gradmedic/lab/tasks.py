@@ -11,6 +11,9 @@
 - ``copy_task``: Arjovsky et al. (2016). Ten symbols from 1-8, T-1 blanks, a delimiter (9), ten blanks; the
   target is blanks until the delimiter's ten blanks, then the ten symbols. A memoryless predictor that
   outputs blank and then a uniform guess over 8 symbols scores 10 ln 8 / (T + 20) per step.
+- ``recall``: associative recall (Ba et al. 2016; Zoology, Arora et al. 2023), a token task for the
+  Transformer LM. ``pairs`` distinct keys from 16, each followed by its value from 16, then one of the keys
+  again: the target is its value. Only the context says which value, so the input-blind baseline is ln 16.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import torch
 
 from gradmedic._errors import GradmedicError, bad_argument
 
-__all__ = ["COPY_SYMBOLS", "Task", "adding", "copy_task", "digits", "sequential_digits"]
+__all__ = ["COPY_SYMBOLS", "RECALL_KEYS", "Task", "adding", "copy_task", "digits", "recall", "sequential_digits"]
 
 COPY_SYMBOLS = 8  # symbols 1..8; 0 is the blank, 9 the delimiter
 _COPY_LENGTH = 10
+RECALL_KEYS = 16  # keys are tokens 0..15, values 16..31 (the target class is value - 16)
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,26 @@ def copy_task(delay: int, n_train: int = 2048, n_test: int = 512, seed: int = 0)
     baseline = _COPY_LENGTH * math.log(COPY_SYMBOLS) / (delay + 2 * _COPY_LENGTH)
     return Task(f"copy_T{delay}", x_train, y_train, x_test, y_test, "cross_entropy", baseline,
                 classes=COPY_SYMBOLS + 1)
+
+
+def _recall_batch(n: int, pairs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = torch.argsort(torch.rand(n, RECALL_KEYS, generator=gen), dim=1)[:, :pairs]  # distinct keys per row
+    values = torch.randint(0, RECALL_KEYS, (n, pairs), generator=gen)
+    which = torch.randint(0, pairs, (n,), generator=gen)
+    rows = torch.arange(n)
+    tokens = torch.stack([keys, values + RECALL_KEYS], dim=-1).reshape(n, 2 * pairs)
+    tokens = torch.cat([tokens, keys[rows, which].unsqueeze(1)], dim=1)  # (n, 2 * pairs + 1)
+    return tokens, values[rows, which]
+
+
+def recall(pairs: int, n_train: int = 4096, n_test: int = 512, seed: int = 0) -> Task:
+    """Associative recall with ``pairs`` key-value pairs (1..16): token ids (B, 2 pairs + 1), 16 classes."""
+    _check_positive("n_train", n_train)
+    _check_positive("n_test", n_test)
+    if not isinstance(pairs, int) or not 1 <= pairs <= RECALL_KEYS:
+        raise bad_argument("length", f"an int in [1, {RECALL_KEYS}] (the key-value pairs of a recall task)", pairs)
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = _recall_batch(n_train, pairs, gen)
+    x_test, y_test = _recall_batch(n_test, pairs, gen)
+    return Task(f"recall_{pairs}", x_train, y_train, x_test, y_test, "cross_entropy", math.log(RECALL_KEYS),
+                classes=RECALL_KEYS)

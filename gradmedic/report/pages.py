@@ -47,7 +47,7 @@ def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]
     verdicts = judge(grouped)
     page.heading("Claims")
     page.table(("claim", "experiment", "verdict", "measured"),
-               [(v.claim, v.experiment, v.verdict, v.evidence) for v in verdicts],
+               [(v.claim, v.experiment, v.summary, v.evidence) for v in verdicts],
                [v.verdict.replace(" ", "-") for v in verdicts])
     suite = SUITES.get(suite_name)
     for name, by_label in grouped.items():
