@@ -80,8 +80,8 @@ class Treatment:
         lines += [f"not done, {rid}: {why}" for rid, why in self.advice]
         lines += [f"tried, not kept, {rid}: {why}" for rid, why in self.skipped]
         if self.evidence:
-            lines.append("verified by training: " + ", ".join(
-                f"{e.stage} {e.score:.4g}{'' if e.kept else ' (rejected)'}" for e in self.evidence))
+            lines.append("verified by training (score: mean loss over the last steps): " + ", ".join(
+                f"{e.stage} {e.score:.4g}{'' if e.kept else ' (not kept)'}" for e in self.evidence))
         return "\n".join(lines)
 
 
@@ -169,60 +169,41 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
 
     if verify_steps:
         treatment.evidence.append(curve(work, "untreated"))
+        treatment.evidence[0].kept = True
     current, given_up, done = report, set(), 0
     while done < max_remedies:
         pending = [f for f in current.findings if f.severity != "info" and f.kind not in given_up]
         if not pending:
             break
         finding = pending[0]
-        accepted = False
+        best: _Trial | None = None  # the first trial that clears the finding, else the one that helps most
+        passed: list[_Trial] = []
         for rid in _candidates(finding):
-            act = ACTIONS[rid]
-            if any(rid == a for a, _ in treatment.advice):
+            trial = _try(rid, finding, work, current, treatment, inputs, done, seed, curve, verify_steps,
+                         lambda m: check(m, inputs, targets=targets, loss_fn=loss_fn))
+            if trial is None:
                 continue
-            if is_trained and not act.keeps_function:
-                treatment.advice.append((rid, f"for {_why(finding)}: not done on trained weights, it re-draws "
-                                              "them or changes what the model computes (pass trained=False if "
-                                              "they are fresh)"))
-                continue
-            if act.needs_inputs and inputs is None:
-                treatment.skipped.append((rid, "needs a batch: pass inputs="))
-                continue
-            trial = copy.deepcopy(work)
-            before = {id(p): p.detach().clone() for p in trial.parameters()}
-            patient = Patient(trial, inputs, dict(current.context), is_trained, treatment)
-            torch.manual_seed(seed + done)
-            try:
-                what = act.apply(patient)
-            except GradmedicError as why:
-                treatment.skipped.append((rid, str(why)))
-                continue
-            trial = patient.model
-            changed = _changed(before, trial)
-            if changed:
-                what += f"; {'changed' if is_trained else 're-drew or rescaled'} {changed} existing parameter tensor(s)"
-            after = None
-            if inputs is not None:
-                after = check(trial, inputs, targets=targets, loss_fn=loss_fn)
-                if _burden(after) >= _burden(current):
-                    treatment.skipped.append((rid, f"re-checked: {_burden(after)[0]} error(s), {_burden(after)[1]} "
-                                                   f"warning(s), no better than before"))
-                    continue
-            if verify_steps:
-                evidence = curve(trial, rid)
-                treatment.evidence.append(evidence)
-                reference = treatment.kept[-2] if len(treatment.kept) > 1 else treatment.evidence[0]
-                if not better(evidence, reference):
-                    evidence.kept = False
-                    treatment.skipped.append((rid, f"{verify_steps} training steps: loss {evidence.score:.4g}, not "
-                                                   f"below {reference.score:.4g} by the margin"))
-                    continue
-            work, accepted = trial, True
-            treatment.applied.append((rid, what, _why(finding)))
-            treatment.redrawn[rid] = changed
-            if after is not None:
-                current = treatment.report = after
-            break
+            if trial.clears or best is None or _burden(trial.report) < _burden(best.report):
+                if best is not None:
+                    passed.append(best)
+                best = trial
+            else:
+                passed.append(trial)
+            if trial.clears:
+                break
+        for other in passed:
+            treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-checked, "
+                                                 f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
+                                                 f"warning(s) remained"))
+        accepted = best is not None
+        if best is not None:
+            work = best.model
+            treatment.applied.append((best.rid, best.what, _why(finding)))
+            treatment.redrawn[best.rid] = best.changed
+            if best.evidence is not None:
+                best.evidence.kept = True
+            if best.report is not None:
+                current = treatment.report = best.report
         if not accepted:
             given_up.add(finding.kind)
         else:
@@ -234,6 +215,64 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
     treatment.model = work
     _recipe(treatment, current, report)
     return treatment
+
+
+@dataclass
+class _Trial:
+    rid: str
+    model: nn.Module
+    what: str
+    changed: int
+    report: Report | None  # the re-check (None without inputs)
+    evidence: Evidence | None  # the verification run (None without verify_steps)
+    clears: bool  # the finding treated is gone (or down to info)
+
+
+def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment: Treatment, inputs: Any,
+         done: int, seed: int, curve: Callable[[nn.Module, str], Evidence], verify_steps: int,
+         recheck: Callable[[nn.Module], Report]) -> _Trial | None:
+    """Apply one remedy to a copy; None (with the reason recorded) when it cannot apply or does not help."""
+    act = ACTIONS[rid]
+    if any(rid == a for a, _ in treatment.advice):
+        return None
+    if treatment.trained and not act.keeps_function:
+        treatment.advice.append((rid, f"for {_why(finding)}: not done on trained weights, it re-draws them or "
+                                      "changes what the model computes (pass trained=False if they are fresh)"))
+        return None
+    if act.needs_inputs and inputs is None:
+        treatment.skipped.append((rid, "needs a batch: pass inputs="))
+        return None
+    model = copy.deepcopy(work)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    patient = Patient(model, inputs, dict(current.context), treatment.trained, treatment)
+    torch.manual_seed(seed + done)
+    try:
+        what = act.apply(patient)
+    except GradmedicError as why:
+        treatment.skipped.append((rid, str(why)))
+        return None
+    model = patient.model
+    changed = _changed(before, model)
+    if changed:
+        what += f"; {'changed' if treatment.trained else 're-drew or rescaled'} {changed} existing parameter tensor(s)"
+    after, clears = None, True
+    if inputs is not None:
+        after = recheck(model)
+        if _burden(after) >= _burden(current):
+            treatment.skipped.append((rid, f"re-checked: {_burden(after)[0]} error(s), {_burden(after)[1]} warning(s), "
+                                           "no better than before"))
+            return None
+        clears = not any(f.kind == finding.kind and f.severity != "info" for f in after.findings)
+    evidence = None
+    if verify_steps:
+        evidence = curve(model, rid)
+        treatment.evidence.append(evidence)
+        reference = next(e for e in reversed(treatment.evidence[:-1]) if e.kept)
+        if not better(evidence, reference):
+            treatment.skipped.append((rid, f"{verify_steps} training steps: loss {evidence.score:.4g}, not below "
+                                           f"{reference.score:.4g} by the margin"))
+            return None
+    return _Trial(rid, model, what, changed, after, evidence, clears)
 
 
 def _recipe(treatment: Treatment, current: Report, original: Report) -> None:

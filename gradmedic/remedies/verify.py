@@ -36,7 +36,7 @@ class Evidence:
 
     stage: str  # "untreated" or the remedy id tried
     losses: list[float] = field(default_factory=list)
-    kept: bool = True
+    kept: bool = False  # the untreated run, and each remedy that treat kept
 
     @property
     def score(self) -> float:

@@ -18,9 +18,10 @@ from torch import nn
 
 __all__ = ["ACTIONS", "TIERS", "Action", "Patient", "action"]
 
-# Invasiveness, least first: a scale or a recipe change, then re-drawing weights, then reviving units,
-# then inserting or moving layers, then changing what the layers compute.
-TIERS = {"scale": 0, "init": 1, "revive": 2, "insert": 3, "replace": 4}
+# Invasiveness, least first: a scale or a recipe change, then reviving the units that are stuck (a few
+# rows of a few tensors), then re-drawing weights, then inserting or moving layers, then changing what
+# the layers compute.
+TIERS = {"scale": 0, "revive": 1, "init": 2, "insert": 3, "replace": 4}
 
 
 @dataclass

@@ -7,7 +7,9 @@ from torch import nn
 from gradmedic._errors import GradmedicError
 from gradmedic.remedies import surgery
 from gradmedic.remedies.actions import Patient, action
+from gradmedic.remedies.actions.init_actions import CHRONO_MIN_LENGTH, sequence_length
 from gradmedic.remedies.critical import critical_
+from gradmedic.remedies.init import chrono_bias_
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -59,4 +61,9 @@ def gated_recurrence(patient: Patient) -> str:
                      dropout=rnn.dropout, bidirectional=rnn.bidirectional)
         weight = next(rnn.parameters())
         surgery._replace(patient.model, rnn, gru.to(weight.device, weight.dtype))
-    return f"replaced {len(rnns)} tanh RNN(s) with GRU(s) of the same sizes (same inputs and outputs)"
+    length = sequence_length(patient.model, patient.inputs)
+    chrono = length is not None and length >= CHRONO_MIN_LENGTH
+    if chrono:
+        chrono_bias_(patient.model, length)
+    return (f"replaced {len(rnns)} tanh RNN(s) with GRU(s) of the same sizes (same inputs and outputs)" +
+            (f", update-gate biases chrono-initialised for {length} steps" if chrono else ""))
