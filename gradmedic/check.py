@@ -33,7 +33,8 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
     ``inputs``: a tensor, a tuple of tensors (positional arguments) or a dict (keyword arguments).
     Without ``loss_fn``: a ``.loss`` in the outputs is used (Hugging Face models given labels), else
     cross-entropy for integer ``targets`` and MSE for float ``targets``, else a fixed-seed random
-    projection of the outputs, so that every output contributes. With ``steps`` > 0, a fresh copy of
+    projection of the outputs (averaged, so its scale does not grow with the output's size), so that every
+    output contributes. With ``steps`` > 0, a fresh copy of
     ``optimizer`` (same class and hyperparameters, empty state) or Adam(lr=1e-3) trains the copy.
     """
     if not isinstance(model, nn.Module):
@@ -107,7 +108,9 @@ def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
     if targets is None:
         gen = torch.Generator(device=out.device).manual_seed(PROJECTION_SEED)
         projection = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-        return (out * projection).sum() / max(out.shape[0] if out.dim() else 1, 1)
+        # the mean, not the sum: dL/d(output) = projection / numel, what mean-squared error on unit-scale
+        # errors gives, so the gradient does not grow with the sequence length or width of the output
+        return (out * projection).mean()
     if not isinstance(targets, torch.Tensor):
         raise GradmedicError(f"targets should be a tensor when no loss_fn is given, but given {_describe(targets)}; "
                              "pass loss_fn.")

@@ -77,7 +77,7 @@ class Monitor:
                   if ps}
         return {"model": type(self.model).__name__, "preset": self.preset, "modules": layers.names,
                 "types": {n: type(m).__name__ for n, m in zip(layers.names, layers.modules, strict=True)},
-                "params": params, "dtype": str(layers.param_dtype).removeprefix("torch."),
+                "params": params, "roles": dict(layers.roles), "dtype": str(layers.param_dtype).removeprefix("torch."),
                 "device": str(layers.device), "probes": [repr(p) for p in self.probes],
                 "torch": torch.__version__}
 

@@ -66,6 +66,19 @@ _ALL = (
     Remedy("numerical_guard", "guard the operation that makes the NaN/Inf (clamp before log/sqrt, add eps to "
            "divisors, use log-softmax)", "model", ""),
     Remedy("gradcheck", "check the module's backward against finite differences (float64)", "model", ""),
+    # transformers: the known fixes for depth in attention models
+    Remedy("pre_ln", "move each block's LayerNorm to the start of its residual branch (pre-LN): the stream "
+           "becomes an identity path and gradients at init are well-scaled without warmup", "model",
+           "Xiong et al. 2020"),
+    Remedy("lr_warmup", "warm the learning rate up linearly over the first steps (a few percent of training), "
+           "so Adam's early, badly estimated steps do not wreck a post-LN stack", "training",
+           "Vaswani et al. 2017; Liu et al. 2020"),
+    Remedy("deepnorm", "scale the residual stream up (x * alpha + F(x)) and the branch's init down "
+           "(DeepNorm), so deep post-LN stacks train stably", "model", "Wang et al. 2022"),
+    Remedy("layerscale", "multiply each residual branch by a learnable per-channel scale initialised small "
+           "(LayerScale, 1e-5..1e-1 by depth)", "model", "Touvron et al. 2021"),
+    Remedy("qk_norm", "normalise queries and keys (LayerNorm/RMSNorm before the dot product) so attention "
+           "logits cannot grow without bound", "model", "Dehghani et al. 2023; Henry et al. 2020"),
     Remedy("accumulate", "accumulate gradients over micro-batches (a larger effective batch; does not fix "
            "vanishing)", "training", ""),
 )
@@ -79,7 +92,15 @@ def prescribe(kind: str, context: dict[str, Any]) -> list[str]:
     ``context`` keys read: ``saturating`` (sigmoid/tanh-like activations present), ``relu`` (ReLU family),
     ``normalized`` (BatchNorm/LayerNorm/GroupNorm present), ``residual`` (user blocks with skips are not
     detectable in general, so only known torch residual users count), ``rnn`` / ``lstm`` / ``gru``, ``depth``
-    (number of parameterised layers on the main path), ``low_precision``.
+    (number of parameterised layers on the main path), ``low_precision``, ``model_kind``
+    (``architecture.model_kind``: "transformer", "recurrent", "convolutional", "mlp") and ``norm_placement``
+    ("pre" or "post": where a block's first norm runs, read from the forward order).
+
+    For transformers the known fixes of depth come first (CATALOG.md; the papers are in REMEDIES): a post-LN
+    stack is fixed first by moving to pre-LN (Xiong et al. 2020), then by warmup, which post-LN cannot do
+    without (Liu et al. 2020), then by DeepNorm's residual scaling (Wang et al. 2022); a pre-LN stack by
+    warmup and LayerScale (Touvron et al. 2021); exploding attention by warmup, clipping and QK-norm
+    (Dehghani et al. 2023).
     """
     sat, relu, norm = context.get("saturating"), context.get("relu"), context.get("normalized")
     deep = context.get("depth", 0) >= 10
@@ -121,4 +142,22 @@ def prescribe(kind: str, context: dict[str, Any]) -> list[str]:
         ids = ["adaptive_optimizer", "raise_learning_rate", "lr_warm_restarts", "add_normalization"]
     else:
         raise ValueError(f"Argument kind should be one of the finding kinds, but given {kind!r}.")
+    if context.get("model_kind") == "transformer":
+        ids = _TRANSFORMER_FIRST.get((kind, context.get("norm_placement")), _TRANSFORMER_FIRST.get((kind, None), [])) \
+            + [i for i in ids if i not in _TRANSFORMER_HAS]
     return list(dict.fromkeys(ids))
+
+
+# a transformer has residual blocks and norms already: adding them is no remedy
+_TRANSFORMER_HAS = ("add_residual", "add_normalization")
+
+# (kind, norm placement) -> the transformer remedies ranked before the general ones
+_TRANSFORMER_FIRST: dict[tuple[str, str | None], list[str]] = {
+    ("vanishing_gradients", "post"): ["pre_ln", "lr_warmup", "deepnorm", "layerscale"],
+    ("vanishing_gradients", "pre"): ["lr_warmup", "layerscale", "deepnorm"],
+    ("vanishing_gradients", None): ["pre_ln", "lr_warmup", "deepnorm", "layerscale"],
+    ("exploding_gradients", "post"): ["lr_warmup", "pre_ln", "clip_grad_norm", "deepnorm", "qk_norm"],
+    ("exploding_gradients", None): ["lr_warmup", "clip_grad_norm", "qk_norm", "layerscale"],
+    ("nonfinite", None): ["numerical_guard", "lr_warmup", "qk_norm"],
+    ("stalled_updates", None): ["lr_warmup"],
+}

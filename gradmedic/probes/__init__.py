@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "gradients": {"every": 1, "zero_fraction": True},
         "backward": {"every": 1},
         "activations": {"every": 1},
-        "timesteps": {"every": 1},
+        "timesteps": {"every": 1, "horizon": True},
         "nonfinite": {"every": 1},
     },
 }

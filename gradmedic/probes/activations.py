@@ -37,6 +37,13 @@ __all__ = ["SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
 # falls below 5% of the peak (tanh: |y| > 0.975; sigmoid: y < 0.0127 or y > 0.987). Ten such layers in
 # a row cut the gradient by 1e-13, which is the regime Glorot & Bengio (2010) describe for sigmoid nets.
 SATURATED_DERIVATIVE = 0.05
+# A ReLU unit is dead for every input, not merely off for this batch, when even its largest pre-activation
+# in the batch lies more than DEAD_MARGIN spreads below zero, the spread being the (robust) standard
+# deviation over the layer's units of their mean pre-activation (how far other inputs could move it).
+# Deep plain ReLU nets at He init correlate their inputs, so 25-40% of units are off for a whole batch and
+# yet train (issue 9); beyond one spread they show <= 5% (depth 20-80, width 64), a too-hot SGD run (lr 3)
+# 16-22%, a bias shifted to -4 100% (tests/test_diagnosis.py, tests/test_check.py).
+DEAD_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,16 +118,21 @@ _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.G
 class _FunctionalWatch(TorchFunctionMode):
     """Reports calls of known activation functions to the probe; passes everything through."""
 
-    def __init__(self, on_call: Callable[[Family, Any], None]):
+    def __init__(self, on_call: Callable[[Family, Any, Any], None]):
         super().__init__()
         self.on_call = on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         family = _FUNCTIONAL.get(func)
+        x = args[0] if family is not None and args and isinstance(args[0], torch.Tensor) else None
+        inplace = getattr(func, "__name__", "").endswith("_") or kwargs.get("inplace") is True or (
+            len(args) > 1 and args[1] is True)
+        if x is not None and inplace:
+            x = x.detach().clone()  # an in-place op overwrites its input
+        out = func(*args, **kwargs)
         if family is not None:
-            self.on_call(family if isinstance(family, Family) else family(args, kwargs), out)
+            self.on_call(family if isinstance(family, Family) else family(args, kwargs), out, x)
         return out
 
 
@@ -146,6 +158,7 @@ class ActivationProbe(Probe):
         self._inside_activation = 0
         self._channels_first = False
         self._watch: _FunctionalWatch | None = None
+        self._pre_input: torch.Tensor | None = None
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -178,8 +191,10 @@ class ActivationProbe(Probe):
     def _note_layout(self, module: nn.Module, _module: nn.Module, args: Any, output: Any) -> None:
         self._channels_first = isinstance(module, _CHANNELS_FIRST)
 
-    def _enter_activation(self, _module: nn.Module, args: Any) -> None:
+    def _enter_activation(self, module: nn.Module, args: Any) -> None:
         self._inside_activation += 1
+        if getattr(module, "inplace", False) and args and isinstance(args[0], torch.Tensor):
+            self._pre_input = args[0].detach().clone()  # the in-place op overwrites the pre-activation
 
     def _enter(self, module: nn.Module, _module: nn.Module, args: Any) -> None:
         if not self._stack and self._watch is None:
@@ -202,18 +217,21 @@ class ActivationProbe(Probe):
     def _on_module(self, row: int, family: Family, module: nn.Module, args: Any, output: Any) -> None:
         self._inside_activation = max(self._inside_activation - 1, 0)
         out = first_float_tensor(output)
+        pre, self._pre_input = self._pre_input, None
+        if pre is None and not getattr(module, "inplace", False):
+            pre = first_float_tensor(args)
         if out is not None:
-            self._measure(row, family, out)
+            self._measure(row, family, out, pre)
 
-    def _on_functional(self, family: Family, output: Any) -> None:
+    def _on_functional(self, family: Family, output: Any, pre: Any) -> None:
         if not self._stack or self._inside_activation or self.layers is None:
             return  # inside nn.ReLU etc.: measured as a module already
         out = first_float_tensor(output)
         if out is not None:
-            self._measure(self.layers.row[id(self._stack[-1])], family, out)
+            self._measure(self.layers.row[id(self._stack[-1])], family, out, first_float_tensor(pre))
 
     @torch.no_grad()
-    def _measure(self, row: int, family: Family, y: torch.Tensor) -> None:
+    def _measure(self, row: int, family: Family, y: torch.Tensor, pre: torch.Tensor | None = None) -> None:
         y = y.detach()
         if y.dtype.itemsize < 4:
             y = y.float()
@@ -230,7 +248,20 @@ class ActivationProbe(Probe):
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
             others = tuple(d for d in range(y.dim()) if d != axis)
-            self._dead.append((row, (y.amax(dim=others) > 0).sum(), y.shape[axis]))
+            self._dead.append((row, self._alive_units(y, pre, axis, others), y.shape[axis]))
+
+    @staticmethod
+    def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...]) -> torch.Tensor:
+        """Units not dead for every input (see DEAD_MARGIN); without the pre-activation, units on for this batch."""
+        if pre is None or pre.shape != y.shape:
+            return (y.amax(dim=others) > 0).sum()
+        pre = pre.detach().float()
+        top = pre.amax(dim=others)  # (units,) the largest pre-activation each unit saw
+        means = pre.mean(dim=others)
+        # a robust spread (1.4826 x median absolute deviation = the std of a Gaussian), so that the dead
+        # units' own far-negative means do not widen it
+        spread = 1.4826 * (means - means.median()).abs().median()
+        return ((top > 0) | (top > -DEAD_MARGIN * spread)).sum()
 
     def collect(self, step: int) -> None:
         if not self._calls:

@@ -29,16 +29,22 @@ class BackwardSignalProbe(Probe):
     # backward_rms: RMS per element; backward_norm: the whole tensor's norm (summed over a module's calls);
     # forward_index: the order in which layers first ran in this forward (depth order, whatever the
     # order of definition)
-    metrics = ("backward_rms", "backward_norm", "forward_index")
+    # low_precision_out: 1 where the layer's output is float16/bfloat16 (a half model, or autocast with
+    # float32 weights: the backward then runs in 16 bits and can underflow although the weights cannot)
+    metrics = ("backward_rms", "backward_norm", "forward_index", "low_precision_out")
     uses_hooks = True
 
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
-        self._rows = layers.rows_owning_params()
+        # parameterised layers, and the residual blocks: a block's output gradient is the residual stream,
+        # the path the gradient takes through depth (gradmedic.architecture.stream_blocks)
+        blocks = {i for i, name in enumerate(layers.names) if layers.roles.get(name) == "block"}
+        self._rows = sorted(set(layers.rows_owning_params()) | blocks)
         self._squares: list[torch.Tensor] = []  # one 0-d sum of squares per hook call: one op in the hook
         self._calls: list[int] = []  # the row of each call
         self._count = [0] * len(layers)  # elements seen per row (host ints)
         self._order: dict[int, int] = {}  # row -> position of its first call in this forward
+        self._low: set[int] = set()  # rows whose output was 16-bit in this forward
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -49,6 +55,8 @@ class BackwardSignalProbe(Probe):
     def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
         self._order.setdefault(row, len(self._order))
         out = first_float_tensor(output)
+        if out is not None and out.dtype in (torch.float16, torch.bfloat16):
+            self._low.add(row)
         if out is None or not out.requires_grad:
             return
         out.register_hook(self.step_guard(self._on_grad, row))
@@ -75,9 +83,14 @@ class BackwardSignalProbe(Probe):
             ordered = torch.tensor(list(self._order), dtype=torch.long, device=self.device)
             position = torch.tensor([float(v) for v in self._order.values()], dtype=self.dtype, device=self.device)
             self.buffer.write(slot, ordered, "forward_index", position)
+        if self._low:
+            low = torch.tensor(sorted(self._low), dtype=torch.long, device=self.device)
+            self.buffer.write(slot, low, "low_precision_out", torch.ones(len(self._low), dtype=self.dtype,
+                                                                          device=self.device))
         self._reset()
 
     def _reset(self) -> None:
+        self._low: set[int] = set()
         self._order.clear()
         self._squares.clear()
         self._calls.clear()

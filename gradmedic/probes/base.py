@@ -50,9 +50,15 @@ class LayerIndex:
 
     A parameter shared by several modules (tied weights) belongs to the first owner in
     ``named_modules`` order, so per-layer norms add up to the model's norm without double counting.
+    Names are the user's model's own: wrappers (torch.compile, DDP, FSDP) are taken off and their
+    prefixes (``_orig_mod.``, ``module.``) never appear (``gradmedic.architecture``). ``roles`` gives each
+    module's role in the model (activation, norm, block, attn_q, ...), from the same table.
     """
 
     def __init__(self, model: nn.Module):
+        from gradmedic import architecture
+
+        model = architecture.unwrap(model)
         self.names: list[str] = []
         self.modules: list[nn.Module] = []
         self.row: dict[int, int] = {}  # id(module) -> row
@@ -60,6 +66,9 @@ class LayerIndex:
         self.owns_params: list[bool] = []  # owns any parameter (trainable or frozen) directly
         seen: set[int] = set()
         for name, module in model.named_modules():
+            if type(module).__name__ in architecture.WRAPPER_TYPES:
+                continue  # a compiled/wrapped submodule: its inner module stands for it under the same name
+            name = architecture.clean_name(name)
             self.row[id(module)] = len(self.names)
             self.names.append(name)
             self.modules.append(module)
@@ -73,6 +82,7 @@ class LayerIndex:
                     owned.append(p)
             self.params.append(owned)
             self.owns_params.append(bool(direct))
+        self.roles: dict[str, str] = architecture.roles(model)
         params = [p for ps in self.params for p in ps]
         first = next(iter(model.parameters()), None)
         if first is None:

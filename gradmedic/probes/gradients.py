@@ -97,6 +97,9 @@ class GradientProbe(Probe):
         self._current: list[torch.Tensor] | None = None  # this step's sample, contiguous
         self._current_step: int | None = None
         self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, per-row norms, all params)
+        # embedding tables: their gradient's all-zero rows are unused rows (see _zero_denominator)
+        self._row_wise = [isinstance(layers.modules[row], (torch.nn.Embedding, torch.nn.EmbeddingBag)) and p.dim() == 2
+                          for p, row in zip(self._params, self._owner, strict=True)]
         low = any(p.dtype in _LOW_PRECISION for p in self._params)
         self._zeros = self.zero_fraction is True or (self.zero_fraction == "auto" and low)
 
@@ -170,9 +173,27 @@ class GradientProbe(Probe):
             self.buffer.write(slot, root, "total_grad_norm", grad_norms.square().sum().sqrt().reshape(1))
             if self._zeros:
                 nonzero = self._per_row(self._norms(grads, plan, ord=0.0), plan, squares=False)
-                self.buffer.write(slot, plan.rows, "grad_zero_frac", 1.0 - nonzero / plan.count_per_row)
+                self.buffer.write(slot, plan.rows, "grad_zero_frac", 1.0 - nonzero / self._zero_denominator(plan))
         if measured_update:
             self._write_update(slot)
+
+    def _zero_denominator(self, plan: _Plan) -> torch.Tensor:
+        """Entries per layer that could be non-zero: an embedding's rows that no input used have an exact
+        zero gradient in any precision (unused tokens, positions beyond the sequence, padding), so they are
+        structure, not underflow, and are left out. A layer whose gradient is zero in every row counts whole."""
+        order = [i for group in plan.groups for i in group]  # host ints, as plan.order holds them
+        if not any(self._row_wise[i] for i in order):
+            return plan.count_per_row
+        per_tensor = []
+        for i in order:
+            p = self._params[i]
+            if self._row_wise[i]:
+                g = p.grad.reshape(p.shape[0], -1)
+                live = (g != 0).any(dim=1).sum().to(self.dtype) * g.shape[1]
+                per_tensor.append(torch.where(live > 0, live, torch.full_like(live, float(p.numel()))))
+            else:
+                per_tensor.append(torch.tensor(float(p.numel()), dtype=self.dtype, device=self.device))
+        return self._per_row(torch.stack(per_tensor).to(self.device), plan, squares=False)
 
     def _sampled(self) -> list[torch.Tensor]:
         """Views of the sampled entries, rebuilt whenever a parameter's storage has been replaced."""

@@ -10,6 +10,14 @@ The input gets a gradient without changing the graph: an input that already requ
 on as ``x.view_as(x)`` (an identity node whose hook sees only the gradient through this layer); an
 input that does not (data) is passed on as ``x.detach().requires_grad_()``, which cuts nothing because
 nothing upstream wanted a gradient. Packed sequences are passed through unmeasured.
+
+The gradient horizon (``horizon=True``): with a loss at every step (a language model), dL/dx_t sums the
+gradients of the losses at t, t+1, ..., so it stays flat (``time_grad_ratio`` ~ 2) even when nothing of
+the last step's loss reaches the first input. The horizon is measured apart, in the layer's forward: the
+gradient of a fixed random projection of the layer's *last* output with respect to its inputs at every
+t (one extra backward through the recurrent layer, with ``torch.autograd.grad``), recorded as the series
+``horizon_rms`` and the ratio ``horizon_ratio`` = RMS at t = 0 over RMS at t = T - 1: how far back a late
+output can learn from. An exact 0 is a dependency that cannot be learned at all.
 """
 
 from __future__ import annotations
@@ -25,13 +33,19 @@ from gradmedic.probes.base import Chunk, LayerIndex, Probe
 __all__ = ["TimeStepProbe"]
 
 SERIES = "time_grad_rms"
+HORIZON_SERIES = "horizon_rms"
+HORIZON_SEED = 0  # the fixed projection of the last output
 
 
 class TimeStepProbe(Probe):
     name = "timesteps"
     # time_grad_ratio = RMS of dL/dx at the first step over that at the last: << 1 vanishing, >> 1 exploding
-    metrics = ("time_grad_ratio",)
+    metrics = ("time_grad_ratio", "horizon_ratio")
     uses_hooks = True
+
+    def __init__(self, every: int = 1, horizon: bool = False):
+        super().__init__(every)
+        self.horizon = horizon
 
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
@@ -42,6 +56,10 @@ class TimeStepProbe(Probe):
         self._calls: dict[int, int] = {}
         self._series: dict[int, torch.Tensor] = {}  # row -> (capacity, T) NaN-padded
         self._series_steps: dict[int, list[int]] = {}
+        self._horizon: dict[int, torch.Tensor] = {}  # row -> (T,) RMS of d(last output)/dx_t, this step
+        self._horizon_series: dict[int, list[tuple[int, torch.Tensor]]] = {}  # row -> [(step, (T,))]
+        self._in_horizon = False
+        self._pending: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (x_in, time axis) for the horizon
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -49,9 +67,15 @@ class TimeStepProbe(Probe):
             module = self.layers.modules[row]
             hook = self._make_pre_hook(row)
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if self.horizon and isinstance(module, nn.RNNBase):
+                # prepend: run before other probes hook the output, so the extra backward reaches none of them
+                self._handles.append(module.register_forward_hook(self.guard(self._measure_horizon, row),
+                                                                  prepend=True))
 
     def reset(self) -> None:
         super().reset()
+        self._pending.clear()
+        self._horizon.clear()
         self._parts.clear()
         self._calls.clear()
 
@@ -80,11 +104,35 @@ class TimeStepProbe(Probe):
         else:
             time_axis = 1 if (module.batch_first and x.dim() == 3) else 0
             x_in.register_hook(self.step_guard(self._on_grad, row, time_axis, 0))
+            if x.dim() == 3:
+                self._pending[row] = (x_in, time_axis)
         if in_args:
             return (x_in, *args[1:]), kwargs
         return args, {**kwargs, "input": x_in}
 
+    def _measure_horizon(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
+        pending = self._pending.pop(row, None)
+        out = output[0] if isinstance(output, tuple) else output
+        if pending is None or not isinstance(out, torch.Tensor) or not out.requires_grad or out.dim() != 3:
+            return
+        x_in, time_axis = pending
+        last = out.select(time_axis, -1)  # (B, H): the layer's last output
+        gen = torch.Generator(device=last.device).manual_seed(HORIZON_SEED)
+        projection = torch.randn(last.shape, generator=gen, device=last.device, dtype=last.dtype)
+        self._in_horizon = True
+        try:
+            (g,) = torch.autograd.grad((last * projection).sum(), x_in, retain_graph=True, allow_unused=True)
+        finally:
+            self._in_horizon = False
+        if g is None:
+            return
+        g = g.detach().float()
+        others = tuple(d for d in range(g.dim()) if d != time_axis)
+        self._horizon[row] = g.square().mean(dim=others).sqrt().to(self.dtype)
+
     def _on_grad(self, row: int, time_axis: int | None, offset: int, grad: torch.Tensor) -> None:
+        if self._in_horizon:
+            return  # the horizon's own backward, not the loss's
         g = grad.detach()
         if g.dtype.itemsize < 4:
             g = g.float()
@@ -96,6 +144,14 @@ class TimeStepProbe(Probe):
         self._parts.setdefault(row, []).append((offset, sq.to(self.dtype), count))
 
     def collect(self, step: int) -> None:
+        if self._horizon:
+            slot = self.buffer.open(step)
+            rows = torch.tensor(list(self._horizon), dtype=torch.long, device=self.device)
+            ratio = torch.stack([rms[0] / rms[-1] for rms in self._horizon.values()])
+            self.buffer.write(slot, rows, "horizon_ratio", ratio)
+            for row, rms in self._horizon.items():
+                self._horizon_series.setdefault(row, []).append((step, rms))
+            self._horizon.clear()
         if not self._parts:
             return
         slot = self.buffer.open(step)
@@ -145,6 +201,17 @@ class TimeStepProbe(Probe):
             series[self.layers.names[row]] = (np.asarray(steps, dtype=np.int64), host)
             self._series_steps[row] = []
         chunk.series[SERIES] = series
+        horizon: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for row, pairs in self._horizon_series.items():
+            if pairs:
+                width = max(v.shape[0] for _, v in pairs)
+                values = np.full((len(pairs), width), np.nan)
+                for i, (_, v) in enumerate(pairs):
+                    values[i, : v.shape[0]] = v.cpu().numpy()
+                horizon[self.layers.names[row]] = (np.asarray([s for s, _ in pairs], dtype=np.int64), values)
+        self._horizon_series.clear()
+        if horizon:
+            chunk.series[HORIZON_SERIES] = horizon
         return chunk
 
     def detach(self) -> None:

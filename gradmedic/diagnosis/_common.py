@@ -1,0 +1,55 @@
+"""What the rules share: reading a metric at its latest step, depth order, severity, making a Finding."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradmedic.diagnosis.findings import Finding
+from gradmedic.diagnosis.prescriptions import prescribe
+from gradmedic.trace import Trace
+
+
+def latest(trace: Trace, metric: str) -> tuple[int, dict[str, float]] | None:
+    """The latest step at which ``metric`` was measured, and its value per layer there."""
+    if metric not in trace.metrics:
+        return None
+    column = trace.metric(metric)
+    rows = np.flatnonzero(~np.all(np.isnan(column), axis=1))
+    if rows.size == 0:
+        return None
+    s = rows[-1]
+    return int(trace.steps[s]), {layer: float(column[s, j]) for j, layer in enumerate(trace.layers)
+                                 if not math.isnan(column[s, j])}
+
+
+def depth_order(trace: Trace, step: int, layers: list[str]) -> list[str]:
+    module_order = {name: i for i, name in enumerate(trace.meta.get("modules", []))}
+    index: dict[str, float] = {}
+    if "forward_index" in trace.metrics:
+        s = int(np.searchsorted(trace.steps, step))
+        column = trace.metric("forward_index")[s]
+        index = {layer: float(column[j]) for j, layer in enumerate(trace.layers) if not math.isnan(column[j])}
+    return sorted(layers, key=lambda name: (index.get(name, math.inf), module_order.get(name, 0)))
+
+
+def severity_of(value: float, warning: float, error: float, below: bool = True,
+                info: float | None = None) -> str | None:
+    if below:
+        value, warning, error = -value, -warning, -error
+        info = None if info is None else -info
+    if value >= error:
+        return "error"
+    if value >= warning:
+        return "warning"
+    if info is not None and value >= info:
+        return "info"
+    return None
+
+
+def finding(kind: str, severity: str, layers: list[str], message: str, evidence: dict, ctx: dict) -> Finding:
+    return Finding(kind=kind, severity=severity, layers=layers, message=message, evidence=evidence,
+                   remedies=prescribe(kind, ctx))
+
+
