@@ -90,8 +90,29 @@ def _images(model: nn.Module, seed: int, n: int = 64) -> dict:
     return {"model": model, "inputs": x, "targets": targets, "loss_fn": F.cross_entropy}
 
 
+class PostLN(nn.Module):
+    """A deep post-LN transformer encoder (torch.nn's default, norm_first=False) with a mean-pooled head."""
+
+    def __init__(self, layers: int = 16, d_model: int = 32):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 4)
+
+    def forward(self, x):  # (B, T, C) -> (B, 4)
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def _tokens(model: nn.Module, seed: int, n: int = 32, length: int = 8, d_model: int = 32, **budget) -> dict:
+    """The class is the largest of 4 channels averaged over the sequence."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    x = torch.randn(n, length, d_model, generator=gen)
+    return {"model": model, "inputs": x, "targets": x[:, :, :4].mean(dim=1).argmax(dim=1), "loss_fn": F.cross_entropy,
+            **budget}
+
+
 # name -> builder(seed) -> case dict (model, inputs, targets, loss_fn; optionally the training budget:
-# steps and Adam's lr, 100 and 1e-3 when not given)
+# steps and Adam's lr, 100 and 1e-3 when not given; check_steps: check after that many steps of it)
 SICK = {
     "sigmoid_mlp_10": lambda s: _classify(mlp(10, nn.Sigmoid), s),
     "sigmoid_mlp_20": lambda s: _classify(mlp(20, nn.Sigmoid), s),
@@ -102,6 +123,9 @@ SICK = {
     "sigmoid_cnn_8": lambda s: _images(_sigmoid_cnn(), s),
     "tanh_rnn_60": lambda s: _recall(LastStep("rnn"), s, 60, steps=150, lr=1e-2),
     "lstm_60": lambda s: _recall(LastStep("lstm"), s, 60, steps=300, lr=3e-3),
+    # a post-LN transformer is healthy at init and breaks in training without warmup (Xiong et al. 2020):
+    # it is checked after 20 steps at the learning rate it is trained with
+    "post_ln_transformer_24": lambda s: _tokens(PostLN(24), s, steps=60, lr=3e-3, check_steps=20),
 }
 
 

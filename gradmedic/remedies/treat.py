@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -121,9 +122,12 @@ def _why(finding: Finding) -> str:
 
 def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = None,
           loss_fn: Callable | None = None, trained: bool | None = None, verify_steps: int = 0,
-          data: Iterable | None = None, max_remedies: int = 3, seed: int = 0, inplace: bool = False,
-          max_rounds: int | None = None) -> Treatment:
+          data: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None, max_remedies: int = 3,
+          seed: int = 0, inplace: bool = False, max_rounds: int | None = None) -> Treatment:
     """Treat a copy of ``model`` for the report's findings; see the module docstring.
+
+    Each trial is re-checked the way the report was made: a report from ``gm.check(..., steps=N,
+    optimizer=opt)`` is re-checked with N steps of ``optimizer`` (pass the same one here).
     ``max_rounds`` is the former name of ``max_remedies``."""
     if not isinstance(model, nn.Module):
         raise bad_argument("model", "a torch.nn.Module", model)
@@ -145,13 +149,13 @@ def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = N
         raise bad_argument("model", "a model whose parameters are floating point", bad[0],
                            "treat re-initialises weights, which needs float parameters.")
     with _caller_rng_kept(seed, model):
-        return _treat(model, report, inputs, targets, loss_fn, trained, verify_steps, data, max_remedies, seed,
-                      inplace)
+        return _treat(model, report, inputs, targets, loss_fn, trained, verify_steps, data, optimizer, max_remedies,
+                      seed, inplace)
 
 
 def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn: Callable | None,
-           trained: bool | None, verify_steps: int, data: Iterable | None, max_remedies: int, seed: int,
-           inplace: bool) -> Treatment:
+           trained: bool | None, verify_steps: int, data: Iterable | None, optimizer: torch.optim.Optimizer | None,
+           max_remedies: int, seed: int, inplace: bool) -> Treatment:
     from gradmedic.check import check  # the diagnosis stage's entry point, used to re-check each trial
 
     if trained is None:
@@ -164,9 +168,12 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
     treatment = Treatment(model=work, trained=is_trained, trained_reason=reason)
 
     def curve(candidate: nn.Module, stage: str) -> Evidence:
-        return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed, treatment.lr,
+        make = (lambda m: _optimizer_for(optimizer, m)) if optimizer is not None else \
+            (lambda m: torch.optim.Adam(m.parameters(), lr=treatment.lr))
+        return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed, make,
                           treatment.clip, treatment.schedule)
 
+    check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
     if verify_steps:
         treatment.evidence.append(curve(work, "untreated"))
         treatment.evidence[0].kept = True
@@ -180,7 +187,8 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
         passed: list[_Trial] = []
         for rid in _candidates(finding):
             trial = _try(rid, finding, work, current, treatment, inputs, done, seed, curve, verify_steps,
-                         lambda m: check(m, inputs, targets=targets, loss_fn=loss_fn))
+                         lambda m: check(m, inputs, targets=targets, loss_fn=loss_fn, steps=check_steps,
+                                         optimizer=_optimizer_for(optimizer, m)))
             if trial is None:
                 continue
             if trial.clears or best is None or _burden(trial.report) < _burden(best.report):
@@ -215,6 +223,14 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
     treatment.model = work
     _recipe(treatment, current, report)
     return treatment
+
+
+def _optimizer_for(optimizer: torch.optim.Optimizer | None, trial: nn.Module) -> torch.optim.Optimizer | None:
+    """The user's optimizer class and hyperparameters, fresh, over the trial's parameters (or None)."""
+    if optimizer is None:
+        return None
+    accepted = inspect.signature(type(optimizer)).parameters
+    return type(optimizer)(trial.parameters(), **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 @dataclass

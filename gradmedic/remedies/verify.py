@@ -2,7 +2,7 @@
 
 ``treat(..., verify_steps=N)`` trains a copy of the model before a remedy and a copy after it for N steps
 (Adam at the treatment's learning rate, its clipping and schedule, ``torch.manual_seed(seed)`` before
-each run so dropout draws the same) on the user's batch repeated, or on the first N batches of ``data``
+each run so dropout draws the same; the caller's optimizer class and hyperparameters where given) on the user's batch repeated, or on the first N batches of ``data``
 (cycled). A remedy is kept only when its score, the mean loss over the last fifth of the steps, is lower
 by ``VERIFY_MARGIN``. When the loss cannot be compared (no targets, no loss function, no ``.loss``: the
 check's random projection is not a training objective), the gradient profile decides instead.
@@ -68,7 +68,8 @@ def _batches(inputs: Any, targets: Any, data: Iterable | None, steps: int) -> li
 
 
 def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn: Callable | None,
-               data: Iterable | None, steps: int, seed: int, lr: float, clip: Callable | None = None,
+               data: Iterable | None, steps: int, seed: int,
+               make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], clip: Callable | None = None,
                schedule: Callable | None = None) -> Evidence:
     """Train a copy of ``model`` for ``steps`` steps; the model itself is not touched."""
     from gradmedic.check import _forward_loss
@@ -77,7 +78,7 @@ def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn:
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(work.parameters(), lr=lr)
+    optimizer = make_optimizer(work)
     scheduler = schedule(optimizer) if schedule is not None else None
     evidence = Evidence(stage)
     for x, y in _batches(inputs, targets, data, steps):
