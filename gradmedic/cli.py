@@ -201,6 +201,9 @@ def _check(args: argparse.Namespace) -> int:
                                  "loss_fn")
         report = gm.check(case["model"], case["inputs"], targets=case.get("targets"), loss_fn=case.get("loss_fn"),
                           optimizer=case.get("optimizer"), steps=args.steps)
+        treatment = None if args.treat is None else gm.treat(
+            case["model"], report, inputs=case["inputs"], targets=case.get("targets"), loss_fn=case.get("loss_fn"),
+            optimizer=case.get("optimizer"), verify_steps=args.treat)
     except GradmedicError as error:
         return _fail(str(error))
     if args.report:
@@ -216,6 +219,8 @@ def _check(args: argparse.Namespace) -> int:
         report.render(Console())
         if args.report:
             print(f"Report written to {args.report}")
+    if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
+        print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
     if args.fail_on is not None:
         from gradmedic.diagnosis import SEVERITIES
 
@@ -264,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fail-on", choices=("warning", "error"), default=None,
                        help="exit 1 when a finding this severe or worse is present (for CI)")
     check.add_argument("--report", metavar="OUT.html", help="also write an HTML report with figures")
+    check.add_argument("--treat", nargs="?", type=_non_negative, const=50, default=None, metavar="N",
+                       help="treat a copy (gm.treat) and prove each remedy by N training steps (default 50; 0: no "
+                            "training, re-checks only)")
     check.set_defaults(run=_check)
     lab = sub.add_parser("lab", help="the lab: run the classic experiments and judge the claims")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)

@@ -81,13 +81,13 @@ def _sigmoid_cnn() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-def _images(model: nn.Module, seed: int, n: int = 64) -> dict:
+def _images(model: nn.Module, seed: int, n: int = 64, **budget) -> dict:
     """The class is the quartile of the image's mean: position-free, so a conv net with pooling can learn it."""
     gen = torch.Generator().manual_seed(seed + 1000)
     x = torch.randn(n, 1, 8, 8, generator=gen) + torch.randn(n, 1, 1, 1, generator=gen)
     mean = x.mean(dim=(1, 2, 3))
     targets = torch.bucketize(mean, mean.quantile(torch.tensor([0.25, 0.5, 0.75])))
-    return {"model": model, "inputs": x, "targets": targets, "loss_fn": F.cross_entropy}
+    return {"model": model, "inputs": x, "targets": targets, "loss_fn": F.cross_entropy, **budget}
 
 
 class PostLN(nn.Module):
@@ -120,7 +120,7 @@ SICK = {
     "tanh_mlp_40_chaotic": lambda s: _classify(mlp(40, nn.Tanh, std=3.0), s),
     "relu_mlp_10_exploding": lambda s: _regress(_normal1(mlp(10, nn.ReLU)), s),
     "relu_mlp_6_dead": lambda s: _classify(_dead_relu(s), s),
-    "sigmoid_cnn_8": lambda s: _images(_sigmoid_cnn(), s),
+    "sigmoid_cnn_8": lambda s: _images(_sigmoid_cnn(), s, steps=150, lr=3e-3),
     "tanh_rnn_60": lambda s: _recall(LastStep("rnn"), s, 60, steps=150, lr=1e-2),
     "lstm_60": lambda s: _recall(LastStep("lstm"), s, 60, steps=300, lr=3e-3),
     # a post-LN transformer is healthy at init and breaks in training without warmup (Xiong et al. 2020):

@@ -36,7 +36,7 @@ from gradmedic.diagnosis import REMEDIES, Finding, Report
 from gradmedic.remedies.actions import ACTIONS, Patient
 from gradmedic.remedies.freshness import freshness
 from gradmedic.remedies.precision import ScaledStep
-from gradmedic.remedies.verify import Evidence, better, loss_curve
+from gradmedic.remedies.verify import Evidence, better, loss_comparable, loss_curve
 
 __all__ = ["Treatment", "treat"]
 
@@ -173,6 +173,10 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
         return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed, make,
                           treatment.clip, treatment.schedule)
 
+    if verify_steps and inputs is not None and not loss_comparable(model, inputs, targets, loss_fn, data):
+        treatment.skipped.append(("verify", "no loss to compare (no targets, loss_fn or .loss): each remedy was kept "
+                                            "on the re-checked gradient profile alone"))
+        verify_steps = 0
     check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
     if verify_steps:
         treatment.evidence.append(curve(work, "untreated"))

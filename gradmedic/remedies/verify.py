@@ -21,7 +21,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, first_line
 
-__all__ = ["VERIFY_MARGIN", "Evidence", "better", "loss_curve"]
+__all__ = ["VERIFY_MARGIN", "Evidence", "better", "loss_comparable", "loss_curve"]
 
 # A remedy must lower the score by 2%: the same model, seed and batches give the same loss to the last
 # bit, so 2% is not noise but a real (if modest) gain; smaller gains are not worth a change to the model.
@@ -51,6 +51,21 @@ def better(new: Evidence, old: Evidence) -> bool:
     if not math.isfinite(new.score):
         return False
     return not math.isfinite(old.score) or new.score < old.score * (1 - VERIFY_MARGIN)
+
+
+@torch.no_grad()
+def loss_comparable(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable | None,
+                    data: Iterable | None) -> bool:
+    """Is there a training objective (a loss function, targets, or a ``.loss`` in the outputs)? Without one
+    the check falls back to a random projection of the outputs, whose value says nothing about learning."""
+    from gradmedic._inputs import run_forward
+
+    if loss_fn is not None or targets is not None:
+        return True
+    if data is not None:
+        return True  # batches of (inputs, targets), or inputs whose outputs carry a loss: the loss decides
+    outputs = run_forward(copy.deepcopy(model).eval(), inputs)
+    return getattr(outputs, "loss", None) is not None or (isinstance(outputs, dict) and outputs.get("loss") is not None)
 
 
 def _batches(inputs: Any, targets: Any, data: Iterable | None, steps: int) -> list[tuple[Any, Any]]:

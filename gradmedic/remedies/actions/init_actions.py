@@ -107,7 +107,9 @@ def identity_recurrent_init(patient: Patient) -> str:
 
 @action("recycle_dormant", "revive", keeps_function=True, needs_inputs=True)
 def recycle_dormant(patient: Patient) -> str:
-    done = recycle_(patient.model, patient.inputs, redraw=not patient.trained)
+    # trained weights: only units that are exactly zero on the batch (tau 0), so that zeroing their outgoing
+    # weights leaves the output exactly as it was; fresh ones: ReDo's tau of 0.1
+    done = recycle_(patient.model, patient.inputs, tau=0.0 if patient.trained else 0.1, redraw=not patient.trained)
     if not done:
         raise GradmedicError("no dormant unit found")
     units = ", ".join(f"{n} in '{k}'" for k, n in done.items())
