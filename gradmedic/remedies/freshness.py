@@ -81,7 +81,8 @@ def _verdict(name: str, w: torch.Tensor) -> str | None:
         edge = math.sqrt(3.0) * std * (1 + EDGE_SLACK * math.sqrt(0.8 / n) + 0.01)
         peak = float(centred.abs().max())
         if peak > edge:
-            return f"{name} looks like a uniform draw but has entries {peak / (math.sqrt(3.0) * std):.2f}x past its edge"
+            excess = peak / (math.sqrt(3.0) * std)
+            return f"{name} looks like a uniform draw but has entries {excess:.2f}x past its edge"
     rms = math.sqrt(float(centred.pow(2).mean()))
     top = float(torch.linalg.matrix_norm(centred, ord=2))
     edge = rms * (math.sqrt(w.shape[0]) + math.sqrt(w.shape[1]))

@@ -33,8 +33,8 @@ from torch import nn
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import forward_with_hooks
 
-__all__ = ["chrono_bias_", "fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_", "lsuv_",
-           "orthogonal_", "xavier_"]
+__all__ = ["chrono_bias_", "fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_",
+           "lsuv_", "orthogonal_", "xavier_"]
 
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 

@@ -1,11 +1,12 @@
 """Proof by training: the same recipe, seed and batches for the untreated copy and each treated stage.
 
 ``treat(..., verify_steps=N)`` trains a copy of the model before a remedy and a copy after it for N steps
-(Adam at the treatment's learning rate, its clipping and schedule, ``torch.manual_seed(seed)`` before
-each run so dropout draws the same; the caller's optimizer class and hyperparameters where given) on the user's batch repeated, or on the first N batches of ``data``
-(cycled). A remedy is kept only when its score, the mean loss over the last fifth of the steps, is lower
-by ``VERIFY_MARGIN``. When the loss cannot be compared (no targets, no loss function, no ``.loss``: the
-check's random projection is not a training objective), the gradient profile decides instead.
+(the caller's optimizer class and hyperparameters, else Adam at the treatment's learning rate; its
+clipping and schedule; ``torch.manual_seed(seed)`` before each run so dropout draws the same) on the
+user's batch repeated, or on the first N batches of ``data`` (cycled). A remedy is kept only when its
+score, the mean loss over the last fifth of the steps, is lower by ``VERIFY_MARGIN``. When the loss
+cannot be compared (no targets, no loss function, no ``.loss``: the check's random projection is not a
+training objective), the re-checked gradient profile alone decides (treat says so).
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn:
                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], clip: Callable | None = None,
                schedule: Callable | None = None) -> Evidence:
     """Train a copy of ``model`` for ``steps`` steps; the model itself is not touched."""
-    from gradmedic.check import _forward_loss
     from gradmedic._inputs import split_inputs
+    from gradmedic.check import _forward_loss
 
     work = copy.deepcopy(model)
     work.train()
