@@ -232,12 +232,15 @@ def _load_factory(spec: str) -> Callable[[], Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-
+    import gradmedic as gm
     from gradmedic._errors import GradmedicError
 
     try:
         with _stdout_to_stderr():  # the user's code may print; with --json stdout holds only the JSON
-            report = _check_target(args)
+            case, report = _check_target(args)
+            treatment = None if args.treat is None else gm.treat(
+                case["model"], report, inputs=case["inputs"], targets=case.get("targets"),
+                loss_fn=case.get("loss_fn"), optimizer=case.get("optimizer"), verify_steps=args.treat)
     except GradmedicError as error:
         return _fail(str(error))
     except SystemExit as error:  # from the user's model: a check that did not run must not pass
@@ -255,6 +258,8 @@ def _check(args: argparse.Namespace) -> int:
         report.render(_console())
         if args.report:
             print(f"Report written to {args.report}")
+    if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
+        print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
     if args.fail_on is not None:
         from gradmedic.diagnosis import SEVERITIES
 
@@ -285,7 +290,8 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def _check_target(args: argparse.Namespace):
-    """Import the factory, build the case and check it; every failure of the user's code is one line."""
+    """Import the factory, build the case and check it: (case, report); every failure of the user's code is
+    one line."""
     import gradmedic as gm
     from gradmedic._errors import GradmedicError, first_line
 
@@ -305,8 +311,8 @@ def _check_target(args: argparse.Namespace):
     if unknown:
         raise GradmedicError(f"{args.target}() returned unknown keys {unknown}; use model, inputs, targets, "
                              "loss_fn")
-    return gm.check(case["model"], case["inputs"], targets=case.get("targets"), loss_fn=case.get("loss_fn"),
-                    optimizer=case.get("optimizer"), steps=args.steps)
+    return case, gm.check(case["model"], case["inputs"], targets=case.get("targets"), loss_fn=case.get("loss_fn"),
+                          optimizer=case.get("optimizer"), steps=args.steps)
 
 
 def _non_negative(text: str) -> int:
@@ -348,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fail-on", choices=("warning", "error"), default=None,
                        help="exit 1 when a finding this severe or worse is present (for CI)")
     check.add_argument("--report", metavar="OUT.html", help="also write an HTML report with figures")
+    check.add_argument("--treat", nargs="?", type=_non_negative, const=50, default=None, metavar="N",
+                       help="treat a copy (gm.treat) and prove each remedy by N training steps (default 50; 0: no "
+                            "training, re-checks only)")
     check.set_defaults(run=_check)
     lab = sub.add_parser("lab", help="the lab: run the classic experiments and judge the claims")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)

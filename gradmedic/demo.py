@@ -1,12 +1,15 @@
 """``gradmedic demo``: the whole loop on a model that will not train, in about half a minute on a CPU.
 
 A 10-layer sigmoid MLP on scikit-learn's digits is trained as a user would (Adam, lr 1e-3) under a
-Monitor; the trace is diagnosed; ``treat`` changes a copy; the copy is retrained with the same budget and
-the treatment's recipe. Before/after numbers are printed and an HTML report is written.
+Monitor; the trace is diagnosed; ``treat`` changes a copy of the model as it was built (fresh weights:
+the run's trained ones are kept by treat) and proves each remedy by ``VERIFY_STEPS`` training steps on
+the same minibatches; the copy is retrained with the same budget and the treatment's recipe.
+Before/after numbers are printed and an HTML report is written.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["DemoResult", "run_demo", "sick_model"]
+
+VERIFY_STEPS = 60  # each remedy must lower the loss of 60 Adam steps on the demo's minibatches
 
 
 def sick_model(depth: int = 10, width: int = 64, seed: int = 0) -> nn.Sequential:
@@ -90,12 +95,16 @@ def run_demo(steps: int = 300, depth: int = 10, seed: int = 0, html: str | Path 
     say = console.print if console is not None else (lambda *a, **k: None)
     say(f"[bold]gradmedic demo[/]: a {depth}-layer sigmoid MLP on scikit-learn's digits "
         f"({len(task.x_train)} train / {len(task.x_test)} test images), Adam lr 1e-3, {steps} steps, batch {batch}")
+    as_built = copy.deepcopy(model)
     with _progress(console, 2 * steps) as advance:
         before = _train(model, torch.optim.Adam(model.parameters(), lr=1e-3), task, steps, batch, seed,
                         progress=advance)
         report = gm.diagnose(before.trace)
         x, y = task.x_train[:256], task.y_train[:256]
-        treatment = gm.treat(model, report, inputs=x, targets=y)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [(task.x_train[i], task.y_train[i]) for i in
+                   (torch.randint(0, len(task.x_train), (batch,), generator=gen) for _ in range(VERIFY_STEPS))]
+        treatment = gm.treat(as_built, report, inputs=x, targets=y, verify_steps=VERIFY_STEPS, data=batches)
         after = _train(treatment.model, treatment.optimizer(), task, steps, batch, seed, clip=treatment.clip,
                        progress=advance)
     result = DemoResult(before, after, report, treatment)
@@ -151,6 +160,9 @@ def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) ->
     page = report_page(result.report, title=f"gradmedic demo: a {depth}-layer sigmoid MLP on digits")
     page.heading("Treatment")
     page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])
+    if result.treatment.evidence:
+        page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "kept"),
+                   [(e.stage, f"{e.score:.3f}", "yes" if e.kept else "no") for e in result.treatment.evidence])
     if result.treatment.recipe:
         page.paragraph("Training recipe: " + ", ".join(result.treatment.recipe))
     page.heading("Before and after")

@@ -7,7 +7,11 @@ on no *gradient*, so the score there is the unit's mean derivative over the laye
 A dormant unit's incoming weights are re-drawn (PyTorch's default Linear/Conv init) and its bias
 zeroed; its outgoing weights are zeroed, after folding its mean output into the next layer's bias, so
 the network computes the same function at the moment of the reset. The optimizer's moments for those
-entries are reset too. The last weighted layer (the output) is never recycled.
+entries are reset too. The last weighted layer (the output) is never recycled. With ``redraw=False``
+(for trained weights) nothing is re-drawn: the unit keeps its incoming weights and its bias is re-centred
+so that its pre-activation is 0 at the median sample of the batch (a dead ReLU fires again for half the
+batch, a saturated unit sits at its steepest point); with its outgoing weights zeroed the output is still
+unchanged, and the unit learns from there.
 
 ``RestartOnVanishing``: after ``patience`` consecutive reports with vanishing gradients, re-initialise
 the model with a better init (He for ReLU nets, Xavier otherwise) and say so.
@@ -86,14 +90,18 @@ def _reset_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, index
 
 @torch.no_grad()
 def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | None = None,
-             tau: float = 0.1) -> dict[str, int]:
-    """Re-initialise dormant units in place (ReDo). Returns {layer name: units recycled}."""
+             tau: float = 0.1, redraw: bool = True) -> dict[str, int]:
+    """Re-initialise dormant units in place (ReDo). Returns {layer name: units recycled}.
+    ``redraw=False``: keep the incoming weights and re-centre the bias instead (see the module docstring)."""
     names = {m: n for n, m in model.named_modules()}
     masks = dormant_units(model, inputs, tau)
     consumers = _consumers(model, inputs)
     follows = following_activations(model, inputs)
     captured: dict[nn.Module, torch.Tensor] = {}
     forward_with_hooks(model, inputs, {follows[k] for k in masks}, lambda m, a, o: captured.__setitem__(m, o.detach()))
+    pre: dict[nn.Module, torch.Tensor] = {}
+    if not redraw:
+        forward_with_hooks(model, inputs, list(masks), lambda m, a, o: pre.__setitem__(m, o.detach()))
     done: dict[str, int] = {}
     outgoing_to_zero: list[tuple[nn.Module, torch.Tensor]] = []
     for layer, mask in masks.items():
@@ -102,6 +110,8 @@ def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | N
             continue  # the output layer, or nothing dormant
         if nxt.weight.shape[1] != mask.numel():
             continue  # a flatten or reshape in between: the unit-to-column map is not one to one
+        if not redraw and layer.bias is None:
+            continue  # nothing to re-centre without a bias, and nothing may be re-drawn
         units = mask.nonzero().flatten()
         # 1. fold each unit's mean output into the next layer's bias (its outgoing weights go to zero below)
         mean_out = _unit_axis_mean(captured[follows[layer]].float())[units]
@@ -109,6 +119,12 @@ def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | N
             outgoing = nxt.weight[:, units]
             nxt.bias.add_(outgoing.reshape(outgoing.shape[0], len(units), -1).sum(-1) @ mean_out.to(outgoing.dtype))
         outgoing_to_zero.append((nxt, units))
+        if not redraw:  # 2'. keep the weights; centre the pre-activation at the batch median
+            z = pre[layer].float().movedim(1, 0).reshape(mask.numel(), -1)[units]  # (units, samples)
+            layer.bias[units] -= z.median(dim=1).values.to(layer.bias.dtype)
+            _reset_state(optimizer, layer.bias, units)
+            done[names[layer]] = len(units)
+            continue
         # 2. re-draw the incoming weights as PyTorch's default init does, zero the bias
         fresh = torch.empty_like(layer.weight)
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))

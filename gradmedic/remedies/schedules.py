@@ -2,6 +2,8 @@
 
 ``warm_restarts`` is cosine annealing restarted every ``period`` steps, the period multiplied by ``mult``
 after each restart (Loshchilov & Hutter 2017); the jump back to the base rate helps a run escape a stall.
+``linear_warmup`` ramps the rate from ``1/steps`` of its value to all of it over ``steps`` steps: what a
+post-LN transformer needs to train at all (Vaswani et al. 2017; Xiong et al. 2020).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from torch.optim import lr_scheduler
 
 from gradmedic._errors import bad_argument
 
-__all__ = ["exponential_decay", "step_decay", "warm_restarts"]
+__all__ = ["exponential_decay", "linear_warmup", "step_decay", "warm_restarts"]
 
 
 def _check_optimizer(optimizer: object) -> None:
@@ -44,3 +46,11 @@ def exponential_decay(optimizer: torch.optim.Optimizer, factor: float = 0.99) ->
     if not 0 < factor <= 1:
         raise bad_argument("factor", "a float in (0, 1]", factor)
     return lr_scheduler.ExponentialLR(optimizer, gamma=factor)
+
+
+def linear_warmup(optimizer: torch.optim.Optimizer, steps: int = 100) -> lr_scheduler.LambdaLR:
+    """Learning rate times (k + 1) / ``steps`` at step k, then constant."""
+    _check_optimizer(optimizer)
+    if not isinstance(steps, int) or steps < 1:
+        raise bad_argument("steps", "a positive int (steps to reach the full learning rate)", steps)
+    return lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / steps))

@@ -24,7 +24,7 @@ from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import forward_with_hooks
 from gradmedic.remedies.init import following_activations
 
-__all__ = ["ACTIVATIONS", "Residual", "add_normalization", "add_residual", "swap_activation"]
+__all__ = ["ACTIVATIONS", "LayerScale", "Residual", "add_normalization", "add_residual", "swap_activation"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU,
@@ -102,6 +102,20 @@ class Residual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.branch(x)
         return x + (self.alpha * out if self.rezero else out)
+
+
+class LayerScale(nn.Module):
+    """``y = gamma * x`` with gamma a per-channel vector on the last axis (Touvron et al. 2021, CaiT),
+    put at the end of a residual branch. ``init=1`` is the identity (safe on trained weights); a small
+    ``init`` makes a fresh deep block start close to the identity. ``learnable=False`` keeps it fixed (the
+    DeepNorm residual weighting, Wang et al. 2022)."""
+
+    def __init__(self, channels: int, init: float = 1.0, learnable: bool = True):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), float(init)), requires_grad=learnable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C)
+        return x * self.gamma
 
 
 def _units(seq: nn.Sequential) -> list[list[int]]:

@@ -1,44 +1,59 @@
-"""``gm.treat``: apply the prescribed model-side remedies to a copy, and hand back the training recipe.
+"""``gm.treat``: one remedy at a time, the least invasive that works, proven where it can be, never harmful.
 
-For each warning or error in the report, worst first, the highest-ranked model-side remedy that applies
-to this model is carried out (surgery, init, recycling). With ``inputs``, the copy is checked again after
-each round and treatment goes on, to the next remedy in rank, while a finding remains (at most
-``max_rounds`` rounds); without inputs, one round is done, and remedies that need a batch (LSUV, ReDo,
-residual shapes) are skipped with the reason. Training-side remedies (optimizer, clipping, schedule,
-loss scaling) become a recipe of ready objects, since they act on the user's loop, not on the model.
+1. The worst finding (warning or error) is taken first. Its prescribed model-side remedies are tried on a
+   copy, least invasive first (``actions.TIERS``: a scale, then an init, reviving units, inserting layers,
+   replacing them), ties in the diagnosis's rank. With ``inputs`` the trial is checked again and kept only
+   when the report got better (fewer errors, else fewer warnings) and, with ``verify_steps``, when N
+   training steps prove it (``verify.py``). Then the next remaining finding; a finding an earlier remedy
+   fixed gets nothing. Without ``inputs`` the best applicable remedy of the worst finding is applied
+   unchecked, and the treatment says so.
+2. Trained weights are kept. ``trained=None`` infers fresh weights from their statistics
+   (``freshness.py``) and takes the safe side (trained) when it cannot tell. On trained weights only
+   actions with a function-preserving form run (LayerScale at 1, reviving units without re-drawing,
+   recipe changes); the others go to ``Treatment.advice``. Every re-drawn or rescaled tensor is counted.
+3. Training-side remedies (clipping, learning rate, warmup, loss scaling) become a recipe of ready objects
+   for the findings that remain, since they act on the user's loop, not on the model.
+
+The caller's torch, numpy and Python RNG states are as they were; re-draws use ``seed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import functools
-from collections.abc import Callable, Iterable
+import inspect
+import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
-from gradmedic.diagnosis import REMEDIES, Report
-from gradmedic.remedies import init as inits
-from gradmedic.remedies import surgery
-from gradmedic.remedies.clip import AutoClip, clip_
+from gradmedic.diagnosis import REMEDIES, Finding, Report
+from gradmedic.remedies.actions import ACTIONS, Patient
+from gradmedic.remedies.freshness import freshness
 from gradmedic.remedies.precision import ScaledStep
-from gradmedic.remedies.restart import recycle_
-from gradmedic.remedies.schedules import warm_restarts
+from gradmedic.remedies.verify import Evidence, better, loss_comparable, loss_curve
 
 __all__ = ["Treatment", "treat"]
 
 
 @dataclass
 class Treatment:
-    """The treated copy, what was done to it and why, and the recipe for the training loop."""
+    """The treated copy, what was done to it and why, what was not done, and the training recipe."""
 
     model: nn.Module
     applied: list[tuple[str, str, str]] = field(default_factory=list)  # (remedy id, what was done, why)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (remedy id, why not)
+    advice: list[tuple[str, str]] = field(default_factory=list)  # (remedy id, why it was not done)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (remedy id, why it did not apply or help)
     recipe: list[str] = field(default_factory=list)  # training-side remedy ids, in the order found
+    redrawn: dict[str, int] = field(default_factory=dict)  # remedy id -> existing tensors re-drawn or rescaled
+    trained: bool = True  # the weights were treated as trained (only function-preserving changes)
+    trained_reason: str = ""
+    evidence: list[Evidence] = field(default_factory=list)  # verification runs, the untreated one first
     lr: float = 1e-3
     clip: Callable[[Iterable[torch.Tensor]], torch.Tensor] | None = None
     schedule: Callable[[torch.optim.Optimizer], Any] | None = None
@@ -53,162 +68,247 @@ class Treatment:
         """A ``ScaledStep`` (loss scaling, then clipping) when the recipe calls for loss scaling."""
         return ScaledStep(optimizer, clip=self.clip) if self.loss_scaling else None
 
+    @property
+    def kept(self) -> list[Evidence]:
+        """The verification runs of the stages that were kept (the untreated one first)."""
+        return [e for e in self.evidence if e.kept]
+
     def __str__(self) -> str:
-        lines = [f"{rid}: {what} (because {why})" for rid, what, why in self.applied] or ["nothing applied"]
+        weights = f"weights treated as {'trained' if self.trained else 'fresh'} ({self.trained_reason})"
+        lines = [weights] + ([f"{rid}: {what} (because {why})" for rid, what, why in self.applied]
+                             or ["nothing applied to the model"])
         lines += [f"training recipe: {rid} - {REMEDIES[rid].description}" for rid in self.recipe]
-        lines += [f"skipped {rid}: {why}" for rid, why in self.skipped]
+        lines += [f"not done, {rid}: {why}" for rid, why in self.advice]
+        lines += [f"tried, not kept, {rid}: {why}" for rid, why in self.skipped]
+        if self.evidence:
+            lines.append("verified by training (score: mean loss over the last steps): " + ", ".join(
+                f"{e.stage} {e.score:.4g}{'' if e.kept else ' (not kept)'}" for e in self.evidence))
         return "\n".join(lines)
 
 
-def _count(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> int:
-    return sum(isinstance(m, kinds) for m in model.modules())
+@contextlib.contextmanager
+def _caller_rng_kept(seed: int, model: nn.Module) -> Iterator[None]:
+    """The caller's torch (CPU and the model's CUDA devices), numpy and Python RNGs are restored after."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
-def _apply(rid: str, model: nn.Module, inputs: Any, context: dict) -> tuple[nn.Module, str]:
-    """Carry out one model-side remedy; returns the (possibly new) model and a description.
-    Raises GradmedicError with the reason when it cannot apply."""
-    if rid == "add_normalization":
-        if context.get("normalized"):
-            raise GradmedicError("the model is normalised already")
-        kind = "layer" if _count(model, (nn.RNNBase, nn.MultiheadAttention)) else "batch"
-        before = _count(model, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm))
-        model = surgery.add_normalization(model, kind=kind, inputs=inputs, inplace=True)
-        added = _count(model, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)) - before
-        return model, f"inserted {added} {'BatchNorm' if kind == 'batch' else 'LayerNorm'} layers"
-    if rid == "swap_activation":
-        saturating = _count(model, surgery._SATURATING)
-        if saturating:
-            model = surgery.swap_activation(model, to="relu", inplace=True)
-            inits.he_(model, inputs)
-            return model, f"replaced {saturating} saturating activations with ReLU (He init for them)"
-        relus = _count(model, (nn.ReLU,))
-        if relus:
-            model = surgery.swap_activation(model, to="leaky_relu", replace=(nn.ReLU,), inplace=True)
-            return model, f"replaced {relus} ReLU with LeakyReLU(0.01)"
-        raise GradmedicError("no activation module to swap")
-    if rid == "add_residual":
-        if not isinstance(model, nn.Sequential):
-            raise GradmedicError("residual blocks are formed from an nn.Sequential's children")
-        model = surgery.add_residual(model, inputs=inputs, rezero=True, inplace=True)
-        return model, f"wrapped {_count(model, (surgery.Residual,))} same-shape blocks in ReZero residuals"
-    if rid in ("he_init", "xavier_init", "orthogonal_init"):
-        if not _count(model, (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase)):
-            raise GradmedicError("no Linear/Conv/RNN weights to initialise")
-        {"he_init": inits.he_, "xavier_init": inits.xavier_,
-         "orthogonal_init": functools.partial(inits.orthogonal_, gain=None)}[rid](model, inputs=inputs)
-        return model, "re-initialised every Linear/Conv weight for the activation that follows it"
-    if rid == "lsuv_init":
-        if inputs is None:
-            raise GradmedicError("LSUV needs a batch of inputs")
-        inits.lsuv_(model, inputs)
-        return model, "LSUV: orthonormal init, each layer scaled to unit output variance on the batch"
-    if rid == "identity_recurrent_init":
-        rnns = [m for m in model.modules() if isinstance(m, nn.RNN)]
-        if not rnns:
-            raise GradmedicError("no plain nn.RNN")
-        for rnn in rnns:
-            rnn.nonlinearity = "relu"
-            rnn.mode = "RNN_RELU"
-        inits.identity_recurrent_(model)
-        return model, f"IRNN: {len(rnns)} RNN(s) switched to ReLU with identity recurrent weights"
-    if rid == "forget_gate_bias":
-        inits.forget_gate_bias_(model, 1.0)
-        return model, "LSTM forget-gate biases set to 1"
-    if rid == "fixup_init":
-        inits.fixup_(model)
-        return model, "zeroed the last layer of each residual branch"
-    if rid == "gated_recurrence":
-        rnns = [m for m in model.modules() if isinstance(m, nn.RNN)]
-        if not rnns:
-            raise GradmedicError("no plain nn.RNN to replace")
-        for rnn in rnns:
-            gru = nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
-                         dropout=rnn.dropout, bidirectional=rnn.bidirectional)
-            weight = next(rnn.parameters())
-            surgery._replace(model, rnn, gru.to(weight.device, weight.dtype))
-        return model, f"replaced {len(rnns)} tanh RNN(s) with GRU(s) of the same sizes (a drop-in: same outputs)"
-    if rid == "recycle_dormant":
-        if inputs is None:
-            raise GradmedicError("ReDo scores units on a batch of inputs")
-        done = recycle_(model, inputs)
-        if not done:
-            raise GradmedicError("no dormant unit found")
-        return model, "re-initialised dormant units: " + ", ".join(f"{n} in '{k}'" for k, n in done.items())
-    raise GradmedicError(f"{rid} is advice for a person, not something treat can do to a model")
+def _burden(report: Report) -> tuple[int, int]:
+    return (sum(f.severity == "error" for f in report.findings), sum(f.severity == "warning" for f in report.findings))
 
 
-def _recipe(rid: str, treatment: Treatment) -> None:
-    if rid in treatment.recipe:
-        return
-    treatment.recipe.append(rid)
-    if rid == "clip_grad_norm" and treatment.clip is None:
-        treatment.clip = functools.partial(clip_, mode="norm", max_norm=1.0)
-    elif rid == "clip_grad_value" and treatment.clip is None:
-        treatment.clip = functools.partial(clip_, mode="value", clip_value=1.0)
-    elif rid == "autoclip" and treatment.clip is None:
-        treatment.clip = AutoClip(percentile=10)
-    elif rid == "agc" and treatment.clip is None:
-        treatment.clip = functools.partial(clip_, mode="agc")
-    elif rid == "lower_learning_rate":
-        treatment.lr = 1e-4
-    elif rid == "lr_warm_restarts":
-        treatment.schedule = functools.partial(warm_restarts, period=100)
-    elif rid == "loss_scaling":
-        treatment.loss_scaling = True
+def _candidates(finding: Finding) -> list[str]:
+    """The finding's remedies with a model action, least invasive first, the diagnosis's rank within a tier."""
+    ranked = [rid for rid in finding.remedies if rid in ACTIONS and ACTIONS[rid].on == "model"]
+    return sorted(ranked, key=lambda rid: ACTIONS[rid].tier)  # stable: rank order kept within a tier
+
+
+def _changed(before: dict[int, torch.Tensor], model: nn.Module) -> int:
+    """How many of the tensors that existed before now hold other values."""
+    return sum(1 for p in model.parameters() if id(p) in before and
+               (p.shape != before[id(p)].shape or not torch.equal(p.detach(), before[id(p)])))
+
+
+def _why(finding: Finding) -> str:
+    return f"{finding.severity} {finding.kind} at {', '.join(finding.layers[:2]) or 'the model'}"
 
 
 def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = None,
-          loss_fn: Callable | None = None, max_rounds: int = 3, inplace: bool = False) -> Treatment:
-    """Apply the report's model-side remedies to a copy of ``model``; see the module docstring."""
+          loss_fn: Callable | None = None, trained: bool | None = None, verify_steps: int = 0,
+          data: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None, max_remedies: int = 3,
+          seed: int = 0, inplace: bool = False, max_rounds: int | None = None) -> Treatment:
+    """Treat a copy of ``model`` for the report's findings; see the module docstring.
+
+    Each trial is re-checked the way the report was made: a report from ``gm.check(..., steps=N,
+    optimizer=opt)`` is re-checked with N steps of ``optimizer`` (pass the same one here).
+    ``max_rounds`` is the former name of ``max_remedies``."""
     if not isinstance(model, nn.Module):
         raise bad_argument("model", "a torch.nn.Module", model)
     if not isinstance(report, Report):
         raise bad_argument("report", "a gradmedic Report (from gm.check or gm.diagnose)", report)
+    if max_rounds is not None:
+        max_remedies = max_rounds
+    if not isinstance(max_remedies, int) or isinstance(max_remedies, bool) or max_remedies < 1:
+        raise bad_argument("max_rounds" if max_rounds is not None else "max_remedies", "a positive int", max_remedies)
+    if trained not in (None, True, False):
+        raise bad_argument("trained", "None (infer), True (keep the weights) or False (fresh weights)", trained)
+    if not isinstance(verify_steps, int) or isinstance(verify_steps, bool) or verify_steps < 0:
+        raise bad_argument("verify_steps", "a non-negative int (training steps to prove each remedy)", verify_steps)
+    if verify_steps and inputs is None and data is None:
+        raise bad_argument("verify_steps", "0 when neither inputs nor data is given", verify_steps,
+                           "Pass inputs= (and targets=) or data= (an iterable of batches) to verify by training.")
     bad = [n for n, p in model.named_parameters() if not p.is_floating_point()]
     if bad:
         raise bad_argument("model", "a model whose parameters are floating point", bad[0],
                            "treat re-initialises weights, which needs float parameters.")
-    if not isinstance(max_rounds, int) or max_rounds < 1:
-        raise bad_argument("max_rounds", "a positive int", max_rounds)
-    from gradmedic.check import check  # the diagnosis stage's entry point, used to re-check the copy
+    with _caller_rng_kept(seed, model):
+        return _treat(model, report, inputs, targets, loss_fn, trained, verify_steps, data, optimizer, max_remedies,
+                      seed, inplace)
 
+
+def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn: Callable | None,
+           trained: bool | None, verify_steps: int, data: Iterable | None, optimizer: torch.optim.Optimizer | None,
+           max_remedies: int, seed: int, inplace: bool) -> Treatment:
+    from gradmedic.check import check  # the diagnosis stage's entry point, used to re-check each trial
+
+    if trained is None:
+        fresh, reason = freshness(model)
+        is_trained = fresh is not True
+        reason = f"inferred: {reason}" + ("" if fresh is not None else "; taking the safe side")
+    else:
+        is_trained, reason = trained, "declared by the caller"
     work = model if inplace else copy.deepcopy(model)
-    treatment = Treatment(model=work)
-    tried: set[str] = set()
-    current = report
-    for round_ in range(max_rounds):
-        pending = [f for f in current.findings if f.severity != "info"]
+    treatment = Treatment(model=work, trained=is_trained, trained_reason=reason)
+
+    def curve(candidate: nn.Module, stage: str) -> Evidence:
+        make = (lambda m: _optimizer_for(optimizer, m)) if optimizer is not None else \
+            (lambda m: torch.optim.Adam(m.parameters(), lr=treatment.lr))
+        return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed, make,
+                          treatment.clip, treatment.schedule)
+
+    if verify_steps and inputs is not None and not loss_comparable(model, inputs, targets, loss_fn, data):
+        treatment.skipped.append(("verify", "no loss to compare (no targets, loss_fn or .loss): each remedy was kept "
+                                            "on the re-checked gradient profile alone"))
+        verify_steps = 0
+    check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
+    if verify_steps:
+        treatment.evidence.append(curve(work, "untreated"))
+        treatment.evidence[0].kept = True
+    current, given_up, done = report, set(), 0
+    while done < max_remedies:
+        pending = [f for f in current.findings if f.severity != "info" and f.kind not in given_up]
         if not pending:
             break
-        changed = False
-        for finding in pending:
-            for rid in finding.remedies:
-                if REMEDIES[rid].acts_on == "training":
-                    _recipe(rid, treatment)
-                    continue
-                if rid in tried:
-                    continue
-                tried.add(rid)
-                try:
-                    work, what = _apply(rid, work, inputs, current.context)
-                except GradmedicError as why:
-                    treatment.skipped.append((rid, str(why)))
-                    continue
-                treatment.applied.append((rid, what, f"{finding.severity} {finding.kind} at "
-                                                     f"{', '.join(finding.layers[:2]) or 'the model'}"))
-                changed = True
-                break  # one remedy per finding per round: re-check before doing more
-        treatment.model = work
-        if not changed or inputs is None:
+        finding = pending[0]
+        best: _Trial | None = None  # the first trial that clears the finding, else the one that helps most
+        passed: list[_Trial] = []
+        for rid in _candidates(finding):
+            trial = _try(rid, finding, work, current, treatment, inputs, done, seed, curve, verify_steps,
+                         lambda m: check(m, inputs, targets=targets, loss_fn=loss_fn, steps=check_steps,
+                                         optimizer=_optimizer_for(optimizer, m)))
+            if trial is None:
+                continue
+            if trial.clears or best is None or _burden(trial.report) < _burden(best.report):
+                if best is not None:
+                    passed.append(best)
+                best = trial
+            else:
+                passed.append(trial)
+            if trial.clears:
+                break
+        for other in passed:
+            treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-checked, "
+                                                 f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
+                                                 f"warning(s) remained"))
+        accepted = best is not None
+        if best is not None:
+            work = best.model
+            treatment.applied.append((best.rid, best.what, _why(finding)))
+            treatment.redrawn[best.rid] = best.changed
+            if best.evidence is not None:
+                best.evidence.kept = True
+            if best.report is not None:
+                current = treatment.report = best.report
+        if not accepted:
+            given_up.add(finding.kind)
+        else:
+            done += 1
+        if inputs is None:
+            if accepted:
+                treatment.skipped.append(("check", "not re-checked: pass inputs= to check each remedy and go on"))
             break
-        current = check(work, inputs, targets=targets, loss_fn=loss_fn)
-        treatment.report = current
-        if round_ == max_rounds - 1:
-            break
-    if inputs is None:
-        treatment.skipped += [(rid, "needs inputs") for rid in ("lsuv_init", "recycle_dormant")
-                              if rid not in tried and any(rid in f.remedies for f in report.findings)]
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in work.parameters()) and \
-            any(f.kind == "gradient_underflow" for f in report.findings):
-        treatment.loss_scaling = True
+    treatment.model = work
+    _recipe(treatment, current, report)
     return treatment
+
+
+def _optimizer_for(optimizer: torch.optim.Optimizer | None, trial: nn.Module) -> torch.optim.Optimizer | None:
+    """The user's optimizer class and hyperparameters, fresh, over the trial's parameters (or None)."""
+    if optimizer is None:
+        return None
+    accepted = inspect.signature(type(optimizer)).parameters
+    return type(optimizer)(trial.parameters(), **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+
+
+@dataclass
+class _Trial:
+    rid: str
+    model: nn.Module
+    what: str
+    changed: int
+    report: Report | None  # the re-check (None without inputs)
+    evidence: Evidence | None  # the verification run (None without verify_steps)
+    clears: bool  # the finding treated is gone (or down to info)
+
+
+def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment: Treatment, inputs: Any,
+         done: int, seed: int, curve: Callable[[nn.Module, str], Evidence], verify_steps: int,
+         recheck: Callable[[nn.Module], Report]) -> _Trial | None:
+    """Apply one remedy to a copy; None (with the reason recorded) when it cannot apply or does not help."""
+    act = ACTIONS[rid]
+    if any(rid == a for a, _ in treatment.advice):
+        return None
+    if treatment.trained and not act.keeps_function:
+        treatment.advice.append((rid, f"for {_why(finding)}: not done on trained weights, it re-draws them or "
+                                      "changes what the model computes (pass trained=False if they are fresh)"))
+        return None
+    if act.needs_inputs and inputs is None:
+        treatment.skipped.append((rid, "needs a batch: pass inputs="))
+        return None
+    model = copy.deepcopy(work)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    patient = Patient(model, inputs, dict(current.context), treatment.trained, treatment)
+    torch.manual_seed(seed + done)
+    try:
+        what = act.apply(patient)
+    except GradmedicError as why:
+        treatment.skipped.append((rid, str(why)))
+        return None
+    model = patient.model
+    changed = _changed(before, model)
+    if changed:
+        what += f"; {'changed' if treatment.trained else 're-drew or rescaled'} {changed} existing parameter tensor(s)"
+    after, clears = None, True
+    if inputs is not None:
+        after = recheck(model)
+        if _burden(after) >= _burden(current):
+            treatment.skipped.append((rid, f"re-checked: {_burden(after)[0]} error(s), {_burden(after)[1]} warning(s), "
+                                           "no better than before"))
+            return None
+        clears = not any(f.kind == finding.kind and f.severity != "info" for f in after.findings)
+    evidence = None
+    if verify_steps:
+        evidence = curve(model, rid)
+        treatment.evidence.append(evidence)
+        reference = next(e for e in reversed(treatment.evidence[:-1]) if e.kept)
+        if not better(evidence, reference):
+            treatment.skipped.append((rid, f"{verify_steps} training steps: loss {evidence.score:.4g}, not below "
+                                           f"{reference.score:.4g} by the margin"))
+            return None
+    return _Trial(rid, model, what, changed, after, evidence, clears)
+
+
+def _recipe(treatment: Treatment, current: Report, original: Report) -> None:
+    """The best training-side remedy of each finding that remains (or of the original's, unchecked)."""
+    remaining = [f for f in current.findings if f.severity != "info"]
+    for finding in remaining:
+        for rid in finding.remedies:
+            act = ACTIONS.get(rid)
+            if act is None or act.on != "recipe":
+                continue
+            if rid not in treatment.recipe:
+                act.apply(Patient(treatment.model, trained=treatment.trained, treatment=treatment))
+                treatment.recipe.append(rid)
+            break
+        else:
+            continue
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in treatment.model.parameters()) and \
+            any(f.kind == "gradient_underflow" for f in original.findings):
+        treatment.loss_scaling = True

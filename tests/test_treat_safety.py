@@ -1,0 +1,195 @@
+"""treat never harms: trained weights are kept, healthy models are left alone, the caller's RNG is as it was,
+and what ``applied`` says is what was done (counted independently from the state dicts)."""
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradmedic as gm
+from gradmedic.remedies.freshness import freshness
+from tests import treat_zoo, zoo
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training outcomes on one thread, as the lab runs them: the same numbers on any CPU, and no two-thread
+    contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def same_tensors(before: dict, model: nn.Module) -> list[str]:
+    """Names of the tensors of ``before`` (a state dict) that ``model`` no longer holds bit for bit."""
+    after = model.state_dict()
+    return [k for k, v in before.items() if k not in after or not torch.equal(after[k], v)]
+
+
+def case_report(case):
+    return gm.check(case["model"], case["inputs"], targets=case["targets"], loss_fn=case["loss_fn"])
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp_40_chaotic", "sigmoid_mlp_10", "relu_mlp_10_exploding", "tanh_rnn_60",
+                                  "lstm_60", "sigmoid_cnn_8"])
+def test_trained_model_no_weight_redrawn_and_advice_lists_what_was_not_done(name):
+    case = treat_zoo.build(name)
+    before = copy.deepcopy(case["model"].state_dict())
+    report = case_report(case)
+    treatment = gm.treat(case["model"], report, inputs=case["inputs"], targets=case["targets"],
+                         loss_fn=case["loss_fn"], trained=True)
+    assert treatment.trained
+    assert same_tensors(before, treatment.model) == []
+    assert all(n == 0 for n in treatment.redrawn.values())
+    assert treatment.advice, str(treatment)
+    advised = {rid for rid, _ in treatment.advice}
+    worst = report.findings[0]
+    first_model_remedy = next(r for r in worst.remedies if gm.REMEDIES[r].acts_on == "model"
+                              and r not in ("recycle_dormant", "layerscale", "numerical_guard", "gradcheck"))
+    assert first_model_remedy in advised
+    assert all("trained weights" in why for _, why in treatment.advice)
+    assert "not done" in str(treatment)
+
+
+def test_trained_post_ln_transformer_gets_layerscale_at_the_identity():
+    case = treat_zoo.build("post_ln_transformer_24")
+    before = copy.deepcopy(case["model"].state_dict())
+    opt = torch.optim.Adam(case["model"].parameters(), lr=case["lr"])
+    report = gm.check(case["model"], case["inputs"], targets=case["targets"], steps=case["check_steps"], optimizer=opt)
+    assert not report.healthy
+    treatment = gm.treat(case["model"], report, inputs=case["inputs"], targets=case["targets"], optimizer=opt,
+                         trained=True)
+    assert [a[0] for a in treatment.applied] == ["layerscale"]
+    assert "the output is unchanged" in treatment.applied[0][1]
+    assert treatment.report.healthy
+    assert same_tensors(before, treatment.model) == []  # every original tensor, under its own name, bit for bit
+    with torch.no_grad():
+        torch.testing.assert_close(treatment.model(case["inputs"]), case["model"](case["inputs"]), rtol=0, atol=0)
+
+
+def test_trained_dead_units_are_revived_without_redrawing():
+    """Most (not all) units of one layer dead: reviving them keeps every weight and the function on the batch.
+    (A layer dead to the last unit makes the output constant: no function is left to preserve.)"""
+    case = treat_zoo.build("relu_mlp_6_dead")
+    model = case["model"]
+    with torch.no_grad():
+        model[2].bias[40:] = 0.0  # 40 of 64 units dead
+    assert freshness(model)[0] is False  # biases out of their default range: read as trained
+    before = copy.deepcopy(model.state_dict())
+    report = case_report(case)
+    treatment = gm.treat(model, report, inputs=case["inputs"], targets=case["targets"], loss_fn=case["loss_fn"])
+    assert treatment.trained and [a[0] for a in treatment.applied] == ["recycle_dormant"], str(treatment)
+    assert "without re-drawing" in treatment.applied[0][1]
+    after = treatment.model.state_dict()
+    linears = [k for k in before if k.endswith("weight")]
+    for k in linears:  # incoming rows are never re-drawn: an entry either kept its value or was zeroed (outgoing)
+        changed = after[k] != before[k]
+        assert bool((after[k][changed] == 0).all()), k
+    with torch.no_grad():  # the function on the batch is unchanged (the revived units' outputs go nowhere yet)
+        torch.testing.assert_close(treatment.model(case["inputs"]), model(case["inputs"]), rtol=1e-5, atol=1e-5)
+    assert not [f for f in treatment.report.of_kind("dead_units") if f.severity != "info"], repr(treatment.report)
+
+
+def test_inferred_trained_weights_are_kept():
+    """A model trained for 300 Adam steps is recognised as trained; treat then re-draws nothing."""
+    case = treat_zoo.build("sigmoid_mlp_10")
+    model = case["model"]
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(300):
+        case["loss_fn"](model(case["inputs"]), case["targets"]).backward()
+        opt.step()
+        opt.zero_grad()
+    fresh, why = freshness(model)
+    assert fresh is False, why
+    before = copy.deepcopy(model.state_dict())
+    report = case_report(case)
+    treatment = gm.treat(model, report, inputs=case["inputs"], targets=case["targets"], loss_fn=case["loss_fn"])
+    assert treatment.trained and "inferred" in treatment.trained_reason
+    assert same_tensors(before, treatment.model) == []
+
+
+def test_freshness_of_fresh_and_trained_modules():
+    for seed in range(10):
+        torch.manual_seed(seed)
+        for module in (nn.Linear(16, 16), nn.Linear(8, 64), nn.Conv2d(3, 8, 3), nn.LSTM(4, 16),
+                       nn.TransformerEncoderLayer(32, 4, 64), nn.Embedding(100, 16), treat_zoo.mlp(5, nn.Tanh, 3.0)):
+            assert freshness(module)[0] is True, (seed, module)
+    assert freshness(nn.Linear(2, 2))[0] is None  # 4 entries: too few to tell
+    norm = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+    with torch.no_grad():
+        norm[1].weight.mul_(1.01)
+    assert freshness(norm)[0] is False
+    spiked = nn.Linear(64, 64)
+    with torch.no_grad():
+        spiked.weight.add_(0.2 * torch.outer(torch.randn(64), torch.randn(64)) / 8)  # a rank-one update
+    assert freshness(spiked)[0] is False
+
+
+def healthy_models():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (4, 12))
+    yield "resnet", zoo.resnet(), torch.randn(8, 1, 8, 8)
+    yield "pre_ln_encoder", zoo.Encoder(), torch.randn(8, 6, 32)
+    yield "lstm_short", treat_zoo.LastStep("lstm"), torch.rand(16, 5, 2)
+    yield "he_relu_mlp", zoo.mlp(6, 32, nn.ReLU, init="he"), torch.randn(64, 16)
+    yield "bert", BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64)), {"input_ids": ids}
+    yield "gpt2", GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16)), \
+        {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("name,model,inputs", list(healthy_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_healthy_models_are_left_alone(name, model, inputs):
+    before = copy.deepcopy(model.state_dict())
+    report = gm.check(model, inputs)
+    assert report.healthy, repr(report)
+    treatment = gm.treat(model, report, inputs=inputs, trained=False)
+    assert treatment.applied == [] and treatment.recipe == []
+    assert same_tensors(before, treatment.model) == []
+    assert str(treatment.model) == str(model)  # the same architecture
+
+
+def test_callers_rng_states_are_unchanged():
+    case = treat_zoo.build("tanh_mlp_40_chaotic")
+    report = case_report(case)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    treatment = gm.treat(case["model"], report, inputs=case["inputs"], targets=case["targets"],
+                         loss_fn=case["loss_fn"], verify_steps=5)
+    assert treatment.applied
+    assert torch.equal(torch.get_rng_state(), states[0])
+    np_after = np.random.get_state()
+    assert np_after[0] == states[1][0] and np.array_equal(np_after[1], states[1][1]) and np_after[2:] == states[1][2:]
+    assert random.getstate() == states[2]
+    # and the treatment itself is reproducible: the same seed gives the same weights whatever the caller's RNG
+    torch.manual_seed(999)
+    again = gm.treat(case["model"], report, inputs=case["inputs"], targets=case["targets"], loss_fn=case["loss_fn"])
+    assert same_tensors(treatment.model.state_dict(), again.model) == []
+
+
+@pytest.mark.parametrize("rid,words", [("he_init", "He (normal)"), ("xavier_init", "Xavier (uniform)"),
+                                       ("orthogonal_init", "orthogonal draw")])
+def test_init_descriptions_say_what_was_drawn_and_count_the_tensors(rid, words):
+    case = treat_zoo.build("tanh_mlp_40_default")
+    model = case["model"]
+    finding = gm.Finding("vanishing_gradients", "error", ["0"], "for the test", {}, [rid])
+    treatment = gm.treat(model, gm.Report([finding]), trained=False)  # no inputs: applied unchecked
+    (applied_rid, what, why), = treatment.applied
+    assert applied_rid == rid and words in what and "he_init" not in what.lower().replace(" ", "_") or rid == "he_init"
+    differing = same_tensors(model.state_dict(), treatment.model)  # the independent count
+    assert f"re-drew or rescaled {len(differing)} existing parameter tensor(s)" in what
+    assert treatment.redrawn[rid] == len(differing)
+    assert why == "error vanishing_gradients at 0"
+    if rid == "orthogonal_init":  # hidden layers are square: orthogonal up to the scale
+        w = treatment.model[2].weight.detach().double()
+        gram = w @ w.T
+        torch.testing.assert_close(gram, gram[0, 0] * torch.eye(64, dtype=torch.float64), atol=1e-6, rtol=0)
