@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
 from benchmarks._markdown import replace_section  # noqa: E402
-from gradmedic.check import _forward_loss  # noqa: E402
 from gradmedic._inputs import split_inputs  # noqa: E402
+from gradmedic.check import _forward_loss  # noqa: E402
 from tests.corpus import hf_families, torch_families  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- corpus:begin -->", "<!-- corpus:end -->"
@@ -60,7 +60,8 @@ def main() -> None:
              "config (random weights, tiny: hidden 32-64, 2-4 blocks, sequence 16, images 32x32, batch 4) or "
              f"from torch.nn, checked at init on one thread (median of {REPEATS}); `plain` is one forward+backward "
              "of the same model and loss.", "",
-             "| family | parameters | check (s) | plain f+b (s) | ratio | verdict at init |", "|---|---|---|---|---|---|"]
+             "| family | parameters | check (s) | plain f+b (s) | ratio | verdict at init |",
+             "|---|---|---|---|---|---|"]
     for name, params, t, p, verdict in rows:
         lines.append(f"| {name} | {params:,} | {t:.2f} | {p:.3f} | {t / p:.0f}x | {verdict} |")
     lines.append(MARK_END)

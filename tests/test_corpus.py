@@ -290,7 +290,18 @@ def _deep_encoder(norm_first: bool) -> nn.Module:
     return nn.Sequential(nn.TransformerEncoder(layer, 48, enable_nested_tensor=False), nn.Linear(32, 4))
 
 
-def test_deep_post_ln_encoder_gets_transformer_remedies():
+@pytest.fixture
+def one_thread():
+    # 48 layers x 10 steps: many tiny ops, which threads only slow down on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_deep_post_ln_encoder_gets_transformer_remedies(one_thread):
+    # the stream of the post-LN stack reads 1.1e-4..1.6e-4 over seeds 0-2 (warning below 1e-2)
+    torch.manual_seed(0)
     x, y = torch.randn(8, 16, 32), torch.randn(8, 16, 4)
     post = _deep_encoder(False)
     report = gm.check(post, x, targets=y, steps=10, optimizer=torch.optim.Adam(post.parameters(), lr=1e-3))
