@@ -105,7 +105,11 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     b = np.array([bs[k] for k in layers])
     g = np.array([gw[k] for k in layers])
     deep = max(1, math.ceil(REFERENCE_FRACTION * len(layers)))
-    return step, layers, b / np.median(b[-deep:]), g / np.median(g[-deep:]), "layers"
+    b, g = b / np.median(b[-deep:]), g / np.median(g[-deep:])
+    # an embedding's grad/weight is small by design (only the rows a batch uses get a gradient, and its
+    # init is N(0, 1)): its signal alone says whether gradient reaches it
+    embedding = np.array([roles.get(k) == "embedding" for k in layers])
+    return step, layers, b, np.where(embedding, b, g), "layers"
 
 
 def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
