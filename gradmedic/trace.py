@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gradmedic._errors import GradmedicError
+from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic.probes.base import Chunk
 
@@ -224,6 +224,8 @@ class Trace:
         """Load a saved trace. The file is treated as untrusted: its size, arrays and document are checked
         before anything large is read (``max_bytes`` caps the uncompressed size), and whatever is wrong is
         one GradmedicError line."""
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise bad_argument("max_bytes", "a non-negative int (bytes of uncompressed data)", max_bytes)
         path = Path(path)
         if not path.is_file():
             raise GradmedicError(f"No trace file at {str(path)!r}: check the path (traces are written by "

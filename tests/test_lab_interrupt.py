@@ -154,7 +154,10 @@ def test_ctrl_c_keeps_what_finished_and_does_not_wait_for_runs_in_flight(tmp_pat
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     proc, db = _start(tmp_path, short=0)
     try:
-        _wait_for(lambda: len(_workers(proc)) >= 1, what="the first worker")  # it is importing torch now
+        # both workers exist and are importing torch (seconds); the parent has left the few milliseconds in
+        # which it starts them with SIGINT ignored (a Ctrl-C inside those can be lost: press it again)
+        _wait_for(lambda: len(_workers(proc)) == 2, what="the workers")
+        time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

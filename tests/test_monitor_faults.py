@@ -84,8 +84,10 @@ def test_a_validation_pass_does_not_pollute_the_next_measured_step(validation):
         assert gm.diagnose(polluted).healthy and gm.diagnose(clean).healthy
 
 
-def test_a_model_trained_in_eval_mode_is_still_measured():
-    model = tanh_net().eval()
+@pytest.mark.parametrize("frozen", ["all", "part"])
+def test_a_model_trained_in_eval_mode_or_with_a_frozen_part_is_still_measured(frozen):
+    model = tanh_net()
+    (model if frozen == "all" else model[2]).eval()  # a whole model, or a part kept in eval mode
     with gm.Monitor(model, probes=[ActivationProbe()]) as mon:
         model(torch.randn(4, 8)).sum().backward()
         mon.step()

@@ -275,6 +275,8 @@ def test_a_bomb_loads_when_trusted_explicitly(members, tmp_path):
     with pytest.raises(gm.GradmedicError, match="max_bytes=") as info:
         gm.Trace.load(path, max_bytes=_BLOCK)
     assert "\n" not in str(info.value)
+    with pytest.raises(gm.GradmedicError, match="Argument max_bytes"):
+        gm.Trace.load(path, max_bytes=-1)
 
 
 # --- property tests ----------------------------------------------------------------------------------------

@@ -42,11 +42,9 @@ PARENT_POLL_S = 0.5
 
 
 def _init_worker(parent: int) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides. SIGINT was blocked from the start (see
-    # _sigint_deferred); once ignored, a Ctrl-C that came during start-up is discarded by the unblocking.
+    # Ctrl-C reaches the whole process group: the parent decides. Ignored from the start where the platform
+    # passes it on (see _sigint_deferred), and here for the others.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent(parent)
     import torch
 
@@ -77,16 +75,25 @@ def _die_with_parent(parent: int) -> None:
 
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Block SIGINT while worker processes are started: they inherit the blocked mask across exec, so a
-    Ctrl-C during their start-up (seconds of importing torch) cannot print a traceback from each of them,
-    and the parent gets its KeyboardInterrupt when the block ends, with the workers known and stoppable."""
+    """Start worker processes with SIGINT ignored, without losing a Ctrl-C that comes meanwhile.
+
+    An ignored disposition is inherited across exec (a blocked mask is not: the spawn resets it), so the
+    workers ignore Ctrl-C from their first instruction: no traceback from each of them while they import
+    torch. The parent blocks SIGINT for that time as well, so a Ctrl-C is kept pending (Linux keeps a
+    blocked signal pending even while it is ignored) and raised here, after the workers exist and can be
+    stopped. multiprocessing's resource tracker is started first: starting it unblocks SIGINT."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
+        signal.signal(signal.SIGINT, previous)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C is raised here
 
 

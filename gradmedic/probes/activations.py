@@ -17,8 +17,9 @@ active only during a scheduled forward, and are booked under the module whose ``
 The mode is always taken off torch's stack again, also when the probe fails inside one of its calls.
 
 Only training forwards count: a forward that builds no graph (``torch.no_grad()``, ``inference_mode``)
-is not measured, and when a step saw forwards in train mode, those run in eval mode (a validation pass
-with gradients on) are left out of it too. A model trained in eval mode is still measured.
+is not measured, and when a step saw forwards of the model in train mode, those of the model in eval mode
+(a validation pass with gradients on) are left out of it too. A model trained in eval mode, or with a
+frozen part kept in eval mode, is still measured.
 """
 
 from __future__ import annotations
@@ -263,15 +264,20 @@ class ActivationProbe(Probe):
         if pre is None and not getattr(module, "inplace", False):
             pre = first_float_tensor(args)
         if out is not None and torch.is_grad_enabled():  # no graph, no training step
-            self._measure(row, family, out, module.training, pre)
+            self._measure(row, family, out, self._model_training(), pre)
 
     def _on_functional(self, family: Family, output: Any, pre: Any) -> None:
         if not self._stack or self._inside_activation or self.layers is None:
             return  # inside nn.ReLU etc.: measured as a module already
         out = first_float_tensor(output)
         if out is not None and torch.is_grad_enabled():
-            caller = self._stack[-1]
-            self._measure(self.layers.row[id(caller)], family, out, caller.training, first_float_tensor(pre))
+            self._measure(self.layers.row[id(self._stack[-1])], family, out, self._model_training(),
+                          first_float_tensor(pre))
+
+    def _model_training(self) -> bool:
+        """The whole model's mode, not the activation's: a validation pass sets model.eval(), while a frozen
+        part kept in eval mode inside a training model is still part of the training step."""
+        return self.layers is not None and self.layers.modules[0].training
 
     @torch.no_grad()
     def _measure(self, row: int, family: Family, y: torch.Tensor, training: bool,
