@@ -70,5 +70,8 @@ class EagerWhileArmed:
         self.held = on
 
     def __del__(self) -> None:  # a Monitor dropped without close()
-        if self.held:
-            _release()
+        if self.held and sys.meta_path is not None:  # not at interpreter shutdown: nothing to restore then
+            try:
+                _release()
+            except Exception:  # noqa: BLE001,S110 - a destructor must not raise
+                pass

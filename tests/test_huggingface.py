@@ -34,8 +34,23 @@ def tiny_gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-def train(tmp_path, accumulation, report_to=(), **callback_kwargs):
-    model = tiny_gpt2()
+class NoLossKwargs(torch.nn.Module):
+    """A model whose forward takes no **kwargs: the Trainer gives it no num_items_in_batch and divides each
+    micro-batch's (mean) loss by the number of micro-batches instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = tiny_gpt2().transformer
+        self.lm_head = torch.nn.Linear(32, 64, bias=False)
+
+    def forward(self, input_ids, labels):
+        logits = self.lm_head(self.transformer(input_ids).last_hidden_state)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return {"loss": loss, "logits": logits}
+
+
+def train(tmp_path, accumulation, report_to=(), make_model=tiny_gpt2, **callback_kwargs):
+    model = make_model()
     before = hook_state(model)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
@@ -49,9 +64,9 @@ def train(tmp_path, accumulation, report_to=(), **callback_kwargs):
     return model, before, callback, logged
 
 
-@pytest.mark.parametrize("accumulation", [1, 4])
-def test_trainer_pre_clip_norm_and_logged_loss(tmp_path, accumulation, capsys):
-    model, before, callback, logged = train(tmp_path, accumulation, report=accumulation == 1)
+@pytest.mark.parametrize("accumulation,make_model", [(1, tiny_gpt2), (4, tiny_gpt2), (4, NoLossKwargs)])
+def test_trainer_pre_clip_norm_and_logged_loss(tmp_path, accumulation, make_model, capsys):
+    model, before, callback, logged = train(tmp_path, accumulation, make_model=make_model, report=accumulation == 1)
     trace = gm.Trace.load(tmp_path / "gradmedic.gmtrace")  # saved at the end of training
     assert [h["step"] for h in logged] == list(range(1, STEPS + 1))
     hf_norm = np.array([h["grad_norm"] for h in logged])
@@ -69,6 +84,7 @@ def test_trainer_pre_clip_norm_and_logged_loss(tmp_path, accumulation, capsys):
     assert (tmp_path / "gradmedic-report.html").is_file() == (accumulation == 1)
     assert "finding(s)" in capsys.readouterr().out
     assert callback.result is not None and "transformer.h.0.attn.c_attn" in trace.layers
+    assert callback._scaled == (make_model is tiny_gpt2)  # both of the Trainer's loss conventions were exercised
 
 
 def test_trainer_logs_on_its_step_axis_and_to_its_tensorboard(tmp_path, monkeypatch):
