@@ -26,7 +26,7 @@ END = "<!-- gradmedic-lab:claims:end -->"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "/").replace("\n", " ")
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _machines(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
@@ -42,7 +42,7 @@ def claims_markdown(suite: str, rows: list[tuple[dict[str, Any], dict[str, Any]]
     verdicts = judge(group_results(rows))
     seeds = sorted({c["seed"] for c, _ in rows})
     head = (f"From `gradmedic lab run {suite}`: {len(rows)} runs, seeds {seeds}"
-            + (f", {wall_s:.0f} s of run time" if wall_s else "") + f". Machine: {_machines(rows)}. "
+            + (f", {wall_s:.0f} s of summed run wall time" if wall_s else "") + f". Machine: {_machines(rows)}. "
             f"Written by `gradmedic lab publish` on {time.strftime('%Y-%m-%d', time.gmtime())}. Numbers: median "
             "[min, max] over seeds, with the cut-off each is judged against.")
     lines = [head, "", "| claim | verdict | measured | literature |", "|---|---|---|---|"]
