@@ -20,8 +20,9 @@ Roles (``role_of``):
 =============== ==============================================================================
 
 Wrappers (``torch.compile``'s ``OptimizedModule``, DDP, DataParallel, FSDP) are not part of the model:
-``unwrap`` takes them off and ``clean_name`` strips the prefixes they add (``_orig_mod.``, ``module.``),
-so every name gradmedic produces is the one ``model.named_modules()`` gives on the user's own model.
+``unwrap`` takes them off the root (DDP's ``module.``) and ``clean_name`` drops the segments they add
+inside (``_orig_mod`` of a compiled submodule, FSDP's), so every name gradmedic produces is the one
+``model.named_modules()`` gives on the user's own model.
 """
 
 from __future__ import annotations

@@ -25,13 +25,27 @@ def latest(trace: Trace, metric: str) -> tuple[int, dict[str, float]] | None:
 
 
 def depth_order(trace: Trace, step: int, layers: list[str]) -> list[str]:
+    """``layers`` in the order they first ran in the forward. A layer that never ran as a module (the
+    ``out_proj`` of ``nn.MultiheadAttention``, whose weights the attention uses directly) takes its
+    nearest ancestor's place, just after it; one with no measured ancestor goes by definition order."""
     module_order = {name: i for i, name in enumerate(trace.meta.get("modules", []))}
     index: dict[str, float] = {}
     if "forward_index" in trace.metrics:
         s = int(np.searchsorted(trace.steps, step))
         column = trace.metric("forward_index")[s]
         index = {layer: float(column[j]) for j, layer in enumerate(trace.layers) if not math.isnan(column[j])}
-    return sorted(layers, key=lambda name: (index.get(name, math.inf), module_order.get(name, 0)))
+
+    def key(name: str) -> tuple[float, float, int]:
+        if name in index:
+            return index[name], 0.0, module_order.get(name, 0)
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:cut])
+            if parent in index:
+                return index[parent], 0.5, module_order.get(name, 0)
+        return math.inf, 0.0, module_order.get(name, 0)
+
+    return sorted(layers, key=key)
 
 
 def severity_of(value: float, warning: float, error: float, below: bool = True,

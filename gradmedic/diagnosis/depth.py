@@ -30,13 +30,26 @@ __all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
 VANISHING_WARNING = 1e-2
 # 1e-5: at a learning rate that suits the last layer the first one would need 10^5 times more steps.
 VANISHING_ERROR = 1e-5
-# Growth toward the input, the mirror image: 100x is a warning, 10^5 an error.
-EXPLODING_WARNING = 1e2
+# Growth toward the input through plain layers. Calibrated on the trainability grid (BENCHMARKS.md): tanh
+# nets in the chaotic phase (sigma_w^2 >= 2.5) grow it 23-34x at depth 40-80 and do not train, while every
+# cell that trains stays at or below 9.9x; 15 lies between (their geometric mean). 10^5 is an error.
+EXPLODING_WARNING = 15.0
 EXPLODING_ERROR = 1e5
-# A gradient 10x the weight it updates: an SGD step at lr 0.1 replaces the layer wholesale. Healthy
-# layers sit at 1e-4..1e-1; this catches nets whose forward signal explodes, so that their gradients are
-# huge but flat across depth (large deltas times small inputs early, small deltas times large inputs late).
-GRAD_TO_WEIGHT_EXPLODING = 10.0
+# Along a residual stream the mirror image of the vanishing warning, 100x: blocks add their branches to
+# the stream, so a modest growth toward the input is their normal sum, not chaos.
+EXPLODING_STREAM_WARNING = 1e2
+# Batch-normalised nets: BatchNorm itself makes gradients grow toward the input at init by a fixed factor
+# per BN layer (Yang et al. 2019, "A Mean Field Theory of Batch Normalization"), and the weights before a
+# BN are scale-invariant, so a large gradient grows them and slows itself down (Arora et al. 2019). Such
+# nets train: MobileNetV2 (16 inverted-residual blocks, ~50 BNs) reads 100-200x at init. A warning from
+# 1000x there.
+EXPLODING_BATCHNORM_WARNING = 1e3
+# A gradient many times the weight it updates. Healthy layers sit at 1e-4..1e-1; this catches nets whose
+# forward signal explodes, so that their gradients are huge but flat across depth (large deltas times small
+# inputs early, small deltas times large inputs late). Calibrated on the trainability grid (ReLU, sigma_w^2
+# > 2, SGD lr 0.01; BENCHMARKS.md): cells that train reach up to 55, cells that do not from 79; 64 lies
+# between (at 64 one SGD step at lr 1/64 replaces the layer wholesale).
+GRAD_TO_WEIGHT_EXPLODING = 64.0
 GRAD_TO_WEIGHT_EXPLODING_ERROR = 1e4  # no learning rate that suits any other layer can train this one
 # The reference for a depth profile: the median over the deepest quarter of the layers, so that a small,
 # special head (a 16x10 classifier after global pooling) does not set the scale for everything else.
@@ -65,13 +78,26 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     blocks = depth_order(trace, step, [k for k, r in roles.items() if r == "block" and k in bs
                                        and math.isfinite(bs[k])])
     if len(blocks) >= 2:
+        # one profile per stack (an encoder's and a decoder's blocks): the encoder's gradient arrives through
+        # cross-attention, so it is compared with the encoder's own deepest blocks, not with the decoder's
+        # grad/weight of a block: of all its parameters together, the speed the block learns at; a scaled
+        # branch keeps it small by design, so like a layer's it counts only together with the stream's
+        grads, weights = latest(trace, "grad_norm"), latest(trace, "weight_norm")
+        gsq, wsq = _block_sums(blocks, grads[1] if grads else {}), _block_sums(blocks, weights[1] if weights else {})
         b = np.array([bs[k] for k in blocks])
-        deep = max(1, math.ceil(REFERENCE_FRACTION * len(blocks)))
-        reference = np.median(b[-deep:])
-        if reference <= 0:
-            return None  # no gradient at all: zero_gradient's case
-        b = b / reference
-        return step, blocks, b, b, "blocks"
+        g = np.array([math.sqrt(gsq[k] / wsq[k]) if wsq.get(k) else math.nan for k in blocks])
+        stacks = [_stack(k) for k in blocks]
+        for stack in dict.fromkeys(stacks):
+            mine = np.array([s == stack for s in stacks])
+            deep = max(1, math.ceil(REFERENCE_FRACTION * int(mine.sum())))
+            reference = np.median(b[mine][-deep:])
+            if reference <= 0:
+                return None  # no gradient at all: zero_gradient's case
+            b[mine] = b[mine] / reference
+            g_ref = np.nanmedian(g[mine][-deep:]) if np.any(np.isfinite(g[mine][-deep:])) else math.nan
+            g[mine] = g[mine] / g_ref if g_ref > 0 else b[mine]
+        g = np.where(np.isfinite(g), g, b)
+        return step, blocks, b, g, "blocks"
     gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v)}
     layers = depth_order(trace, step, [k for k in bs if k in gw and bs[k] > 0])
     if len(layers) < 2:
@@ -79,7 +105,29 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     b = np.array([bs[k] for k in layers])
     g = np.array([gw[k] for k in layers])
     deep = max(1, math.ceil(REFERENCE_FRACTION * len(layers)))
-    return step, layers, b / np.median(b[-deep:]), g / np.median(g[-deep:]), "layers"
+    b, g = b / np.median(b[-deep:]), g / np.median(g[-deep:])
+    # an embedding's grad/weight is small by design (only the rows a batch uses get a gradient, and its
+    # init is N(0, 1)): its signal alone says whether gradient reaches it
+    embedding = np.array([roles.get(k) == "embedding" for k in layers])
+    return step, layers, b, np.where(embedding, b, g), "layers"
+
+
+def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
+    """Sum of squares of a per-layer norm over each block's layers (and its own parameters)."""
+    out = {}
+    for block in blocks:
+        values = [v for k, v in per_layer.items() if (k == block or k.startswith(block + ".")) and math.isfinite(v)]
+        if values:
+            out[block] = float(sum(v * v for v in values))
+    return out
+
+
+def _stack(block: str) -> str:
+    """The stack a block belongs to: its name up to its first index (``model.encoder.layers``); nested
+    indices (``stages.1.layers.0``) stay in one stack."""
+    parts = block.split(".")
+    first = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
+    return ".".join(parts[:first])
 
 
 def zero_gradient(trace: Trace, ctx: dict) -> list[Finding]:
@@ -109,7 +157,11 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     if profile is None:
         return []
     step, layers, b, g, unit = profile
-    both = np.maximum(b, g)  # a layer vanishes when both measures have fallen
+    # a layer vanishes when the geometric mean of its signal and its speed has fallen: neither alone (see
+    # above), and not only when both have (the max): a plain ReLU net in the ordered phase (sigma_w^2 < 2)
+    # loses its backward signal 1000x while grad/weight falls 100x, because its activations shrink too; the
+    # trainability grid (BENCHMARKS.md) separates trainable from untrainable cells by 20x on this measure
+    both = np.sqrt(b * g)
     hit = [k for k, v in zip(layers, both, strict=True) if v < VANISHING_WARNING]
     if not hit:
         return []
@@ -121,8 +173,9 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     acts = ", ".join(ctx.get("activations", [])) or "its"
     if unit == "blocks":
         message = (f"The gradient on the residual stream at the output of '{hit[0]}' is "
-                   f"{b[layers.index(hit[0])]:.1e} of that at the deepest blocks: it vanishes through "
-                   f"{len(layers) - 1} blocks; {len(hit)} block(s) get little gradient.")
+                   f"{b[layers.index(hit[0])]:.1e} of that at the deepest blocks and the block learns "
+                   f"{g[layers.index(hit[0])]:.1e} as fast: it vanishes through {len(layers) - 1} blocks; "
+                   f"{len(hit)} block(s) hardly learn.")
     else:
         message = (f"The gradient reaching '{hit[0]}' is {b[layers.index(hit[0])]:.1e} of that at the deepest "
                    f"layers and it learns {g[layers.index(hit[0])]:.1e} as fast: it vanishes through "
@@ -139,10 +192,12 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     if profile is not None:
         step, layers, b, g, unit = profile
         both = np.minimum(b, g)
-        hit = [k for k, v in zip(layers, both, strict=True) if v > EXPLODING_WARNING]
+        warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else (
+            EXPLODING_STREAM_WARNING if unit == "blocks" else EXPLODING_WARNING)
+        hit = [k for k, v in zip(layers, both, strict=True) if v > warning]
         if hit:
             worst = float(both.max())
-            severity = severity_of(worst, EXPLODING_WARNING, EXPLODING_ERROR, below=False)
+            severity = severity_of(worst, warning, EXPLODING_ERROR, below=False)
             assert severity is not None
             where = "on the residual stream from the deepest blocks" if unit == "blocks" else "from the deepest layers"
             message = f"The gradient grows {worst:.1e}x {where} back to '{hit[0]}': it explodes through depth."
@@ -150,8 +205,13 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
                                   {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
                                    "worst_ratio": worst}, ctx))
     measured = latest(trace, "grad_to_weight")
-    if measured is not None and not found:
+    if measured is not None and not found and not ctx.get("normalized"):
+        # the absolute rule catches a forward signal that explodes; normalisation layers rescale the
+        # forward at every block, so with them it reads only small-by-design weights (0.02-std transformer
+        # init, LayerScale gammas) and is not applied
         step, gw = measured
+        roles = trace.meta.get("roles", {})
+        gw = {k: v for k, v in gw.items() if roles.get(k) not in ("block", "norm")}
         hot = [k for k in depth_order(trace, step, list(gw)) if gw[k] > GRAD_TO_WEIGHT_EXPLODING]
         if hot:
             top = max(gw[k] for k in hot)

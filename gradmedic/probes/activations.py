@@ -115,6 +115,9 @@ _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.G
                    nn.LocalResponseNorm)
 
 
+_CALLS_FUNCTIONAL = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 class _FunctionalWatch(TorchFunctionMode):
     """Reports calls of known activation functions to the probe; passes everything through."""
 
@@ -170,8 +173,11 @@ class ActivationProbe(Probe):
                                                                   always_call=True))
             elif self.layers.owns_params[row]:
                 self._handles.append(module.register_forward_hook(self.guard(self._note_layout, module)))
-            # torch.nn's own modules call no activation function that is not already seen as a module
-            if self.functional and family is None and not is_torch_module(module):
+            # torch.nn's own modules call no activation function that is not already seen as a module,
+            # except the transformer layers (their activation is F.relu/F.gelu by default): watched too,
+            # so that their calls are booked under the layer, not the root or nothing
+            if self.functional and family is None and (not is_torch_module(module) or
+                                                       isinstance(module, _CALLS_FUNCTIONAL)):
                 self._handles.append(module.register_forward_pre_hook(self.guard(self._enter, module)))
                 self._handles.append(
                     module.register_forward_hook(self.guard(self._leave, module), always_call=True))

@@ -168,7 +168,10 @@ class TimeStepProbe(Probe):
             rms = (total / den).sqrt()
             self._store_series(row, step, rms)
             rows.append(row)
-            ratios.append(rms[0] / rms[-1])
+            # over the last step that got any gradient: a next-token loss never uses the last output, so
+            # dL/dx at the last step is an exact, structural zero
+            steps_with = (rms > 0).to(self.dtype) * torch.arange(1, length + 1, dtype=self.dtype, device=self.device)
+            ratios.append(rms[0] / rms[steps_with.argmax()])
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.buffer.write(slot, index, "time_grad_ratio", torch.stack(ratios))
         self._parts.clear()
