@@ -55,7 +55,10 @@ def test_trained_model_no_weight_redrawn_and_advice_lists_what_was_not_done(name
     assert "not done" in str(treatment)
 
 
-def test_trained_post_ln_transformer_gets_layerscale_at_the_identity():
+def test_trained_post_ln_transformer_keeps_its_weights_and_gets_warmup_in_the_recipe():
+    """Trained at lr 1e-2 without warmup, a post-LN stack breaks; on its trained weights treat may only insert
+    LayerScale at 1 (tried: no better on the re-check, so not kept); pre-LN and DeepNorm become advice and the
+    warmup goes into the recipe."""
     case = treat_zoo.build("post_ln_transformer_24")
     before = copy.deepcopy(case["model"].state_dict())
     opt = torch.optim.Adam(case["model"].parameters(), lr=case["lr"])
@@ -63,12 +66,13 @@ def test_trained_post_ln_transformer_gets_layerscale_at_the_identity():
     assert not report.healthy
     treatment = gm.treat(case["model"], report, inputs=case["inputs"], targets=case["targets"], optimizer=opt,
                          trained=True)
-    assert [a[0] for a in treatment.applied] == ["layerscale"]
-    assert "the output is unchanged" in treatment.applied[0][1]
-    assert treatment.report.healthy
-    assert same_tensors(before, treatment.model) == []  # every original tensor, under its own name, bit for bit
-    with torch.no_grad():
-        torch.testing.assert_close(treatment.model(case["inputs"]), case["model"](case["inputs"]), rtol=0, atol=0)
+    assert same_tensors(before, treatment.model) == []
+    assert str(treatment.model) == str(case["model"])
+    assert {"pre_ln", "deepnorm"} <= {rid for rid, _ in treatment.advice}
+    assert "lr_warmup" in treatment.recipe and treatment.schedule is not None
+    scheduler = treatment.schedule(treatment.optimizer())
+    assert scheduler.get_last_lr()[0] < treatment.lr  # the first step is warmed up
+    assert any(rid == "layerscale" for rid, _ in treatment.skipped)
 
 
 def test_trained_dead_units_are_revived_without_redrawing():
