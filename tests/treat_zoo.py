@@ -125,7 +125,7 @@ SICK = {
     "lstm_60": lambda s: _recall(LastStep("lstm"), s, 60, steps=300, lr=3e-3),
     # a post-LN transformer is healthy at init and breaks in training without warmup (Xiong et al. 2020):
     # it is checked after 20 steps at the learning rate it is trained with
-    "post_ln_transformer_24": lambda s: _tokens(PostLN(24), s, steps=60, lr=3e-3, check_steps=20),
+    "post_ln_transformer_24": lambda s: _tokens(PostLN(24), s, steps=60, lr=1e-2, check_steps=20),
 }
 
 

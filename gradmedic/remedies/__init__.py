@@ -2,8 +2,11 @@
 
 from gradmedic.remedies.accumulate import accumulate
 from gradmedic.remedies.clip import MODES, AutoClip, adaptive_clip_grad_, clip_
+from gradmedic.remedies.critical import critical_, critical_scale, gradient_gain
+from gradmedic.remedies.freshness import freshness
 from gradmedic.remedies.gradcheck import GradcheckResult, gradcheck
 from gradmedic.remedies.init import (
+    chrono_bias_,
     fixup_,
     following_activations,
     forget_gate_bias_,
@@ -15,12 +18,20 @@ from gradmedic.remedies.init import (
 )
 from gradmedic.remedies.precision import ScaledStep
 from gradmedic.remedies.restart import RestartOnVanishing, dormant_units, recycle_
-from gradmedic.remedies.schedules import exponential_decay, step_decay, warm_restarts
-from gradmedic.remedies.surgery import ACTIVATIONS, Residual, add_normalization, add_residual, swap_activation
+from gradmedic.remedies.schedules import exponential_decay, linear_warmup, step_decay, warm_restarts
+from gradmedic.remedies.surgery import (
+    ACTIVATIONS,
+    LayerScale,
+    Residual,
+    add_normalization,
+    add_residual,
+    swap_activation,
+)
 from gradmedic.remedies.treat import Treatment, treat
 
-__all__ = ["ACTIVATIONS", "MODES", "AutoClip", "GradcheckResult", "Residual", "RestartOnVanishing", "ScaledStep",
-           "Treatment", "accumulate", "adaptive_clip_grad_", "add_normalization", "add_residual", "clip_",
-           "dormant_units", "exponential_decay", "fixup_", "following_activations", "forget_gate_bias_",
-           "gradcheck", "he_", "identity_recurrent_", "lsuv_", "orthogonal_", "recycle_", "step_decay",
+__all__ = ["ACTIVATIONS", "MODES", "AutoClip", "GradcheckResult", "LayerScale", "Residual", "RestartOnVanishing",
+           "ScaledStep", "Treatment", "accumulate", "adaptive_clip_grad_", "add_normalization", "add_residual",
+           "chrono_bias_", "clip_", "critical_", "critical_scale", "dormant_units", "exponential_decay", "fixup_",
+           "following_activations", "forget_gate_bias_", "freshness", "gradcheck", "gradient_gain", "he_",
+           "identity_recurrent_", "linear_warmup", "lsuv_", "orthogonal_", "recycle_", "step_decay",
            "swap_activation", "treat", "warm_restarts", "xavier_"]

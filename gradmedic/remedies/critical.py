@@ -128,7 +128,7 @@ def critical_(model: nn.Module, inputs: Any = None, depth: int | None = None,
         elif after_sigmoid:
             sigma2 *= 4.0  # a tanh-equivalent net's weights are W/4 on h/2: a non-sigmoid consumer sees 2x
         name = type(act).__name__ if act is not None else "linear"
-        scales.setdefault(name, sigma2)
+        scales[name] = sigma2  # the last layer before this activation: a hidden one, for sigmoid the 16x value
         kind = distribution if distribution != "auto" else "orthogonal" if isinstance(act, _SATURATING) else "normal"
         _draw(layer.weight, sigma2, kind)
         if layer.bias is not None:

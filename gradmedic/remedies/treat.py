@@ -123,7 +123,7 @@ def _why(finding: Finding) -> str:
 def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = None,
           loss_fn: Callable | None = None, trained: bool | None = None, verify_steps: int = 0,
           data: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None, max_remedies: int = 3,
-          seed: int = 0, inplace: bool = False, max_rounds: int | None = None) -> Treatment:
+          seed: int = 0, max_rounds: int | None = None) -> Treatment:
     """Treat a copy of ``model`` for the report's findings; see the module docstring.
 
     Each trial is re-checked the way the report was made: a report from ``gm.check(..., steps=N,
@@ -150,12 +150,12 @@ def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = N
                            "treat re-initialises weights, which needs float parameters.")
     with _caller_rng_kept(seed, model):
         return _treat(model, report, inputs, targets, loss_fn, trained, verify_steps, data, optimizer, max_remedies,
-                      seed, inplace)
+                      seed)
 
 
 def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn: Callable | None,
            trained: bool | None, verify_steps: int, data: Iterable | None, optimizer: torch.optim.Optimizer | None,
-           max_remedies: int, seed: int, inplace: bool) -> Treatment:
+           max_remedies: int, seed: int) -> Treatment:
     from gradmedic.check import check  # the diagnosis stage's entry point, used to re-check each trial
 
     if trained is None:
@@ -164,7 +164,7 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
         reason = f"inferred: {reason}" + ("" if fresh is not None else "; taking the safe side")
     else:
         is_trained, reason = trained, "declared by the caller"
-    work = model if inplace else copy.deepcopy(model)
+    work = copy.deepcopy(model)  # every trial is a further copy: the caller's model is never touched
     treatment = Treatment(model=work, trained=is_trained, trained_reason=reason)
 
     def curve(candidate: nn.Module, stage: str) -> Evidence:
@@ -187,6 +187,10 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
         if not pending:
             break
         finding = pending[0]
+        for rid in finding.remedies:  # model-side remedies that are changes to the model's own code
+            if REMEDIES[rid].acts_on == "model" and rid not in ACTIONS and rid not in dict(treatment.advice):
+                treatment.advice.append((rid, f"for {_why(finding)}: a change to the model's code, "
+                                              f"{REMEDIES[rid].description}"))
         best: _Trial | None = None  # the first trial that clears the finding, else the one that helps most
         passed: list[_Trial] = []
         for rid in _candidates(finding):

@@ -7,6 +7,7 @@
   branch's dropout). On fresh weights it starts small (CaiT's 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6
   beyond), so each block starts near the identity; on trained weights it starts at 1, the identity, and
   the model computes exactly what it did.
+  Scaled layers leave torch's fused inference path (which would bypass the scale) for the module one.
 - ``deepnorm`` (Wang et al. 2022): for post-LN stacks of N layers, ``LN(alpha x + f(x))`` with
   ``alpha = (2N)^(1/4)`` (encoder; ``(3N)^(1/4)`` decoder), written as the branch scaled by ``1/alpha``
   (the same up to LayerNorm's eps), and the value, output and feed-forward projections scaled by
@@ -42,6 +43,9 @@ def _width(layer: nn.Module) -> int:
 
 
 def _scale_branches(layer: nn.Module, init: float, learnable: bool = True) -> int:
+    # torch's fused inference path (eval mode, no grad) computes the layer in one kernel and would skip the
+    # scale: a layer whose activation is not flagged relu/gelu never takes it (the flag only picks the path)
+    layer.activation_relu_or_gelu = 0
     count = 0
     for name in _BRANCH_ENDS[type(layer)]:
         end = getattr(layer, name)
