@@ -148,3 +148,27 @@ def test_prescriptions_follow_the_model():
     assert prescribe("vanishing_through_time", {"rnn": True})[0] == "gated_recurrence"
     assert prescribe("vanishing_through_time", {"lstm": True})[0] == "forget_gate_bias"
     assert prescribe("nonfinite", {"low_precision": True})[1] == "loss_scaling"
+
+
+def _relu_layer_with_dead_units(width, dead, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 3))
+    with torch.no_grad():
+        model[0].bias[:dead] = -50.0  # these units are off for every input
+    return model
+
+
+@pytest.mark.parametrize("width,dead,flagged", [
+    (4, 1, False),   # one unit of a 4-unit bottleneck (a squeeze-excitation layer in RegNet): 25%, but chance
+    (4, 4, True),    # the whole bottleneck
+    (64, 32, True),  # half of a wide layer
+])
+def test_a_dead_share_counts_only_beyond_chance_for_its_width(width, dead, flagged):
+    # in a 4-unit layer one unit beyond one spread below zero happens to 1 - 0.841^4 = 50% of layers by chance
+    model = _relu_layer_with_dead_units(width, dead)
+    x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    report = gm.check(model, x, targets=y)
+    found = [f for f in report.findings if f.kind == "dead_units" and f.severity != "info"]
+    assert bool(found) == flagged, report
+    if flagged:
+        assert found[0].layers == ["1"]

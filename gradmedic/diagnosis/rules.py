@@ -34,6 +34,13 @@ SATURATED_ERROR = 0.8
 DEAD_INFO = 0.05
 DEAD_WARNING = 0.25
 DEAD_ERROR = 0.5
+# A share needs units to be a share: a unit beyond one spread below zero happens by chance to
+# Phi(-DEAD_MARGIN) = 15.9% of units whose inputs barely vary (a squeeze-excitation bottleneck after global
+# pooling sees nearly the same input for every sample), so in a 4-unit layer one such unit (25%) is chance.
+# A layer's dead share counts only when that many dead units would come by chance with probability below
+# 1% (binomial tail): 4 of 4, 8 of 16, 18 of 64; for wide layers the thresholds above decide.
+DEAD_CHANCE = 0.159
+DEAD_SIGNIFICANCE = 0.01
 # Units that die *during* training are the pathology of a too-hot run (an SGD run at lr 3 kills 16-22%
 # within 15 steps): a share at least this much above the first measurement is a warning whatever its size.
 DIED_IN_TRAINING_WARNING = 0.1
@@ -113,11 +120,14 @@ def norm_placement(trace: Trace) -> str | None:
 
 # --- the rules ---------------------------------------------------------------------------------------
 def _per_layer_share(trace: Trace, metric: str, kind: str, info: float, warning: float, error: float,
-                     describe: Callable[[str, float], str], ctx: dict) -> list[Finding]:
+                     describe: Callable[[str, float], str], ctx: dict,
+                     keep: Callable[[str, float], bool] | None = None) -> list[Finding]:
     measured = latest(trace, metric)
     if measured is None:
         return []
     step, values = measured
+    if keep is not None:
+        values = {k: v for k, v in values.items() if keep(k, v)}
     layers = depth_order(trace, step, [k for k, v in values.items() if v >= info])
     if not layers:
         return []
@@ -164,7 +174,23 @@ def dead_units(trace: Trace, ctx: dict) -> list[Finding]:
 def _dead_units(trace: Trace, ctx: dict) -> list[Finding]:
     return _per_layer_share(trace, "dead_frac", "dead_units", DEAD_INFO, DEAD_WARNING, DEAD_ERROR,
                             lambda k, v: f"{100 * v:.0f}% of the units of '{k}' are dead (zero for every sample), "
-                            "so their incoming weights get no gradient", ctx)
+                            "so their incoming weights get no gradient", ctx, keep=_more_dead_than_chance(trace))
+
+
+def _more_dead_than_chance(trace: Trace) -> Callable[[str, float], bool]:
+    """Whether a layer's dead share is more than chance (DEAD_CHANCE, DEAD_SIGNIFICANCE) given its units."""
+    seen = latest(trace, "dead_units_seen") if "dead_units_seen" in trace.metrics else None
+    units = seen[1] if seen is not None else {}
+
+    def keep(layer: str, share: float) -> bool:
+        n = units.get(layer)
+        if n is None or not math.isfinite(n) or n < 1:
+            return True  # a trace without unit counts: judged by the share alone
+        n, k = int(round(n)), int(round(share * n))
+        tail = sum(math.comb(n, i) * DEAD_CHANCE ** i * (1 - DEAD_CHANCE) ** (n - i) for i in range(k, n + 1))
+        return tail < DEAD_SIGNIFICANCE
+
+    return keep
 
 
 def nonfinite(trace: Trace, ctx: dict) -> list[Finding]:

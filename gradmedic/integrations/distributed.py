@@ -46,6 +46,7 @@ COMBINE: dict[str, str] = {
     "grad_zero_frac": "shard_mean", "total_grad_norm": "total",
     "backward_rms": "rms", "backward_norm": "root_sum_squares", "forward_index": "first",
     "act_mean": "mean", "act_std": "pooled_std", "saturated_frac": "mean", "dead_frac": "min",
+    "dead_units_seen": "first",
     "nonfinite_forward": "max", "nonfinite_backward": "max",
     "forward_gain": "mean", "backward_gain": "mean", "time_grad_ratio": "geomean",
     # run scalars

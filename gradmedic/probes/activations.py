@@ -154,7 +154,9 @@ class _FunctionalWatch(TorchFunctionMode):
 
 class ActivationProbe(Probe):
     name = "activations"
-    metrics = ("act_mean", "act_std", "saturated_frac", "dead_frac")
+    # dead_units_seen: how many units the dead fraction was read over (summed over a module's calls), so
+    # that a rule can tell one dead unit of four from a quarter of a wide layer
+    metrics = ("act_mean", "act_std", "saturated_frac", "dead_frac", "dead_units_seen")
     uses_hooks = True
 
     def __init__(self, every: int = 1, functional: bool = True):
@@ -356,4 +358,6 @@ class ActivationProbe(Probe):
             picked = torch.tensor(sorted({r for _, r, _, _ in parts}), dtype=torch.long, device=dev)
             hit, out_of = count.index_select(1, picked)
             self.buffer.write(slot, picked, metric, hit / out_of)
+            if flip:
+                self.buffer.write(slot, picked, "dead_units_seen", out_of)
         self._reset()
