@@ -144,6 +144,9 @@ def role_profile(lines: Mapping[str, tuple[Sequence[int], Sequence[float | None]
         ax.plot(list(blocks), _values(values, positive=True), label=label, linewidth=1.4,
                 marker=markers[i % len(markers)], markersize=3)
     ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # block indices: no 0.5 between blocks
     _finish(ax, "block (input → output)", quantity, title or "Gradient per role across blocks", legend=False)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the lines
     return fig
