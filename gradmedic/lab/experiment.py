@@ -269,6 +269,15 @@ def _redraw(model: nn.Module, config: dict[str, Any], task: Task, optimizer: tor
     optimizer.state.clear()
 
 
+def _saturated_at_init(trace) -> float | None:
+    """Mean share of saturated sigmoid/tanh outputs over the activation layers at the first measured step."""
+    if "saturated_frac" not in trace.metrics:
+        return None
+    column = trace.metric("saturated_frac")
+    rows = np.flatnonzero(~np.all(np.isnan(column), axis=1))
+    return float(np.nanmean(column[rows[0]])) if rows.size else None
+
+
 def _dead_fraction(trace) -> float | None:
     values = trace.last("dead_frac")
     return float(np.mean(list(values.values()))) if values else None
@@ -370,6 +379,7 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
         "ratio_trained": _first_last(norms[-1]) if norms else None,
         "time": _time_profile(trace),
         "dead_frac": _dead_fraction(trace),
+        "saturated_init": _saturated_at_init(trace),
         "recycled_units": recycled,
         "redraws": redraw_steps,
         "max_grad_norm": max_grad_norm if max_grad_norm is None or math.isfinite(max_grad_norm) else None,
