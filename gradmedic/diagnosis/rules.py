@@ -160,21 +160,26 @@ def saturated_units(trace: Trace, ctx: dict) -> list[Finding]:
 
 
 def dead_units(trace: Trace, ctx: dict) -> list[Finding]:
-    found = _dead_units(trace, ctx)
-    if found and found[0].severity == "info":
-        first = found[0].evidence.get("at_first_step", {})
-        died = {k: found[0].evidence[f"dead_frac[{k}]"] - (first.get(k) or 0.0) for k in first}
+    found = _dead_units(trace, ctx, keep=_more_dead_than_chance(trace))
+    if found and found[0].severity != "info":
+        return found
+    # units that died during training are judged against the same layer at the first step, so the chance
+    # of a unit sitting beyond one spread at init (DEAD_CHANCE) does not enter
+    loose = _dead_units(trace, ctx)
+    if loose:
+        first = loose[0].evidence.get("at_first_step", {})
+        died = {k: loose[0].evidence[f"dead_frac[{k}]"] - (first.get(k) or 0.0) for k in first}
         if any(v >= DIED_IN_TRAINING_WARNING for v in died.values()):
-            f = found[0]
-            found = [finding("dead_units", "warning", f.layers, f.message + ", and they died during training",
-                             {**f.evidence, "died_in_training": died}, ctx)]
+            f = loose[0]
+            return [finding("dead_units", "warning", f.layers, f.message + ", and they died during training",
+                            {**f.evidence, "died_in_training": died}, ctx)]
     return found
 
 
-def _dead_units(trace: Trace, ctx: dict) -> list[Finding]:
+def _dead_units(trace: Trace, ctx: dict, keep: Callable[[str, float], bool] | None = None) -> list[Finding]:
     return _per_layer_share(trace, "dead_frac", "dead_units", DEAD_INFO, DEAD_WARNING, DEAD_ERROR,
                             lambda k, v: f"{100 * v:.0f}% of the units of '{k}' are dead (zero for every sample), "
-                            "so their incoming weights get no gradient", ctx, keep=_more_dead_than_chance(trace))
+                            "so their incoming weights get no gradient", ctx, keep=keep)
 
 
 def _more_dead_than_chance(trace: Trace) -> Callable[[str, float], bool]:
