@@ -1,7 +1,14 @@
-"""``gm.check``: one look at a model, on a deep copy, with every probe and the init-time signal view.
+"""``gm.check``: one look at a model, with every probe and the init-time signal view.
 
-The user's model, its gradients, its optimizer and the global RNG state are left exactly as they were:
-the work happens on ``copy.deepcopy(model)`` inside ``torch.random.fork_rng``.
+The user's model, its gradients, its buffers, its optimizer and the global RNG state are left exactly as
+they were, and no copy of the parameters is made for the first look (``steps=0``): the forward runs on the
+user's own model inside ``torch.random.fork_rng``, the gradients come from ``torch.autograd.grad`` (never
+accumulated into ``.grad``), the buffers a forward updates (BatchNorm's running statistics) and the modules'
+training flags are put back afterwards (``_ModelState``). The probes read the gradients through ``.grad``
+(the Monitor's contract), so the ones from ``autograd.grad`` are lent to ``.grad`` for ``monitor.step()``
+only and the user's own ``.grad`` tensors are put back untouched. A check on a copy would need the
+parameters twice over (2.3x the parameter memory extra on a 1000-layer MLP). Training ``steps`` > 0 changes
+the weights, so those run on ``copy.deepcopy(model)``.
 """
 
 from __future__ import annotations
@@ -49,26 +56,95 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
         raise bad_argument("model", "a module with trainable parameters", type(model).__name__)
     args, kwargs = split_inputs(inputs)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    probes = [*build_probes("full"), SignalProbe()]
     with torch.random.fork_rng(devices=devices):
-        try:
-            work = copy.deepcopy(model)
-        except Exception as error:
-            raise GradmedicError(f"check works on a copy, and copy.deepcopy(model) failed ({type(error).__name__}: "
-                                 f"{first_line(error)}); make the model deep-copyable.") from error
-        for p in work.parameters():
-            p.grad = None
-        opt = _optimizer_for(work, model, optimizer) if steps else None
-        probes = [*build_probes("full"), SignalProbe()]
-        with Monitor(work, probes=probes, flush_every=steps + 2) as monitor:
-            for step in range(steps + 1):
-                if step:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                loss = _forward_loss(work, args, kwargs, targets, loss_fn)
-                loss.backward()
-                monitor.step(loss)
+        if steps:
+            monitor = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, probes)
+        else:
+            monitor = _check_in_place(model, args, kwargs, targets, loss_fn, probes)
     monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default"}
     return diagnose(monitor.trace)
+
+
+def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
+                    probes: list) -> Monitor:
+    """One forward and backward on the user's own model, with everything it had put back after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = _ModelState(model)
+    try:
+        with Monitor(model, probes=probes, flush_every=2) as monitor:
+            loss = _forward_loss(model, args, kwargs, targets, loss_fn)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g  # lent to the probes (they read .grad) until the state is restored below
+            monitor.step(loss.detach())
+    finally:
+        state.restore()
+    return monitor
+
+
+def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
+                  optimizer: torch.optim.Optimizer | None, steps: int, probes: list) -> Monitor:
+    """``steps`` optimizer steps change the weights: those run on a deep copy."""
+    try:
+        work = copy.deepcopy(model)
+    except Exception as error:
+        raise GradmedicError(f"check with steps > 0 trains a copy, and copy.deepcopy(model) failed "
+                             f"({type(error).__name__}: {first_line(error)}); make the model deep-copyable, or "
+                             "use steps=0 (no copy).") from error
+    for p in work.parameters():
+        p.grad = None
+    opt = _optimizer_for(work, model, optimizer)
+    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor:
+        for step in range(steps + 1):
+            if step:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            loss = _forward_loss(work, args, kwargs, targets, loss_fn)
+            loss.backward()
+            monitor.step(loss)
+    return monitor
+
+
+class _ModelState:
+    """What a forward and a check's Monitor can change on a module tree, saved to be put back exactly.
+
+    Per module: the training flag, the ``.grad`` of each parameter (the tensor object, never written), the
+    buffers (the objects and their values: BatchNorm's running statistics and step count are updated in
+    place by a training-mode forward) and tensor attributes set by forward pre-hooks (the old
+    ``spectral_norm`` recomputes ``module.weight`` as a plain attribute). Buffers are a small part of a
+    model, so their values are cloned; the parameters, which a forward never changes, are not.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.modules())
+        self.training = [m.training for m in self.modules]
+        self.grads = [(p, p.grad) for p in model.parameters()]
+        self.buffers = [(m, dict(m._buffers)) for m in self.modules]
+        with torch.no_grad():
+            self.values = [(b, b.clone()) for _, bufs in self.buffers for b in bufs.values()
+                           if isinstance(b, torch.Tensor)]
+        self.attributes = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+                           for m in self.modules]
+
+    def restore(self) -> None:
+        for m, flag in zip(self.modules, self.training, strict=True):
+            m.training = flag
+        for p, g in self.grads:
+            p.grad = g
+        with torch.no_grad():
+            for b, value in self.values:
+                if not torch.equal(b, value):
+                    b.copy_(value)
+        for m, bufs in self.buffers:
+            now = m._buffers
+            if now.keys() != bufs.keys() or any(now[k] is not v for k, v in bufs.items()):
+                now.clear()
+                now.update(bufs)
+        for m, attrs in self.attributes:
+            for k, v in attrs.items():
+                if vars(m).get(k) is not v:
+                    setattr(m, k, v)
 
 
 def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
