@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradmedic._errors import GradmedicError, bad_argument, first_line
+from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._inputs import split_inputs
 from gradmedic._tensors import first_float_tensor
 from gradmedic.diagnosis import Report, diagnose
@@ -113,7 +114,10 @@ class _ModelState:
     buffers (the objects and their values: BatchNorm's running statistics and step count are updated in
     place by a training-mode forward) and tensor attributes set by forward pre-hooks (the old
     ``spectral_norm`` recomputes ``module.weight`` as a plain attribute). Buffers are a small part of a
-    model, so their values are cloned; the parameters, which a forward never changes, are not.
+    model, so their values are cloned. Parameters are not: a forward does not change them, except
+    ``nn.Embedding``/``EmbeddingBag`` with ``max_norm``, which renormalise the rows they look up in place
+    (those tables are cloned). Any other parameter a forward writes in place (user code) is caught by its
+    version counter and named in a warning: it cannot be undone without the copy this avoids.
     """
 
     def __init__(self, model: nn.Module):
@@ -126,6 +130,11 @@ class _ModelState:
                            if isinstance(b, torch.Tensor)]
         self.attributes = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
                            for m in self.modules]
+        with torch.no_grad():
+            self.renormed = [(m.weight, m.weight.detach().clone()) for m in self.modules
+                             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        saved = {id(p) for p, _ in self.renormed}
+        self.versions = [(n, p, p._version) for n, p in model.named_parameters() if id(p) not in saved]
 
     def restore(self) -> None:
         for m, flag in zip(self.modules, self.training, strict=True):
@@ -145,6 +154,15 @@ class _ModelState:
             for k, v in attrs.items():
                 if vars(m).get(k) is not v:
                     setattr(m, k, v)
+        with torch.no_grad():
+            for p, value in self.renormed:
+                p.copy_(value)
+        changed = [n for n, p, version in self.versions if p._version != version]
+        if changed:
+            warnings.warn(f"gradmedic: the model's forward wrote into its own parameter(s) {changed[:3]} in place "
+                          "during gm.check, which runs on your model without a copy (steps=0); they keep the "
+                          "new values. Call check on copy.deepcopy(model) to keep them.", GradmedicWarning,
+                          stacklevel=3)
 
 
 def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None) -> torch.Tensor:

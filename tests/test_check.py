@@ -1,6 +1,7 @@
 """gm.check: the user's model, gradients and RNG are untouched; inputs in every form; one-line errors."""
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -74,6 +75,36 @@ def test_buffers_training_flags_grads_hooks_and_rng_put_back(steps):
     assert model.body[1].num_batches_tracked.item() == 1
     if not steps:
         assert calls == ["forward", "grad"]  # the user's hooks ran as in any forward/backward, and stay
+
+
+class ClampsItsWeight(nn.Module):
+    """A forward that writes into its own parameter (user code): check cannot undo it without a copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.1, 0.1)
+        return self.lin(x)
+
+
+def test_a_forward_that_writes_its_parameters():
+    # nn.Embedding(max_norm) renormalises the rows it looks up, in place: check puts them back
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(10, 6, max_norm=0.5), nn.Flatten(), nn.Linear(18, 2))
+    before = emb[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm.check(emb, torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert torch.equal(emb[0].weight, before)
+    # anything else is named in a warning, not silently changed
+    torch.manual_seed(0)
+    model = ClampsItsWeight()
+    nn.init.constant_(model.lin.weight, 1.0)
+    with pytest.warns(gm.GradmedicWarning, match="lin.weight"):
+        gm.check(model, torch.randn(3, 4))
 
 
 def test_check_without_steps_makes_no_copy(monkeypatch):
