@@ -36,7 +36,8 @@ PROJECTION_SEED = 0  # the fixed random projection used when no loss is given
 
 def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable | None = None,
           optimizer: torch.optim.Optimizer | None = None, steps: int = 0) -> Report:
-    """Forward and backward on a copy of ``model`` (plus ``steps`` optimizer steps), then diagnose.
+    """Forward and backward on ``model`` itself, no copy (``steps`` > 0: ``steps`` optimizer steps on a
+    copy), then diagnose. Everything the model had is put back (see the module docstring).
 
     ``inputs``: a tensor, a tuple of tensors (positional arguments) or a dict (keyword arguments).
     Without ``loss_fn``: a ``.loss`` in the outputs is used (Hugging Face models given labels), else
