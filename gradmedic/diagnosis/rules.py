@@ -182,6 +182,21 @@ def _dead_units(trace: Trace, ctx: dict, keep: Callable[[str, float], bool] | No
                             "so their incoming weights get no gradient", ctx, keep=keep)
 
 
+def _binomial_tail(n: int, k: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): exact (in log space) up to 1000 trials, beyond that the Chernoff
+    bound exp(-n KL(k/n || p)), an upper bound, so a wide layer is flagged only when surely beyond chance."""
+    if k <= n * p:
+        return 1.0
+    if n > 1000:
+        q = k / n
+        kl = q * math.log(q / p) + ((1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else 0.0)
+        return math.exp(-n * kl)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+            + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(logs)
+    return math.exp(top) * sum(math.exp(v - top) for v in logs)
+
+
 def _more_dead_than_chance(trace: Trace) -> Callable[[str, float], bool]:
     """Whether a layer's dead share is more than chance (DEAD_CHANCE, DEAD_SIGNIFICANCE) given its units."""
     seen = latest(trace, "dead_units_seen") if "dead_units_seen" in trace.metrics else None
@@ -192,8 +207,7 @@ def _more_dead_than_chance(trace: Trace) -> Callable[[str, float], bool]:
         if n is None or not math.isfinite(n) or n < 1:
             return True  # a trace without unit counts: judged by the share alone
         n, k = int(round(n)), int(round(share * n))
-        tail = sum(math.comb(n, i) * DEAD_CHANCE ** i * (1 - DEAD_CHANCE) ** (n - i) for i in range(k, n + 1))
-        return tail < DEAD_SIGNIFICANCE
+        return _binomial_tail(n, k, DEAD_CHANCE) < DEAD_SIGNIFICANCE
 
     return keep
 
