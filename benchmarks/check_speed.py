@@ -62,8 +62,8 @@ def main(repeats: int = 7) -> None:
         "| model | plain forward+backward | `gm.check` | ratio | target |", "|---|---:|---:|---:|---:|",
         f"| MLP 100 x Linear(256, 256) + tanh, batch 64 | {1000 * med_base:.1f} ms | {1000 * med_check:.0f} ms | "
         f"{med_check / med_base:.1f} | <= 2000 ms |",
-        "", "`check` deep-copies the model, runs one forward and backward with every probe (and the signal-"
-        "propagation view), flushes once and runs the rules.", MARK_END, ""])
+        "", "`check` (steps=0) runs one forward and backward on the model itself, with no copy, with every probe "
+        "(and the signal-propagation view), flushes once and runs the rules.", MARK_END, ""])
     path = ROOT / "BENCHMARKS.md"
     replace_section(path, MARK_BEGIN, MARK_END, block)
     console.print(f"wrote {path}")

@@ -1,20 +1,28 @@
-"""``gm.check``: one look at a model, on a deep copy, with every probe and the init-time signal view.
+"""``gm.check``: one look at a model, with every probe and the init-time signal view.
 
-The user's model, its gradients, its optimizer and the global RNG state are left exactly as they were:
-the work happens on ``copy.deepcopy(model)`` inside ``torch.random.fork_rng``.
+The user's model, its gradients, its buffers, its optimizer and the global RNG state are left exactly as
+they were, and no copy of the parameters is made for the first look (``steps=0``): the forward runs on the
+user's own model inside ``torch.random.fork_rng``, the gradients come from ``torch.autograd.grad`` (never
+accumulated into ``.grad``), the buffers a forward updates (BatchNorm's running statistics) and the modules'
+training flags are put back afterwards (``_ModelState``). The probes read the gradients through ``.grad``
+(the Monitor's contract), so the ones from ``autograd.grad`` are lent to ``.grad`` for ``monitor.step()``
+only and the user's own ``.grad`` tensors are put back untouched. A check on a copy would need the
+parameters twice over (2.3x the parameter memory extra on a 1000-layer MLP). Training ``steps`` > 0 changes
+the weights, so those run on ``copy.deepcopy(model)``.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradmedic._errors import GradmedicError, bad_argument, first_line
+from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._inputs import split_inputs
 from gradmedic._tensors import first_float_tensor
 from gradmedic.diagnosis import Report, diagnose
@@ -28,7 +36,8 @@ PROJECTION_SEED = 0  # the fixed random projection used when no loss is given
 
 def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable | None = None,
           optimizer: torch.optim.Optimizer | None = None, steps: int = 0) -> Report:
-    """Forward and backward on a copy of ``model`` (plus ``steps`` optimizer steps), then diagnose.
+    """Forward and backward on ``model`` itself, no copy (``steps`` > 0: ``steps`` optimizer steps on a
+    copy), then diagnose. Everything the model had is put back (see the module docstring).
 
     ``inputs``: a tensor, a tuple of tensors (positional arguments) or a dict (keyword arguments).
     Without ``loss_fn``: a ``.loss`` in the outputs is used (Hugging Face models given labels), else
@@ -49,26 +58,112 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
         raise bad_argument("model", "a module with trainable parameters", type(model).__name__)
     args, kwargs = split_inputs(inputs)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    probes = [*build_probes("full"), SignalProbe()]
     with torch.random.fork_rng(devices=devices):
-        try:
-            work = copy.deepcopy(model)
-        except Exception as error:
-            raise GradmedicError(f"check works on a copy, and copy.deepcopy(model) failed ({type(error).__name__}: "
-                                 f"{first_line(error)}); make the model deep-copyable.") from error
-        for p in work.parameters():
-            p.grad = None
-        opt = _optimizer_for(work, model, optimizer) if steps else None
-        probes = [*build_probes("full"), SignalProbe()]
-        with Monitor(work, probes=probes, flush_every=steps + 2) as monitor:
-            for step in range(steps + 1):
-                if step:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                loss = _forward_loss(work, args, kwargs, targets, loss_fn)
-                loss.backward()
-                monitor.step(loss)
+        if steps:
+            monitor = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, probes)
+        else:
+            monitor = _check_in_place(model, args, kwargs, targets, loss_fn, probes)
     monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default"}
     return diagnose(monitor.trace)
+
+
+def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
+                    probes: list) -> Monitor:
+    """One forward and backward on the user's own model, with everything it had put back after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = _ModelState(model)
+    try:
+        with Monitor(model, probes=probes, flush_every=2) as monitor:
+            loss = _forward_loss(model, args, kwargs, targets, loss_fn)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g  # lent to the probes (they read .grad) until the state is restored below
+            monitor.step(loss.detach())
+    finally:
+        state.restore()
+    return monitor
+
+
+def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
+                  optimizer: torch.optim.Optimizer | None, steps: int, probes: list) -> Monitor:
+    """``steps`` optimizer steps change the weights: those run on a deep copy."""
+    try:
+        work = copy.deepcopy(model)
+    except Exception as error:
+        raise GradmedicError(f"check with steps > 0 trains a copy, and copy.deepcopy(model) failed "
+                             f"({type(error).__name__}: {first_line(error)}); make the model deep-copyable, or "
+                             "use steps=0 (no copy).") from error
+    for p in work.parameters():
+        p.grad = None
+    opt = _optimizer_for(work, model, optimizer)
+    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor:
+        for step in range(steps + 1):
+            if step:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            loss = _forward_loss(work, args, kwargs, targets, loss_fn)
+            loss.backward()
+            monitor.step(loss)
+    return monitor
+
+
+class _ModelState:
+    """What a forward and a check's Monitor can change on a module tree, saved to be put back exactly.
+
+    Per module: the training flag, the ``.grad`` of each parameter (the tensor object, never written), the
+    buffers (the objects and their values: BatchNorm's running statistics and step count are updated in
+    place by a training-mode forward) and tensor attributes set by forward pre-hooks (the old
+    ``spectral_norm`` recomputes ``module.weight`` as a plain attribute). Buffers are a small part of a
+    model, so their values are cloned. Parameters are not: a forward does not change them, except
+    ``nn.Embedding``/``EmbeddingBag`` with ``max_norm``, which renormalise the rows they look up in place
+    (those tables are cloned). Any other parameter a forward writes in place (user code) is caught by its
+    version counter and named in a warning: it cannot be undone without the copy this avoids.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.modules())
+        self.training = [m.training for m in self.modules]
+        self.grads = [(p, p.grad) for p in model.parameters()]
+        self.buffers = [(m, dict(m._buffers)) for m in self.modules]
+        with torch.no_grad():
+            self.values = [(b, b.clone()) for _, bufs in self.buffers for b in bufs.values()
+                           if isinstance(b, torch.Tensor)]
+        self.attributes = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+                           for m in self.modules]
+        with torch.no_grad():
+            self.renormed = [(m.weight, m.weight.detach().clone()) for m in self.modules
+                             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        saved = {id(p) for p, _ in self.renormed}
+        self.versions = [(n, p, p._version) for n, p in model.named_parameters() if id(p) not in saved]
+
+    def restore(self) -> None:
+        for m, flag in zip(self.modules, self.training, strict=True):
+            m.training = flag
+        for p, g in self.grads:
+            p.grad = g
+        with torch.no_grad():
+            for b, value in self.values:
+                if not torch.equal(b, value):
+                    b.copy_(value)
+        for m, bufs in self.buffers:
+            now = m._buffers
+            if now.keys() != bufs.keys() or any(now[k] is not v for k, v in bufs.items()):
+                now.clear()
+                now.update(bufs)
+        for m, attrs in self.attributes:
+            for k, v in attrs.items():
+                if vars(m).get(k) is not v:
+                    setattr(m, k, v)
+        with torch.no_grad():
+            for p, value in self.renormed:
+                p.copy_(value)
+        changed = [n for n, p, version in self.versions if p._version != version]
+        if changed:
+            warnings.warn(f"gradmedic: the model's forward wrote into its own parameter(s) {changed[:3]} in place "
+                          "during gm.check, which runs on your model without a copy (steps=0); they keep the "
+                          "new values. Call check on copy.deepcopy(model) to keep them.", GradmedicWarning,
+                          stacklevel=3)
 
 
 def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None) -> torch.Tensor:

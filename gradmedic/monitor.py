@@ -95,6 +95,7 @@ class Monitor:
         # loss and learning rate at every step, in a one-row StepBuffer; flushed as scalars, not grid rows
         self._run = StepBuffer(flush_every + 1, [""], ["loss", "lr"], self.layers.device,
                                buffer_dtype(self.layers.device))
+        self._run_host: list[tuple[int, int, float]] = []  # (step, column, value): Python numbers, kept here
         self._trace = Trace(self._meta())
         self._combiner = self._rank_combiner(distributed, rank_files)
         self._step = 0
@@ -172,29 +173,38 @@ class Monitor:
                 self._recorded.add(id(probe))
 
     def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
+        """Loss and learning rate of this step. A tensor (the loss) is copied on the device into the run
+        buffer; a Python number (the learning rate, a loss given as a float) stays on the host until the
+        flush: writing it into a device buffer would be a blocking host-to-device copy per step on CUDA."""
         try:
             lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
             if loss is None and lr is None:
                 return
-            slot = self._run.open(step)
             for col, value in enumerate((loss, lr)):
                 if isinstance(value, torch.Tensor):
+                    slot = self._run.open(step)
                     self._run.values[slot, 0, col] = value.detach().reshape(-1)[0]
                 elif value is not None:
-                    self._run.values[slot, 0, col] = float(value)
+                    self._run_host.append((step, col, float(value)))
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
             self._warn("run", error)
 
     def _drain_run(self) -> Chunk | None:
         grid = self._run.drain()
-        if grid is None or not grid.layers:  # nothing but NaN was recorded (drain drops such rows)
-            return None
+        host, self._run_host = self._run_host, []
         scalars = {}
-        for j, name in enumerate(grid.metrics):
-            column = grid.values[:, 0, j]
-            measured = ~np.isnan(column)
-            if measured.any():
-                scalars[name] = (grid.steps[measured], column[measured])
+        for j, name in enumerate(self._run.metrics):
+            pairs = [(s, v) for s, col, v in host if col == j]
+            if grid is not None and grid.layers:
+                column = grid.values[:, 0, j]
+                measured = ~np.isnan(column)
+                pairs += zip(grid.steps[measured].tolist(), column[measured].tolist(), strict=True)
+            pairs = sorted(p for p in pairs if not np.isnan(p[1]))  # NaN means not recorded, as in the buffer
+            if pairs:
+                scalars[name] = (np.asarray([s for s, _ in pairs], dtype=np.int64),
+                                 np.asarray([v for _, v in pairs], dtype=np.float64))
+        if not scalars:
+            return None
         return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
                      scalars=scalars)
 

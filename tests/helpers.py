@@ -40,31 +40,66 @@ def sigmoid_mlp(widths=(16, 12, 12, 12, 4), act=nn.Sigmoid, seed=0, dtype=torch.
     return nn.Sequential(*layers[:-1]).to(dtype)
 
 
+def _from_gradmedic() -> bool:
+    """Whether the caller of the patched function (two frames up) is gradmedic's own code."""
+    frames = traceback.extract_stack(limit=4)[:-2]
+    return any(f.filename.startswith(PACKAGE_DIR) for f in frames)
+
+
 @contextlib.contextmanager
 def count_host_syncs():
-    """Count calls that copy a tensor's value to the host, made from gradmedic's own code.
+    """Count calls that move data between the host and the device, made from gradmedic's own code.
 
-    On CUDA these are the calls that block until the device is done (``.item()``, ``.cpu()``,
-    ``.tolist()``, ``.numpy()``, ``bool(t)``, ``float(t)``...). On the CPU they cost nothing, but the
-    same calls would sync on a GPU, so counting them here shows the Monitor is sync-free between
-    flushes without a GPU.
+    Two kinds, both blocking on CUDA and both free on the CPU, so that counting them here shows the
+    Monitor is free of them between flushes without a GPU:
+
+    - copies of a tensor's value to the host (``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``,
+      ``bool(t)``, ``float(t)``...), counted under the method's name;
+    - tensors made from host data (``torch.tensor``, ``torch.as_tensor``, ``torch.from_numpy``,
+      ``Tensor.new_tensor``, and a Python number or list written into a tensor with ``t[i] = x`` or
+      ``t.fill_(x)``), counted under ``"host->device: <call>"``. On the CPU every tensor is on "the
+      device", so any such call is counted: the count is an upper bound of the copies on a GPU.
     """
     counts: Counter[str] = Counter()
     names = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero")
     originals = {n: getattr(torch.Tensor, n) for n in names}
+    makers = {n: getattr(torch, n) for n in ("tensor", "as_tensor", "from_numpy")}
+    writers = {n: getattr(torch.Tensor, n) for n in ("new_tensor", "__setitem__", "fill_")}
 
     def wrap(name, fn):
         def patched(self, *a, **k):
-            frames = traceback.extract_stack(limit=3)[:-1]
-            if any(f.filename.startswith(PACKAGE_DIR) for f in frames):
+            if _from_gradmedic():
                 counts[name] += 1
+            return fn(self, *a, **k)
+        return patched
+
+    def wrap_maker(name, fn):
+        def patched(*a, **k):
+            if _from_gradmedic():
+                counts[f"host->device: torch.{name}"] += 1
+            return fn(*a, **k)
+        return patched
+
+    def wrap_writer(name, fn):
+        def patched(self, *a, **k):
+            value = a[-1] if a else None  # new_tensor(data), __setitem__(index, value), fill_(value)
+            if not isinstance(value, torch.Tensor) and _from_gradmedic():
+                counts[f"host->device: Tensor.{name}"] += 1
             return fn(self, *a, **k)
         return patched
 
     for n, fn in originals.items():
         setattr(torch.Tensor, n, wrap(n, fn))
+    for n, fn in makers.items():
+        setattr(torch, n, wrap_maker(n, fn))
+    for n, fn in writers.items():
+        setattr(torch.Tensor, n, wrap_writer(n, fn))
     try:
         yield counts
     finally:
         for n, fn in originals.items():
+            setattr(torch.Tensor, n, fn)
+        for n, fn in makers.items():
+            setattr(torch, n, fn)
+        for n, fn in writers.items():
             setattr(torch.Tensor, n, fn)

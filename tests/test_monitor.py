@@ -135,17 +135,94 @@ def test_zero_host_syncs_between_flushes():
     opt = torch.optim.Adam(both.parameters(), lr=1e-3)
     mon = gm.Monitor(both, opt, preset="full", flush_every=1000)
     x, seq = torch.randn(8, 1, 6, 6), torch.randn(8, 5, 3)
-    with count_host_syncs() as syncs:
-        for _ in range(10):
+
+    def train(steps):
+        for _ in range(steps):
             loss = model(x).square().mean() + rnn(seq)[0].square().mean()
             loss.backward()
             mon.step(loss)
             opt.step()
             opt.zero_grad()
+
+    train(1)  # the first measured step builds the probes' index tensors (Probe.host_tensor), once
+    with count_host_syncs() as syncs:
+        train(10)
     assert dict(syncs) == {}, f"host syncs from gradmedic between flushes: {dict(syncs)}"
     with count_host_syncs() as syncs:
         mon.flush()
     assert sum(syncs.values()) >= 1  # the flush is where the copies happen (and the counter works)
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(6, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+_SYNC_MODELS = {
+    "mlp": lambda: (nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)),
+                    torch.randn(16, 20)),
+    "cnn_bn": lambda: (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(), nn.Flatten(),
+                                     nn.Linear(8 * 8 * 8, 4)), torch.randn(8, 3, 8, 8)),
+    "lstm": lambda: (_LSTMNet(), torch.randn(4, 12, 6)),
+}
+
+
+@pytest.mark.parametrize("preset", ["cheap", "standard", "full"])
+@pytest.mark.parametrize("workload", sorted(_SYNC_MODELS))
+def test_no_host_sync_or_host_copy_between_flushes(preset, workload):
+    """Neither a device-to-host read nor a tensor made from host data (a blocking copy on CUDA) between
+    flushes, for every preset, over enough steps that every probe of the preset measures twice."""
+    torch.manual_seed(0)
+    model, x = _SYNC_MODELS[workload]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    mon = gm.Monitor(model, opt, preset=preset, flush_every=1000)
+    lrs = []
+
+    def train(steps):
+        for i in range(steps):
+            loss = model(x).square().mean()
+            loss.backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            mon.step(loss if i % 2 else loss.item())  # a tensor loss stays on the device; a float on the host
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    with count_host_syncs() as first:
+        train(1)  # the first measured step builds each probe's index and count tensors (Probe.host_tensor)
+    assert set(first) <= {"host->device: torch.tensor"}, dict(first)
+    every = max(kw.get("every", 1) for kw in PRESETS[preset].values())
+    with count_host_syncs() as syncs:
+        train(every + 2)
+    assert dict(syncs) == {}, f"host syncs or copies from gradmedic between flushes: {dict(syncs)}"
+    with count_host_syncs() as at_flush:
+        mon.flush()
+    assert sum(at_flush.values()) >= 1  # the flush is where the copies happen (and the counter works)
+    steps, values = mon.trace.scalar("lr")
+    assert steps.tolist() == list(range(len(lrs)))
+    assert values.tolist() == lrs  # kept on the host: exactly the optimizer's floats
+    assert len(mon.trace.scalar("loss")[0]) == len(lrs)
+    mon.close()
+
+
+def test_host_tensor_is_made_once_and_the_counter_sees_it():
+    probe = GradientProbe()
+    probe.attach(gm.probes.base.LayerIndex(sigmoid_mlp()), 4)
+    with count_host_syncs() as made:
+        a = probe.host_tensor([3, 1, 2], torch.long)
+    with count_host_syncs() as again:
+        b = probe.host_tensor([3, 1, 2], torch.long)
+        c = probe.host_tensor([3, 1, 2], torch.float64)
+    assert dict(made) == {"host->device: torch.tensor": 1}
+    assert dict(again) == {"host->device: torch.tensor": 1}  # the float64 one is new, the long one reused
+    assert b is a and a.tolist() == [3, 1, 2] and c.dtype == torch.float64
 
 
 def test_no_graph_or_activation_is_kept_after_the_step():

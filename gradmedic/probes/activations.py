@@ -336,13 +336,13 @@ class ActivationProbe(Probe):
             return
         slot = self.buffer.open(step)
         size, dev, dt = len(self._family), self.device, self.dtype
-        calls = torch.tensor(self._calls, dtype=torch.long, device=dev)
-        n = torch.tensor([float(k) for k in self._n], dtype=dt, device=dev)
+        calls = self.host_tensor(self._calls, torch.long)
+        n = self.host_tensor(self._n, dt)
         total, squares = torch.stack(self._moments).to(dt).unbind(1)
         # pool the calls of one row from (n, sum, sum of squares)
         sums = torch.zeros(3, size, dtype=dt, device=dev)
         sums.index_add_(1, calls, torch.stack([n, total, squares]))
-        rows = torch.tensor(sorted(set(self._calls)), dtype=torch.long, device=dev)
+        rows = self.host_tensor(sorted(set(self._calls)), torch.long)
         total, first, second = sums.index_select(1, rows)
         row_mean = first / total
         self.buffer.write(slot, rows, "act_mean", row_mean)
@@ -350,12 +350,12 @@ class ActivationProbe(Probe):
         for metric, parts, flip in (("saturated_frac", self._sat, False), ("dead_frac", self._dead, True)):
             if not parts:
                 continue
-            where = torch.tensor([r for _, r, _, _ in parts], dtype=torch.long, device=dev)
+            where = self.host_tensor([r for _, r, _, _ in parts], torch.long)
             count = torch.zeros(2, size, dtype=dt, device=dev)
             counted = torch.stack([c.to(dt) for _, _, c, _ in parts])
-            of = torch.tensor([float(k) for _, _, _, k in parts], dtype=dt, device=dev)
+            of = self.host_tensor([k for _, _, _, k in parts], dt)
             count.index_add_(1, where, torch.stack([of - counted if flip else counted, of]))
-            picked = torch.tensor(sorted({r for _, r, _, _ in parts}), dtype=torch.long, device=dev)
+            picked = self.host_tensor(sorted({r for _, r, _, _ in parts}), torch.long)
             hit, out_of = count.index_select(1, picked)
             self.buffer.write(slot, picked, metric, hit / out_of)
             if flip:

@@ -71,20 +71,20 @@ class BackwardSignalProbe(Probe):
             return
         slot = self.buffer.open(step)
         seen = [r for r, n in enumerate(self._count) if n]
-        calls = torch.tensor(self._calls, dtype=torch.long, device=self.device)
+        calls = self.host_tensor(self._calls, torch.long)
         sq = torch.zeros(len(self._count), dtype=self.dtype, device=self.device)
         sq.index_add_(0, calls, torch.stack(self._squares).to(self.dtype))
-        rows = torch.tensor(seen, dtype=torch.long, device=self.device)
-        counts = torch.tensor([float(self._count[r]) for r in seen], dtype=self.dtype, device=self.device)
+        rows = self.host_tensor(seen, torch.long)
+        counts = self.host_tensor([self._count[r] for r in seen], self.dtype)
         picked = sq.index_select(0, rows)
         self.buffer.write(slot, rows, "backward_rms", (picked / counts).sqrt())
         self.buffer.write(slot, rows, "backward_norm", picked.sqrt())
         if self._order:
-            ordered = torch.tensor(list(self._order), dtype=torch.long, device=self.device)
-            position = torch.tensor([float(v) for v in self._order.values()], dtype=self.dtype, device=self.device)
+            ordered = self.host_tensor(list(self._order), torch.long)
+            position = self.host_tensor(list(self._order.values()), self.dtype)
             self.buffer.write(slot, ordered, "forward_index", position)
         if self._low:
-            low = torch.tensor(sorted(self._low), dtype=torch.long, device=self.device)
+            low = self.host_tensor(sorted(self._low), torch.long)
             self.buffer.write(slot, low, "low_precision_out", torch.ones(len(self._low), dtype=self.dtype,
                                                                           device=self.device))
         self._reset()

@@ -11,8 +11,11 @@ A probe measures one family of statistics. The Monitor drives it through a fixed
     detach()      free everything
 
 Everything between two flushes stays on the device: no ``.item()``, no ``.cpu()``, no Python branch
-on a tensor value. Any exception inside a hook or a collect is caught by ``guard`` and reported to the
-Monitor, which switches the probe off; the user's forward and backward never see it.
+on a tensor value, and no tensor made from host data at each step (on CUDA a copy from the host blocks
+like a read does): the small index and count tensors a collect needs come from ``host_tensor``, built
+once per distinct value and reused at every step that has the same layout. Any exception inside a hook
+or a collect is caught by ``guard`` and reported to the Monitor, which switches the probe off; the user's
+forward and backward never see it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import torch
 from torch import nn
 
 __all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "is_torch_module"]
+
+# distinct host-value tensors a probe keeps (Probe.host_tensor): a model with a fixed layout needs a few;
+# one whose shapes change at every step (variable sequence lengths) would otherwise grow it without end
+HOST_TENSOR_CACHE = 256
 
 
 @dataclass
@@ -182,6 +189,22 @@ class Probe:
         self.device = layers.device
         self.dtype = buffer_dtype(layers.device)
         self.buffer = StepBuffer(capacity, layers.names, self.metrics, self.device, self.dtype)
+        self._host_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def host_tensor(self, values: Sequence[int | float], dtype: torch.dtype) -> torch.Tensor:
+        """``values`` (host numbers: rows, element counts) as a tensor on the model's device, made once.
+
+        A collect needs the same few index and count vectors at every step (the layout of a model's calls
+        repeats); building them from Python lists each time would be a blocking host-to-device copy per
+        step on CUDA. The tensors returned are shared between steps: read them, never write into them.
+        """
+        key = (dtype, *values)
+        cached = self._host_tensors.get(key)
+        if cached is None:
+            if len(self._host_tensors) >= HOST_TENSOR_CACHE:
+                self._host_tensors.clear()
+            cached = self._host_tensors[key] = torch.tensor(list(values), dtype=dtype, device=self.device)
+        return cached
 
     def arm(self) -> None:
         """Register the hooks that watch one forward/backward."""

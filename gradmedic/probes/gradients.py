@@ -206,7 +206,7 @@ class GradientProbe(Probe):
                 live = (g != 0).any(dim=1).sum().to(self.dtype) * g.shape[1]
                 per_tensor.append(torch.where(live > 0, live, torch.full_like(live, float(p.numel()))))
             else:
-                per_tensor.append(torch.tensor(float(p.numel()), dtype=self.dtype, device=self.device))
+                per_tensor.append(self.host_tensor([p.numel()], self.dtype).reshape(()))
         return self._per_row(torch.stack(per_tensor).to(self.device), plan, squares=False)
 
     def _sampled(self) -> list[torch.Tensor]:

@@ -65,7 +65,6 @@ class NonFiniteProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._seen: dict[str, tuple[list[torch.Tensor], list[int]]] = {"forward": ([], []), "backward": ([], [])}
-        self._row_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -96,15 +95,6 @@ class NonFiniteProbe(Probe):
         codes.append(_probe_sum(grad))
         rows.append(row)
 
-    def _rows_tensor(self, rows: list[int]) -> torch.Tensor:
-        key = tuple(rows)
-        cached = self._row_cache.get(key)
-        if cached is None:
-            if len(self._row_cache) > 64:
-                self._row_cache.clear()
-            cached = self._row_cache[key] = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return cached
-
     def collect(self, step: int) -> None:
         if not any(codes for codes, _ in self._seen.values()):
             return
@@ -115,7 +105,7 @@ class NonFiniteProbe(Probe):
             stacked = _codes(torch.stack(codes))
             bad = stacked > 0
             first = torch.argmax(bad.to(torch.int8))  # the first maximum: the earliest bad call
-            row = self._rows_tensor(rows).index_select(0, first.reshape(1))
+            row = self.host_tensor(rows, torch.long).index_select(0, first.reshape(1))
             code = stacked.index_select(0, first.reshape(1)).to(self.dtype)
             value = torch.where(bad.any(), code, torch.full_like(code, float("nan")))
             self.buffer.write(slot, row, f"nonfinite_{phase}", value)

@@ -66,14 +66,14 @@ class SignalProbe(Probe):
         parts = self._parts[key]
         if not parts:
             return out
-        rows = torch.tensor([r for r, _, _ in parts], dtype=torch.long, device=self.device)
+        rows = self.host_tensor([r for r, _, _ in parts], torch.long)
         sq = torch.zeros(size, dtype=self.dtype, device=self.device)
         sq.index_add_(0, rows, torch.stack([n.to(self.dtype) for _, n, _ in parts]))
         counts = [0.0] * size
         for r, _, k in parts:
             counts[r] += k
-        seen = torch.tensor(sorted({r for r, _, _ in parts}), dtype=torch.long, device=self.device)
-        den = torch.tensor(counts, dtype=self.dtype, device=self.device)
+        seen = self.host_tensor(sorted({r for r, _, _ in parts}), torch.long)
+        den = self.host_tensor(counts, self.dtype)
         out.index_copy_(0, seen, (sq / den.clamp_min(1)).sqrt().index_select(0, seen))
         return out
 
@@ -81,7 +81,7 @@ class SignalProbe(Probe):
         if not self._parts["out"]:
             return
         slot = self.buffer.open(step)
-        rows = torch.tensor(self._rows, dtype=torch.long, device=self.device)
+        rows = self.host_tensor(self._rows, torch.long)
         forward = (self._rms("out") / self._rms("in")).index_select(0, rows)
         backward = (self._rms("gin") / self._rms("gout")).index_select(0, rows)
         self.buffer.write(slot, rows, "forward_gain", forward)

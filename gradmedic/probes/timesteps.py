@@ -146,7 +146,7 @@ class TimeStepProbe(Probe):
     def collect(self, step: int) -> None:
         if self._horizon:
             slot = self.buffer.open(step)
-            rows = torch.tensor(list(self._horizon), dtype=torch.long, device=self.device)
+            rows = self.host_tensor(list(self._horizon), torch.long)
             ratio = torch.stack([rms[0] / rms[-1] for rms in self._horizon.values()])
             self.buffer.write(slot, rows, "horizon_ratio", ratio)
             for row, rms in self._horizon.items():
@@ -164,7 +164,7 @@ class TimeStepProbe(Probe):
                 total[off:off + sq.shape[0]] += sq
                 for t in range(off, off + sq.shape[0]):
                     counts[t] += count
-            den = torch.tensor([float(max(c, 1)) for c in counts], dtype=self.dtype, device=self.device)
+            den = self.host_tensor([max(c, 1) for c in counts], self.dtype)
             rms = (total / den).sqrt()
             self._store_series(row, step, rms)
             rows.append(row)
@@ -172,7 +172,7 @@ class TimeStepProbe(Probe):
             # dL/dx at the last step is an exact, structural zero
             steps_with = (rms > 0).to(self.dtype) * torch.arange(1, length + 1, dtype=self.dtype, device=self.device)
             ratios.append(rms[0] / rms[steps_with.argmax()])
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = self.host_tensor(rows, torch.long)
         self.buffer.write(slot, index, "time_grad_ratio", torch.stack(ratios))
         self._parts.clear()
         self._calls.clear()
