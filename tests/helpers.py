@@ -6,6 +6,7 @@ import contextlib
 import os
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,3 +104,20 @@ def count_host_syncs():
             setattr(torch, n, fn)
         for n, fn in writers.items():
             setattr(torch.Tensor, n, fn)
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """pid -> command line of every live (not zombie) process whose parent is ``pid``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found[int(entry.name)] = cmd
+    return found

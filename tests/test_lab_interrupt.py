@@ -19,6 +19,7 @@ import pytest
 
 from gradmedic.lab import Store
 from gradmedic.lab.store import run_key
+from tests.helpers import children_of
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")]
@@ -52,23 +53,6 @@ def _start(tmp_path, short: int = 2, db: Path | None = None) -> tuple[subprocess
     return proc, db
 
 
-def _children(pid: int) -> dict[int, str]:
-    """pid -> command line of every live (not zombie) process whose parent is ``pid``."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found[int(entry.name)] = cmd
-    return found
-
-
 def _alive(pids) -> list[int]:
     alive = []
     for pid in pids:
@@ -91,7 +75,7 @@ def _wait_for(condition, timeout: float = 180.0, what: str = "") -> None:
 
 
 def _workers(proc) -> dict[int, str]:
-    return {pid: cmd for pid, cmd in _children(proc.pid).items() if "spawn_main" in cmd}
+    return {pid: cmd for pid, cmd in children_of(proc.pid).items() if "spawn_main" in cmd}
 
 
 def _saved(db: Path) -> int:
@@ -118,7 +102,7 @@ def test_kill_9_of_the_parent_leaves_no_worker_alive(tmp_path):
     family: dict[int, str] = {}
     try:
         _wait_for(lambda: _saved(db) >= 1 and len(_workers(proc)) == 2, what="two workers and a saved run")
-        family = _children(proc.pid)  # the workers and multiprocessing's resource tracker
+        family = children_of(proc.pid)  # the workers and multiprocessing's resource tracker
         assert any("resource_tracker" in cmd for cmd in family.values()) or len(family) >= 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -135,7 +119,7 @@ def test_ctrl_c_keeps_what_finished_and_does_not_wait_for_runs_in_flight(tmp_pat
     family: dict[int, str] = {}
     try:
         _wait_for(lambda: _saved(db) >= 2 and len(_workers(proc)) == 2, what="the short runs")
-        family = _children(proc.pid)
+        family = children_of(proc.pid)
         time.sleep(0.5)  # the long runs are in flight now
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
         out, err = proc.communicate(timeout=60)  # a long run would take minutes: it was not waited for

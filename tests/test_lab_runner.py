@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gradmedic.lab import Experiment, Store, Suite, run_suite
+from tests.helpers import children_of
 
 TINY = {"model": "mlp", "spec": {"depth": 2, "width": 16}, "steps": 5}
 
@@ -66,19 +67,7 @@ SCRIPT = textwrap.dedent("""
 
 def _workers_of(pid):
     """The pool's worker processes (spawned children running spawn_main) of ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and "spawn_main" in cmd:
-            found.append(int(entry.name))
-    return found
+    return [child for child, cmd in children_of(pid).items() if "spawn_main" in cmd]
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc (Linux)")

@@ -22,14 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINS_BETTER = 0.6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training outcomes on one thread, as the lab runs them: the same numbers on any CPU, and no two-thread
-    contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def example(name):

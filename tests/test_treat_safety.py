@@ -13,15 +13,7 @@ import gradmedic as gm
 from gradmedic.remedies.freshness import freshness
 from tests import treat_zoo, zoo
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training outcomes on one thread, as the lab runs them: the same numbers on any CPU, and no two-thread
-    contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def same_tensors(before: dict, model: nn.Module) -> list[str]:
