@@ -48,7 +48,7 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.dtype.itemsize < 4:
         t = t.float()
-    if t.is_contiguous() and t.device.type == "cpu":
+    if t.is_cpu and t.is_contiguous():
         flat = t.view(-1)
         return torch.dot(flat, flat)
     return torch.linalg.vector_norm(t).square()

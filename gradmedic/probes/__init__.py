@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "nonfinite": {"every": 100},
     },
     "full": {
-        "gradients": {"every": 1, "zero_fraction": True},
+        "gradients": {"every": 1},  # zero fraction "auto": 16-bit weights or autocast
         "backward": {"every": 1},
         "activations": {"every": 1},
         "timesteps": {"every": 1, "horizon": True},

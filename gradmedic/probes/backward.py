@@ -57,6 +57,7 @@ class BackwardSignalProbe(Probe):
         out = first_float_tensor(output)
         if out is not None and out.dtype in (torch.float16, torch.bfloat16):
             self._low.add(row)
+            self.layers.low_precision_seen = True  # type: ignore[union-attr] - tells GradientProbe(zero_fraction="auto")
         if out is None or not out.requires_grad:
             return
         out.register_hook(self.step_guard(self._on_grad, row))

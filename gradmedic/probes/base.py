@@ -96,6 +96,9 @@ class LayerIndex:
             first = next(iter(model.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.param_dtype = params[0].dtype if params else torch.float32
+        # set (for good) by a probe that sees a layer output in float16/bfloat16 while the weights are float32,
+        # i.e. autocast: the backward then runs in 16 bits, and the gradient probe starts counting zeros
+        self.low_precision_seen = False
 
     def __len__(self) -> int:
         return len(self.names)
@@ -251,14 +254,22 @@ class Probe:
 
     def step_guard(self, fn: Callable[..., Any], *bound: Any) -> Callable[..., None]:
         """``guard`` for a tensor hook registered during a step: it does nothing if it fires after the
-        step was collected (a graph kept alive past ``Monitor.step()``)."""
+        step was collected (a graph kept alive past ``Monitor.step()``).
+
+        It is made once per hooked tensor per measured step, so it is one plain closure (no
+        ``functools.wraps``, no second wrapper): at depth 50 the wrapped version cost ~0.4 ms a step."""
         generation = self._generation
 
-        def current(*args: Any) -> None:
-            if generation == self._generation:
+        def hook(*args: Any) -> None:
+            if self.failed or generation != self._generation:
+                return None
+            try:
                 fn(*bound, *args)
+            except Exception as error:  # noqa: BLE001 - a monitor must never break training
+                self.fail(error)
+            return None
 
-        return self.guard(current)
+        return hook
 
     def guard(self, fn: Callable[..., Any], *bound: Any) -> Callable[..., None]:
         """Wrap a hook so that an exception switches the probe off instead of reaching the user."""

@@ -10,13 +10,20 @@ per-coordinate steps and weight decay included. Exactly one ``optimizer.step()``
 ``Monitor.step()`` calls whichever order the user calls them in, so the snapshot brackets one update.
 
 A tensor larger than ``update_sample`` entries is snapshotted on a fixed sample of that many entries:
-64 contiguous blocks spread evenly through it (contiguous, so only the sampled cache lines are read; a
-strided sample would stream the whole tensor through memory). Its squared norms are scaled by
-numel / sample. Copying, subtracting and norming a whole 2M-parameter MLP at every step costs ~10% of
-its training step on a CPU; the sample costs a few percent of that and estimates the ratio within a
-few percent (see the tests). The weight norms (of ``weight_norm`` and ``grad_to_weight``) of such
-tensors come from the same sample: a second full pass over the weights would cost as much as the
-gradient's. Gradient norms are always exact. ``update_sample=None`` measures every entry.
+256 contiguous blocks of 16 spread through it (contiguous, so only the sampled cache lines are read; a
+strided sample would stream the whole tensor through memory; ``probes._samples`` says where they sit and
+how the samples of all tensors share a few flat buffers). Its squared norms are scaled by numel / sample.
+Copying, subtracting and norming a whole 2M-parameter MLP at every step costs ~10% of its training step on
+a CPU; the sample costs a small part of that. It reads the update ratio of an MLP within ~6% (10 seeds,
+Adam and SGD), and of a CNN trained with SGD, whose updates are heavy-tailed, within ~15%: enough for the
+rules, whose thresholds are orders of magnitude apart (diagnosis.rules STALLED_*). The weight norms (of
+``weight_norm`` and ``grad_to_weight``) of such tensors come from the same sample, within ~2%: a second
+full pass over the weights would cost as much as the gradient's. Gradient norms are always exact.
+``update_sample=None`` measures every entry.
+
+The share of exactly-zero gradient entries (``grad_zero_frac``, how float16 underflow shows) is counted on
+a sample of the same kind (ZERO_SAMPLE entries) of each larger tensor: counting zeros is a kernel that a
+CPU does not vectorise, and a whole-tensor count cost more than all the norms together.
 """
 
 from __future__ import annotations
@@ -25,15 +32,22 @@ from dataclasses import dataclass
 
 import torch
 
+from gradmedic.probes._samples import SampleSet, sample_view
 from gradmedic.probes.base import LayerIndex, Probe
 
 __all__ = ["GradientProbe", "local_tensor"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-UPDATE_SAMPLE = 16384  # entries per tensor for the update ratio (see the module docstring)
+UPDATE_SAMPLE = 4096  # entries per tensor for the update ratio and weight norms (see the module docstring)
 
 
-SAMPLE_BLOCKS = 64  # contiguous blocks per sampled tensor
+# entries per tensor for the zero fraction: its rule reads shares of 50% and 99% (diagnosis.rules
+# UNDERFLOW_*); 4096 entries in 64 blocks estimate a share to within ~1% (binomial), ~6% if whole blocks
+# were all zero or all not (64 independent draws), which still tells 50% from 99%. Fewer, longer blocks
+# than for the norms: counting over a strided view costs per block row (1.1 ms a step with 256 blocks of
+# 16 at depth 50, about half with 64 of 64)
+ZERO_SAMPLE = 4096
+ZERO_BLOCKS = 64
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -45,18 +59,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return t.to_local()
     return t
-
-
-def _sample_view(p: torch.Tensor, size: int | None) -> torch.Tensor:
-    """A (blocks, block) view of evenly spread contiguous blocks of ``p``, or ``p`` itself if small."""
-    p = p.detach()
-    n = p.numel()
-    if size is None or n <= size or not p.is_contiguous():
-        return p
-    block = max(size // SAMPLE_BLOCKS, 1)
-    blocks = size // block
-    spacing = (n - block) // max(blocks - 1, 1)
-    return p.view(-1).as_strided((blocks, block), (spacing, 1))
 
 
 @dataclass
@@ -89,7 +91,8 @@ class GradientProbe(Probe):
             raise bad_argument("zero_fraction", 'True, False or "auto" (float16/bfloat16 models only)',
                                zero_fraction)
         self.update_ratio = update_ratio
-        # fraction of gradient entries that are exactly 0: how float16 underflow shows itself
+        # fraction of gradient entries that are exactly 0: how float16 underflow shows itself ("auto": where the
+        # backward runs in 16 bits, see _counts_zeros)
         self.zero_fraction = zero_fraction
 
     def attach(self, layers: LayerIndex, capacity: int) -> None:
@@ -100,21 +103,18 @@ class GradientProbe(Probe):
         self._owner = [row for row, ps in enumerate(layers.params) for _ in ps]
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._all_plan = self._plan(tuple(True for _ in self._params)) if self._params else None
+        self._samples = SampleSet(self._tensors, self.update_sample, self.dtype, self.device)
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_step: int | None = None
-        self._snapshot_norm: torch.Tensor | None = None
-        # the factor numel / sampled entries, per parameter
-        self._scale = torch.tensor([p.numel() / _sample_view(p, self.update_sample).numel() for p in self._tensors],
-                                   dtype=self.dtype, device=self.device)
-        self._views: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
-        self._current: list[torch.Tensor] | None = None  # this step's sample, contiguous
+        self._snapshot_norm: torch.Tensor | None = None  # (layers,) weight norms of the snapshot
+        self._current: list[torch.Tensor] | None = None  # this step's sample (SampleSet buffers)
         self._current_step: int | None = None
-        self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, per-row norms, all params)
+        self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, (layers,) norms)
+        self._owner_all = torch.tensor(self._owner, dtype=torch.long, device=self.device)  # row of each tensor
         # embedding tables: their gradient's all-zero rows are unused rows (see _zero_denominator)
         self._row_wise = [isinstance(layers.modules[row], (torch.nn.Embedding, torch.nn.EmbeddingBag)) and p.dim() == 2
                           for p, row in zip(self._tensors, self._owner, strict=True)]
-        low = any(p.dtype in _LOW_PRECISION for p in self._tensors)
-        self._zeros = self.zero_fraction is True or (self.zero_fraction == "auto" and low)
+        self._low = any(p.dtype in _LOW_PRECISION for p in self._tensors)
 
     # --- planning (host only, cached by which parameters have a gradient) -----------------------
     def _plan(self, present: tuple[bool, ...]) -> _Plan:
@@ -176,20 +176,43 @@ class GradientProbe(Probe):
             grad = self._per_row(grad_norms, plan)
             # the gradient norm is exact; the weight norm of a large tensor comes from the update sample
             # (a second full pass over the weights would cost as much as the gradient's)
-            weight = self._sampled_norms(self._gather(step), plan)
-            if plan is self._all_plan:
-                self._weight_sample_norm = (step, weight)
+            weight_all = self._row_norms(self._samples.squares(self._gather(step)))
+            self._weight_sample_norm = (step, weight_all)
+            weight = weight_all.index_select(0, plan.rows)
             ratio = torch.where(weight > 0, grad / weight, torch.full_like(grad, float("nan")))
             self.buffer.write(slot, plan.rows, "grad_norm", grad)
             self.buffer.write(slot, plan.rows, "weight_norm", weight)
             self.buffer.write(slot, plan.rows, "grad_to_weight", ratio)
             root = torch.zeros(1, dtype=torch.long, device=self.device)
             self.buffer.write(slot, root, "total_grad_norm", grad_norms.square().sum().sqrt().reshape(1))
-            if self._zeros:
-                nonzero = self._per_row(self._norms(grads, plan, ord=0.0), plan, squares=False)
-                self.buffer.write(slot, plan.rows, "grad_zero_frac", 1.0 - nonzero / self._zero_denominator(plan))
+            if self._counts_zeros():
+                self.buffer.write(slot, plan.rows, "grad_zero_frac",
+                                  1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan))
         if measured_update:
             self._write_update(slot)
+
+    def _counts_zeros(self) -> bool:
+        """``zero_fraction="auto"``: only where the backward runs in 16 bits, where a zero can be underflow (the
+        only thing the rules read it for): 16-bit weights, or 16-bit layer outputs seen by the backward probe
+        (autocast; ``LayerIndex.low_precision_seen``). Counting zeros costs more than all the norms together."""
+        if self.zero_fraction == "auto":
+            return self._low or bool(self.layers is not None and self.layers.low_precision_seen)
+        return bool(self.zero_fraction)
+
+    def _nonzero(self, grads: list[torch.Tensor], plan: _Plan) -> torch.Tensor:
+        """Non-zero gradient entries per layer: counted exactly in tensors of up to ZERO_SAMPLE entries and in
+        embedding tables, estimated from ZERO_SAMPLE entries (ZERO_BLOCKS spread contiguous blocks) beyond, scaled by
+        numel / sample. An exact count reads every entry with a kernel that is not vectorised on a CPU
+        (``_foreach_norm`` of order 0: 5x the gradient norm's own pass, +7% of an MLP's step)."""
+        views = list(grads)
+        scale = []
+        for group in plan.groups:
+            for i in group:
+                if not self._row_wise[i]:  # an embedding's unused rows are counted apart (_zero_denominator)
+                    views[i] = sample_view(grads[i], ZERO_SAMPLE, ZERO_BLOCKS)
+                scale.append(grads[i].numel() / max(views[i].numel(), 1))
+        counts = self._norms(views, plan, ord=0.0) * self.host_tensor(scale, self.dtype)
+        return self._per_row(counts, plan, squares=False)
 
     def _zero_denominator(self, plan: _Plan) -> torch.Tensor:
         """Entries per layer that could be non-zero: an embedding's rows that no input used have an exact
@@ -209,42 +232,29 @@ class GradientProbe(Probe):
                 per_tensor.append(self.host_tensor([p.numel()], self.dtype).reshape(()))
         return self._per_row(torch.stack(per_tensor).to(self.device), plan, squares=False)
 
-    def _sampled(self) -> list[torch.Tensor]:
-        """Views of the sampled entries, rebuilt whenever a parameter's storage has been replaced."""
-        if self._sharded:
-            self._tensors = [local_tensor(p) for p in self._params]  # FSDP2 may swap a shard's storage
-        key = tuple(p.data_ptr() for p in self._tensors)
-        if self._views is None or self._views[0] != key:
-            self._views = (key, [_sample_view(p, self.update_sample) for p in self._tensors])
-        return self._views[1]
-
     def _gather(self, step: int) -> list[torch.Tensor]:
-        """This step's sampled entries in a contiguous buffer (a norm over strided views is ~4x slower)."""
+        """This step's sampled entries, copied into the SampleSet's flat buffers (once per step)."""
         if self._current is not None and self._current_step == step:
             return self._current
-        views = self._sampled()
-        if self._current is None:
-            self._current = [v.clone(memory_format=torch.contiguous_format) for v in views]
-        else:
-            assert self._all_plan is not None
-            for group in self._all_plan.groups:
-                torch._foreach_copy_([self._current[i] for i in group], [views[i] for i in group])
+        if self._sharded:  # FSDP2 may swap a shard's storage
+            self._tensors = [local_tensor(p) for p in self._params]
+            self._samples.retarget(self._tensors)
+        self._current = self._samples.gather(self._current)
         self._current_step = step
         return self._current
 
-    def _sampled_norms(self, tensors: list[torch.Tensor], plan: _Plan) -> torch.Tensor:
-        """Per-layer norms estimated from the samples: squares scaled by numel / sample."""
-        squares = self._norms(tensors, plan).square() * self._scale.index_select(0, plan.order)
-        return self._per_row(squares.sqrt(), plan)
+    def _row_norms(self, squares: torch.Tensor) -> torch.Tensor:
+        """(layers,) norms from per-tensor sums of squares (tensor order); 0 for rows without parameters."""
+        acc = torch.zeros(len(self.layers), dtype=self.dtype, device=self.device)  # type: ignore[arg-type]
+        return acc.index_add_(0, self._owner_all, squares).sqrt()
 
     def _write_update(self, slot: int) -> None:
         plan = self._all_plan
         assert plan is not None and self._snapshot is not None and self._snapshot_norm is not None
         params = self._gather(self._snapshot_step + 1 if self._snapshot_step is not None else -1)
-        for group in plan.groups:  # snapshot <- W_{s-1} - W_s, in place (the buffer is recycled after)
-            torch._foreach_sub_([self._snapshot[i] for i in group], [params[i] for i in group])
-        change = self._sampled_norms(self._snapshot, plan)
-        before = self._snapshot_norm
+        self._samples.subtract_(self._snapshot, params)  # snapshot <- W_{s-1} - W_s (the buffer is recycled)
+        change = self._row_norms(self._samples.squares(self._snapshot)).index_select(0, plan.rows)
+        before = self._snapshot_norm.index_select(0, plan.rows)
         ratio = torch.where(before > 0, change / before, torch.full_like(change, float("nan")))
         self.buffer.write(slot, plan.rows, "update_to_weight", ratio)
         self._snapshot_step = None
@@ -252,20 +262,17 @@ class GradientProbe(Probe):
     def after_step(self, step: int, next_scheduled: bool) -> None:
         if not (self.update_ratio and next_scheduled and self._params):
             return
-        plan = self._all_plan
-        assert plan is not None
         current = self._gather(step)
         if self._weight_sample_norm is not None and self._weight_sample_norm[0] == step:
             self._snapshot_norm = self._weight_sample_norm[1]  # the same sample, unchanged since collect()
         else:
-            self._snapshot_norm = self._sampled_norms(current, plan)
-        # this step's sample becomes the snapshot; the old snapshot's buffer is refilled next time
+            self._snapshot_norm = self._row_norms(self._samples.squares(current))
+        # this step's sample becomes the snapshot; the old snapshot's buffers are refilled next time
         self._snapshot, self._current, self._current_step = current, self._snapshot, None
         self._snapshot_step = step
 
     def detach(self) -> None:
         super().detach()
-        self._views = None
         self._current = None
         self._snapshot = None
         self._snapshot_norm = None
