@@ -96,6 +96,18 @@ class Trace:
         """(steps, layers, metrics) float64 array; NaN where not measured."""
         return self._materialise()[3]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of recorded numbers this trace holds (grids, series, scalars), without building the dense
+        steps x layers x metrics array that ``values`` returns (which can be much larger: NaN where a
+        metric was not measured)."""
+        total = 0
+        for c in self._chunks:
+            total += c.values.nbytes + c.steps.nbytes
+            total += sum(s.nbytes + v.nbytes for per_layer in c.series.values() for s, v in per_layer.values())
+            total += sum(s.nbytes + v.nbytes for s, v in c.scalars.values())
+        return total
+
     def __len__(self) -> int:
         return len(self.steps)
 

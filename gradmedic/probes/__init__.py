@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "gradients": {"every": 1},  # zero fraction "auto": 16-bit weights or autocast
         "backward": {"every": 1},
         "activations": {"every": 1},
-        "timesteps": {"every": 1, "horizon": True},
+        "timesteps": {"every": 1, "horizon": True, "horizon_every": 10},  # the horizon: an extra backward
         "nonfinite": {"every": 1},
     },
 }

@@ -62,6 +62,7 @@ class _Group:
     big: list[int]
     small: list[int]
     lengths: torch.Tensor  # (len(small),) entries of each small tensor: the segments of the flat buffer
+    sizes: list[int]  # the same on the host
 
 
 class SampleSet:
@@ -87,8 +88,8 @@ class SampleSet:
             taken = set(big)
             small = [i for i in members if i not in taken]
             device = self._tensors[members[0]].device
-            lengths = torch.tensor([self._tensors[i].numel() for i in small], dtype=torch.long, device=device)
-            self._groups.append(_Group(big, small, lengths))
+            sizes = [self._tensors[i].numel() for i in small]
+            self._groups.append(_Group(big, small, torch.tensor(sizes, dtype=torch.long, device=device), sizes))
         self.order = [i for g in self._groups for i in (*g.big, *g.small)]  # the order of squares()
         scale = [self._tensors[i].numel() / max(views[i].numel(), 1) for i in self.order]
         self._scale = torch.tensor(scale, dtype=dtype, device=device)
@@ -141,7 +142,7 @@ class SampleSet:
         reduction per segment."""
         if x.device.type in ("cpu", "cuda"):
             return torch.segment_reduce(x, "sum", lengths=group.lengths)
-        return torch.stack([part.sum() for part in x.split(group.lengths.tolist())])
+        return torch.stack([part.sum() for part in x.split(group.sizes)])
 
     @staticmethod
     def subtract_(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:

@@ -43,9 +43,18 @@ class TimeStepProbe(Probe):
     metrics = ("time_grad_ratio", "horizon_ratio")
     uses_hooks = True
 
-    def __init__(self, every: int = 1, horizon: bool = False):
+    def __init__(self, every: int = 1, horizon: bool = False, horizon_every: int = 1):
         super().__init__(every)
+        if not isinstance(horizon_every, int) or isinstance(horizon_every, bool) or horizon_every < 1:
+            from gradmedic._errors import bad_argument
+
+            raise bad_argument("horizon_every", "a positive int (measure the horizon at every k-th measured step)",
+                               horizon_every)
         self.horizon = horizon
+        # the horizon costs one more backward through each recurrent layer (+40% of a 2-layer LSTM's step at
+        # T=50), and it moves slowly: a preset that measures every step reads it every horizon_every-th one
+        self.horizon_every = horizon_every
+        self._measured = 0  # steps collected so far: the horizon is taken when this is a multiple of horizon_every
 
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
@@ -113,7 +122,8 @@ class TimeStepProbe(Probe):
     def _measure_horizon(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
         pending = self._pending.pop(row, None)
         out = output[0] if isinstance(output, tuple) else output
-        if pending is None or not isinstance(out, torch.Tensor) or not out.requires_grad or out.dim() != 3:
+        if (self._measured % self.horizon_every or pending is None or not isinstance(out, torch.Tensor)
+                or not out.requires_grad or out.dim() != 3):
             return
         x_in, time_axis = pending
         last = out.select(time_axis, -1)  # (B, H): the layer's last output
@@ -144,6 +154,7 @@ class TimeStepProbe(Probe):
         self._parts.setdefault(row, []).append((offset, sq.to(self.dtype), count))
 
     def collect(self, step: int) -> None:
+        self._measured += 1
         if self._horizon:
             slot = self.buffer.open(step)
             rows = self.host_tensor(list(self._horizon), torch.long)
