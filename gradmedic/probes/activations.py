@@ -366,8 +366,8 @@ class ActivationProbe(Probe):
         rows = self.host_tensor(sorted(set(self._calls)), torch.long)
         total, first, second = sums.index_select(1, rows)
         row_mean = first / total
-        self.buffer.write(slot, rows, "act_mean", row_mean)
-        self.buffer.write(slot, rows, "act_std", (second / total - row_mean.square()).clamp_min(0).sqrt())
+        self.buffer.write_columns(slot, rows, ("act_mean", "act_std"),
+                                  (row_mean, (second / total - row_mean.square()).clamp_min(0).sqrt()))
         for metric, parts, flip in (("saturated_frac", self._sat, False), ("dead_frac", self._dead, True)):
             if not parts:
                 continue

@@ -78,8 +78,8 @@ class BackwardSignalProbe(Probe):
         rows = self.host_tensor(seen, torch.long)
         counts = self.host_tensor([self._count[r] for r in seen], self.dtype)
         picked = sq.index_select(0, rows)
-        self.buffer.write(slot, rows, "backward_rms", (picked / counts).sqrt())
-        self.buffer.write(slot, rows, "backward_norm", picked.sqrt())
+        self.buffer.write_columns(slot, rows, ("backward_rms", "backward_norm"),
+                                  ((picked / counts).sqrt(), picked.sqrt()))
         if self._order:
             ordered = self.host_tensor(list(self._order), torch.long)
             position = self.host_tensor(list(self._order.values()), self.dtype)

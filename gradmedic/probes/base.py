@@ -145,6 +145,15 @@ class StepBuffer:
     def write(self, slot: int, rows: torch.Tensor, metric: str, values: torch.Tensor) -> None:
         self.values[slot, :, self.col[metric]].index_copy_(0, rows, values.to(self.values.dtype))
 
+    def write_columns(self, slot: int, rows: torch.Tensor, metrics: Sequence[str],
+                      values: Sequence[torch.Tensor]) -> None:
+        """Several metrics of the same rows in one copy; ``metrics`` must be adjacent columns, in order."""
+        first = self.col[metrics[0]]
+        if [self.col[m] for m in metrics] != list(range(first, first + len(metrics))):
+            raise ValueError(f"write_columns needs adjacent metrics in column order, got {list(metrics)}")
+        block = torch.stack([v.to(self.values.dtype) for v in values], dim=1)
+        self.values[slot, :, first:first + len(metrics)].index_copy_(0, rows, block)
+
     def drain(self) -> Chunk | None:
         """Copy the filled slots to the host (one transfer) and reset."""
         if not self.steps:

@@ -180,11 +180,10 @@ class GradientProbe(Probe):
             self._weight_sample_norm = (step, weight_all)
             weight = weight_all.index_select(0, plan.rows)
             ratio = torch.where(weight > 0, grad / weight, torch.full_like(grad, float("nan")))
-            self.buffer.write(slot, plan.rows, "grad_norm", grad)
-            self.buffer.write(slot, plan.rows, "weight_norm", weight)
-            self.buffer.write(slot, plan.rows, "grad_to_weight", ratio)
-            root = torch.zeros(1, dtype=torch.long, device=self.device)
-            self.buffer.write(slot, root, "total_grad_norm", grad_norms.square().sum().sqrt().reshape(1))
+            self.buffer.write_columns(slot, plan.rows, ("grad_norm", "weight_norm", "grad_to_weight"),
+                                      (grad, weight, ratio))
+            root = self.host_tensor([0], torch.long)
+            self.buffer.write(slot, root, "total_grad_norm", torch.linalg.vector_norm(grad_norms).reshape(1))
             if self._counts_zeros():
                 self.buffer.write(slot, plan.rows, "grad_zero_frac",
                                   1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan))

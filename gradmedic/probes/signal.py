@@ -84,7 +84,6 @@ class SignalProbe(Probe):
         rows = self.host_tensor(self._rows, torch.long)
         forward = (self._rms("out") / self._rms("in")).index_select(0, rows)
         backward = (self._rms("gin") / self._rms("gout")).index_select(0, rows)
-        self.buffer.write(slot, rows, "forward_gain", forward)
-        self.buffer.write(slot, rows, "backward_gain", backward)
+        self.buffer.write_columns(slot, rows, ("forward_gain", "backward_gain"), (forward, backward))
         for parts in self._parts.values():
             parts.clear()
