@@ -12,6 +12,7 @@ kernels per step, whatever the number of tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,15 @@ def _spacing(n: int, block: int, blocks: int, row: int) -> int:
     Evenly spread blocks whose stride is a multiple of the row length all sit in the same columns (a
     256x256 weight read in 256 blocks would give 256 times columns 0-15), and a weight's columns differ
     systematically (an input feature's scale sets its column's gradient and Adam step). So the stride is
-    a whole number of rows plus the golden-ratio fraction of a row: the block starts' columns then follow
-    the golden-ratio sequence, the most evenly spread there is (Weyl), while the rows stay evenly spread."""
+    a whole number of rows plus the golden-ratio fraction of a row (made coprime with the row length): the
+    block starts' columns then follow the golden-ratio sequence, the most evenly spread there is (Weyl),
+    while the rows stay evenly spread."""
     widest = (n - block) // max(blocks - 1, 1)
     if row > widest or row <= block:  # rows longer than the stride (no aliasing), or rows shorter than a block
         return widest
     shift = max(int(round(GOLDEN * row)) % row, 1)
+    while math.gcd(shift, row) != 1:  # coprime with the row: every column can start a block (rows of 2^k)
+        shift += 1
     rows = widest // row
     return rows * row + shift if rows * row + shift <= widest else (rows - 1) * row + shift
 
