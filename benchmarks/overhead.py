@@ -281,7 +281,7 @@ def count_syncs(build, preset: str) -> dict[str, int]:
     model, batch, loss_fn = build()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     monitor = gm.Monitor(model, opt, preset=preset, flush_every=10_000)
-    longest = max(p.every for p in monitor.probes)
+    longest = max(p.every * getattr(p, "horizon_every", 1) for p in monitor.probes)  # the horizon's period too
     with count_host_syncs() as first:
         run_steps(model, opt, batch, loss_fn, monitor, longest + 1)
     with count_host_syncs() as between:

@@ -48,6 +48,18 @@ def test_sample_set_estimate_is_the_mean_square_of_the_sampled_entries():
     assert samples.squares(samples.gather()).item() == pytest.approx(want, rel=1e-6)
 
 
+def test_sample_set_sums_segments_without_an_index_when_the_small_part_is_large(monkeypatch):
+    # update_sample=None takes every tensor whole: no per-entry index is kept then (segment_reduce instead)
+    import gradmedic.probes._samples as samples_module
+
+    monkeypatch.setattr(samples_module, "MAX_SEGMENT_IDS", 0)
+    torch.manual_seed(10)
+    tensors = [torch.randn(40, 30), torch.randn(30), torch.randn(5, 5, 3)]
+    samples = SampleSet(tensors, None, torch.float64, torch.device("cpu"))
+    assert all(g.ids is None for g in samples._groups)
+    assert samples.squares(samples.gather()).tolist() == pytest.approx(_exact_squares(tensors), rel=1e-5)
+
+
 def test_sample_set_follows_new_storage_and_subtracts():
     torch.manual_seed(2)
     a = [torch.randn(100, 100), torch.randn(100)]

@@ -192,20 +192,24 @@ class ActivationProbe(Probe):
         self._pre_input: torch.Tensor | None = None
         self._pending_exit: Any = None  # handle of a hook that takes a watch off the stack after a failure
 
-    def _needs_layout(self) -> bool:
-        """Whether an activation that dies (ReLU family) can be measured: only its dead-unit test reads the
-        layout that ``_note_layout`` follows, so a model without one pays no hook on its layers for it."""
+    def _watches_functional(self) -> bool:
+        """Whether a functional activation can be seen: some module runs code we do not know (see arm)."""
         assert self.layers is not None
-        return any(f is not None and f.dies for f in self._family) or (self.functional and any(
-            not is_torch_module(m) or isinstance(m, _CALLS_FUNCTIONAL) for m in self.layers.modules))
+        return self.functional and any(not is_torch_module(m) or isinstance(m, _CALLS_FUNCTIONAL)
+                                       for m in self.layers.modules)
 
     def arm(self) -> None:
         assert self.layers is not None
-        layout = self._needs_layout()
+        watch = self._watches_functional()
+        # only the dead-unit test of a dying activation reads the layout that _note_layout follows, and only
+        # an in-place activation or a functional watch needs _enter_activation: a model with neither (a tanh
+        # MLP) pays for no such hook
+        layout = watch or any(f is not None and f.dies for f in self._family)
         for row, module in enumerate(self.layers.modules):
             family = self._family[row]
             if family is not None:
-                self._handles.append(module.register_forward_pre_hook(self.guard(self._enter_activation)))
+                if watch or getattr(module, "inplace", False):
+                    self._handles.append(module.register_forward_pre_hook(self.guard(self._enter_activation)))
                 self._handles.append(module.register_forward_hook(self.guard(self._on_module, row, family),
                                                                   always_call=True))
             elif layout and self.layers.owns_params[row]:
