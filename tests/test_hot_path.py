@@ -229,3 +229,12 @@ def test_trace_nbytes_counts_the_recorded_numbers():
     grids = sum(c.values.nbytes + c.steps.nbytes for c in trace._chunks)
     assert trace.nbytes >= grids > 0
     monitor.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the check itself")
+def test_cuda_sync_check_says_so_without_a_gpu(capsys, monkeypatch):
+    from benchmarks import cuda_syncs
+
+    monkeypatch.setattr("sys.argv", ["cuda_syncs.py"])
+    cuda_syncs.main()
+    assert "No CUDA device here" in capsys.readouterr().out
