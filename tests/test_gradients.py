@@ -148,10 +148,11 @@ def test_zero_fraction_shows_float16_underflow():
     assert mon.trace.last("grad_zero_frac")[""] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_sampled_update_ratio_estimates_the_exact_one(kind):
-    # two monitors on one model and one update: the default (64 sampled blocks) and every entry
-    torch.manual_seed(0)
+def test_sampled_update_ratio_estimates_the_exact_one(kind, seed):
+    # two monitors on one model and one update: the default (256 sampled blocks of 16) and every entry
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10))
     opt = torch.optim.Adam(model.parameters(), 1e-3) if kind == "adam" else torch.optim.SGD(model.parameters(), 0.1)
     sampled = gm.Monitor(model, probes=[GradientProbe()])
@@ -166,7 +167,8 @@ def test_sampled_update_ratio_estimates_the_exact_one(kind):
     got, want = sampled.trace.last("update_to_weight"), exact.trace.last("update_to_weight")
     assert set(got) == {"0", "2", "4"}
     for layer in got:
-        assert got[layer] == pytest.approx(want[layer], rel=0.05)  # the sample's stated accuracy
+        # the sample's stated accuracy for an MLP (probes.gradients): within ~6% over 10 seeds; 10% asked here
+        assert got[layer] == pytest.approx(want[layer], rel=0.10)
 
 
 def test_sampled_weight_norm_estimates_the_exact_one():
