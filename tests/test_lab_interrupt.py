@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Two short runs, then long ones (minutes each on a shared CPU): an interrupted suite has finished
 # results to keep and runs in flight that it must not wait for.
 SCRIPT = textwrap.dedent("""
-    import sys
+    import signal, sys
+    # a terminal's Ctrl-C reaches a process that has not ignored SIGINT; a test suite started as a background
+    # job (bash's `cmd &`, nohup) passes SIGINT ignored down to its children, and Python keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from gradmedic.cli import main
     from gradmedic.lab import Experiment, Suite
     from gradmedic.lab.suites import SUITES
