@@ -6,6 +6,7 @@ horizon's period, fused buffer writes, and a trace that holds no more than its o
 from __future__ import annotations
 
 import gc
+import math
 import tracemalloc
 
 import numpy as np
@@ -82,6 +83,15 @@ def test_sample_set_handles_half_tensors_in_float32():
     exact = _exact_squares(tensors)
     assert squares[1] == pytest.approx(exact[1], rel=1e-4)
     assert squares[0] == pytest.approx(exact[0], rel=0.1)
+
+
+@pytest.mark.parametrize("shape", [(300, 20), (300, 200), (256, 256), (64, 3, 3, 3, 20), (5000,)])
+def test_sampled_blocks_are_in_bounds_and_never_overlap(shape):
+    t = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    view = sample_view(t, 4096)
+    taken = view.reshape(-1).tolist()  # entries are their own flat index
+    assert len(set(taken)) == len(taken) == 4096
+    assert max(taken) < t.numel()
 
 
 def test_block_spacing_does_not_alias_with_rows():

@@ -45,7 +45,8 @@ def _spacing(n: int, block: int, blocks: int, row: int) -> int:
     while math.gcd(shift, row) != 1:  # coprime with the row: every column can start a block (rows of 2^k)
         shift += 1
     rows = widest // row
-    return rows * row + shift if rows * row + shift <= widest else (rows - 1) * row + shift
+    stride = rows * row + shift if rows * row + shift <= widest else (rows - 1) * row + shift
+    return stride if stride >= block else widest  # blocks must not overlap (a few narrow rows)
 
 
 def sample_view(p: torch.Tensor, size: int | None, blocks: int | None = None) -> torch.Tensor:
