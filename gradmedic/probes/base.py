@@ -107,6 +107,20 @@ class LayerIndex:
         return [i for i, owns in enumerate(self.owns_params) if owns]
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host numbers on ``device``. On CUDA through pinned memory with ``non_blocking``: an
+    asynchronous copy queued on the stream, where ``torch.tensor(..., device="cuda")`` copies from pageable
+    memory and makes the host wait for the stream. Only a layout not seen before gets here (a model whose
+    shapes change at every step: variable sequence lengths); torch's pinned allocator keeps the host buffer
+    until the copy has run. Any failure to pin (a locked-memory limit) falls back to the plain copy."""
+    if device.type == "cuda":
+        try:
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        except RuntimeError:
+            pass
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def is_torch_module(module: nn.Module) -> bool:
     """A module class of torch.nn's own (whose forward we know), not one a user defined."""
     return type(module).__module__.startswith("torch.nn.")
@@ -215,7 +229,7 @@ class Probe:
         if cached is None:
             if len(self._host_tensors) >= HOST_TENSOR_CACHE:
                 self._host_tensors.clear()
-            cached = self._host_tensors[key] = torch.tensor(list(values), dtype=dtype, device=self.device)
+            cached = self._host_tensors[key] = _to_device(list(values), dtype, self.device)
         return cached
 
     def arm(self) -> None:
