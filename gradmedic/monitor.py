@@ -102,6 +102,7 @@ class Monitor:
         self._since_flush = 0
         self._armed: list[Probe] = []
         self._recorded: set[int] = set()  # ids of probes that record_gradients() measured this step
+        self._prepared: set[int] = set()  # ids of probes whose after_step() record_gradients() already ran
         self._eager = EagerWhileArmed()  # compiled code runs eagerly while hooks are armed
         self._closed = False
         self._watch_new_modules()
@@ -151,7 +152,9 @@ class Monitor:
         self._disarm(keep=step + 1)
         self._record_run(step, loss)
         for probe in self.probes:
-            self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
+            if id(probe) not in self._prepared:
+                self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
+        self._prepared.clear()
         self._step += 1
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
@@ -169,8 +172,17 @@ class Monitor:
             return
         step = self._step
         for probe in self.probes:
-            if not probe.uses_hooks and probe.should_compute(step) and self._safely(probe, probe.collect, step):
-                self._recorded.add(id(probe))
+            if probe.uses_hooks or id(probe) in self._prepared:
+                continue
+            if probe.should_compute(step):
+                if self._safely(probe, probe.collect, step):
+                    self._recorded.add(id(probe))
+            elif probe.should_compute(step + 1):
+                # the next measured step will be collected here too, before the optimizer's step: a probe that
+                # snapshots the weights for it (the update ratio) must take the snapshot at this point as well,
+                # so that exactly one optimizer step lies between the two (after it, at step(), none would)
+                self._safely(probe, probe.after_step, step, True)
+                self._prepared.add(id(probe))
 
     def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
         """Loss and learning rate of this step. A tensor (the loss) is copied on the device into the run

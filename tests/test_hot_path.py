@@ -228,3 +228,81 @@ def test_cuda_sync_check_says_so_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["cuda_syncs.py"])
     cuda_syncs.main()
     assert "No CUDA device here" in capsys.readouterr().out
+
+
+# --- found in review: parameters laid out other than row-major, the Trainer's order, NaN outputs ---------------
+def _hand_ratios(model, layer, steps, record_first, every=1):
+    """Update ratio and weight norm of one layer by hand in float64, next to a Monitor's."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = gm.Monitor(model, opt, probes=[GradientProbe(every=every)])
+    params = list(model.get_submodule(layer).parameters())
+    want_update, want_weight, before = {}, {}, None
+    for s in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        now = torch.cat([p.detach().double().reshape(-1) for p in params])
+        if s % every == 0:
+            want_weight[s] = float(now.norm())
+            if before is not None:
+                want_update[s] = float((before - now).norm() / before.norm())
+        if (s + 1) % every == 0:
+            before = now.clone()  # the weights the next measured step's update starts from
+        if record_first:  # a Trainer: gradients recorded at the end of backward, step() after the optimizer
+            monitor.record_gradients()
+            opt.step()
+            monitor.step()
+        else:
+            monitor.step()
+            opt.step()
+    monitor.flush()
+    j = monitor.trace.layers.index(layer)
+    steps_seen = monitor.trace.steps.tolist()
+    got_update = {s: monitor.trace.metric("update_to_weight")[i, j] for i, s in enumerate(steps_seen)}
+    got_weight = {s: monitor.trace.metric("weight_norm")[i, j] for i, s in enumerate(steps_seen)}
+    monitor.close()
+    return want_update, got_update, want_weight, got_weight
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "gapped"])
+def test_parameters_not_row_major_are_read_live(layout):
+    # a channels_last conv weight (dense, not contiguous) and a weight with gaps (a view of every other column
+    # of a bigger tensor): once, a flat copy of such a tensor was made at the first step and read ever after
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Flatten(), nn.Linear(8 * 6 * 6, 1))
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        assert not model[0].weight.is_contiguous()
+    else:
+        wide = torch.randn(1, 2 * 8 * 6 * 6) * 0.05
+        model[2].weight = nn.Parameter(wide[:, ::2])
+        assert not model[2].weight.is_contiguous()
+    layer = "0" if layout == "channels_last" else "2"
+    want_u, got_u, want_w, got_w = _hand_ratios(model, layer, 4, record_first=False)
+    for s, w in want_w.items():
+        assert got_w[s] == pytest.approx(w, rel=1e-5)
+    for s, u in want_u.items():
+        assert got_u[s] == pytest.approx(u, rel=1e-4)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_update_ratio_in_the_trainers_order(every):
+    # record_gradients() before optimizer.step(), step() after it (the Hugging Face callback): the snapshot for
+    # a measured step must be taken where that step's gradients are read, or no update lies between them
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 1))
+    want_u, got_u, _, _ = _hand_ratios(model, "0", 10, record_first=True, every=every)
+    assert want_u
+    for s, u in want_u.items():
+        assert u > 0 and got_u[s] == pytest.approx(u, rel=1e-4)
+
+
+def test_nan_outputs_are_not_counted_as_saturated():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    monitor = gm.Monitor(model, preset="full")
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")
+    model(x).mean().backward()
+    monitor.step()
+    assert np.isnan(monitor.trace.last("saturated_frac").get("1", float("nan")))
+    monitor.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SAMPLE_BLOCKS", "SampleSet", "sample_view"]
+__all__ = ["SAMPLE_BLOCKS", "SampleSet", "memory_flat", "sample_view"]
 
 # contiguous blocks per sampled tensor: 16 float32 entries each (a 64-byte cache line) at the default
 # sample of 4096. The error of a sampled norm follows the number of blocks more than their length (rows and
@@ -49,16 +49,32 @@ def _spacing(n: int, block: int, blocks: int, row: int) -> int:
     return stride if stride >= block else widest  # blocks must not overlap (a few narrow rows)
 
 
+def memory_flat(p: torch.Tensor) -> torch.Tensor | None:
+    """A 1-d view of ``p``'s entries in memory order when they fill one block of memory without gaps:
+    contiguous, but also channels_last or transposed weights; None for a tensor with gaps (a slice).
+    A norm or a uniform sample does not care about the order of the entries, only that each is read once."""
+    if p.is_contiguous():
+        return p.view(-1)
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(p.stride(), p.shape, strict=True) if sz > 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return p.as_strided((p.numel(),), (1,))
+
+
 def sample_view(p: torch.Tensor, size: int | None, blocks: int | None = None) -> torch.Tensor:
-    """A (blocks, block) view of spread contiguous blocks of ``p`` (see ``_spacing``), or ``p`` if small."""
+    """A (blocks, block) view of spread contiguous blocks of ``p`` (see ``_spacing``), or ``p`` if small (or
+    with gaps in memory: read whole)."""
     p = p.detach()
     n = p.numel()
-    if size is None or n <= size or not p.is_contiguous():
+    flat = memory_flat(p) if size is not None and n > size else None
+    if flat is None:
         return p
-    block = max(size // (blocks or SAMPLE_BLOCKS), 1)
-    blocks = size // block
+    block = max(size // (blocks or SAMPLE_BLOCKS), 1)  # type: ignore[operator]
+    blocks = size // block  # type: ignore[operator]
     row = n // p.shape[0] if p.dim() > 1 else n
-    return p.view(-1).as_strided((blocks, block), (_spacing(n, block, blocks, row), 1))
+    return flat.as_strided((blocks, block), (_spacing(n, block, blocks, row), 1))
 
 
 @dataclass
@@ -117,15 +133,24 @@ class SampleSet:
     def _current_views(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         key = tuple(t.data_ptr() for t in self._tensors)
         if key != self._key:
+            # a small tensor is read whole through a view of its memory; one with gaps cannot be viewed flat
+            # and is kept as it is, to be flattened (copied) afresh at every gather: a flat copy made once
+            # would go on showing its first values
             self._views = [([sample_view(self._tensors[i], self.size) for i in g.big],
-                            [self._tensors[i].detach().reshape(-1) for i in g.small]) for g in self._groups]
+                            [self._flat_or_self(self._tensors[i]) for i in g.small]) for g in self._groups]
             self._key = key
         return self._views
+
+    @staticmethod
+    def _flat_or_self(t: torch.Tensor) -> torch.Tensor:
+        flat = memory_flat(t.detach())
+        return flat if flat is not None else t.detach()
 
     def gather(self, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """This step's samples: per group, the big tensors' blocks stacked, then the small tensors flat."""
         buffers = out if out is not None else []
         for k, (big, small) in enumerate(self._current_views()):
+            small = [t if t.dim() == 1 else t.reshape(-1) for t in small]  # only a tensor with gaps is copied
             for j, parts in enumerate((big, small)):
                 if out is None:
                     buffers.append(torch.cat(parts) if parts else torch.zeros(0, device=self.device))

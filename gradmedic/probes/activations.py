@@ -72,7 +72,8 @@ def _beyond(center: float, half_width: float) -> Callable[[torch.Tensor], torch.
     """Count |y - center| > half_width with ``hardshrink`` (y where |y| > lambda, else 0), one kernel fewer
     than abs + compare (7.6 us against 12.6 us on 64x256: this runs once per activation call). Strict,
     which differs from ``>=`` only on a set of measure zero for the smooth families it is used for (an
-    output exactly at the edge); an exact zero output can never count, since half_width > 0."""
+    output exactly at the edge); an exact zero output can never count, since half_width > 0. A NaN output
+    would count: ``collect`` leaves the saturated share of a row whose outputs were not finite unset."""
     if center == 0.0:
         return lambda y: torch.count_nonzero(torch.hardshrink(y, half_width))
     return lambda y: torch.count_nonzero(torch.hardshrink(y - center, half_width))
@@ -382,7 +383,11 @@ class ActivationProbe(Probe):
             count.index_add_(1, where, torch.stack([of - counted if flip else counted, of]))
             picked = self.host_tensor(sorted({r for _, r, _, _ in parts}), torch.long)
             hit, out_of = count.index_select(1, picked)
-            self.buffer.write(slot, picked, metric, hit / out_of)
+            share = hit / out_of
+            if not flip:  # hardshrink passes a NaN on, so a NaN output would count as saturated (see _beyond):
+                # a row whose outputs held NaN/Inf this step has no saturated share (its moments show it)
+                share = torch.where(sums[1].index_select(0, picked).isfinite(), share, torch.full_like(share, math.nan))
+            self.buffer.write(slot, picked, metric, share)
             if flip:
                 self.buffer.write(slot, picked, "dead_units_seen", out_of)
         self._reset()
