@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
-from benchmarks.overhead import WORKLOADS, run_steps  # noqa: E402
+from benchmarks.overhead import WORKLOADS, longest_period, run_steps  # noqa: E402
 
 PACKAGE = str(Path(gm.__file__).parent)
 
@@ -58,7 +58,7 @@ def check(name: str, preset: str, steps: int) -> dict[str, int]:
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         watcher = gm.Monitor(model, opt, preset=preset, flush_every=100_000) if variant != "plain" else None
-        longest = max(p.every * getattr(p, "horizon_every", 1) for p in watcher.probes) if watcher else 1
+        longest = longest_period(watcher) if watcher else 1
         _train(model, opt, batch, loss_fn, watcher, longest + 1)  # warm-up: index tensors are built once
         runs[variant] = (model, opt, batch, loss_fn, watcher, max(steps, 2 * longest))
     model, opt, batch, loss_fn, watcher, n = runs[preset]

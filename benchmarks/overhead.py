@@ -274,6 +274,11 @@ def step_against_clip(build, steps: int) -> dict[str, float]:
 
 
 # --- host syncs and memory ------------------------------------------------------------------------
+def longest_period(monitor: gm.Monitor) -> int:
+    """Steps after which every probe of ``monitor`` has measured again, the recurrent horizon's period too."""
+    return max(p.every * getattr(p, "horizon_every", 1) for p in monitor.probes)
+
+
 def count_syncs(build, preset: str) -> dict[str, int]:
     """Host syncs and host-to-device creations made by gradmedic: at the first measured step (index tensors
     built once), over later steps until each probe has measured at least twice more, and at the flush."""
@@ -281,7 +286,7 @@ def count_syncs(build, preset: str) -> dict[str, int]:
     model, batch, loss_fn = build()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     monitor = gm.Monitor(model, opt, preset=preset, flush_every=10_000)
-    longest = max(p.every * getattr(p, "horizon_every", 1) for p in monitor.probes)  # the horizon's period too
+    longest = longest_period(monitor)
     with count_host_syncs() as first:
         run_steps(model, opt, batch, loss_fn, monitor, longest + 1)
     with count_host_syncs() as between:

@@ -150,7 +150,8 @@ class SampleSet:
         """This step's samples: per group, the big tensors' blocks stacked, then the small tensors flat."""
         buffers = out if out is not None else []
         for k, (big, small) in enumerate(self._current_views()):
-            small = [t if t.dim() == 1 else t.reshape(-1) for t in small]  # only a tensor with gaps is copied
+            if any(t.dim() != 1 for t in small):  # a tensor with gaps: flattened (copied) afresh, the rest as is
+                small = [t.reshape(-1) for t in small]
             for j, parts in enumerate((big, small)):
                 if out is None:
                     buffers.append(torch.cat(parts) if parts else torch.zeros(0, device=self.device))
