@@ -191,3 +191,41 @@ def test_sampled_weight_norm_estimates_the_exact_one():
     # the gradient norm stays exact
     exact_grad = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model[0].parameters()))
     assert mon.trace.last("grad_norm")["0"] == pytest.approx(exact_grad, rel=1e-5)  # float32 sum of 400k
+
+
+def test_update_ratio_of_a_layer_without_gradient_this_step():
+    # a branch used only at even steps: at odd steps its grad is None, yet SGD's momentum still moves it.
+    # Its update ratio is read at every step all the same, and equals the change of its weights (float64
+    # by hand); the used layer's ratios come in the same step's write
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Linear(4, 2)
+            self.side = nn.Linear(4, 2)
+            self.use_side = True
+
+        def forward(self, x):
+            return self.main(x) + (self.side(x) if self.use_side else 0)
+
+    torch.manual_seed(0)
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = gm.Monitor(model, opt, probes=[GradientProbe()])
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    side = [[p.detach().double().clone() for p in model.side.parameters()]]
+    for step in range(4):
+        model.use_side = step % 2 == 0
+        nn.functional.mse_loss(model(x), y).backward()
+        mon.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        side.append([p.detach().double().clone() for p in model.side.parameters()])
+    mon.close()
+    trace = mon.trace
+    column = trace.metric("update_to_weight")[:, trace.layers.index("side")]
+    for s in (1, 2, 3):  # the update into step s happened between snapshots s-1 and s
+        change = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(side[s], side[s - 1], strict=True)))
+        norm = math.sqrt(sum(float(b.square().sum()) for b in side[s - 1]))
+        assert column[list(trace.steps).index(s)] == pytest.approx(change / norm, rel=1e-5)
+    grad = trace.metric("grad_norm")[:, trace.layers.index("side")]
+    assert np.isnan(grad[list(trace.steps).index(1)]) and not np.isnan(grad[list(trace.steps).index(2)])

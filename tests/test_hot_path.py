@@ -29,7 +29,7 @@ def test_sample_set_reads_small_tensors_exactly_and_scales_samples():
     torch.manual_seed(0)
     tensors = [torch.randn(300, 200), torch.randn(200), torch.randn(64, 64), torch.randn(7), torch.randn(50, 90)]
     samples = SampleSet(tensors, 4096, torch.float64, torch.device("cpu"))
-    squares = samples.squares(samples.gather()).tolist()
+    squares = samples.squares(samples.gather())[0].tolist()
     exact = _exact_squares(tensors)
     for i, t in enumerate(tensors):
         if t.numel() <= 4096:  # taken whole: exact up to float32 summation (~1e-6 relative)
@@ -49,16 +49,25 @@ def test_sample_set_estimate_is_the_mean_square_of_the_sampled_entries():
     assert samples.squares(samples.gather()).item() == pytest.approx(want, rel=1e-6)
 
 
-def test_sample_set_sums_segments_without_an_index_when_the_small_part_is_large(monkeypatch):
-    # update_sample=None takes every tensor whole: no per-entry index is kept then (segment_reduce instead)
-    import gradmedic.probes._samples as samples_module
-
-    monkeypatch.setattr(samples_module, "MAX_SEGMENT_IDS", 0)
+def test_sample_set_sums_sample_and_change_together_by_segments():
+    # update_sample=None takes every tensor whole (segments of the flat small buffer); the change since an
+    # earlier frame is summed in the same pass as the sample, row by row
     torch.manual_seed(10)
     tensors = [torch.randn(40, 30), torch.randn(30), torch.randn(5, 5, 3)]
     samples = SampleSet(tensors, None, torch.float64, torch.device("cpu"))
-    assert all(g.ids is None for g in samples._groups)
-    assert samples.squares(samples.gather()).tolist() == pytest.approx(_exact_squares(tensors), rel=1e-5)
+    before = samples.gather()
+    with torch.no_grad():
+        for t in tensors:
+            t.mul_(3.0)  # in place: change = -2 x the old values
+    after = samples.gather()
+    samples.difference(after, before)
+    both = samples.squares(after, difference=True)
+    old = [v / 9 for v in _exact_squares(tensors)]
+    assert both.shape == (2, 3)
+    assert both[0].tolist() == pytest.approx(_exact_squares(tensors), rel=1e-5)
+    assert both[1].tolist() == pytest.approx([4 * v for v in old], rel=1e-5)
+    unordered = samples.squares(after, tensor_order=False)[0].tolist()
+    assert [unordered[samples.order.index(i)] for i in range(3)] == pytest.approx(both[0].tolist())
 
 
 def test_sample_set_follows_new_storage_and_subtracts():
@@ -70,16 +79,21 @@ def test_sample_set_follows_new_storage_and_subtracts():
         for t in a:
             t.add_(1.0)  # in place: the same storage, new values
     after = samples.gather()
-    SampleSet.subtract_(before, after)
-    diff = samples.squares(before).tolist()
+    samples.difference(after, before)
+    diff = samples.squares(after, difference=True)[1].tolist()
     assert diff == pytest.approx([float(t.numel()) for t in a], rel=1e-5)  # every entry moved by exactly 1
+    b = [t.clone() + 1.0 for t in a]  # new storage: the views follow it
+    samples.retarget(b)
+    moved = samples.gather(before)
+    samples.difference(moved, after)
+    assert samples.squares(moved, difference=True)[1].tolist() == pytest.approx([float(t.numel()) for t in a], rel=1e-5)
 
 
 def test_sample_set_handles_half_tensors_in_float32():
     torch.manual_seed(3)
     tensors = [torch.randn(128, 128).half(), torch.randn(128).half()]
     samples = SampleSet(tensors, 4096, torch.float64, torch.device("cpu"))
-    squares = samples.squares(samples.gather()).tolist()
+    squares = samples.squares(samples.gather())[0].tolist()
     exact = _exact_squares(tensors)
     assert squares[1] == pytest.approx(exact[1], rel=1e-4)
     assert squares[0] == pytest.approx(exact[0], rel=0.1)

@@ -48,3 +48,35 @@ def test_backward_inf_from_finite_forward():
 def test_healthy_model_has_no_events():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
     assert run(model, torch.randn(4, 3)) == []
+
+
+
+def test_both_phases_in_one_step_each_name_their_own_module_at_every_step():
+    # forward: Log on a side branch makes a NaN (nothing downstream reads it); backward: Sqrt at 0 makes the
+    # first Inf gradient. Both picks are made together on the device, at each of three steps.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.relu = nn.ReLU()
+            self.log = Log()
+            self.sqrt = Sqrt()
+            self.out = nn.Linear(2, 1)
+
+        def forward(self, x):
+            self.log(-torch.ones(1))  # NaN, off the loss's path
+            return self.out(self.sqrt(self.relu(self.lin(x)))).sum()
+
+    model = Net()
+    with torch.no_grad():
+        model.lin.weight.fill_(-1.0)
+        model.lin.bias.zero_()
+        model.out.weight.fill_(1.0)
+    mon = gm.Monitor(model, probes=[NonFiniteProbe()])
+    for _ in range(3):
+        model(torch.ones(3, 2)).backward()
+        mon.step()
+    mon.close()
+    got = sorted((e["step"], e["phase"], e["module"], e["value"]) for e in mon.trace.events)
+    assert got == [(s, phase, module, value) for s in range(3)
+                   for phase, module, value in (("backward", "sqrt", "inf"), ("forward", "log", "nan"))]

@@ -181,10 +181,13 @@ class ActivationProbe(Probe):
         # per call, in call order: the row and a few 0-d device tensors (one op each in the hook)
         self._calls: list[int] = []
         self._n: list[int] = []
-        self._sums: list[torch.Tensor] = []  # 0-d sum per call, stacked at collect (not per call: a kernel less)
-        self._squares: list[torch.Tensor] = []  # 0-d sum of squares per call
+        # 0-d tensors per call, stacked at collect: sum and sum of squares (float), saturated count (int64; a
+        # shared zero for a family that does not saturate). Two lists: stacking mixed dtypes converts one by one
+        self._moments: list[torch.Tensor] = []
+        self._counts: list[torch.Tensor] = []
+        self._of: list[int] = []  # per call: elements the saturated count is out of (0: not a saturating family)
+        self._no_count = torch.zeros((), dtype=torch.long, device=self.device)
         self._training: list[bool] = []  # per call: ran in train mode (eval calls are dropped when mixed)
-        self._sat: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, saturated count, elements)
         self._dead: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, alive units, units)
         self._stack: list[nn.Module] = []  # user-defined modules running now (functional attribution)
         self._inside_activation = 0
@@ -239,7 +242,7 @@ class ActivationProbe(Probe):
         self._reset()
 
     def _reset(self) -> None:
-        for store in (self._calls, self._n, self._sums, self._squares, self._training, self._sat, self._dead):
+        for store in (self._calls, self._n, self._moments, self._counts, self._of, self._training, self._dead):
             store.clear()
 
     # --- which module is running ------------------------------------------------------------------
@@ -308,7 +311,8 @@ class ActivationProbe(Probe):
 
     def _measure(self, row: int, family: Family, y: torch.Tensor, training: bool,
                  pre: torch.Tensor | None = None) -> None:
-        y = y.detach()
+        if y.requires_grad:
+            y = y.detach()
         if y.dtype.itemsize < 4:
             y = y.float()
         n = y.numel()
@@ -320,10 +324,10 @@ class ActivationProbe(Probe):
         self._training.append(training)
         # sum and sum of squares are the fastest full reductions (~5-8 us each on 128x512); var_mean is
         # ~20x slower
-        self._sums.append(y.sum())
-        self._squares.append(sum_of_squares(y))
-        if family.saturated is not None:
-            self._sat.append((call, row, family.saturated(y), n))
+        saturates = family.saturated is not None
+        self._moments += (y.sum(), sum_of_squares(y))
+        self._counts.append(family.saturated(y) if saturates else self._no_count)
+        self._of.append(n if saturates else 0)
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
             others = tuple(d for d in range(y.dim()) if d != axis)
@@ -350,44 +354,44 @@ class ActivationProbe(Probe):
         renumber = {old: new for new, old in enumerate(keep)}
         self._calls[:] = [self._calls[i] for i in keep]
         self._n[:] = [self._n[i] for i in keep]
-        self._sums[:] = [self._sums[i] for i in keep]
-        self._squares[:] = [self._squares[i] for i in keep]
+        self._of[:] = [self._of[i] for i in keep]
+        self._moments[:] = [t for i in keep for t in self._moments[2 * i:2 * i + 2]]
+        self._counts[:] = [self._counts[i] for i in keep]
         self._training[:] = [True] * len(keep)
-        for parts in (self._sat, self._dead):
-            parts[:] = [(renumber[c], r, v, k) for c, r, v, k in parts if c in renumber]
+        self._dead[:] = [(renumber[c], r, v, k) for c, r, v, k in self._dead if c in renumber]
 
     def collect(self, step: int) -> None:
         self._drop_eval_calls()
         if not self._calls:
             return
         slot = self.buffer.open(step)
-        size, dev, dt = len(self._family), self.device, self.dtype
-        calls = self.host_tensor(self._calls, torch.long)
-        n = self.host_tensor(self._n, dt)
-        total, squares = torch.stack(self._sums).to(dt), torch.stack(self._squares).to(dt)
-        # pool the calls of one row from (n, sum, sum of squares)
-        sums = torch.zeros(3, size, dtype=dt, device=dev)
-        sums.index_add_(1, calls, torch.stack([n, total, squares]))
-        rows = self.host_tensor(sorted(set(self._calls)), torch.long)
-        total, first, second = sums.index_select(1, rows)
-        row_mean = first / total
-        self.buffer.write_columns(slot, rows, ("act_mean", "act_std"),
-                                  (row_mean, (second / total - row_mean.square()).clamp_min(0).sqrt()))
-        for metric, parts, flip in (("saturated_frac", self._sat, False), ("dead_frac", self._dead, True)):
-            if not parts:
-                continue
-            where = self.host_tensor([r for _, r, _, _ in parts], torch.long)
+        size, dev, dt, calls = len(self._family), self.device, self.dtype, len(self._calls)
+        # per call (columns): elements, saturable elements, sum, sum of squares, saturated count; pooled by row
+        per_call = torch.cat([self.host_tensor([*self._n, *self._of], dt).view(2, calls),
+                              torch.stack(self._moments).view(calls, 2).T.to(dt),
+                              torch.stack(self._counts).to(dt).view(1, calls)])
+        pooled = torch.zeros(5, size, dtype=dt, device=dev).index_add_(1, self.host_tensor(self._calls, torch.long),
+                                                                      per_call)
+        seen = sorted(set(self._calls))
+        total, of, first, second, saturated = pooled.index_select(1, self.host_tensor(seen, torch.long))
+        mean = first / total
+        std = (second / total - mean.square()).clamp_min_(0).sqrt_()
+        # 0/0 = NaN (not measured) for a row with no saturating family; hardshrink passes a NaN on, so a NaN
+        # output would count as saturated (see _beyond): a row whose outputs held NaN/Inf this step has no
+        # saturated share (its moments show it)
+        share = torch.where(first.isfinite(), saturated / of, math.nan)
+        col = self.buffer.col
+        where = (self.host_tensor(seen * 3, torch.long),
+                 self.host_tensor([col[m] for m in ("act_mean", "act_std", "saturated_frac") for _ in seen],
+                                  torch.long))
+        self.buffer.put(slot, where, torch.cat([mean, std, share]))
+        if self._dead:
+            where = self.host_tensor([r for _, r, _, _ in self._dead], torch.long)
             count = torch.zeros(2, size, dtype=dt, device=dev)
-            counted = torch.stack([c for _, _, c, _ in parts]).to(dt)  # int64 counts: one cast, not one per call
-            of = self.host_tensor([k for _, _, _, k in parts], dt)
-            count.index_add_(1, where, torch.stack([of - counted if flip else counted, of]))
-            picked = self.host_tensor(sorted({r for _, r, _, _ in parts}), torch.long)
-            hit, out_of = count.index_select(1, picked)
-            share = hit / out_of
-            if not flip:  # hardshrink passes a NaN on, so a NaN output would count as saturated (see _beyond):
-                # a row whose outputs held NaN/Inf this step has no saturated share (its moments show it)
-                share = torch.where(sums[1].index_select(0, picked).isfinite(), share, torch.full_like(share, math.nan))
-            self.buffer.write(slot, picked, metric, share)
-            if flip:
-                self.buffer.write(slot, picked, "dead_units_seen", out_of)
+            alive = torch.stack([c for _, _, c, _ in self._dead]).to(dt)  # int64 counts: one cast, not one per call
+            units = self.host_tensor([k for _, _, _, k in self._dead], dt)
+            count.index_add_(1, where, torch.stack([units - alive, units]))
+            picked = self.host_tensor(sorted({r for _, r, _, _ in self._dead}), torch.long)
+            dead, out_of = count.index_select(1, picked)
+            self.buffer.write_columns(slot, picked, ("dead_frac", "dead_units_seen"), (dead / out_of, out_of))
         self._reset()

@@ -72,22 +72,20 @@ class BackwardSignalProbe(Probe):
             return
         slot = self.buffer.open(step)
         seen = [r for r, n in enumerate(self._count) if n]
-        calls = self.host_tensor(self._calls, torch.long)
         sq = torch.zeros(len(self._count), dtype=self.dtype, device=self.device)
-        sq.index_add_(0, calls, torch.stack(self._squares).to(self.dtype))
-        rows = self.host_tensor(seen, torch.long)
+        sq.index_add_(0, self.host_tensor(self._calls, torch.long), torch.stack(self._squares).to(self.dtype))
+        picked = sq.index_select(0, self.host_tensor(seen, torch.long))
         counts = self.host_tensor([self._count[r] for r in seen], self.dtype)
-        picked = sq.index_select(0, rows)
-        self.buffer.write_columns(slot, rows, ("backward_rms", "backward_norm"),
-                                  ((picked / counts).sqrt(), picked.sqrt()))
-        if self._order:
-            ordered = self.host_tensor(list(self._order), torch.long)
-            position = self.host_tensor(list(self._order.values()), self.dtype)
-            self.buffer.write(slot, ordered, "forward_index", position)
-        if self._low:
-            low = self.host_tensor(sorted(self._low), torch.long)
-            self.buffer.write(slot, low, "low_precision_out", torch.ones(len(self._low), dtype=self.dtype,
-                                                                          device=self.device))
+        # backward_rms and backward_norm of the rows seen, the forward order, the 16-bit rows: one write
+        order, low = list(self._order), sorted(self._low)
+        values = [torch.stack([picked / counts, picked]).sqrt_().reshape(-1),
+                  self.host_tensor([*self._order.values(), *([1] * len(low))], self.dtype)]
+        col = self.buffer.col
+        where = (self.host_tensor([*seen, *seen, *order, *low], torch.long),
+                 self.host_tensor([col["backward_rms"]] * len(seen) + [col["backward_norm"]] * len(seen)
+                                  + [col["forward_index"]] * len(order) + [col["low_precision_out"]] * len(low),
+                                  torch.long))
+        self.buffer.put(slot, where, torch.cat(values))
         self._reset()
 
     def _reset(self) -> None:

@@ -168,6 +168,11 @@ class StepBuffer:
         block = torch.stack([v.to(self.values.dtype) for v in values], dim=1)
         self.values[slot, :, first:first + len(metrics)].index_copy_(0, rows, block)
 
+    def put(self, slot: int, where: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor) -> None:
+        """Values at arbitrary (row, column) pairs of one slot in one kernel: a probe's whole step in a single
+        write. ``where`` is a (rows, columns) pair of index tensors as long as ``values``, built once."""
+        self.values[slot].index_put_(where, values.to(self.values.dtype))
+
     def drain(self) -> Chunk | None:
         """Copy the filled slots to the host (one transfer) and reset."""
         if not self.steps:

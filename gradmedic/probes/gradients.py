@@ -29,6 +29,7 @@ CPU does not vectorise, and a whole-tensor count cost more than all the norms to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,9 @@ class GradientProbe(Probe):
         self._current_step: int | None = None
         self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, (layers,) norms)
         self._owner_all = torch.tensor(self._owner, dtype=torch.long, device=self.device)  # row of each tensor
+        # the same in the order of the SampleSet's squares (tensor_order=False)
+        self._owner_sampled = torch.tensor([self._owner[i] for i in self._samples.order], dtype=torch.long,
+                                           device=self.device)
         # embedding tables: their gradient's all-zero rows are unused rows (see _zero_denominator)
         self._row_wise = [isinstance(layers.modules[row], (torch.nn.Embedding, torch.nn.EmbeddingBag)) and p.dim() == 2
                           for p, row in zip(self._tensors, self._owner, strict=True)]
@@ -169,27 +173,73 @@ class GradientProbe(Probe):
         if not any(present) and not measured_update:
             return
         slot = self.buffer.open(step)
-        if any(present):
-            plan = self._plan(present)
-            grads = [local_tensor(p.grad) if p.grad is not None else t for p, t in zip(self._params, self._tensors,
-                                                                                      strict=True)]
-            grad_norms = self._norms(grads, plan)
-            grad = self._per_row(grad_norms, plan)
-            # the gradient norm is exact; the weight norm of a large tensor comes from the update sample
-            # (a second full pass over the weights would cost as much as the gradient's)
-            weight_all = self._row_norms(self._samples.squares(self._gather(step)))
-            self._weight_sample_norm = (step, weight_all)
-            weight = weight_all.index_select(0, plan.rows)
-            ratio = torch.where(weight > 0, grad / weight, torch.full_like(grad, float("nan")))
-            self.buffer.write_columns(slot, plan.rows, ("grad_norm", "weight_norm", "grad_to_weight"),
-                                      (grad, weight, ratio))
-            root = self.host_tensor([0], torch.long)
-            self.buffer.write(slot, root, "total_grad_norm", torch.linalg.vector_norm(grad_norms).reshape(1))
-            if self._counts_zeros():
-                self.buffer.write(slot, plan.rows, "grad_zero_frac",
-                                  1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan))
-        if measured_update:
+        if not any(present):
             self._write_update(slot)
+            return
+        plan = self._plan(present)
+        grads = [local_tensor(p.grad) if p.grad is not None else t for p, t in zip(self._params, self._tensors,
+                                                                                  strict=True)]
+        grad_norms = self._norms(grads, plan)
+        # the gradient norm is exact; the weight norm of a large tensor comes from the update sample (a second
+        # full pass over the weights would cost as much as the gradient's), and so does the update W_{s-1} - W_s
+        current = self._gather(step)
+        if measured_update:
+            assert self._snapshot is not None
+            self._samples.difference(current, self._snapshot)  # W_{s-1} - W_s, beside this step's sample
+        squares = self._samples.squares(current, difference=measured_update, tensor_order=False)
+        norms = self._fold(plan, grad_norms.square(), squares)
+        layers = len(self.layers)  # type: ignore[arg-type]
+        self._weight_sample_norm = (step, norms[layers:2 * layers])
+        # per present row: grad, weight (and change); the ratios over the same rows in one division
+        per_row = norms[:-1].view(squares.shape[0] + 1, layers).index_select(1, plan.rows)
+        # every row's update is read, also of a layer without a gradient this step (momentum and weight decay
+        # move it): in the same write when every layer has one (the usual case), apart otherwise
+        fused = measured_update and plan is self._all_plan
+        if measured_update:
+            assert self._snapshot_norm is not None
+            self._snapshot_step = None
+        if fused:
+            over = torch.stack([per_row[1], self._snapshot_norm.index_select(0, plan.rows)])
+            ratios = per_row[::2] / torch.where(over > 0, over, math.nan)  # grad / weight, change / before
+        else:
+            ratios = per_row[0] / torch.where(per_row[1] > 0, per_row[1], math.nan)
+        # grad_norm, weight_norm, grad_to_weight[, update_to_weight] of every present row and the total norm
+        # (row 0): one write
+        values = torch.cat([per_row[:2].reshape(-1), ratios.reshape(-1), norms[-1:]])
+        self.buffer.put(slot, self._layout(plan, fused), values)
+        if measured_update and not fused:
+            self._write_ratio(slot, norms[2 * layers:3 * layers])
+        if self._counts_zeros():
+            self.buffer.write(slot, plan.rows, "grad_zero_frac",
+                              1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan))
+
+    def _fold(self, plan: _Plan, grad_squares: torch.Tensor, sample_squares: torch.Tensor) -> torch.Tensor:
+        """Per-tensor squares -> per-layer norms with one ``index_add_``: [grad (layers), weight (layers),
+        change (layers, with an update), total gradient norm (1)], a flat vector."""
+        sets, layers = sample_squares.shape[0], len(self.layers)  # type: ignore[arg-type]
+        key = ("fold", id(plan), sets)
+        index = self._host_tensors.get(key)
+        if index is None:  # built from device tensors once per layout: no host data at a step
+            index = self._host_tensors[key] = torch.cat(
+                [plan.owner, *(self._owner_sampled + (j + 1) * layers for j in range(sets)),
+                 torch.full_like(plan.owner, (sets + 1) * layers)])
+        acc = torch.zeros((sets + 1) * layers + 1, dtype=self.dtype, device=self.device)
+        acc.index_add_(0, index, torch.cat([grad_squares, sample_squares.reshape(-1), grad_squares]))
+        return acc.sqrt_()
+
+    def _layout(self, plan: _Plan, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of each value ``collect`` writes, in its order (see StepBuffer.put); made once."""
+        key = ("layout", id(plan), update)
+        cached = self._host_tensors.get(key)
+        if cached is None:
+            names = ("grad_norm", "weight_norm", "grad_to_weight") + (("update_to_weight",) if update else ())
+            # from device fills only (no tensor from host data: the first update may come at any step)
+            rows = torch.cat([plan.rows.repeat(len(names)), plan.rows.new_zeros(1)])
+            cols = torch.cat([torch.full_like(plan.rows, self.buffer.col[m]) for m in names]
+                             + [plan.rows.new_full((1,), self.buffer.col["total_grad_norm"])])
+            cached = (rows, cols)
+            self._host_tensors[key] = cached  # type: ignore[assignment]
+        return cached  # type: ignore[return-value]
 
     def _counts_zeros(self) -> bool:
         """``zero_fraction="auto"``: only where the backward runs in 16 bits, where a zero can be underflow (the
@@ -249,15 +299,20 @@ class GradientProbe(Probe):
         return acc.index_add_(0, self._owner_all, squares).sqrt()
 
     def _write_update(self, slot: int) -> None:
-        plan = self._all_plan
-        assert plan is not None and self._snapshot is not None and self._snapshot_norm is not None
-        params = self._gather(self._snapshot_step + 1 if self._snapshot_step is not None else -1)
-        self._samples.subtract_(self._snapshot, params)  # snapshot <- W_{s-1} - W_s (the buffer is recycled)
-        change = self._row_norms(self._samples.squares(self._snapshot)).index_select(0, plan.rows)
-        before = self._snapshot_norm.index_select(0, plan.rows)
-        ratio = torch.where(before > 0, change / before, torch.full_like(change, float("nan")))
-        self.buffer.write(slot, plan.rows, "update_to_weight", ratio)
+        """The update ratio alone, at a step whose parameters have no gradient (collect does it otherwise)."""
+        assert self._snapshot is not None
+        current = self._gather(self._snapshot_step + 1 if self._snapshot_step is not None else -1)
+        self._samples.difference(current, self._snapshot)
+        self._write_ratio(slot, self._row_norms(self._samples.squares(current, difference=True)[1]))
         self._snapshot_step = None
+
+    def _write_ratio(self, slot: int, change: torch.Tensor) -> None:
+        """update_to_weight of every layer with parameters, from (layers,) norms of W_{s-1} - W_s."""
+        plan = self._all_plan
+        assert plan is not None and self._snapshot_norm is not None
+        before = self._snapshot_norm.index_select(0, plan.rows)
+        ratio = change.index_select(0, plan.rows) / torch.where(before > 0, before, math.nan)
+        self.buffer.write(slot, plan.rows, "update_to_weight", ratio)
 
     def after_step(self, step: int, next_scheduled: bool) -> None:
         if not (self.update_ratio and next_scheduled and self._params):
@@ -266,7 +321,7 @@ class GradientProbe(Probe):
         if self._weight_sample_norm is not None and self._weight_sample_norm[0] == step:
             self._snapshot_norm = self._weight_sample_norm[1]  # the same sample, unchanged since collect()
         else:
-            self._snapshot_norm = self._row_norms(self._samples.squares(current))
+            self._snapshot_norm = self._row_norms(self._samples.squares(current)[0])
         # this step's sample becomes the snapshot; the old snapshot's buffers are refilled next time
         self._snapshot, self._current, self._current_step = current, self._snapshot, None
         self._snapshot_step = step

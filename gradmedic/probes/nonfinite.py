@@ -10,12 +10,14 @@ torch.nn's parameter-free modules that cannot turn finite values into non-finite
 
 Each check is one sum kept on the device: NaN if any NaN, Inf if any Inf of one sign. +Inf meeting -Inf
 in one tensor sums to NaN and is reported as "nan"; the module is right either way. The first bad call
-is picked with an ``argmax`` on the device and written into the buffer at that module's row as a code:
-1 NaN, 2 Inf. Nothing is read on the host until the flush turns codes into events.
+of each phase is picked on the device (the least call index among the non-finite sums: one segment
+minimum for both phases) and written into the buffer at that module's row as a code: 1 NaN, 2 Inf.
+Nothing is read on the host until the flush turns codes into events.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -48,13 +50,17 @@ def _probe_sum(t: torch.Tensor) -> torch.Tensor:
     Accumulated in float32 at least, so float16 values that are finite cannot overflow the sum.
     A float32 sum can only overflow when the values are themselves near 1e38, which is an explosion too.
     """
-    t = t.detach()
+    if t.requires_grad:  # a forward output; a gradient in a backward hook has no graph (one dispatch fewer)
+        t = t.detach()
     return t.sum(dtype=torch.float32) if t.dtype.itemsize < 4 else t.sum()
 
 
-def _codes(sums: torch.Tensor) -> torch.Tensor:
-    """(calls,) sums -> codes: 1 NaN (or +Inf meeting -Inf), 2 Inf, 0 finite."""
-    return torch.where(sums.isnan(), 1, torch.where(sums.isinf(), 2, 0)).to(torch.int8)
+def _first_bad(key: torch.Tensor, lengths: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The least ``key`` of each consecutive segment (+inf for an empty one): one ``segment_reduce`` on a CPU or
+    CUDA, a reduction per segment elsewhere."""
+    if key.device.type in ("cpu", "cuda"):
+        return torch.segment_reduce(key, "min", lengths=lengths, initial=math.inf)
+    return torch.stack([part.amin() if part.numel() else key.new_tensor(math.inf) for part in key.split(sizes)])
 
 
 class NonFiniteProbe(Probe):
@@ -96,21 +102,25 @@ class NonFiniteProbe(Probe):
         rows.append(row)
 
     def collect(self, step: int) -> None:
-        if not any(codes for codes, _ in self._seen.values()):
+        """Both phases at once: the first non-finite call of each (the least call index among the bad ones, +inf
+        if none), its row and its code (1 NaN, 2 Inf), written with one ``index_put_``."""
+        (forward, rows_f), (backward, rows_b) = self._seen["forward"], self._seen["backward"]
+        if not forward and not backward:
             return
         slot = self.buffer.open(step)
-        for phase, (codes, rows) in self._seen.items():
-            if not codes:
-                continue
-            stacked = _codes(torch.stack(codes))
-            bad = stacked > 0
-            first = torch.argmax(bad.to(torch.int8))  # the first maximum: the earliest bad call
-            row = self.host_tensor(rows, torch.long).index_select(0, first.reshape(1))
-            code = stacked.index_select(0, first.reshape(1)).to(self.dtype)
-            value = torch.where(bad.any(), code, torch.full_like(code, float("nan")))
-            self.buffer.write(slot, row, f"nonfinite_{phase}", value)
+        sums = torch.stack(forward + backward)  # float32 or float64 sums (_probe_sum): stack promotes
+        sizes = [len(forward), len(backward)]
+        calls = self.host_tensor(range(len(sums)), sums.dtype)  # the call index of each sum
+        first = _first_bad(torch.where(sums.isfinite(), math.inf, calls), self.host_tensor(sizes, torch.long), sizes)
+        hit = first.isfinite()
+        pick = torch.where(hit, first, 0).long()
+        code = torch.where(sums.index_select(0, pick).isnan(), 1.0, 2.0)
+        rows = self.host_tensor(rows_f + rows_b, torch.long).index_select(0, pick)
+        cols = self.host_tensor([self.buffer.col["nonfinite_forward"], self.buffer.col["nonfinite_backward"]], torch.long)
+        self.buffer.put(slot, (rows, cols), torch.where(hit, code, math.nan))  # NaN: nothing bad (not measured)
+        for codes, rows_seen in self._seen.values():
             codes.clear()
-            rows.clear()
+            rows_seen.clear()
 
     def flush(self) -> Chunk | None:
         chunk = self.buffer.drain()
