@@ -116,7 +116,8 @@ class NonFiniteProbe(Probe):
         pick = torch.where(hit, first, 0).long()
         code = torch.where(sums.index_select(0, pick).isnan(), 1.0, 2.0)
         rows = self.host_tensor(rows_f + rows_b, torch.long).index_select(0, pick)
-        cols = self.host_tensor([self.buffer.col["nonfinite_forward"], self.buffer.col["nonfinite_backward"]], torch.long)
+        col = self.buffer.col
+        cols = self.host_tensor([col["nonfinite_forward"], col["nonfinite_backward"]], torch.long)
         self.buffer.put(slot, (rows, cols), torch.where(hit, code, math.nan))  # NaN: nothing bad (not measured)
         for codes, rows_seen in self._seen.values():
             codes.clear()
