@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
 from benchmarks._markdown import replace_section  # noqa: E402
-from tests.helpers import count_host_syncs  # noqa: E402
+from tests.helpers import aten_host_reads, count_host_syncs  # noqa: E402
 
 console = Console()
 Workload = tuple[nn.Module, Callable[[], tuple], Callable]
@@ -293,9 +293,17 @@ def count_syncs(build, preset: str) -> dict[str, int]:
         run_steps(model, opt, batch, loss_fn, monitor, 2 * longest)
     with count_host_syncs() as at_flush:
         monitor.flush()
+    # reads inside torch's operators (count_host_syncs sees Python calls only): the same steps monitored and on a
+    # plain copy of the model; the user's own loop (Adam's step count) makes some in both
+    torch.manual_seed(0)
+    twin, _, _ = build()
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-4)
+    run_steps(twin, twin_opt, batch, loss_fn, None, longest + 1)
+    inside = (aten_host_reads(lambda: run_steps(model, opt, batch, loss_fn, monitor, 2 * longest))
+              - aten_host_reads(lambda: run_steps(twin, twin_opt, batch, loss_fn, None, 2 * longest)))
     monitor.close()
     return {"first": sum(first.values()), "between": sum(between.values()), "at_flush": sum(at_flush.values()),
-            "steps": 2 * longest}
+            "steps": 2 * longest, "inside": inside}
 
 
 MEMORY_CHILD = """
@@ -415,11 +423,15 @@ def write_markdown(path: Path, args, results, clip, syncs, memory) -> None:
               "with `t[i] = x` or `fill_(x)`; counted by `tests/helpers.py:count_host_syncs`, which wraps those "
               "calls and counts the ones whose caller is in the `gradmedic` package). The first measured steps "
               "build the probes' index tensors once; 'between flushes' covers enough later steps that every "
-              "probe of the preset measures at least twice:", "",
-              "| workload | preset | first steps | later steps, between flushes | at the flush |",
-              "|---|---|---:|---:|---:|"]
+              "probe of the preset measures at least twice. The last column counts values read to the host "
+              "inside torch's own operators over the same number of steps (`aten::_local_scalar_dense` in the "
+              "profiler, `tests/helpers.py:aten_host_reads`), monitored minus a plain copy of the same loop:", "",
+              "| workload | preset | first steps | later steps, between flushes | at the flush "
+              "| inside operators, between flushes |",
+              "|---|---|---:|---:|---:|---:|"]
     for (name, preset), s in syncs.items():
-        lines.append(f"| {name} | {preset} | {s['first']} | {s['between']} ({s['steps']} steps) | {s['at_flush']} |")
+        lines.append(f"| {name} | {preset} | {s['first']} | {s['between']} ({s['steps']} steps) | {s['at_flush']} "
+                     f"| {s['inside']} |")
     plain, full = memory["plain"], memory["full"]
     growth = (full[-1][1] - full[0][1]) - (plain[-1][1] - plain[0][1])
     kept = full[-1][2] - full[0][2]

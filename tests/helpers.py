@@ -121,3 +121,17 @@ def children_of(pid: int) -> dict[int, str]:
         if int(ppid) == pid and state != "Z":
             found[int(entry.name)] = cmd
     return found
+
+
+def aten_host_reads(fn) -> int:
+    """Reads of a tensor's value to the host made inside torch's own operators while ``fn`` runs: the
+    ``aten::_local_scalar_dense`` calls that ``.item()`` lowers to, seen by the profiler. An operator can make
+    one internally (``segment_reduce`` checks its lengths on the host unless ``unsafe=True``), where
+    ``count_host_syncs``, which wraps Python calls, cannot see it. Compare with a plain run of the same loop:
+    the user's own code (an optimizer, ``loss.item()``) makes some too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
+

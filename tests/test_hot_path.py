@@ -29,7 +29,7 @@ def test_sample_set_reads_small_tensors_exactly_and_scales_samples():
     torch.manual_seed(0)
     tensors = [torch.randn(300, 200), torch.randn(200), torch.randn(64, 64), torch.randn(7), torch.randn(50, 90)]
     samples = SampleSet(tensors, 4096, torch.float64, torch.device("cpu"))
-    squares = samples.squares(samples.gather())[0].tolist()
+    squares = samples.squares(samples.gather(0))[0].tolist()
     exact = _exact_squares(tensors)
     for i, t in enumerate(tensors):
         if t.numel() <= 4096:  # taken whole: exact up to float32 summation (~1e-6 relative)
@@ -46,54 +46,66 @@ def test_sample_set_estimate_is_the_mean_square_of_the_sampled_entries():
     view = sample_view(t, 4096)
     assert view.shape == (256, 16)
     want = t.numel() * float(view.double().square().mean())
-    assert samples.squares(samples.gather()).item() == pytest.approx(want, rel=1e-6)
+    assert samples.squares(samples.gather(0)).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_sample_set_sums_sample_and_change_together_by_segments():
-    # update_sample=None takes every tensor whole (segments of the flat small buffer); the change since an
-    # earlier frame is summed in the same pass as the sample, row by row
+    # update_sample=None takes every tensor whole (segments of the flat small buffer); the snapshot's row
+    # becomes the change, and both rows are summed in one pass, row by row
     torch.manual_seed(10)
     tensors = [torch.randn(40, 30), torch.randn(30), torch.randn(5, 5, 3)]
     samples = SampleSet(tensors, None, torch.float64, torch.device("cpu"))
-    before = samples.gather()
+    old = _exact_squares(tensors)
+    samples.gather(0)
     with torch.no_grad():
         for t in tensors:
             t.mul_(3.0)  # in place: change = -2 x the old values
-    after = samples.gather()
-    samples.difference(after, before)
-    both = samples.squares(after, difference=True)
-    old = [v / 9 for v in _exact_squares(tensors)]
+    samples.gather(1)
+    samples.difference(0, 1)
+    both = samples.squares()
     assert both.shape == (2, 3)
-    assert both[0].tolist() == pytest.approx(_exact_squares(tensors), rel=1e-5)
-    assert both[1].tolist() == pytest.approx([4 * v for v in old], rel=1e-5)
-    unordered = samples.squares(after, tensor_order=False)[0].tolist()
-    assert [unordered[samples.order.index(i)] for i in range(3)] == pytest.approx(both[0].tolist())
+    assert both[1].tolist() == pytest.approx(_exact_squares(tensors), rel=1e-5)  # row 1: this sample
+    assert both[0].tolist() == pytest.approx([4 * v for v in old], rel=1e-5)  # row 0: the change
+    assert samples.squares(1)[0].tolist() == pytest.approx(both[1].tolist())
+    unordered = samples.squares(1, tensor_order=False)[0].tolist()
+    assert [unordered[samples.order.index(i)] for i in range(3)] == pytest.approx(both[1].tolist())
+
+
+def test_sample_set_keeps_two_samples_of_memory_and_one_without_update():
+    tensors = [torch.randn(300, 300), torch.randn(300)]
+    entries = 4096 + 300
+    assert [tuple(b.shape) for b in SampleSet(tensors, 4096, torch.float64, torch.device("cpu"))._buffers] == \
+        [(2, entries)]
+    one = SampleSet(tensors, 4096, torch.float64, torch.device("cpu"), frames=1)
+    assert [tuple(b.shape) for b in one._buffers] == [(1, entries)]
+    whole = SampleSet(tensors, None, torch.float64, torch.device("cpu"))
+    assert sum(b.numel() for b in whole._buffers) == 2 * sum(t.numel() for t in tensors)
 
 
 def test_sample_set_follows_new_storage_and_subtracts():
     torch.manual_seed(2)
     a = [torch.randn(100, 100), torch.randn(100)]
     samples = SampleSet(a, 4096, torch.float64, torch.device("cpu"))
-    before = samples.gather()
+    samples.gather(0)
     with torch.no_grad():
         for t in a:
             t.add_(1.0)  # in place: the same storage, new values
-    after = samples.gather()
-    samples.difference(after, before)
-    diff = samples.squares(after, difference=True)[1].tolist()
+    samples.gather(1)
+    samples.difference(0, 1)
+    diff = samples.squares(0)[0].tolist()
     assert diff == pytest.approx([float(t.numel()) for t in a], rel=1e-5)  # every entry moved by exactly 1
     b = [t.clone() + 1.0 for t in a]  # new storage: the views follow it
     samples.retarget(b)
-    moved = samples.gather(before)
-    samples.difference(moved, after)
-    assert samples.squares(moved, difference=True)[1].tolist() == pytest.approx([float(t.numel()) for t in a], rel=1e-5)
+    samples.gather(0)
+    samples.difference(1, 0)
+    assert samples.squares(1)[0].tolist() == pytest.approx([float(t.numel()) for t in a], rel=1e-5)
 
 
 def test_sample_set_handles_half_tensors_in_float32():
     torch.manual_seed(3)
     tensors = [torch.randn(128, 128).half(), torch.randn(128).half()]
     samples = SampleSet(tensors, 4096, torch.float64, torch.device("cpu"))
-    squares = samples.squares(samples.gather())[0].tolist()
+    squares = samples.squares(samples.gather(0))[0].tolist()
     exact = _exact_squares(tensors)
     assert squares[1] == pytest.approx(exact[1], rel=1e-4)
     assert squares[0] == pytest.approx(exact[0], rel=0.1)
@@ -118,7 +130,7 @@ def test_block_spacing_does_not_alias_with_rows():
     starts = (torch.arange(view.shape[0]) * view.stride(0)) % 256
     assert len(set(starts.tolist())) > 200  # block starts spread over the columns
     samples = SampleSet([w], 4096, torch.float64, torch.device("cpu"))
-    assert samples.squares(samples.gather()).item() == pytest.approx(_exact_squares([w])[0], rel=0.1)
+    assert samples.squares(samples.gather(0)).item() == pytest.approx(_exact_squares([w])[0], rel=0.1)
 
 
 # --- the zero fraction --------------------------------------------------------------------------------------

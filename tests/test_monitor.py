@@ -12,7 +12,7 @@ from torch import nn
 
 import gradmedic as gm
 from gradmedic.probes import PRESETS, GradientProbe, Probe
-from tests.helpers import count_host_syncs, hook_state, sigmoid_mlp
+from tests.helpers import aten_host_reads, count_host_syncs, hook_state, sigmoid_mlp
 
 
 def train(model, steps=6, monitor_kwargs=None, data_seed=2, dtype=torch.float32):
@@ -210,6 +210,43 @@ def test_no_host_sync_or_host_copy_between_flushes(preset, workload):
     assert values.tolist() == lrs  # kept on the host: exactly the optimizer's floats
     assert len(mon.trace.scalar("loss")[0]) == len(lrs)
     mon.close()
+
+
+@pytest.mark.parametrize("preset", ["cheap", "standard", "full"])
+@pytest.mark.parametrize("workload", sorted(_SYNC_MODELS))
+def test_no_host_read_inside_torch_operators_between_flushes(preset, workload):
+    """What count_host_syncs cannot see: a value read to the host inside an ATen operator (a checked
+    segment_reduce reads its lengths). A monitored loop makes exactly as many as the same loop unmonitored."""
+    torch.manual_seed(0)
+    model, x = _SYNC_MODELS[workload]()
+    plain = copy.deepcopy(model)
+    runs = []
+    for net, monitored in ((model, True), (plain, False)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        mon = gm.Monitor(net, opt, preset=preset, flush_every=1000) if monitored else None
+
+        def train(steps, net=net, opt=opt, mon=mon):
+            for _ in range(steps):
+                loss = net(x).square().mean()
+                loss.backward()
+                if mon is not None:
+                    mon.step(loss)
+                opt.step()
+                opt.zero_grad()
+
+        train(2)  # layouts built, the update snapshot taken
+        every = max(kw.get("every", 1) * kw.get("horizon_every", 1) for kw in PRESETS[preset].values())
+        runs.append(aten_host_reads(lambda train=train, every=every: train(every + 2)))
+        if mon is not None:
+            mon.close()
+    assert runs[0] == runs[1], f"monitored {runs[0]} host reads inside operators, plain {runs[1]}"
+
+
+def test_aten_host_read_counter_sees_an_operator_that_reads():
+    lengths = torch.tensor([2, 3])
+    data = torch.arange(5.0)
+    assert aten_host_reads(lambda: torch.segment_reduce(data, "sum", lengths=lengths)) >= 1
+    assert aten_host_reads(lambda: torch.segment_reduce(data, "sum", lengths=lengths, unsafe=True)) == 0
 
 
 def test_host_tensor_is_made_once_and_the_counter_sees_it():

@@ -91,13 +91,16 @@ class _Group:
 class SampleSet:
     """Samples of ``tensors`` (``size`` entries each at most), gathered into flat buffers per device/dtype.
 
-    ``gather()`` fills a frame (fresh, or recycled); ``difference(frame, previous)`` puts the change since an
-    earlier frame beside the sample; ``squares(frame)`` gives the estimated sum of squares of each whole tensor
-    (sampled squares scaled by numel / sample), of the sample and optionally of the change, in the order of
-    ``tensors``. Views are rebuilt when a tensor's storage moves.
+    The buffers have ``frames`` rows: ``gather(slot)`` fills one row with this step's samples;
+    ``difference(snapshot, current)`` turns the snapshot's row into the change since it (in place: a snapshot is
+    read once); ``squares(slot)`` gives the estimated sum of squares of each whole tensor (sampled squares
+    scaled by numel / sample) of one row, or of every row at once. Two rows hold this step's sample and the
+    change next to each other, so both sums cost the kernels of one; memory stays two samples, as a sample
+    and a separate snapshot would be. Views are rebuilt when a tensor's storage moves.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], size: int | None, dtype: torch.dtype, device: torch.device):
+    def __init__(self, tensors: list[torch.Tensor], size: int | None, dtype: torch.dtype, device: torch.device,
+                 frames: int = 2):
         self.size = size
         self.dtype = dtype  # of the squares returned
         self.device = device
@@ -115,6 +118,9 @@ class SampleSet:
             sizes = [self._tensors[i].numel() for i in small]
             split = sum(views[i].numel() for i in big)
             self._groups.append(_Group(big, small, sizes, torch.tensor(sizes, dtype=torch.long, device=device), split))
+        # per group, on its own device and in its own dtype: (frames, sampled entries + small tensors' entries)
+        self._buffers = [torch.zeros(frames, g.split + sum(g.sizes), dtype=self._tensors[(g.big or g.small)[0]].dtype,
+                                     device=self._tensors[(g.big or g.small)[0]].device) for g in self._groups]
         self.order = [i for g in self._groups for i in (*g.big, *g.small)]  # the order of squares()
         scale = [self._tensors[i].numel() / max(views[i].numel(), 1) for i in self.order]
         self._scale = torch.tensor(scale, dtype=dtype, device=device)
@@ -144,41 +150,35 @@ class SampleSet:
         flat = memory_flat(t.detach())
         return flat if flat is not None else t.detach()
 
-    def gather(self, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """This step's samples, in a frame: per group one (2, entries) buffer whose row 0 holds the big tensors'
-        blocks and then the small tensors, flat (two ``torch.cat`` into it), and whose row 1 is where
-        ``difference`` puts a change. ``out`` is a frame from an earlier gather, refilled in place."""
-        frame = out if out is not None else []
-        for k, (group, (big, small)) in enumerate(zip(self._groups, self._current_views(), strict=True)):
+    def gather(self, slot: int) -> int:
+        """This step's samples into row ``slot`` of every group's buffer: the big tensors' blocks, then the small
+        tensors flat (two ``torch.cat`` into it). Returns ``slot``."""
+        for group, buffer, (big, small) in zip(self._groups, self._buffers, self._current_views(), strict=True):
             if any(t.dim() != 1 for t in small):  # a tensor with gaps: flattened (copied) afresh, the rest as is
                 small = [t.reshape(-1) for t in small]
-            if out is None:
-                dtype = self._tensors[(group.big or group.small)[0]].dtype
-                frame.append(torch.empty(2, group.split + sum(group.sizes), dtype=dtype, device=self.device))
-            row = frame[k][0]
+            row = buffer[slot]
             if big:
                 torch.cat(big, out=row[:group.split].view(-1, big[0].shape[-1]))
             if small:
                 torch.cat(small, out=row[group.split:])
-        return frame
+        return slot
 
-    @staticmethod
-    def difference(frame: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
-        """Row 1 of ``frame`` <- previous sample - this sample (W_{s-1} - W_s: the update, sign aside)."""
-        for now, before in zip(frame, previous, strict=True):
-            torch.sub(before[0], now[0], out=now[1])
+    def difference(self, snapshot: int, current: int) -> None:
+        """Row ``snapshot`` <- snapshot - current (W_{s-1} - W_s: the update, sign aside), in place."""
+        for buffer in self._buffers:
+            buffer[snapshot].sub_(buffer[current])
 
-    def squares(self, frame: list[torch.Tensor], difference: bool = False, tensor_order: bool = True) -> torch.Tensor:
-        """Estimated sum of squares of each tensor: a (1, len(tensors)) row for the frame's sample, (2, ...) with
-        its difference too, in ``tensors`` order, or in ``self.order`` with ``tensor_order=False`` (one
-        index_select fewer, for a caller that folds by its own index). A group's sample and its difference
-        lie in one buffer, so both cost the kernels of one: a norm per sampled block row (vectorised), and one
-        segmented reduction over the small tensors (``segment_reduce`` is not vectorised: ~0.6 ns an entry, so it
-        is kept to the small tensors' few entries)."""
-        k = 2 if difference else 1
+    def squares(self, slot: int | None = None, tensor_order: bool = True) -> torch.Tensor:
+        """Estimated sum of squares of each tensor, from row ``slot`` ((1, len(tensors))) or from every row at once
+        ((frames, len(tensors)), in row order), in ``tensors`` order, or in ``self.order`` with
+        ``tensor_order=False`` (one index_select fewer, for a caller that folds by its own index). Rows are
+        reduced together: a norm per sampled block row (vectorised), and one segmented reduction over the small
+        tensors (``segment_reduce`` is not vectorised: ~0.6 ns an entry, so it is kept to the small tensors' few
+        entries)."""
         parts = []
-        for group, joint in zip(self._groups, frame, strict=True):
-            rows = joint[:k]
+        for group, buffer in zip(self._groups, self._buffers, strict=True):
+            rows = buffer if slot is None else buffer[slot:slot + 1]
+            k = rows.shape[0]
             if group.big:
                 x = rows[:, :group.split].view(k, len(group.big), -1)
                 low = torch.float32 if x.dtype in _LOW_PRECISION else None
@@ -203,5 +203,7 @@ class SampleSet:
                 lengths = self._tiled.get((id(group), k))
                 if lengths is None:  # made once, from the device tensor (no host data at a step)
                     lengths = self._tiled[(id(group), k)] = group.lengths.repeat(k)
-            return torch.segment_reduce(x, "sum", lengths=lengths)
+            # unsafe=True: the lengths are ours and valid; the checked path reads them on the host (.item()) at
+            # every call, a blocking copy per step on CUDA
+            return torch.segment_reduce(x, "sum", lengths=lengths, unsafe=True)
         return torch.stack([part.sum() for part in x.split(group.sizes * k)])

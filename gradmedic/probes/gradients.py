@@ -105,11 +105,13 @@ class GradientProbe(Probe):
         self._owner = [row for row, ps in enumerate(layers.params) for _ in ps]
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._all_plan = self._plan(tuple(True for _ in self._params)) if self._params else None
-        self._samples = SampleSet(self._tensors, self.update_sample, self.dtype, self.device)
-        self._snapshot: list[torch.Tensor] | None = None
+        # two rows of samples when the update is read (this step's and the snapshot's), else one
+        self._samples = SampleSet(self._tensors, self.update_sample, self.dtype, self.device,
+                                  frames=2 if self.update_ratio else 1)
+        self._snapshot: int | None = None  # the SampleSet row holding the snapshot W_{s-1}
         self._snapshot_step: int | None = None
         self._snapshot_norm: torch.Tensor | None = None  # (layers,) weight norms of the snapshot
-        self._current: list[torch.Tensor] | None = None  # this step's sample (SampleSet buffers)
+        self._current: int | None = None  # the SampleSet row holding this step's sample
         self._current_step: int | None = None
         self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, (layers,) norms)
         self._owner_all = torch.tensor(self._owner, dtype=torch.long, device=self.device)  # row of each tensor
@@ -185,8 +187,12 @@ class GradientProbe(Probe):
         current = self._gather(step)
         if measured_update:
             assert self._snapshot is not None
-            self._samples.difference(current, self._snapshot)  # W_{s-1} - W_s, beside this step's sample
-        squares = self._samples.squares(current, difference=measured_update, tensor_order=False)
+            self._samples.difference(self._snapshot, current)  # the snapshot's row <- W_{s-1} - W_s
+            squares = self._samples.squares(tensor_order=False)  # both rows in one pass: [sample, change]
+            if current != 0:
+                squares = squares.flip(0)
+        else:
+            squares = self._samples.squares(current, tensor_order=False)
         norms = self._fold(plan, grad_norms.square(), squares)
         layers = len(self.layers)  # type: ignore[arg-type]
         self._weight_sample_norm = (step, norms[layers:2 * layers])
@@ -282,14 +288,14 @@ class GradientProbe(Probe):
                 per_tensor.append(self.host_tensor([p.numel()], self.dtype).reshape(()))
         return self._per_row(torch.stack(per_tensor).to(self.device), plan, squares=False)
 
-    def _gather(self, step: int) -> list[torch.Tensor]:
-        """This step's sampled entries, copied into the SampleSet's flat buffers (once per step)."""
+    def _gather(self, step: int) -> int:
+        """This step's sampled entries, copied into the SampleSet row not holding the snapshot (once per step)."""
         if self._current is not None and self._current_step == step:
             return self._current
         if self._sharded:  # FSDP2 may swap a shard's storage
             self._tensors = [local_tensor(p) for p in self._params]
             self._samples.retarget(self._tensors)
-        self._current = self._samples.gather(self._current)
+        self._current = self._samples.gather(0 if self._snapshot is None else 1 - self._snapshot)
         self._current_step = step
         return self._current
 
@@ -302,8 +308,8 @@ class GradientProbe(Probe):
         """The update ratio alone, at a step whose parameters have no gradient (collect does it otherwise)."""
         assert self._snapshot is not None
         current = self._gather(self._snapshot_step + 1 if self._snapshot_step is not None else -1)
-        self._samples.difference(current, self._snapshot)
-        self._write_ratio(slot, self._row_norms(self._samples.squares(current, difference=True)[1]))
+        self._samples.difference(self._snapshot, current)
+        self._write_ratio(slot, self._row_norms(self._samples.squares(self._snapshot)[0]))
         self._snapshot_step = None
 
     def _write_ratio(self, slot: int, change: torch.Tensor) -> None:
@@ -322,8 +328,8 @@ class GradientProbe(Probe):
             self._snapshot_norm = self._weight_sample_norm[1]  # the same sample, unchanged since collect()
         else:
             self._snapshot_norm = self._row_norms(self._samples.squares(current)[0])
-        # this step's sample becomes the snapshot; the old snapshot's buffers are refilled next time
-        self._snapshot, self._current, self._current_step = current, self._snapshot, None
+        # this step's sample becomes the snapshot; the other row is refilled at the next gather
+        self._snapshot, self._current, self._current_step = current, None, None
         self._snapshot_step = step
 
     def detach(self) -> None:

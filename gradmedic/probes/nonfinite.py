@@ -59,8 +59,9 @@ def _first_bad(key: torch.Tensor, lengths: torch.Tensor, sizes: list[int]) -> to
     """The least ``key`` of each consecutive segment (+inf for an empty one): one ``segment_reduce`` on a CPU or
     CUDA, a reduction per segment elsewhere."""
     if key.device.type in ("cpu", "cuda"):
-        return torch.segment_reduce(key, "min", lengths=lengths, initial=math.inf)
-    return torch.stack([part.amin() if part.numel() else key.new_tensor(math.inf) for part in key.split(sizes)])
+        # unsafe=True: the lengths are ours and valid; the checked path reads them on the host (.item())
+        return torch.segment_reduce(key, "min", lengths=lengths, initial=math.inf, unsafe=True)
+    return torch.stack([part.amin() if part.numel() else key.new_full((), math.inf) for part in key.split(sizes)])
 
 
 class NonFiniteProbe(Probe):

@@ -182,7 +182,8 @@ class TimeStepProbe(Probe):
             # over the last step that got any gradient: a next-token loss never uses the last output, so
             # dL/dx at the last step is an exact, structural zero
             steps_with = (rms > 0).to(self.dtype) * torch.arange(1, length + 1, dtype=self.dtype, device=self.device)
-            ratios.append(rms[0] / rms[steps_with.argmax()])
+            # index_select, not rms[tensor]: indexing by a 0-d tensor reads it on the host (a sync per step)
+            ratios.append(rms[0] / rms.index_select(0, steps_with.argmax().reshape(1)).squeeze(0))
         index = self.host_tensor(rows, torch.long)
         self.buffer.write(slot, index, "time_grad_ratio", torch.stack(ratios))
         self._parts.clear()
