@@ -303,11 +303,11 @@ class Probe:
         """Wrap a hook so that an exception switches the probe off instead of reaching the user."""
 
         @functools.wraps(fn)
-        def hook(*args: Any, **kwargs: Any) -> None:
+        def hook(*args: Any) -> None:  # torch passes a hook's arguments positionally (with_kwargs too)
             if self.failed:
                 return None
             try:
-                fn(*bound, *args, **kwargs)
+                fn(*bound, *args)
             except Exception as error:  # noqa: BLE001 - a monitor must never break training
                 self.fail(error)
             return None
