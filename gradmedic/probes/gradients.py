@@ -114,8 +114,7 @@ class GradientProbe(Probe):
         self._current: int | None = None  # the SampleSet row holding this step's sample
         self._current_step: int | None = None
         self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, (layers,) norms)
-        self._owner_all = torch.tensor(self._owner, dtype=torch.long, device=self.device)  # row of each tensor
-        # the same in the order of the SampleSet's squares (tensor_order=False)
+        # the layer row of each tensor, in the order of the SampleSet's squares (tensor_order=False)
         self._owner_sampled = torch.tensor([self._owner[i] for i in self._samples.order], dtype=torch.long,
                                            device=self.device)
         # embedding tables: their gradient's all-zero rows are unused rows (see _zero_denominator)
@@ -300,16 +299,16 @@ class GradientProbe(Probe):
         return self._current
 
     def _row_norms(self, squares: torch.Tensor) -> torch.Tensor:
-        """(layers,) norms from per-tensor sums of squares (tensor order); 0 for rows without parameters."""
+        """(layers,) norms from per-tensor sums of squares (the SampleSet's order); 0 for rows without parameters."""
         acc = torch.zeros(len(self.layers), dtype=self.dtype, device=self.device)  # type: ignore[arg-type]
-        return acc.index_add_(0, self._owner_all, squares).sqrt()
+        return acc.index_add_(0, self._owner_sampled, squares).sqrt()
 
     def _write_update(self, slot: int) -> None:
         """The update ratio alone, at a step whose parameters have no gradient (collect does it otherwise)."""
         assert self._snapshot is not None
         current = self._gather(self._snapshot_step + 1 if self._snapshot_step is not None else -1)
         self._samples.difference(self._snapshot, current)
-        self._write_ratio(slot, self._row_norms(self._samples.squares(self._snapshot)[0]))
+        self._write_ratio(slot, self._row_norms(self._samples.squares(self._snapshot, tensor_order=False)[0]))
         self._snapshot_step = None
 
     def _write_ratio(self, slot: int, change: torch.Tensor) -> None:
@@ -327,7 +326,7 @@ class GradientProbe(Probe):
         if self._weight_sample_norm is not None and self._weight_sample_norm[0] == step:
             self._snapshot_norm = self._weight_sample_norm[1]  # the same sample, unchanged since collect()
         else:
-            self._snapshot_norm = self._row_norms(self._samples.squares(current)[0])
+            self._snapshot_norm = self._row_norms(self._samples.squares(current, tensor_order=False)[0])
         # this step's sample becomes the snapshot; the other row is refilled at the next gather
         self._snapshot, self._current, self._current_step = current, None, None
         self._snapshot_step = step
