@@ -34,7 +34,7 @@ from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk, StepBuffer, buffer_dtype
+from gradmedic.probes.base import Chunk
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -92,10 +92,10 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = self._on_failure
             probe.attach(self.layers, flush_every + 1)
-        # loss and learning rate at every step, in a one-row StepBuffer; flushed as scalars, not grid rows
-        self._run = StepBuffer(flush_every + 1, [""], ["loss", "lr"], self.layers.device,
-                               buffer_dtype(self.layers.device))
-        self._run_host: list[tuple[int, int, float]] = []  # (step, column, value): Python numbers, kept here
+        # loss and learning rate at every step, flushed as scalars, not grid rows: (step, column, value) with the
+        # value a Python number, or a device tensor (the loss, detached) read at the flush
+        self._run_host: list[tuple[int, int, float]] = []
+        self._run_device: list[tuple[int, int, torch.Tensor]] = []
         self._trace = Trace(self._meta())
         self._combiner = self._rank_combiner(distributed, rank_files)
         self._step = 0
@@ -185,33 +185,33 @@ class Monitor:
                 self._prepared.add(id(probe))
 
     def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
-        """Loss and learning rate of this step. A tensor (the loss) is copied on the device into the run
-        buffer; a Python number (the learning rate, a loss given as a float) stays on the host until the
-        flush: writing it into a device buffer would be a blocking host-to-device copy per step on CUDA."""
+        """Loss and learning rate of this step. A tensor (the loss) is kept as it is, detached, and read at the
+        flush with the others (one copy); a Python number (the learning rate, a loss given as a float) stays on
+        the host: writing it into a device buffer would be a blocking host-to-device copy per step on CUDA."""
         try:
             lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
-            if loss is None and lr is None:
-                return
             for col, value in enumerate((loss, lr)):
                 if isinstance(value, torch.Tensor):
-                    slot = self._run.open(step)
-                    self._run.values[slot, 0, col] = value.detach().reshape(-1)[0]
+                    value = value.detach()
+                    if value.numel() != 1:  # a loss per sample: its first entry, as before, not the whole tensor
+                        value = value.reshape(-1)[:1]
+                    self._run_device.append((step, col, value))
                 elif value is not None:
                     self._run_host.append((step, col, float(value)))
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
             self._warn("run", error)
 
     def _drain_run(self) -> Chunk | None:
-        grid = self._run.drain()
         host, self._run_host = self._run_host, []
+        kept, self._run_device = self._run_device, []
+        if kept:
+            device = kept[0][2].device
+            values = torch.cat([t.reshape(1).to(device) for _, _, t in kept]).cpu().tolist()  # cat promotes
+            host += [(s, col, v) for (s, col, _), v in zip(kept, values, strict=True)]
         scalars = {}
-        for j, name in enumerate(self._run.metrics):
-            pairs = [(s, v) for s, col, v in host if col == j]
-            if grid is not None and grid.layers:
-                column = grid.values[:, 0, j]
-                measured = ~np.isnan(column)
-                pairs += zip(grid.steps[measured].tolist(), column[measured].tolist(), strict=True)
-            pairs = sorted(p for p in pairs if not np.isnan(p[1]))  # NaN means not recorded, as in the buffer
+        for j, name in enumerate(("loss", "lr")):
+            # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
+            pairs = sorted((s, v) for s, col, v in host if col == j and not np.isnan(v))
             if pairs:
                 scalars[name] = (np.asarray([s for s, _ in pairs], dtype=np.int64),
                                  np.asarray([v for _, v in pairs], dtype=np.float64))

@@ -361,37 +361,50 @@ class ActivationProbe(Probe):
         self._dead[:] = [(renumber[c], r, v, k) for c, r, v, k in self._dead if c in renumber]
 
     def collect(self, step: int) -> None:
+        """Keep the step's per-call sums and counts (two or three stacks) and its layout; ``finish`` reduces them
+        at the flush."""
         self._drop_eval_calls()
         if not self._calls:
             return
-        slot = self.buffer.open(step)
-        size, dev, dt, calls = len(self._family), self.device, self.dtype, len(self._calls)
+        dead = tuple((row, units) for _, row, _, units in self._dead)
+        kept = [torch.stack(self._moments), torch.stack(self._counts)]
+        if dead:
+            kept.append(torch.stack([alive for _, _, alive, _ in self._dead]))
+        self.defer(self.buffer.open(step), (tuple(self._calls), tuple(self._n), tuple(self._of), dead), *kept)
+        self._reset()
+
+    def finish(self, layout: tuple[tuple[Any, ...], ...], slots: torch.Tensor, moments: torch.Tensor,
+               counts: torch.Tensor, alive: torch.Tensor | None = None) -> None:
+        calls, n, of, dead = layout
+        steps, size, dev, dt, c = len(moments), len(self._family), self.device, self.dtype, len(calls)
         # per call (columns): elements, saturable elements, sum, sum of squares, saturated count; pooled by row
-        per_call = torch.cat([self.host_tensor([*self._n, *self._of], dt).view(2, calls),
-                              torch.stack(self._moments).view(calls, 2).T.to(dt),
-                              torch.stack(self._counts).to(dt).view(1, calls)])
-        pooled = torch.zeros(5, size, dtype=dt, device=dev).index_add_(1, self.host_tensor(self._calls, torch.long),
-                                                                      per_call)
-        seen = sorted(set(self._calls))
-        total, of, first, second, saturated = pooled.index_select(1, self.host_tensor(seen, torch.long))
+        per_call = torch.cat([self.host_tensor([*n, *of], dt).view(1, 2, c).expand(steps, 2, c),
+                              moments.view(steps, c, 2).transpose(1, 2).to(dt),
+                              counts.to(dt).view(steps, 1, c)], dim=1)
+        pooled = torch.zeros(steps, 5, size, dtype=dt, device=dev).index_add_(
+            2, self.host_tensor(calls, torch.long), per_call)
+        seen = sorted(set(calls))
+        total, of_, first, second, saturated = pooled.index_select(2, self.host_tensor(seen, torch.long)).unbind(1)
         mean = first / total
         std = (second / total - mean.square()).clamp_min_(0).sqrt_()
         # 0/0 = NaN (not measured) for a row with no saturating family; hardshrink passes a NaN on, so a NaN
         # output would count as saturated (see _beyond): a row whose outputs held NaN/Inf this step has no
         # saturated share (its moments show it)
-        share = torch.where(first.isfinite(), saturated / of, math.nan)
+        share = torch.where(first.isfinite(), saturated / of_, math.nan)
         col = self.buffer.col
         where = (self.host_tensor(seen * 3, torch.long),
                  self.host_tensor([col[m] for m in ("act_mean", "act_std", "saturated_frac") for _ in seen],
                                   torch.long))
-        self.buffer.put(slot, where, torch.cat([mean, std, share]))
-        if self._dead:
-            where = self.host_tensor([r for _, r, _, _ in self._dead], torch.long)
-            count = torch.zeros(2, size, dtype=dt, device=dev)
-            alive = torch.stack([c for _, _, c, _ in self._dead]).to(dt)  # int64 counts: one cast, not one per call
-            units = self.host_tensor([k for _, _, _, k in self._dead], dt)
-            count.index_add_(1, where, torch.stack([units - alive, units]))
-            picked = self.host_tensor(sorted({r for _, r, _, _ in self._dead}), torch.long)
-            dead, out_of = count.index_select(1, picked)
-            self.buffer.write_columns(slot, picked, ("dead_frac", "dead_units_seen"), (dead / out_of, out_of))
-        self._reset()
+        self.buffer.put_steps(slots, where, torch.cat([mean, std, share], dim=1))
+        if dead:
+            assert alive is not None
+            rows = [r for r, _ in dead]
+            units = self.host_tensor([k for _, k in dead], dt).expand(steps, -1)
+            count = torch.zeros(steps, 2, size, dtype=dt, device=dev).index_add_(
+                2, self.host_tensor(rows, torch.long), torch.stack([units - alive.to(dt), units], dim=1))
+            picked = sorted(set(rows))
+            dead_units, out_of = count.index_select(2, self.host_tensor(picked, torch.long)).unbind(1)
+            where = (self.host_tensor(picked * 2, torch.long),
+                     self.host_tensor([col["dead_frac"]] * len(picked) + [col["dead_units_seen"]] * len(picked),
+                                      torch.long))
+            self.buffer.put_steps(slots, where, torch.cat([dead_units / out_of, out_of], dim=1))

@@ -68,25 +68,29 @@ class BackwardSignalProbe(Probe):
         self._count[row] += grad.numel()
 
     def collect(self, step: int) -> None:
+        """Keep the step's per-call sums of squares (one stack) and its layout; ``finish`` reduces at the flush."""
         if not self._squares:
             return
-        slot = self.buffer.open(step)
-        seen = [r for r, n in enumerate(self._count) if n]
-        sq = torch.zeros(len(self._count), dtype=self.dtype, device=self.device)
-        sq.index_add_(0, self.host_tensor(self._calls, torch.long), torch.stack(self._squares).to(self.dtype))
-        picked = sq.index_select(0, self.host_tensor(seen, torch.long))
-        counts = self.host_tensor([self._count[r] for r in seen], self.dtype)
+        seen = tuple(r for r, n in enumerate(self._count) if n)
+        layout = (tuple(self._calls), seen, tuple(self._count[r] for r in seen), tuple(self._order),
+                  tuple(self._order.values()), tuple(sorted(self._low)))
+        self.defer(self.buffer.open(step), layout, torch.stack(self._squares))
+        self._reset()
+
+    def finish(self, layout: tuple[tuple[int, ...], ...], slots: torch.Tensor, squares: torch.Tensor) -> None:
+        calls, seen, counts, order, positions, low = layout
+        sq = torch.zeros(squares.shape[0], len(self._count), dtype=self.dtype, device=self.device)
+        sq.index_add_(1, self.host_tensor(calls, torch.long), squares.to(self.dtype))  # calls of a row pooled
+        picked = sq.index_select(1, self.host_tensor(seen, torch.long))
         # backward_rms and backward_norm of the rows seen, the forward order, the 16-bit rows: one write
-        order, low = list(self._order), sorted(self._low)
-        values = [torch.stack([picked / counts, picked]).sqrt_().reshape(-1),
-                  self.host_tensor([*self._order.values(), *([1] * len(low))], self.dtype)]
+        rms_norm = torch.cat([picked / self.host_tensor(counts, self.dtype), picked], dim=1).sqrt_()
+        fixed = self.host_tensor([*positions, *([1] * len(low))], self.dtype).expand(len(picked), -1)
         col = self.buffer.col
         where = (self.host_tensor([*seen, *seen, *order, *low], torch.long),
                  self.host_tensor([col["backward_rms"]] * len(seen) + [col["backward_norm"]] * len(seen)
                                   + [col["forward_index"]] * len(order) + [col["low_precision_out"]] * len(low),
                                   torch.long))
-        self.buffer.put(slot, where, torch.cat(values))
-        self._reset()
+        self.buffer.put_steps(slots, where, torch.cat([rms_norm, fixed], dim=1))
 
     def _reset(self) -> None:
         self._low: set[int] = set()

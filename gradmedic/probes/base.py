@@ -4,10 +4,11 @@ A probe measures one family of statistics. The Monitor drives it through a fixed
 
     attach(ctx)   once: allocate buffers on the model's device
     arm()         before a scheduled step's forward: register hooks (hook-based probes only)
-    collect(step) after that step's backward: reduce what the hooks saw into the buffer
+    collect(step) after that step's backward: keep what the hooks saw (a few stacked device tensors)
     disarm()      remove the hooks again, so unscheduled steps pay nothing (reset() alone when the
                   probe is due at the next step too: the hooks stay, only the step's state goes)
-    flush()       move the buffer to the host as a Chunk (the only device-to-host copy)
+    flush()       reduce the kept steps into the buffer (``settle``) and move it to the host as a
+                  Chunk (the only device-to-host copy)
     detach()      free everything
 
 Everything between two flushes stays on the device: no ``.item()``, no ``.cpu()``, no Python branch
@@ -16,12 +17,19 @@ like a read does): the small index and count tensors a collect needs come from `
 once per distinct value and reused at every step that has the same layout. Any exception inside a hook
 or a collect is caught by ``guard`` and reported to the Monitor, which switches the probe off; the user's
 forward and backward never see it.
+
+A collect does as little as it can: most of a step's reduction (folding per-call sums into per-layer rows,
+dividing, writing into the buffer) is a dozen kernels on tensors of a few dozen numbers, and on a CPU each
+costs 5-20 us inside a training step (cold caches between the model's own kernels), more than the
+arithmetic. So a probe ``defer``s the raw per-call results of a step and its host-side layout (rows, element
+counts: a hashable key), and ``settle`` (at the flush) stacks the steps of each layout and reduces them
+together with the same kernels, once per layout instead of once per step.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -173,6 +181,12 @@ class StepBuffer:
         write. ``where`` is a (rows, columns) pair of index tensors as long as ``values``, built once."""
         self.values[slot].index_put_(where, values.to(self.values.dtype))
 
+    def put_steps(self, slots: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor) -> None:
+        """``put`` for several slots at once: ``values`` is (slots, K); ``where`` holds (K,) rows and columns shared
+        by every slot, or (slots, K) ones per slot."""
+        rows, cols = where
+        self.values.index_put_((slots.view(-1, 1), rows, cols), values.to(self.values.dtype))
+
     def drain(self) -> Chunk | None:
         """Copy the filled slots to the host (one transfer) and reset."""
         if not self.steps:
@@ -221,6 +235,9 @@ class Probe:
         self.dtype = buffer_dtype(layers.device)
         self.buffer = StepBuffer(capacity, layers.names, self.metrics, self.device, self.dtype)
         self._host_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+        # deferred steps (see the module docstring): layout -> (slots, per slot a tuple of device tensors)
+        self._pending: dict[Hashable, tuple[list[int], list[tuple[torch.Tensor, ...]]]] = {}
+        self._pending_slots: set[int] = set()
 
     def host_tensor(self, values: Sequence[int | float], dtype: torch.dtype) -> torch.Tensor:
         """``values`` (host numbers: rows, element counts) as a tensor on the model's device, made once.
@@ -236,6 +253,32 @@ class Probe:
                 self._host_tensors.clear()
             cached = self._host_tensors[key] = _to_device(list(values), dtype, self.device)
         return cached
+
+    def defer(self, slot: int, layout: Hashable, *tensors: torch.Tensor) -> None:
+        """Keep a step's raw results for ``settle``: ``tensors`` (device tensors of the same shapes at every step of
+        this ``layout``) and ``layout``, a hashable key holding every host value that ``finish`` needs.
+
+        A slot deferred twice (``Monitor.record_gradients`` called at each backward of an accumulated step) settles
+        what is pending first, so that the later write wins, as an immediate write would."""
+        if slot in self._pending_slots:
+            self.settle()
+        slots, items = self._pending.setdefault(layout, ([], []))
+        slots.append(slot)
+        items.append(tensors)
+        self._pending_slots.add(slot)
+
+    def settle(self) -> None:
+        """Reduce every deferred step into the buffer: per layout, its steps' tensors stacked and one ``finish``."""
+        pending, self._pending = self._pending, {}
+        self._pending_slots = set()
+        for layout, (slots, items) in pending.items():
+            stacked = [torch.stack(parts) for parts in zip(*items, strict=True)]
+            self.finish(layout, self.host_tensor(slots, torch.long), *stacked)
+
+    def finish(self, layout: Hashable, slots: torch.Tensor, *stacked: torch.Tensor) -> None:
+        """Write the deferred steps of one ``layout`` into ``slots``: each of ``stacked`` is the ``defer``red tensor
+        with a leading dimension of one entry per slot. Probes that defer implement it."""
+        raise NotImplementedError(f"{type(self).__name__} defers steps but has no finish()")
 
     def arm(self) -> None:
         """Register the hooks that watch one forward/backward."""
@@ -267,6 +310,7 @@ class Probe:
         """Called after every Monitor step, scheduled or not (two-step statistics use it)."""
 
     def flush(self) -> Chunk | None:
+        self.settle()
         return self.buffer.drain()
 
     def detach(self) -> None:

@@ -1,8 +1,10 @@
 """Per-layer gradient norm, weight norm, their ratio, and the update/weight ratio.
 
 A "layer" here is a module that owns trainable parameters. All norms come from a handful of fused
-``torch._foreach_norm`` calls (one per device/dtype group), then an ``index_add_`` folds the
-per-parameter squares into per-layer sums: the kernel count does not grow with the parameter count.
+``torch._foreach_norm`` calls (one per device/dtype group), kept per tensor at a step; at the flush one
+``index_add_`` per layout folds the per-parameter squares of all the steps into per-layer sums
+(``Probe.defer``): the kernel count does not grow with the parameter count, and a step pays for the passes
+over the parameters, not for the arithmetic on a few dozen numbers.
 
 The update/weight ratio ||W_s - W_{s-1}|| / ||W_{s-1}|| is measured from the parameters themselves
 (a snapshot taken at the step before a scheduled one), so it is right for any optimizer, Adam's
@@ -110,10 +112,12 @@ class GradientProbe(Probe):
                                   frames=2 if self.update_ratio else 1)
         self._snapshot: int | None = None  # the SampleSet row holding the snapshot W_{s-1}
         self._snapshot_step: int | None = None
-        self._snapshot_norm: torch.Tensor | None = None  # (layers,) weight norms of the snapshot
+        self._snapshot_squares: torch.Tensor | None = None  # per-tensor squares of the snapshot (SampleSet order)
         self._current: int | None = None  # the SampleSet row holding this step's sample
         self._current_step: int | None = None
-        self._weight_sample_norm: tuple[int, torch.Tensor] | None = None  # (step, (layers,) norms)
+        # (step, (rows, tensors) squares of the SampleSet, the row of this step's sample): the snapshot's squares
+        # when this step's sample becomes the snapshot
+        self._weight_sample_squares: tuple[int, torch.Tensor, int] | None = None
         # the layer row of each tensor, in the order of the SampleSet's squares (tensor_order=False)
         self._owner_sampled = torch.tensor([self._owner[i] for i in self._samples.order], dtype=torch.long,
                                            device=self.device)
@@ -148,15 +152,19 @@ class GradientProbe(Probe):
         self._plans[present] = plan
         return plan
 
-    def _norms(self, tensors: list[torch.Tensor], plan: _Plan, ord: float = 2.0) -> torch.Tensor:
-        """Per-tensor norms, in plan order, as one vector in the buffer's dtype and device."""
+    def _norms(self, tensors: list[torch.Tensor], plan: _Plan, ord: float = 2.0, convert: bool = True) -> torch.Tensor:
+        """Per-tensor norms, in plan order, as one vector on the buffer's device; in the buffer's dtype, or with
+        ``convert=False`` in the tensors' own (float32 at least), for a caller that converts later."""
         parts = []
         for group in plan.groups:
             ts = [tensors[i] for i in group]
             low = ts[0].dtype in _LOW_PRECISION
             norms = torch._foreach_norm(ts, ord, dtype=torch.float32) if low else torch._foreach_norm(ts, ord)
-            parts.append(torch.stack(norms).to(self.device, self.dtype, non_blocking=True))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            norms = torch.stack(norms)
+            if convert or norms.device != self.device:
+                norms = norms.to(self.device, self.dtype, non_blocking=True)
+            parts.append(norms)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]  # cat promotes mixed dtypes
 
     def _per_row(self, per_tensor: torch.Tensor, plan: _Plan, squares: bool = True) -> torch.Tensor:
         """Fold per-tensor norms into per-layer norms (sqrt of the summed squares)."""
@@ -167,6 +175,9 @@ class GradientProbe(Probe):
 
     # --- measurement ------------------------------------------------------------------------------
     def collect(self, step: int) -> None:
+        """The step's norms, kept raw (per tensor) for ``finish``, which folds them into layers at the flush: a
+        collect makes the passes over the parameters (the gradient norms, the sample and its change) and little
+        else."""
         if not self._params:
             return
         present = tuple(p.grad is not None for p in self._params)
@@ -178,58 +189,68 @@ class GradientProbe(Probe):
             self._write_update(slot)
             return
         plan = self._plan(present)
-        grads = [local_tensor(p.grad) if p.grad is not None else t for p, t in zip(self._params, self._tensors,
-                                                                                  strict=True)]
-        grad_norms = self._norms(grads, plan)
+        if self._sharded:
+            grads = [local_tensor(p.grad) if p.grad is not None else t for p, t in zip(self._params, self._tensors,
+                                                                                      strict=True)]
+        else:  # a parameter that is not a DTensor has no DTensor gradient: no per-tensor test
+            grads = [p.grad if p.grad is not None else p for p in self._params]
+        grad_norms = self._norms(grads, plan, convert=False)  # converted once per flush, in finish
         # the gradient norm is exact; the weight norm of a large tensor comes from the update sample (a second
         # full pass over the weights would cost as much as the gradient's), and so does the update W_{s-1} - W_s
         current = self._gather(step)
         if measured_update:
-            assert self._snapshot is not None
+            assert self._snapshot is not None and self._snapshot_squares is not None
             self._samples.difference(self._snapshot, current)  # the snapshot's row <- W_{s-1} - W_s
-            squares = self._samples.squares(tensor_order=False)  # both rows in one pass: [sample, change]
-            if current != 0:
-                squares = squares.flip(0)
+            squares = self._samples.squares(tensor_order=False)  # both rows in one pass: sample and change
+            self._snapshot_step = None
         else:
             squares = self._samples.squares(current, tensor_order=False)
-        norms = self._fold(plan, grad_norms.square(), squares)
-        layers = len(self.layers)  # type: ignore[arg-type]
-        self._weight_sample_norm = (step, norms[layers:2 * layers])
-        # per present row: grad, weight (and change); the ratios over the same rows in one division
-        per_row = norms[:-1].view(squares.shape[0] + 1, layers).index_select(1, plan.rows)
+            current = 0
+        self._weight_sample_squares = (step, squares, current)
         # every row's update is read, also of a layer without a gradient this step (momentum and weight decay
-        # move it): in the same write when every layer has one (the usual case), apart otherwise
+        # move it): folded with the rest when every layer has one (the usual case), written now otherwise
         fused = measured_update and plan is self._all_plan
-        if measured_update:
-            assert self._snapshot_norm is not None
-            self._snapshot_step = None
         if fused:
-            over = torch.stack([per_row[1], self._snapshot_norm.index_select(0, plan.rows)])
-            ratios = per_row[::2] / torch.where(over > 0, over, math.nan)  # grad / weight, change / before
+            self.defer(slot, (present, current, True), grad_norms, squares, self._snapshot_squares)
         else:
-            ratios = per_row[0] / torch.where(per_row[1] > 0, per_row[1], math.nan)
-        # grad_norm, weight_norm, grad_to_weight[, update_to_weight] of every present row and the total norm
-        # (row 0): one write
-        values = torch.cat([per_row[:2].reshape(-1), ratios.reshape(-1), norms[-1:]])
-        self.buffer.put(slot, self._layout(plan, fused), values)
-        if measured_update and not fused:
-            self._write_ratio(slot, norms[2 * layers:3 * layers])
+            self.defer(slot, (present, 0, False), grad_norms, squares[current:current + 1])
+            if measured_update:
+                self._write_ratio(slot, self._row_norms(squares[1 - current]))
         if self._counts_zeros():
             self.buffer.write(slot, plan.rows, "grad_zero_frac",
                               1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan))
 
-    def _fold(self, plan: _Plan, grad_squares: torch.Tensor, sample_squares: torch.Tensor) -> torch.Tensor:
-        """Per-tensor squares -> per-layer norms with one ``index_add_``: [grad (layers), weight (layers),
-        change (layers, with an update), total gradient norm (1)], a flat vector."""
-        sets, layers = sample_squares.shape[0], len(self.layers)  # type: ignore[arg-type]
+    def finish(self, layout: tuple[tuple[bool, ...], int, bool], slots: torch.Tensor, grad_norms: torch.Tensor,
+               squares: torch.Tensor, snapshot: torch.Tensor | None = None) -> None:
+        """grad_norm, weight_norm, grad_to_weight[, update_to_weight] of every present row and the total norm of
+        the deferred steps of one layout, with one ``index_add_`` (``_fold``) and one write."""
+        present, current, fused = layout
+        plan = self._plan(present)
+        sample = squares[:, current]
+        parts = [sample, squares[:, 1 - current], snapshot] if fused else [sample]
+        norms = self._fold(plan, grad_norms.to(self.dtype).square(), parts)
+        steps, layers = len(slots), len(self.layers)  # type: ignore[arg-type]
+        # per present row: grad, weight (change, snapshot); the ratios over the same rows in one division
+        per_row = norms[:, :-1].view(steps, len(parts) + 1, layers).index_select(2, plan.rows)
+        if fused:
+            ratios = per_row[:, ::2] / torch.where(per_row[:, 1::2] > 0, per_row[:, 1::2], math.nan)
+        else:
+            ratios = per_row[:, :1] / torch.where(per_row[:, 1:2] > 0, per_row[:, 1:2], math.nan)
+        values = torch.cat([per_row[:, :2].reshape(steps, -1), ratios.reshape(steps, -1), norms[:, -1:]], dim=1)
+        self.buffer.put_steps(slots, self._layout(plan, fused), values)
+
+    def _fold(self, plan: _Plan, grad_squares: torch.Tensor, sample_squares: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor squares of several steps -> per-layer norms with one ``index_add_``: per step [grad (layers),
+        then each of ``sample_squares`` (layers each), total gradient norm (1)]."""
+        sets, layers = len(sample_squares), len(self.layers)  # type: ignore[arg-type]
         key = ("fold", id(plan), sets)
         index = self._host_tensors.get(key)
-        if index is None:  # built from device tensors once per layout: no host data at a step
+        if index is None:  # built from device tensors once per layout
             index = self._host_tensors[key] = torch.cat(
                 [plan.owner, *(self._owner_sampled + (j + 1) * layers for j in range(sets)),
                  torch.full_like(plan.owner, (sets + 1) * layers)])
-        acc = torch.zeros((sets + 1) * layers + 1, dtype=self.dtype, device=self.device)
-        acc.index_add_(0, index, torch.cat([grad_squares, sample_squares.reshape(-1), grad_squares]))
+        acc = torch.zeros(len(grad_squares), (sets + 1) * layers + 1, dtype=self.dtype, device=self.device)
+        acc.index_add_(1, index, torch.cat([grad_squares, *sample_squares, grad_squares], dim=1))
         return acc.sqrt_()
 
     def _layout(self, plan: _Plan, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,10 +333,10 @@ class GradientProbe(Probe):
         self._snapshot_step = None
 
     def _write_ratio(self, slot: int, change: torch.Tensor) -> None:
-        """update_to_weight of every layer with parameters, from (layers,) norms of W_{s-1} - W_s."""
+        """update_to_weight of every layer with parameters, from (layers,) norms of W_{s-1} - W_s, now."""
         plan = self._all_plan
-        assert plan is not None and self._snapshot_norm is not None
-        before = self._snapshot_norm.index_select(0, plan.rows)
+        assert plan is not None and self._snapshot_squares is not None
+        before = self._row_norms(self._snapshot_squares).index_select(0, plan.rows)
         ratio = change.index_select(0, plan.rows) / torch.where(before > 0, before, math.nan)
         self.buffer.write(slot, plan.rows, "update_to_weight", ratio)
 
@@ -323,16 +344,19 @@ class GradientProbe(Probe):
         if not (self.update_ratio and next_scheduled and self._params):
             return
         current = self._gather(step)
-        if self._weight_sample_norm is not None and self._weight_sample_norm[0] == step:
-            self._snapshot_norm = self._weight_sample_norm[1]  # the same sample, unchanged since collect()
+        if self._weight_sample_squares is not None and self._weight_sample_squares[0] == step:
+            _, squares, row = self._weight_sample_squares  # the same sample, unchanged since collect()
+            self._snapshot_squares = squares[row]
         else:
-            self._snapshot_norm = self._row_norms(self._samples.squares(current, tensor_order=False)[0])
+            self._snapshot_squares = self._samples.squares(current, tensor_order=False)[0]
         # this step's sample becomes the snapshot; the other row is refilled at the next gather
         self._snapshot, self._current, self._current_step = current, None, None
         self._snapshot_step = step
+        self._weight_sample_squares = None
 
     def detach(self) -> None:
         super().detach()
         self._current = None
         self._snapshot = None
-        self._snapshot_norm = None
+        self._snapshot_squares = None
+        self._weight_sample_squares = None

@@ -9,10 +9,10 @@ torch.nn's parameter-free modules that cannot turn finite values into non-finite
 (ReLU, sigmoid, pooling, dropout, containers...) are not checked: the birthplace is never one of them.
 
 Each check is one sum kept on the device: NaN if any NaN, Inf if any Inf of one sign. +Inf meeting -Inf
-in one tensor sums to NaN and is reported as "nan"; the module is right either way. The first bad call
-of each phase is picked on the device (the least call index among the non-finite sums: one segment
-minimum for both phases) and written into the buffer at that module's row as a code: 1 NaN, 2 Inf.
-Nothing is read on the host until the flush turns codes into events.
+in one tensor sums to NaN and is reported as "nan"; the module is right either way. A step's sums are
+kept as they are (``Probe.defer``); at the flush, the first bad call of each phase of each step is picked on
+the device (the least call index among the non-finite sums) and written into the buffer at that module's
+row as a code: 1 NaN, 2 Inf. Nothing is read on the host until the flush turns codes into events.
 """
 
 from __future__ import annotations
@@ -55,15 +55,6 @@ def _probe_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dtype=torch.float32) if t.dtype.itemsize < 4 else t.sum()
 
 
-def _first_bad(key: torch.Tensor, lengths: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """The least ``key`` of each consecutive segment (+inf for an empty one): one ``segment_reduce`` on a CPU or
-    CUDA, a reduction per segment elsewhere."""
-    if key.device.type in ("cpu", "cuda"):
-        # unsafe=True: the lengths are ours and valid; the checked path reads them on the host (.item())
-        return torch.segment_reduce(key, "min", lengths=lengths, initial=math.inf, unsafe=True)
-    return torch.stack([part.amin() if part.numel() else key.new_full((), math.inf) for part in key.split(sizes)])
-
-
 class NonFiniteProbe(Probe):
     name = "nonfinite"
     metrics = ("nonfinite_forward", "nonfinite_backward")
@@ -103,28 +94,36 @@ class NonFiniteProbe(Probe):
         rows.append(row)
 
     def collect(self, step: int) -> None:
-        """Both phases at once: the first non-finite call of each (the least call index among the bad ones, +inf
-        if none), its row and its code (1 NaN, 2 Inf), written with one ``index_put_``."""
+        """Keep the step's sums (one stack); ``finish`` finds the first bad call of each phase at the flush."""
         (forward, rows_f), (backward, rows_b) = self._seen["forward"], self._seen["backward"]
         if not forward and not backward:
             return
-        slot = self.buffer.open(step)
-        sums = torch.stack(forward + backward)  # float32 or float64 sums (_probe_sum): stack promotes
-        sizes = [len(forward), len(backward)]
-        calls = self.host_tensor(range(len(sums)), sums.dtype)  # the call index of each sum
-        first = _first_bad(torch.where(sums.isfinite(), math.inf, calls), self.host_tensor(sizes, torch.long), sizes)
-        hit = first.isfinite()
-        pick = torch.where(hit, first, 0).long()
-        code = torch.where(sums.index_select(0, pick).isnan(), 1.0, 2.0)
-        rows = self.host_tensor(rows_f + rows_b, torch.long).index_select(0, pick)
-        col = self.buffer.col
-        cols = self.host_tensor([col["nonfinite_forward"], col["nonfinite_backward"]], torch.long)
-        self.buffer.put(slot, (rows, cols), torch.where(hit, code, math.nan))  # NaN: nothing bad (not measured)
+        self.defer(self.buffer.open(step), (tuple(rows_f), tuple(rows_b)), torch.stack(forward + backward))
         for codes, rows_seen in self._seen.values():
             codes.clear()
             rows_seen.clear()
 
+    def finish(self, layout: tuple[tuple[int, ...], tuple[int, ...]], slots: torch.Tensor, sums: torch.Tensor) -> None:
+        """Both phases of every step at once: the first non-finite call of each (the least call index among the bad
+        ones, +inf if none), its row and its code (1 NaN, 2 Inf), written with one ``index_put_``."""
+        rows_f, rows_b = layout
+        steps, calls = sums.shape  # float32 or float64 sums (_probe_sum): stack promotes
+        split = len(rows_f)
+        key = torch.where(sums.isfinite(), math.inf, self.host_tensor(range(calls), sums.dtype))
+        none = key.new_full((steps,), math.inf)
+        first = torch.stack([key[:, :split].amin(1) if split else none,
+                             key[:, split:].amin(1) if split < calls else none], dim=1)  # (steps, 2 phases)
+        hit = first.isfinite()
+        pick = torch.where(hit, first, 0).long()
+        code = torch.where(sums.gather(1, pick).isnan(), 1.0, 2.0)
+        rows = self.host_tensor(rows_f + rows_b, torch.long)[pick]
+        col = self.buffer.col
+        cols = self.host_tensor([col["nonfinite_forward"], col["nonfinite_backward"]], torch.long)
+        # NaN where nothing was bad: "not measured", at a harmless row
+        self.buffer.put_steps(slots, (rows, cols), torch.where(hit, code, math.nan))
+
     def flush(self) -> Chunk | None:
+        self.settle()
         chunk = self.buffer.drain()
         if chunk is None:
             return None
