@@ -185,17 +185,20 @@ class Monitor:
                 self._prepared.add(id(probe))
 
     def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
-        """Loss and learning rate of this step. A tensor (the loss) is kept as it is, detached, and read at the
-        flush with the others (one copy); a Python number (the learning rate, a loss given as a float) stays on
-        the host: writing it into a device buffer would be a blocking host-to-device copy per step on CUDA."""
+        """Loss and learning rate of this step. A tensor (the loss; a learning rate kept as a tensor) is copied on
+        the device, its first entry only, and read at the flush with the others (one copy per device): a copy, since
+        the user's tensor may change in place after the step (a loss accumulator zeroed, a scheduler's ``fill_``
+        of a tensor learning rate, a CUDA graph's output). A Python number stays on the host: writing it into a
+        device buffer would be a blocking host-to-device copy per step on CUDA."""
         try:
             lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
             for col, value in enumerate((loss, lr)):
                 if isinstance(value, torch.Tensor):
                     value = value.detach()
-                    if value.numel() != 1:  # a loss per sample: its first entry, as before, not the whole tensor
-                        value = value.reshape(-1)[:1]
-                    self._run_device.append((step, col, value))
+                    if value.numel() == 1:
+                        self._run_device.append((step, col, value.clone()))
+                    elif value.numel():  # a loss per sample: its first entry, as before; an empty one has none
+                        self._run_device.append((step, col, value.reshape(-1)[:1].clone()))
                 elif value is not None:
                     self._run_host.append((step, col, float(value)))
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
@@ -204,10 +207,16 @@ class Monitor:
     def _drain_run(self) -> Chunk | None:
         host, self._run_host = self._run_host, []
         kept, self._run_device = self._run_device, []
-        if kept:
-            device = kept[0][2].device
-            values = torch.cat([t.reshape(1).to(device) for _, _, t in kept]).cpu().tolist()  # cat promotes
-            host += [(s, col, v) for (s, col, _), v in zip(kept, values, strict=True)]
+        by_device: dict[torch.device, list[tuple[int, int, torch.Tensor]]] = {}
+        for entry in kept:
+            by_device.setdefault(entry[2].device, []).append(entry)
+        for entries in by_device.values():  # one copy to the host per device; cat promotes mixed dtypes
+            try:
+                values = torch.cat([t.reshape(1) for _, _, t in entries]).cpu().tolist()
+            except Exception as error:  # noqa: BLE001 - the other devices' values and the host numbers stay
+                self._warn("run", error)
+                continue
+            host += [(s, col, float(v)) for (s, col, _), v in zip(entries, values, strict=True)]
         scalars = {}
         for j, name in enumerate(("loss", "lr")):
             # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)

@@ -140,3 +140,65 @@ def test_non_finite_steps_and_clean_steps_in_one_flush():
     mon.close()
     forward = {e["step"]: (e["module"], e["value"]) for e in mon.trace.events if e["phase"] == "forward"}
     assert forward == {s: fault for s, fault in enumerate(plan) if fault}
+
+
+def test_record_gradients_at_every_backward_makes_no_host_copy_between_flushes():
+    # accumulation under a Trainer: the second call of a step replaces the first's entry, nothing is settled then
+    from tests.helpers import count_host_syncs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gm.Monitor(model, opt, preset="full", flush_every=300)
+
+    def train(steps):
+        for _ in range(steps):
+            for _ in range(2):
+                nn.functional.mse_loss(model(torch.randn(4, 5)), torch.randn(4, 3)).backward()
+                mon.record_gradients()
+            opt.step()
+            mon.step()
+            opt.zero_grad(set_to_none=True)
+
+    train(2)  # the first steps build the probes' index tensors, once
+    with count_host_syncs() as syncs:
+        train(40)
+    assert dict(syncs) == {}, dict(syncs)
+    mon.close()
+    assert len(mon.trace.steps) == 42
+
+
+def test_loss_and_learning_rate_are_the_steps_own_values():
+    # a loss accumulator zeroed after each step and a learning rate kept as a tensor that a scheduler updates in
+    # place (torch's recipe for compiled optimizers): each step records its own value, not the one at the flush
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    mon = gm.Monitor(model, opt, probes=[GradientProbe()])
+    running, losses = torch.zeros(()), []
+    for _ in range(4):
+        loss = model(torch.randn(8, 3)).square().mean()
+        loss.backward()
+        running += loss.detach()
+        losses.append(float(running))
+        mon.step(running)
+        running.zero_()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    mon.close()
+    assert mon.trace.scalar("loss")[1].tolist() == pytest.approx(losses, rel=1e-7)
+    assert mon.trace.scalar("lr")[1].tolist() == pytest.approx([0.01, 0.005, 0.0025, 0.00125], rel=1e-6)
+
+
+def test_an_empty_loss_tensor_loses_nothing_else():
+    model = nn.Linear(3, 1)
+    mon = gm.Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), probes=[GradientProbe()])
+    for step in range(4):
+        loss = model(torch.randn(2, 3)).sum()
+        loss.backward()
+        mon.step(torch.zeros(0) if step == 2 else loss)
+    mon.close()
+    assert mon.trace.scalar("loss")[0].tolist() == [0, 1, 3]
+    assert mon.trace.scalar("lr")[0].tolist() == [0, 1, 2, 3]

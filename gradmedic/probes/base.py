@@ -237,7 +237,7 @@ class Probe:
         self._host_tensors: dict[tuple[Any, ...], torch.Tensor] = {}
         # deferred steps (see the module docstring): layout -> (slots, per slot a tuple of device tensors)
         self._pending: dict[Hashable, tuple[list[int], list[tuple[torch.Tensor, ...]]]] = {}
-        self._pending_slots: set[int] = set()
+        self._pending_slots: dict[int, Hashable] = {}  # slot -> its layout in _pending
 
     def host_tensor(self, values: Sequence[int | float], dtype: torch.dtype) -> torch.Tensor:
         """``values`` (host numbers: rows, element counts) as a tensor on the model's device, made once.
@@ -258,22 +258,30 @@ class Probe:
         """Keep a step's raw results for ``settle``: ``tensors`` (device tensors of the same shapes at every step of
         this ``layout``) and ``layout``, a hashable key holding every host value that ``finish`` needs.
 
-        A slot deferred twice (``Monitor.record_gradients`` called at each backward of an accumulated step) settles
-        what is pending first, so that the later write wins, as an immediate write would."""
-        if slot in self._pending_slots:
-            self.settle()
+        A slot deferred again (``Monitor.record_gradients`` at each backward of an accumulated step) replaces its
+        earlier entry, as a later immediate write would overwrite an earlier one: the later entry must write every
+        cell the earlier one did (the gradient probe's does: see its ``collect``). Nothing is computed here."""
+        earlier = self._pending_slots.get(slot)
+        if earlier is not None:
+            slots, items = self._pending[earlier]
+            i = slots.index(slot)
+            del slots[i], items[i]
+            if not slots:
+                del self._pending[earlier]
         slots, items = self._pending.setdefault(layout, ([], []))
         slots.append(slot)
         items.append(tensors)
-        self._pending_slots.add(slot)
+        self._pending_slots[slot] = layout
 
     def settle(self) -> None:
-        """Reduce every deferred step into the buffer: per layout, its steps' tensors stacked and one ``finish``."""
+        """Reduce every deferred step into the buffer: per layout, its steps' tensors stacked and one ``finish``.
+        Runs at the flush, where host copies are allowed: the slot indices are made here, and not cached (they
+        differ from flush to flush and would crowd out the index tensors that steps reuse)."""
         pending, self._pending = self._pending, {}
-        self._pending_slots = set()
+        self._pending_slots = {}
         for layout, (slots, items) in pending.items():
             stacked = [torch.stack(parts) for parts in zip(*items, strict=True)]
-            self.finish(layout, self.host_tensor(slots, torch.long), *stacked)
+            self.finish(layout, _to_device(slots, torch.long, self.device), *stacked)
 
     def finish(self, layout: Hashable, slots: torch.Tensor, *stacked: torch.Tensor) -> None:
         """Write the deferred steps of one ``layout`` into ``slots``: each of ``stacked`` is the ``defer``red tensor

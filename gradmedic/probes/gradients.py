@@ -115,9 +115,10 @@ class GradientProbe(Probe):
         self._snapshot_squares: torch.Tensor | None = None  # per-tensor squares of the snapshot (SampleSet order)
         self._current: int | None = None  # the SampleSet row holding this step's sample
         self._current_step: int | None = None
-        # (step, (rows, tensors) squares of the SampleSet, the row of this step's sample): the snapshot's squares
-        # when this step's sample becomes the snapshot
-        self._weight_sample_squares: tuple[int, torch.Tensor, int] | None = None
+        # the last collect: (step, update measured, SampleSet squares (rows, tensors), the row of that step's sample,
+        # the snapshot's squares or None): reused by a second collect of the same step, and by after_step when this
+        # step's sample becomes the snapshot
+        self._collected: tuple[int, bool, torch.Tensor, int, torch.Tensor | None] | None = None
         # the layer row of each tensor, in the order of the SampleSet's squares (tensor_order=False)
         self._owner_sampled = torch.tensor([self._owner[i] for i in self._samples.order], dtype=torch.long,
                                            device=self.device)
@@ -177,16 +178,23 @@ class GradientProbe(Probe):
     def collect(self, step: int) -> None:
         """The step's norms, kept raw (per tensor) for ``finish``, which folds them into layers at the flush: a
         collect makes the passes over the parameters (the gradient norms, the sample and its change) and little
-        else."""
+        else. Called again at the same step (``Monitor.record_gradients`` after each backward of an accumulated
+        step), it reads the gradients again and keeps the sample, the change and the snapshot of the first call
+        (the weights have not moved in between), so its entry replaces the earlier one whole."""
         if not self._params:
             return
         present = tuple(p.grad is not None for p in self._params)
-        measured_update = self.update_ratio and self._snapshot_step == step - 1
+        again = self._collected is not None and self._collected[0] == step
+        if again:
+            _, measured_update, squares, current, snapshot = self._collected  # type: ignore[misc]
+        else:
+            measured_update = self.update_ratio and self._snapshot_step == step - 1
         if not any(present) and not measured_update:
             return
         slot = self.buffer.open(step)
         if not any(present):
-            self._write_update(slot)
+            if not again:
+                self._write_update(slot)
             return
         plan = self._plan(present)
         if self._sharded:
@@ -195,23 +203,26 @@ class GradientProbe(Probe):
         else:  # a parameter that is not a DTensor has no DTensor gradient: no per-tensor test
             grads = [p.grad if p.grad is not None else p for p in self._params]
         grad_norms = self._norms(grads, plan, convert=False)  # converted once per flush, in finish
-        # the gradient norm is exact; the weight norm of a large tensor comes from the update sample (a second
-        # full pass over the weights would cost as much as the gradient's), and so does the update W_{s-1} - W_s
-        current = self._gather(step)
-        if measured_update:
-            assert self._snapshot is not None and self._snapshot_squares is not None
-            self._samples.difference(self._snapshot, current)  # the snapshot's row <- W_{s-1} - W_s
-            squares = self._samples.squares(tensor_order=False)  # both rows in one pass: sample and change
-            self._snapshot_step = None
-        else:
-            squares = self._samples.squares(current, tensor_order=False)
-            current = 0
-        self._weight_sample_squares = (step, squares, current)
+        if not again:
+            # the gradient norm is exact; the weight norm of a large tensor comes from the update sample (a second
+            # full pass over the weights would cost as much as the gradient's), and so does the update W_{s-1} - W_s
+            current = self._gather(step)
+            snapshot = None
+            if measured_update:
+                assert self._snapshot is not None and self._snapshot_squares is not None
+                self._samples.difference(self._snapshot, current)  # the snapshot's row <- W_{s-1} - W_s
+                squares = self._samples.squares(tensor_order=False)  # both rows in one pass: sample and change
+                snapshot = self._snapshot_squares
+                self._snapshot_step = None
+            else:
+                squares = self._samples.squares(current, tensor_order=False)
+                current = 0
+            self._collected = (step, measured_update, squares, current, snapshot)
         # every row's update is read, also of a layer without a gradient this step (momentum and weight decay
         # move it): folded with the rest when every layer has one (the usual case), written now otherwise
         fused = measured_update and plan is self._all_plan
         if fused:
-            self.defer(slot, (present, current, True), grad_norms, squares, self._snapshot_squares)
+            self.defer(slot, (present, current, True), grad_norms, squares, snapshot)
         else:
             self.defer(slot, (present, 0, False), grad_norms, squares[current:current + 1])
             if measured_update:
@@ -344,19 +355,18 @@ class GradientProbe(Probe):
         if not (self.update_ratio and next_scheduled and self._params):
             return
         current = self._gather(step)
-        if self._weight_sample_squares is not None and self._weight_sample_squares[0] == step:
-            _, squares, row = self._weight_sample_squares  # the same sample, unchanged since collect()
+        if self._collected is not None and self._collected[0] == step:
+            _, _, squares, row, _ = self._collected  # the same sample, unchanged since collect()
             self._snapshot_squares = squares[row]
         else:
             self._snapshot_squares = self._samples.squares(current, tensor_order=False)[0]
         # this step's sample becomes the snapshot; the other row is refilled at the next gather
         self._snapshot, self._current, self._current_step = current, None, None
         self._snapshot_step = step
-        self._weight_sample_squares = None
 
     def detach(self) -> None:
         super().detach()
         self._current = None
         self._snapshot = None
         self._snapshot_squares = None
-        self._weight_sample_squares = None
+        self._collected = None

@@ -68,7 +68,7 @@ class TimeStepProbe(Probe):
         self._horizon: dict[int, torch.Tensor] = {}  # row -> (T,) RMS of d(last output)/dx_t, this step
         self._horizon_series: dict[int, list[tuple[int, torch.Tensor]]] = {}  # row -> [(step, (T,))]
         self._in_horizon = False
-        self._pending: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (x_in, time axis) for the horizon
+        self._horizon_inputs: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (x_in, time axis) for the horizon
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -83,7 +83,7 @@ class TimeStepProbe(Probe):
 
     def reset(self) -> None:
         super().reset()
-        self._pending.clear()
+        self._horizon_inputs.clear()
         self._horizon.clear()
         self._parts.clear()
         self._calls.clear()
@@ -114,13 +114,13 @@ class TimeStepProbe(Probe):
             time_axis = 1 if (module.batch_first and x.dim() == 3) else 0
             x_in.register_hook(self.step_guard(self._on_grad, row, time_axis, 0))
             if x.dim() == 3:
-                self._pending[row] = (x_in, time_axis)
+                self._horizon_inputs[row] = (x_in, time_axis)
         if in_args:
             return (x_in, *args[1:]), kwargs
         return args, {**kwargs, "input": x_in}
 
     def _measure_horizon(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
-        pending = self._pending.pop(row, None)
+        pending = self._horizon_inputs.pop(row, None)
         out = output[0] if isinstance(output, tuple) else output
         if (self._measured % self.horizon_every or pending is None or not isinstance(out, torch.Tensor)
                 or not out.requires_grad or out.dim() != 3):
