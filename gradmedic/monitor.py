@@ -213,10 +213,9 @@ class Monitor:
         for entries in by_device.values():  # one copy to the host per device; cat promotes mixed dtypes
             try:
                 values = torch.cat([t.reshape(1) for _, _, t in entries]).cpu().tolist()
+                host += [(s, col, float(v)) for (s, col, _), v in zip(entries, values, strict=True)]
             except Exception as error:  # noqa: BLE001 - the other devices' values and the host numbers stay
                 self._warn("run", error)
-                continue
-            host += [(s, col, float(v)) for (s, col, _), v in zip(entries, values, strict=True)]
         scalars = {}
         for j, name in enumerate(("loss", "lr")):
             # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)

@@ -202,3 +202,29 @@ def test_an_empty_loss_tensor_loses_nothing_else():
     mon.close()
     assert mon.trace.scalar("loss")[0].tolist() == [0, 1, 3]
     assert mon.trace.scalar("lr")[0].tolist() == [0, 1, 2, 3]
+
+
+def test_a_gradient_dropped_between_two_calls_of_a_step_keeps_the_first_calls_values():
+    # record_gradients(), another backward, a layer's gradient set to None, record_gradients() again: the
+    # dropped layer keeps what the first call read (as an immediate write would have), the others
+    # take the second call's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gm.Monitor(model, opt, probes=[GradientProbe(update_sample=None)])
+    want = {}
+    for step in range(3):
+        nn.functional.mse_loss(model(torch.randn(3, 4)), torch.randn(3, 2)).backward()
+        mon.record_gradients()
+        want[(step, "2")] = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model[2].parameters()))
+        nn.functional.mse_loss(model(torch.randn(3, 4)), torch.randn(3, 2)).backward()
+        model[2].weight.grad = model[2].bias.grad = None
+        mon.record_gradients()
+        want[(step, "0")] = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model[0].parameters()))
+        opt.step()
+        mon.step()
+        opt.zero_grad(set_to_none=True)
+    mon.close()
+    trace = mon.trace
+    for (step, layer), norm in want.items():
+        assert trace.metric("grad_norm")[step, trace.layers.index(layer)] == pytest.approx(norm, rel=1e-6)

@@ -49,14 +49,14 @@ class NoLossKwargs(torch.nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def train(tmp_path, accumulation, report_to=(), make_model=tiny_gpt2, **callback_kwargs):
+def train(tmp_path, accumulation, report_to=(), make_model=tiny_gpt2, every=1, **callback_kwargs):
     model = make_model()
     before = hook_state(model)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
         max_steps=STEPS, logging_steps=1, max_grad_norm=MAX_GRAD_NORM, learning_rate=1e-3, report_to=list(report_to),
         use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    callback = GradmedicCallback(every=1, **callback_kwargs)
+    callback = GradmedicCallback(every=every, **callback_kwargs)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(4 * accumulation * STEPS),
                                    callbacks=[callback])
     trainer.train()
@@ -85,6 +85,20 @@ def test_trainer_pre_clip_norm_and_logged_loss(tmp_path, accumulation, make_mode
     assert "finding(s)" in capsys.readouterr().out
     assert callback.result is not None and "transformer.h.0.attn.c_attn" in trace.layers
     assert callback._scaled == (make_model is tiny_gpt2)  # both of the Trainer's loss conventions were exercised
+
+
+def test_update_ratio_when_measuring_every_other_step(tmp_path):
+    # every=2: the weights are snapshotted at the end of the step before each measured one, before the optimizer
+    # steps (taken after it, the snapshot equalled the measured step's weights and the ratio read 0). Training is
+    # the same with every=1 or 2 (the callback changes nothing), so the ratio at step 2 is the same too
+    ratios = {}
+    for every in (1, 2):
+        train(tmp_path / str(every), accumulation=2, every=every, report=False, verbose=False)
+        trace = gm.Trace.load(tmp_path / str(every) / "gradmedic.gmtrace")
+        ratios[every] = trace.metric("update_to_weight")[list(trace.steps).index(2)]
+    measured = ~np.isnan(ratios[1])
+    assert measured.sum() >= 10 and (ratios[2][measured] > 0).all()
+    np.testing.assert_allclose(ratios[2][measured], ratios[1][measured], rtol=1e-5)
 
 
 def test_trainer_logs_on_its_step_axis_and_to_its_tensorboard(tmp_path, monkeypatch):

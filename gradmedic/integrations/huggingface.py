@@ -100,9 +100,13 @@ class GradmedicCallback(TrainerCallback):
         self._arm()
 
     def _arm(self) -> None:
-        """End-of-backward hooks only on steps whose gradients are measured."""
+        """End-of-backward hooks only on steps whose gradients are measured, and on the step before each: there
+        ``record_gradients`` snapshots the weights before the optimizer's step, so that exactly one update lies
+        between the snapshot and the measured step (taken after it, at ``Monitor.step``, the snapshot would equal
+        the next step's weights and the update ratio would read 0)."""
         step = self.monitor.step_count
-        due = any(p.should_compute(step) for p in self.monitor.probes if not p.uses_hooks)
+        due = any(p.should_compute(step) or p.should_compute(step + 1)
+                  for p in self.monitor.probes if not p.uses_hooks)
         if due:
             self._backward.arm()
         else:

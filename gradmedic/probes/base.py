@@ -260,7 +260,8 @@ class Probe:
 
         A slot deferred again (``Monitor.record_gradients`` at each backward of an accumulated step) replaces its
         earlier entry, as a later immediate write would overwrite an earlier one: the later entry must write every
-        cell the earlier one did (the gradient probe's does: see its ``collect``). Nothing is computed here."""
+        cell the earlier one did, or the probe ``settle``s first (the gradient probe, when a parameter has lost
+        its gradient within the step). Nothing is computed here."""
         earlier = self._pending_slots.get(slot)
         if earlier is not None:
             slots, items = self._pending[earlier]

@@ -119,6 +119,7 @@ class GradientProbe(Probe):
         # the snapshot's squares or None): reused by a second collect of the same step, and by after_step when this
         # step's sample becomes the snapshot
         self._collected: tuple[int, bool, torch.Tensor, int, torch.Tensor | None] | None = None
+        self._deferred_present: tuple[bool, ...] = ()  # which parameters had a gradient at the last deferred collect
         # the layer row of each tensor, in the order of the SampleSet's squares (tensor_order=False)
         self._owner_sampled = torch.tensor([self._owner[i] for i in self._samples.order], dtype=torch.long,
                                            device=self.device)
@@ -221,6 +222,11 @@ class GradientProbe(Probe):
         # every row's update is read, also of a layer without a gradient this step (momentum and weight decay
         # move it): folded with the rest when every layer has one (the usual case), written now otherwise
         fused = measured_update and plan is self._all_plan
+        if again and any(before and not now for before, now in zip(self._deferred_present, present, strict=True)):
+            # a parameter lost its gradient since the step's earlier call (set to None in between): that call's
+            # entry is written now, so that its rows keep their values, as an immediate write's would
+            self.settle()
+        self._deferred_present = present
         if fused:
             self.defer(slot, (present, current, True), grad_norms, squares, snapshot)
         else:
