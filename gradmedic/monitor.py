@@ -202,7 +202,7 @@ class Monitor:
                 elif value is not None:
                     self._run_host.append((step, col, float(value)))
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
-            self._warn("run", error)
+            self._warn("run", error, what="recording the loss and learning rate", consequence="that value was dropped")
 
     def _drain_run(self) -> Chunk | None:
         host, self._run_host = self._run_host, []
@@ -215,7 +215,8 @@ class Monitor:
                 values = torch.cat([t.reshape(1) for _, _, t in entries]).cpu().tolist()
                 host += [(s, col, float(v)) for (s, col, _), v in zip(entries, values, strict=True)]
             except Exception as error:  # noqa: BLE001 - the other devices' values and the host numbers stay
-                self._warn("run", error)
+                self._warn("run read", error, what="reading the loss and learning rate at the flush",
+                           consequence="the values kept on that device were dropped")
         scalars = {}
         for j, name in enumerate(("loss", "lr")):
             # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
@@ -271,7 +272,7 @@ class Monitor:
             if chunk is not None:
                 chunks["run"] = chunk
         except Exception as error:  # noqa: BLE001
-            self._warn("run", error)
+            self._warn("run flush", error, what="recording the loss and learning rate", consequence="they were dropped")
         if self._combiner is not None:
             chunks = self._combiner.combine(chunks)  # one collective; this rank's own numbers if it fails
             self._trace.meta["distributed"] = self._combiner.describe()
