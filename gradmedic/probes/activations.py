@@ -391,10 +391,7 @@ class ActivationProbe(Probe):
         # output would count as saturated (see _beyond): a row whose outputs held NaN/Inf this step has no
         # saturated share (its moments show it)
         share = torch.where(first.isfinite(), saturated / of_, math.nan)
-        col = self.buffer.col
-        where = (self.host_tensor(seen * 3, torch.long),
-                 self.host_tensor([col[m] for m in ("act_mean", "act_std", "saturated_frac") for _ in seen],
-                                  torch.long))
+        where = self.cells(("act_mean", seen), ("act_std", seen), ("saturated_frac", seen))
         self.buffer.put_steps(slots, where, torch.cat([mean, std, share], dim=1))
         if dead:
             assert alive is not None
@@ -404,7 +401,5 @@ class ActivationProbe(Probe):
                 2, self.host_tensor(rows, torch.long), torch.stack([units - alive.to(dt), units], dim=1))
             picked = sorted(set(rows))
             dead_units, out_of = count.index_select(2, self.host_tensor(picked, torch.long)).unbind(1)
-            where = (self.host_tensor(picked * 2, torch.long),
-                     self.host_tensor([col["dead_frac"]] * len(picked) + [col["dead_units_seen"]] * len(picked),
-                                      torch.long))
+            where = self.cells(("dead_frac", picked), ("dead_units_seen", picked))
             self.buffer.put_steps(slots, where, torch.cat([dead_units / out_of, out_of], dim=1))

@@ -85,11 +85,8 @@ class BackwardSignalProbe(Probe):
         # backward_rms and backward_norm of the rows seen, the forward order, the 16-bit rows: one write
         rms_norm = torch.cat([picked / self.host_tensor(counts, self.dtype), picked], dim=1).sqrt_()
         fixed = self.host_tensor([*positions, *([1] * len(low))], self.dtype).expand(len(picked), -1)
-        col = self.buffer.col
-        where = (self.host_tensor([*seen, *seen, *order, *low], torch.long),
-                 self.host_tensor([col["backward_rms"]] * len(seen) + [col["backward_norm"]] * len(seen)
-                                  + [col["forward_index"]] * len(order) + [col["low_precision_out"]] * len(low),
-                                  torch.long))
+        where = self.cells(("backward_rms", seen), ("backward_norm", seen), ("forward_index", order),
+                           ("low_precision_out", low))
         self.buffer.put_steps(slots, where, torch.cat([rms_norm, fixed], dim=1))
 
     def _reset(self) -> None:

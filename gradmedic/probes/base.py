@@ -176,14 +176,9 @@ class StepBuffer:
         block = torch.stack([v.to(self.values.dtype) for v in values], dim=1)
         self.values[slot, :, first:first + len(metrics)].index_copy_(0, rows, block)
 
-    def put(self, slot: int, where: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor) -> None:
-        """Values at arbitrary (row, column) pairs of one slot in one kernel: a probe's whole step in a single
-        write. ``where`` is a (rows, columns) pair of index tensors as long as ``values``, built once."""
-        self.values[slot].index_put_(where, values.to(self.values.dtype))
-
     def put_steps(self, slots: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor) -> None:
-        """``put`` for several slots at once: ``values`` is (slots, K); ``where`` holds (K,) rows and columns shared
-        by every slot, or (slots, K) ones per slot."""
+        """Values at arbitrary (row, column) cells of several slots in one kernel: ``values`` is (slots, K);
+        ``where`` holds (K,) rows and columns shared by every slot (``Probe.cells``), or (slots, K) ones per slot."""
         rows, cols = where
         self.values.index_put_((slots.view(-1, 1), rows, cols), values.to(self.values.dtype))
 
@@ -253,6 +248,13 @@ class Probe:
                 self._host_tensors.clear()
             cached = self._host_tensors[key] = _to_device(list(values), dtype, self.device)
         return cached
+
+    def cells(self, *columns: tuple[str, Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) index tensors for ``StepBuffer.put_steps``: for each (metric, rows) in turn, those rows
+        of that metric's column; made once per distinct layout (``host_tensor``)."""
+        rows = [r for _, rs in columns for r in rs]
+        cols = [self.buffer.col[metric] for metric, rs in columns for _ in rs]
+        return self.host_tensor(rows, torch.long), self.host_tensor(cols, torch.long)
 
     def defer(self, slot: int, layout: Hashable, *tensors: torch.Tensor) -> None:
         """Keep a step's raw results for ``settle``: ``tensors`` (device tensors of the same shapes at every step of

@@ -70,7 +70,6 @@ class _Plan:
     """How a list of tensors splits into foreach groups, and which layer row each belongs to."""
 
     groups: list[list[int]]  # indices into the parameter list, one list per (device, dtype)
-    order: torch.Tensor  # (P,) the same indices flattened, in group order
     owner: torch.Tensor  # (P,) layer row of each tensor, in group order
     rows: torch.Tensor  # (R,) distinct rows present
     count_per_row: torch.Tensor  # (R,) how many tensor elements each present row holds
@@ -146,7 +145,6 @@ class GradientProbe(Probe):
             counts[self._owner[i]] += self._tensors[i].numel()
         plan = _Plan(
             groups=groups,
-            order=torch.tensor(order, dtype=torch.long, device=self.device),
             owner=torch.tensor(owner, dtype=torch.long, device=self.device),
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             count_per_row=torch.tensor([counts[r] for r in rows], dtype=self.dtype, device=self.device),
@@ -271,7 +269,7 @@ class GradientProbe(Probe):
         return acc.sqrt_()
 
     def _layout(self, plan: _Plan, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, column) of each value ``collect`` writes, in its order (see StepBuffer.put); made once."""
+        """(row, column) of each value ``collect`` writes, in its order (see StepBuffer.put_steps); made once."""
         key = ("layout", id(plan), update)
         cached = self._host_tensors.get(key)
         if cached is None:
@@ -311,7 +309,7 @@ class GradientProbe(Probe):
         """Entries per layer that could be non-zero: an embedding's rows that no input used have an exact
         zero gradient in any precision (unused tokens, positions beyond the sequence, padding), so they are
         structure, not underflow, and are left out. A layer whose gradient is zero in every row counts whole."""
-        order = [i for group in plan.groups for i in group]  # host ints, as plan.order holds them
+        order = [i for group in plan.groups for i in group]
         if not any(self._row_wise[i] for i in order):
             return plan.count_per_row
         per_tensor = []
