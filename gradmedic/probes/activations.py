@@ -19,7 +19,9 @@ The mode is always taken off torch's stack again, also when the probe fails insi
 Only training forwards count: a forward that builds no graph (``torch.no_grad()``, ``inference_mode``)
 is not measured, and when a step saw forwards of the model in train mode, those of the model in eval mode
 (a validation pass with gradients on) are left out of it too. A model trained in eval mode, or with a
-frozen part kept in eval mode, is still measured.
+frozen part kept in eval mode, is still measured. Under activation checkpointing a module's forward runs
+again in the backward (``base.in_backward``): that repeat is measured only for a module whose forward was not
+measured in the step (reentrant checkpointing runs the first one under ``no_grad``), so every call counts once.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradmedic._tensors import first_float_tensor, sum_of_squares
-from gradmedic.probes.base import LayerIndex, Probe, is_torch_module
+from gradmedic.probes.base import LayerIndex, Probe, in_backward, is_torch_module
 
 __all__ = ["SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
 
@@ -189,6 +191,7 @@ class ActivationProbe(Probe):
         self._no_count = torch.zeros((), dtype=torch.long, device=self.device)
         self._training: list[bool] = []  # per call: ran in train mode (eval calls are dropped when mixed)
         self._dead: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, alive units, units)
+        self._forward_rows: set[int] = set()  # rows measured outside a backward this step (see in_backward)
         self._stack: list[nn.Module] = []  # user-defined modules running now (functional attribution)
         self._inside_activation = 0
         self._channels_first = False
@@ -242,7 +245,8 @@ class ActivationProbe(Probe):
         self._reset()
 
     def _reset(self) -> None:
-        for store in (self._calls, self._n, self._moments, self._counts, self._of, self._training, self._dead):
+        for store in (self._calls, self._n, self._moments, self._counts, self._of, self._training, self._dead,
+                      self._forward_rows):
             store.clear()
 
     # --- which module is running ------------------------------------------------------------------
@@ -311,6 +315,11 @@ class ActivationProbe(Probe):
 
     def _measure(self, row: int, family: Family, y: torch.Tensor, training: bool,
                  pre: torch.Tensor | None = None) -> None:
+        if in_backward():
+            if row in self._forward_rows:
+                return  # a checkpointed module recomputed: its first forward was measured already
+        else:
+            self._forward_rows.add(row)
         if y.requires_grad:
             y = y.detach()
         if y.dtype.itemsize < 4:

@@ -24,6 +24,12 @@ costs 5-20 us inside a training step (cold caches between the model's own kernel
 arithmetic. So a probe ``defer``s the raw per-call results of a step and its host-side layout (rows, element
 counts: a hashable key), and ``settle`` (at the flush) stacks the steps of each layout and reduces them
 together with the same kernels, once per layout instead of once per step.
+
+Activation checkpointing (``torch.utils.checkpoint``, Hugging Face's ``gradient_checkpointing_enable``) runs a
+checkpointed module's forward a second time inside the backward, with its forward hooks. ``in_backward`` tells
+a forward hook that it is such a recomputation: the non-reentrant kind (the default) ran the first forward
+with gradients on, so a probe that measured it skips the repeat; the reentrant kind ran it under
+``no_grad``, so the recomputation is the only forward with a graph, and is measured.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "is_torch_module"]
+__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "in_backward", "is_torch_module"]
 
 # distinct host-value tensors a probe keeps (Probe.host_tensor): a model with a fixed layout needs a few;
 # one whose shapes change at every step (variable sequence lengths) would otherwise grow it without end
@@ -127,6 +133,16 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
         except RuntimeError:
             pass
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+_GRAPH_TASK_ID: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward on this thread: a module forward that runs now is a checkpointed
+    module being recomputed (see the module docstring). Reads the graph task's id, -1 outside a backward
+    (torch's own checkpoint code reads the same); a torch without it counts as never."""
+    return _GRAPH_TASK_ID() != -1
 
 
 def is_torch_module(module: nn.Module) -> bool:

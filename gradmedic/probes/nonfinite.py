@@ -13,6 +13,12 @@ in one tensor sums to NaN and is reported as "nan"; the module is right either w
 kept as they are (``Probe.defer``); at the flush, the first bad call of each phase of each step is picked on
 the device (the least call index among the non-finite sums) and written into the buffer at that module's
 row as a code: 1 NaN, 2 Inf. Nothing is read on the host until the flush turns codes into events.
+
+Activation checkpointing recomputes a checkpointed forward inside the backward (``base.in_backward``). A
+module whose forward was checked in the step is not checked again. One whose first forward ran under
+``no_grad`` (reentrant checkpointing) is checked when recomputed, and its check is ordered where that first
+forward ran: each forward-hook call takes a place in the step's forward order, checked or not, so the module
+that made a NaN inside a checkpointed block comes before the layers after the block that only passed it on.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from gradmedic._tensors import first_float_tensor
-from gradmedic.probes.base import Chunk, LayerIndex, Probe, is_torch_module
+from gradmedic.probes.base import Chunk, LayerIndex, Probe, in_backward, is_torch_module
 
 __all__ = ["NonFiniteProbe"]
 
@@ -63,6 +69,12 @@ class NonFiniteProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._seen: dict[str, tuple[list[torch.Tensor], list[int]]] = {"forward": ([], []), "backward": ([], [])}
+        # the step's forward order: one place per forward-hook call outside a backward, checked or not
+        # (a forward under no_grad too); per row, its first place; per checked forward call, its place
+        self._places = 0
+        self._first_place: dict[int, int] = {}
+        self._order: list[int] = []
+        self._checked: set[int] = set()  # rows checked outside a backward this step
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -73,17 +85,36 @@ class NonFiniteProbe(Probe):
 
     def reset(self) -> None:
         super().reset()
+        self._clear()
+
+    def _clear(self) -> None:
         for codes, rows in self._seen.values():
             codes.clear()
             rows.clear()
+        self._places = 0
+        self._first_place.clear()
+        self._order.clear()
+        self._checked.clear()
 
     def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
-        out = first_float_tensor(output)
-        if out is None or not torch.is_grad_enabled():  # a no_grad/inference forward is not a training step
-            return
         codes, rows = self._seen["forward"]
+        if in_backward():  # a checkpointed module recomputed: checked only if its first forward was not
+            place = self._first_place.get(row)
+            if place is None or row in self._checked:
+                return
+        else:
+            place = self._places
+            self._places += 1
+            self._first_place.setdefault(row, place)
+            if not torch.is_grad_enabled():  # a no_grad/inference forward is not a training step
+                return
+            self._checked.add(row)
+        out = first_float_tensor(output)
+        if out is None:
+            return
         codes.append(_probe_sum(out))
         rows.append(row)
+        self._order.append(place)
         x = first_float_tensor(args)
         if x is not None and x.requires_grad:
             x.register_hook(self.step_guard(self._on_grad, row))
@@ -98,17 +129,23 @@ class NonFiniteProbe(Probe):
         (forward, rows_f), (backward, rows_b) = self._seen["forward"], self._seen["backward"]
         if not forward and not backward:
             return
-        self.defer(self.buffer.open(step), (tuple(rows_f), tuple(rows_b)), torch.stack(forward + backward))
-        for codes, rows_seen in self._seen.values():
-            codes.clear()
-            rows_seen.clear()
+        # the forward calls' ranks in forward order (ties, a module's repeats, by call), or () when that is
+        # the call order, as it is without reentrant checkpointing: the layout stays the same from step to step
+        ranked = sorted(range(len(forward)), key=lambda i: (self._order[i], i))
+        ranks = () if ranked == list(range(len(forward))) else tuple(ranked)
+        self.defer(self.buffer.open(step), (tuple(rows_f), tuple(rows_b), ranks), torch.stack(forward + backward))
+        self._clear()
 
-    def finish(self, layout: tuple[tuple[int, ...], tuple[int, ...]], slots: torch.Tensor, sums: torch.Tensor) -> None:
-        """Both phases of every step at once: the first non-finite call of each (the least call index among the bad
-        ones, +inf if none), its row and its code (1 NaN, 2 Inf), written with one ``index_put_``."""
-        rows_f, rows_b = layout
+    def finish(self, layout: tuple[tuple[int, ...], ...], slots: torch.Tensor, sums: torch.Tensor) -> None:
+        """Both phases of every step at once: the first non-finite call of each (the least position among the bad
+        ones, +inf if none; a forward call's position is its place in forward order, a backward call's its index),
+        its row and its code (1 NaN, 2 Inf), written with one ``index_put_``."""
+        rows_f, rows_b, ranked = layout
         steps, calls = sums.shape  # float32 or float64 sums (_probe_sum): stack promotes
         split = len(rows_f)
+        if ranked:  # call index by position: put the forward calls in forward order
+            sums = sums.index_select(1, self.host_tensor([*ranked, *range(split, calls)], torch.long))
+            rows_f = tuple(rows_f[i] for i in ranked)
         key = torch.where(sums.isfinite(), math.inf, self.host_tensor(range(calls), sums.dtype))
         none = key.new_full((steps,), math.inf)
         first = torch.stack([key[:, :split].amin(1) if split else none,
