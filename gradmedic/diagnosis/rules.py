@@ -303,9 +303,17 @@ def stalled_updates(trace: Trace, ctx: dict) -> list[Finding]:
     if "update_to_weight" not in trace.metrics:
         return []
     column = trace.metric("update_to_weight")
+    grads = trace.metric("grad_norm") if "grad_norm" in trace.metrics else None
+    # steps at which the gradient probe ran (some layer has a gradient norm)
+    ran = None if grads is None else ~np.all(np.isnan(grads), axis=1)
     medians = {}
     for j, layer in enumerate(trace.layers):
         values = column[:, j][~np.isnan(column[:, j])]
+        if ran is not None and np.isnan(grads[ran, j]).any() and (values > 0).any():  # type: ignore[index]
+            # the layer had no gradient at some steps (an expert no token was routed to, a branch taken only
+            # sometimes): an optimizer leaves a parameter without a gradient exactly as it is, so those zero
+            # updates say nothing about its learning rate; the steps that moved it do
+            values = values[values > 0]
         if values.size:
             medians[layer] = float(np.median(values))
     if not medians:

@@ -32,7 +32,8 @@ CPU does not vectorise, and a whole-tensor count cost more than all the norms to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,6 +44,10 @@ __all__ = ["GradientProbe", "local_tensor"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 UPDATE_SAMPLE = 4096  # entries per tensor for the update ratio and weight norms (see the module docstring)
+# plans kept, one per set of parameters that had a gradient at a step: one in most models; a mixture of experts
+# whose experts get no token at some steps makes a new set at most steps, and its plans are dropped beyond this
+# many (each holds a few index tensors the size of the parameter list)
+PLAN_CACHE = 32
 
 
 # entries per tensor for the zero fraction: its rule reads shares of 50% and 99% (diagnosis.rules
@@ -73,6 +78,9 @@ class _Plan:
     owner: torch.Tensor  # (P,) layer row of each tensor, in group order
     rows: torch.Tensor  # (R,) distinct rows present
     count_per_row: torch.Tensor  # (R,) how many tensor elements each present row holds
+    # index tensors derived from the above (GradientProbe._fold, _layout), made at first use; kept here so that
+    # they go with the plan when it is dropped from the cache
+    derived: dict[tuple[str, int | bool], Any] = field(default_factory=dict)
 
 
 class GradientProbe(Probe):
@@ -132,6 +140,8 @@ class GradientProbe(Probe):
         plan = self._plans.get(present)
         if plan is not None:
             return plan
+        if len(self._plans) >= PLAN_CACHE:  # keep the plan of all parameters, the usual one
+            self._plans = {k: v for k, v in self._plans.items() if v is self._all_plan}
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, (p, has) in enumerate(zip(self._tensors, present, strict=True)):
             if has:
@@ -258,10 +268,10 @@ class GradientProbe(Probe):
         """Per-tensor squares of several steps -> per-layer norms with one ``index_add_``: per step [grad (layers),
         then each of ``sample_squares`` (layers each), total gradient norm (1)]."""
         sets, layers = len(sample_squares), len(self.layers)  # type: ignore[arg-type]
-        key = ("fold", id(plan), sets)
-        index = self._host_tensors.get(key)
+        key = ("fold", sets)
+        index = plan.derived.get(key)
         if index is None:  # built from device tensors once per layout
-            index = self._host_tensors[key] = torch.cat(
+            index = plan.derived[key] = torch.cat(
                 [plan.owner, *(self._owner_sampled + (j + 1) * layers for j in range(sets)),
                  torch.full_like(plan.owner, (sets + 1) * layers)])
         acc = torch.zeros(len(grad_squares), (sets + 1) * layers + 1, dtype=self.dtype, device=self.device)
@@ -270,8 +280,8 @@ class GradientProbe(Probe):
 
     def _layout(self, plan: _Plan, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of each value ``collect`` writes, in its order (see StepBuffer.put_steps); made once."""
-        key = ("layout", id(plan), update)
-        cached = self._host_tensors.get(key)
+        key = ("layout", update)
+        cached = plan.derived.get(key)
         if cached is None:
             names = ("grad_norm", "weight_norm", "grad_to_weight") + (("update_to_weight",) if update else ())
             # from device fills only (no tensor from host data: the first update may come at any step)
@@ -279,7 +289,7 @@ class GradientProbe(Probe):
             cols = torch.cat([torch.full_like(plan.rows, self.buffer.col[m]) for m in names]
                              + [plan.rows.new_full((1,), self.buffer.col["total_grad_norm"])])
             cached = (rows, cols)
-            self._host_tensors[key] = cached  # type: ignore[assignment]
+            plan.derived[key] = cached
         return cached  # type: ignore[return-value]
 
     def _counts_zeros(self) -> bool:

@@ -1,0 +1,98 @@
+"""Layers that get a gradient only at some steps: a mixture of experts whose experts no token is routed to.
+
+An optimizer leaves a parameter without a gradient as it is, so such an expert's update is exactly 0 at those
+steps: that is not a learning rate too small (``stalled_updates``). And the set of parameters with a gradient
+changes from step to step, so the gradient probe must neither grow without bound nor mix up its per-set index
+tensors. Gradient norms are checked against ``p.grad`` read directly at each step (float64, rtol 1e-5).
+"""
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradmedic as gm
+from gradmedic.probes import gradients as gradients_module
+
+
+class MoE(nn.Module):
+    """Top-1 routing over a ModuleList of experts, skipping an expert no token goes to (as many do)."""
+
+    def __init__(self, width=16, experts=6):
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(width, 32), nn.GELU(), nn.Linear(32, width))
+                                      for _ in range(experts)])
+
+    def forward(self, x):
+        weights = self.router(x).softmax(-1)
+        top = weights.argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            mask = top == i
+            if mask.any():
+                out[mask] = expert(x[mask]) * weights[mask, i:i + 1]
+        return x + out
+
+
+def moe_net(layers=3):
+    return nn.Sequential(nn.Linear(8, 16), *[MoE() for _ in range(layers)], nn.Linear(16, 1))
+
+
+def train(lr=1e-3, steps=120, check_norms=False):
+    torch.manual_seed(0)
+    model = moe_net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    monitor = gm.Monitor(model, optimizer, preset="full")
+    gen = torch.Generator().manual_seed(1)
+    expected, patterns = [], set()
+    names = {m: n for n, m in model.named_modules()}
+    owners = {names[m] for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
+    for _ in range(steps):
+        x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 1, generator=gen)  # 4 tokens, 6 experts
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if check_norms:
+            norms = {}
+            for module in model.modules():
+                grads = [p.grad.double() for p in module.parameters(recurse=False) if p.grad is not None]
+                if grads:
+                    norms[names[module]] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+            expected.append(norms)
+        patterns.add(tuple(p.grad is not None for p in model.parameters()))
+        monitor.step(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    monitor.close()
+    probe = next(p for p in monitor.probes if p.name == "gradients")
+    return monitor, probe, expected, patterns, owners
+
+
+def test_gradient_norms_right_while_the_set_with_a_gradient_changes():
+    monitor, probe, expected, patterns, owners = train(check_norms=True)
+    assert len(patterns) > 2 * gradients_module.PLAN_CACHE  # the sets really change, past the cache's size
+    assert len(probe._plans) <= gradients_module.PLAN_CACHE
+    trace = monitor.trace
+    column = trace.metric("grad_norm")
+    for s, norms in enumerate(expected):
+        for j, layer in enumerate(trace.layers):
+            if layer in norms:
+                np.testing.assert_allclose(column[s, j], norms[layer], rtol=1e-5, err_msg=f"step {s} {layer}")
+            elif layer in owners:
+                assert np.isnan(column[s, j]), f"step {s} {layer}: no gradient, yet a norm"
+
+
+def test_experts_without_tokens_at_some_steps_are_not_stalled():
+    monitor, *_ = train()
+    trace = monitor.trace
+    update, grads = trace.metric("update_to_weight"), trace.metric("grad_norm")
+    starved = [j for j, layer in enumerate(trace.layers) if ".experts." in layer
+               and 0.2 < np.isnan(grads[:, j]).mean() < 0.9 and np.median(np.nan_to_num(update[:, j])) == 0]
+    assert starved  # experts whose median update is 0 only because they had no gradient at most steps
+    kinds = {f.kind for f in gm.diagnose(trace).findings}
+    assert "stalled_updates" not in kinds
+
+
+def test_a_mixture_of_experts_with_a_tiny_learning_rate_is_still_stalled():
+    monitor, *_ = train(lr=1e-9, steps=40)
+    stalled = [f for f in gm.diagnose(monitor.trace).findings if f.kind == "stalled_updates"]
+    assert stalled and any(".experts." in layer for layer in stalled[0].layers)
