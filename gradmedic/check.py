@@ -3,7 +3,7 @@
 The user's model, its gradients, its buffers, its optimizer and the global RNG state are left exactly as
 they were, and no copy of the parameters is made for the first look (``steps=0``): the forward runs on the
 user's own model inside ``torch.random.fork_rng``, the gradients come from ``torch.autograd.grad`` (never
-accumulated into ``.grad``), the buffers a forward updates (BatchNorm's running statistics) and the modules'
+accumulated into ``.grad``; a plain backward where reentrant checkpointing refuses it), the buffers a forward updates (BatchNorm's running statistics) and the modules'
 training flags are put back afterwards (``_ModelState``). The probes read the gradients through ``.grad``
 (the Monitor's contract), so the ones from ``autograd.grad`` are lent to ``.grad`` for ``monitor.step()``
 only and the user's own ``.grad`` tensors are put back untouched. A check on a copy would need the
@@ -58,31 +58,68 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
         raise bad_argument("model", "a module with trainable parameters", type(model).__name__)
     args, kwargs = split_inputs(inputs)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    probes = [*build_probes("full"), SignalProbe()]
-    with torch.random.fork_rng(devices=devices):
-        if steps:
-            monitor = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, probes)
-        else:
-            monitor = _check_in_place(model, args, kwargs, targets, loss_fn, probes)
+    if steps:
+        with torch.random.fork_rng(devices=devices):
+            monitor = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, _probes())
+    else:
+        monitor = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
     monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default"}
     return diagnose(monitor.trace)
 
 
+def _probes() -> list:
+    return [*build_probes("full"), SignalProbe()]
+
+
 def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
-                    probes: list) -> Monitor:
+                    devices: list[int]) -> Monitor:
     """One forward and backward on the user's own model, with everything it had put back after."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = _ModelState(model)
     try:
-        with Monitor(model, probes=probes, flush_every=2) as monitor:
+        with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
             loss = _forward_loss(model, args, kwargs, targets, loss_fn)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads, strict=True):
+            for p, g in zip(params, _gradients(loss, params), strict=True):
                 p.grad = g  # lent to the probes (they read .grad) until the state is restored below
             monitor.step(loss.detach())
     finally:
         state.restore()
     return monitor
+
+
+def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """d loss / d params by ``torch.autograd.grad``: no ``.grad`` written, no parameter hook run.
+
+    Except under reentrant activation checkpointing (``checkpoint(..., use_reentrant=True)``), whose graph node
+    has the block's inputs as its only edges: ``autograd.grad`` either refuses it or, when nothing upstream of
+    the block is asked for, skips it and returns None for every parameter inside (silently: ``allow_unused``).
+    Then a plain ``loss.backward()`` into ``.grad`` emptied first (``_ModelState`` puts the user's own back).
+    A backward that fails says so in one line."""
+    try:
+        if not _has_reentrant_checkpoint(loss):
+            return list(torch.autograd.grad(loss, params, allow_unused=True))
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return [p.grad for p in params]
+    except RuntimeError as error:
+        raise GradmedicError(f"The model's backward failed ({type(error).__name__}: {first_line(error)}); check "
+                             "that one loss.backward() on these inputs runs outside gradmedic.") from error
+
+
+def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:
+    """Whether the loss's autograd graph holds a reentrant checkpoint's node (a walk over the graph, once)."""
+    seen: set[Any] = set()
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
@@ -103,7 +140,11 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             loss = _forward_loss(work, args, kwargs, targets, loss_fn)
-            loss.backward()
+            try:
+                loss.backward()
+            except RuntimeError as error:
+                raise GradmedicError(f"The model's backward failed ({type(error).__name__}: {first_line(error)}); "
+                                     "check that one loss.backward() on these inputs runs outside gradmedic.") from error
             monitor.step(loss)
     return monitor
 

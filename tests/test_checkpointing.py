@@ -129,3 +129,42 @@ def test_gpt2_gradient_checkpointing_reads_as_without(tmp_path):
         for metric in ("act_mean", "act_std", "backward_rms", "grad_norm", "forward_index"):
             np.testing.assert_allclose(got.metric(metric), want.metric(metric), rtol=1e-4, atol=1e-7,
                                        err_msg=f"{metric} {kwargs}")
+
+
+def test_check_of_a_reentrant_checkpointed_model_reads_as_the_plain_one():
+    """``gm.check`` takes gradients with ``torch.autograd.grad``, which reentrant checkpointing refuses part-way
+    through the backward: it looks again with a plain backward, and still leaves the model's .grad and RNG."""
+    torch.manual_seed(0)
+    plain = Net(None, nan=False)
+    model = Net("reentrant", nan=False)
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    y = torch.randn(16, 1, generator=torch.Generator().manual_seed(3))
+    mine = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), mine):
+        p.grad = g
+    rng = torch.get_rng_state()
+    want = gm.check(plain, x, targets=y)
+    got = gm.check(model, x, targets=y)
+    assert all(p.grad is g and bool((g == 7.0).all()) for p, g in zip(model.parameters(), mine))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [f.kind for f in got.findings] == [f.kind for f in want.findings]
+    for metric in ("grad_norm", "backward_rms", "act_mean", "dead_units_seen"):
+        np.testing.assert_allclose(got.trace.metric(metric), want.trace.metric(metric), rtol=1e-5, atol=1e-7,
+                                   err_msg=metric)
+
+
+def test_check_of_a_model_whose_backward_fails_says_so_in_one_line():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x).sigmoid()
+            y.mul_(2)  # sigmoid's output is saved for its backward: modified in place, the backward refuses
+            return y
+
+    with pytest.raises(gm.GradmedicError, match=r"^The model's backward failed \(RuntimeError: .*\); check") as info:
+        gm.check(Broken(), torch.randn(3, 4))
+    assert "\n" not in str(info.value)

@@ -96,3 +96,50 @@ def test_a_mixture_of_experts_with_a_tiny_learning_rate_is_still_stalled():
     monitor, *_ = train(lr=1e-9, steps=40)
     stalled = [f for f in gm.diagnose(monitor.trace).findings if f.kind == "stalled_updates"]
     assert stalled and any(".experts." in layer for layer in stalled[0].layers)
+
+
+class RoundRobin(nn.Module):
+    """One expert per step, in turn (a router at its simplest): experts 1 and 2 do not run at the first step.
+    Ten of each expert's 64 ReLU units are dead from the start (bias -100) and stay so."""
+
+    def __init__(self, experts=3):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+                                     for _ in range(experts))
+        self.out = nn.Linear(32, 4)
+        self.calls = 0
+        with torch.no_grad():
+            for expert in self.experts:
+                expert[0].bias[:10] = -100.0
+
+    def forward(self, x):
+        h = self.inp(x)
+        expert = self.experts[self.calls % len(self.experts)]
+        self.calls += 1
+        return self.out(h + expert(h))
+
+
+def test_a_layer_absent_at_the_first_step_is_compared_with_its_own_first_value():
+    """'Died during training' compares a layer with its own first measurement, not with the first step's,
+    at which an expert that did not run has none (it read as 0% dead then, so all of its dead share had 'died')."""
+    torch.manual_seed(0)
+    model = RoundRobin()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    with gm.Monitor(model, optimizer, preset="full") as monitor:
+        for _ in range(30):
+            x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            monitor.step(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    trace = monitor.trace
+    dead = trace.metric("dead_frac")
+    for i in range(3):  # every expert reads 10/64 dead whenever it runs
+        column = dead[:, trace.layers.index(f"experts.{i}.1")]
+        assert np.allclose(column[~np.isnan(column)], 10 / 64)
+    findings = gm.diagnose(trace).findings
+    assert not [f for f in findings if f.kind == "dead_units" and "died during training" in f.message]
+    assert not [f for f in findings if f.kind == "stalled_updates"]

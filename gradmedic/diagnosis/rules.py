@@ -144,13 +144,19 @@ def _per_layer_share(trace: Trace, metric: str, kind: str, info: float, warning:
 
 
 def _first_measured(trace: Trace, metric: str) -> tuple[int, dict[str, float]] | None:
+    """The first step at which any layer has ``metric``, and each layer's own first value: a layer that did not
+    run at that step (an expert no token was routed to, a branch taken later) is compared with itself, not
+    with nothing."""
     column = trace.metric(metric)
     rows = np.flatnonzero(~np.all(np.isnan(column), axis=1))
     if rows.size == 0:
         return None
-    s = rows[0]
-    return int(trace.steps[s]), {k: float(column[s, j]) for j, k in enumerate(trace.layers)
-                                 if not math.isnan(column[s, j])}
+    first = {}
+    for j, k in enumerate(trace.layers):
+        measured = np.flatnonzero(~np.isnan(column[:, j]))
+        if measured.size:
+            first[k] = float(column[measured[0], j])
+    return int(trace.steps[rows[0]]), first
 
 
 def saturated_units(trace: Trace, ctx: dict) -> list[Finding]:
