@@ -3,12 +3,13 @@
 The user's model, its gradients, its buffers, its optimizer and the global RNG state are left exactly as
 they were, and no copy of the parameters is made for the first look (``steps=0``): the forward runs on the
 user's own model inside ``torch.random.fork_rng``, the gradients come from ``torch.autograd.grad`` (never
-accumulated into ``.grad``; a plain backward where reentrant checkpointing refuses it), the buffers a forward updates (BatchNorm's running statistics) and the modules'
-training flags are put back afterwards (``_ModelState``). The probes read the gradients through ``.grad``
-(the Monitor's contract), so the ones from ``autograd.grad`` are lent to ``.grad`` for ``monitor.step()``
-only and the user's own ``.grad`` tensors are put back untouched. A check on a copy would need the
-parameters twice over (2.3x the parameter memory extra on a 1000-layer MLP). Training ``steps`` > 0 changes
-the weights, so those run on ``copy.deepcopy(model)``.
+accumulated into ``.grad``; a plain backward where reentrant checkpointing refuses it), the buffers a
+forward updates (BatchNorm's running statistics) and the modules' training flags are put back afterwards
+(``_ModelState``). The probes read the gradients through ``.grad`` (the Monitor's contract), so the ones
+from ``autograd.grad`` are lent to ``.grad`` for ``monitor.step()`` only and the user's own ``.grad``
+tensors are put back untouched. A check on a copy would need the parameters twice over (2.3x the parameter
+memory extra on a 1000-layer MLP). Training ``steps`` > 0 changes the weights, so those run on
+``copy.deepcopy(model)``.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
                 loss.backward()
             except RuntimeError as error:
                 raise GradmedicError(f"The model's backward failed ({type(error).__name__}: {first_line(error)}); "
-                                     "check that one loss.backward() on these inputs runs outside gradmedic.") from error
+                                     "check that one loss.backward() on these inputs runs outside gradmedic.") \
+                    from error
             monitor.step(loss)
     return monitor
 

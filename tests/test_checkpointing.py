@@ -141,12 +141,12 @@ def test_check_of_a_reentrant_checkpointed_model_reads_as_the_plain_one():
     x = torch.randn(16, 32, generator=torch.Generator().manual_seed(2)).requires_grad_()
     y = torch.randn(16, 1, generator=torch.Generator().manual_seed(3))
     mine = [torch.full_like(p, 7.0) for p in model.parameters()]
-    for p, g in zip(model.parameters(), mine):
+    for p, g in zip(model.parameters(), mine, strict=True):
         p.grad = g
     rng = torch.get_rng_state()
     want = gm.check(plain, x, targets=y)
     got = gm.check(model, x, targets=y)
-    assert all(p.grad is g and bool((g == 7.0).all()) for p, g in zip(model.parameters(), mine))
+    assert all(p.grad is g and bool((g == 7.0).all()) for p, g in zip(model.parameters(), mine, strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
     assert [f.kind for f in got.findings] == [f.kind for f in want.findings]
     for metric in ("grad_norm", "backward_rms", "act_mean", "dead_units_seen"):
