@@ -104,8 +104,12 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Ten
         loss.backward()
         return [p.grad for p in params]
     except RuntimeError as error:
-        raise GradmedicError(f"The model's backward failed ({type(error).__name__}: {first_line(error)}); check "
-                             "that one loss.backward() on these inputs runs outside gradmedic.") from error
+        raise _backward_failed(error) from error
+
+
+def _backward_failed(error: BaseException) -> GradmedicError:
+    return GradmedicError(f"The model's backward failed ({type(error).__name__}: {first_line(error)}); check that "
+                          "one loss.backward() on these inputs runs outside gradmedic.")
 
 
 def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:
@@ -144,9 +148,7 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
             try:
                 loss.backward()
             except RuntimeError as error:
-                raise GradmedicError(f"The model's backward failed ({type(error).__name__}: {first_line(error)}); "
-                                     "check that one loss.backward() on these inputs runs outside gradmedic.") \
-                    from error
+                raise _backward_failed(error) from error
             monitor.step(loss)
     return monitor
 

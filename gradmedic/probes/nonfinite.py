@@ -75,6 +75,7 @@ class NonFiniteProbe(Probe):
         self._first_place: dict[int, int] = {}
         self._order: list[int] = []
         self._checked: set[int] = set()  # rows checked outside a backward this step
+        self._recomputed = False  # a check made in a recomputation this step: the calls are out of forward order
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -95,6 +96,7 @@ class NonFiniteProbe(Probe):
         self._first_place.clear()
         self._order.clear()
         self._checked.clear()
+        self._recomputed = False
 
     def _on_forward(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
         codes, rows = self._seen["forward"]
@@ -102,6 +104,7 @@ class NonFiniteProbe(Probe):
             place = self._first_place.get(row)
             if place is None or row in self._checked:
                 return
+            self._recomputed = True
         else:
             place = self._places
             self._places += 1
@@ -129,10 +132,11 @@ class NonFiniteProbe(Probe):
         (forward, rows_f), (backward, rows_b) = self._seen["forward"], self._seen["backward"]
         if not forward and not backward:
             return
-        # the forward calls' ranks in forward order (ties, a module's repeats, by call), or () when that is
-        # the call order, as it is without reentrant checkpointing: the layout stays the same from step to step
-        ranked = sorted(range(len(forward)), key=lambda i: (self._order[i], i))
-        ranks = () if ranked == list(range(len(forward))) else tuple(ranked)
+        # the forward calls in forward order (ties, a module's repeats, by call), or () when that is the call
+        # order, as it is without a recomputation: the layout stays the same from step to step, and no sort
+        ranks: tuple[int, ...] = ()
+        if self._recomputed:
+            ranks = tuple(sorted(range(len(forward)), key=lambda i: (self._order[i], i)))
         self.defer(self.buffer.open(step), (tuple(rows_f), tuple(rows_b), ranks), torch.stack(forward + backward))
         self._clear()
 
