@@ -154,3 +154,41 @@ def test_half_precision_activations():
     model = nn.Sequential(fixed_linear([0.0, 3.0]), nn.Tanh()).half()
     trace = measure(model, torch.ones(1, 1, dtype=torch.float16))
     assert trace.last("saturated_frac")["1"] == pytest.approx(0.5)
+
+
+# (module, saturated where, from the pre-activation z in float64): the derivative below SATURATED_DERIVATIVE of
+# its peak, or on a flat part; derived by hand, independent of the probe's output-side tests
+SATURATION_TABLE = [
+    (nn.Tanh(), lambda z: 1 - np.tanh(z) ** 2 < 0.05),
+    (nn.Sigmoid(), lambda z: (s := 1 / (1 + np.exp(-z))) * (1 - s) < 0.25 * 0.05),
+    (nn.Softsign(), lambda z: 1 / (1 + np.abs(z)) ** 2 < 0.05),
+    (nn.Hardsigmoid(), lambda z: np.abs(z) >= 3),
+    (nn.Hardtanh(-2.0, 0.5), lambda z: (z <= -2.0) | (z >= 0.5)),
+    (nn.ReLU6(), lambda z: z >= 6),
+]
+
+
+class Gain(nn.Module):
+    """x times a parameter of 1: a model with something to train, whose activation sees x exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+@pytest.mark.parametrize(("act", "saturated"), SATURATION_TABLE, ids=[type(a).__name__ for a, _ in SATURATION_TABLE])
+@pytest.mark.parametrize("shape", [(3, 7), (32, 16, 9, 9)], ids=["small", "conv-map"])
+def test_saturated_share_matches_float64_count(act, saturated, shape):
+    # the count runs on float marks (activations._tally), not a bool mask: it must agree with an exact count
+    # of the pre-activations in float64, for a small tensor and a 41k-entry map; z spread over every region
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+    z.view(-1)[:4] = torch.tensor([6.0, -2.0, 0.5, 3.0], dtype=torch.float64)  # exact edges count for the flat ones
+    model = nn.Sequential(Gain(), act)
+    expected = saturated(z.numpy()).mean()
+    assert 0 < expected < 1  # both sides are exercised
+    share = measure(model, z.float()).last("saturated_frac")["1"]
+    # the probe reads the float32 output; an entry within float32 rounding of an edge may read either way
+    assert share == pytest.approx(expected, abs=2 / z.numel() + 1e-12)
