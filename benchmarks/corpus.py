@@ -31,7 +31,7 @@ REPEATS = 3
 def _plain(model, inputs, kwargs) -> float:
     args, kw = split_inputs(inputs)
     start = time.perf_counter()
-    loss = _forward_loss(model, args, kw, kwargs.get("targets"), kwargs.get("loss_fn"))
+    loss, _ = _forward_loss(model, args, kw, kwargs.get("targets"), kwargs.get("loss_fn"))
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start

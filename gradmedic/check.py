@@ -64,7 +64,8 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
             monitor = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, _probes())
     else:
         monitor = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
-    monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default"}
+    monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default",
+                                   "loss_from": monitor.trace.meta.pop("check_loss", None)}
     return diagnose(monitor.trace)
 
 
@@ -79,7 +80,8 @@ def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, l
     state = _ModelState(model)
     try:
         with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
-            loss = _forward_loss(model, args, kwargs, targets, loss_fn)
+            loss, how = _forward_loss(model, args, kwargs, targets, loss_fn)
+            monitor.trace.meta["check_loss"] = how
             for p, g in zip(params, _gradients(loss, params), strict=True):
                 p.grad = g  # lent to the probes (they read .grad) until the state is restored below
             monitor.step(loss.detach())
@@ -144,7 +146,8 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
             if step:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            loss = _forward_loss(work, args, kwargs, targets, loss_fn)
+            loss, how = _forward_loss(work, args, kwargs, targets, loss_fn)
+            monitor.trace.meta["check_loss"] = how
             try:
                 loss.backward()
             except RuntimeError as error:
@@ -211,7 +214,9 @@ class _ModelState:
                           stacklevel=3)
 
 
-def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
+def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any,
+                  loss_fn: Callable | None) -> tuple[torch.Tensor, str]:
+    """The model's forward and the loss, with what the loss is (see ``_loss``)."""
     try:
         outputs = model(*args, **kwargs)
     except Exception as error:
@@ -219,7 +224,7 @@ def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
                              f"{first_line(error)}); check their shapes, dtypes and device against the model.") \
             from error
     try:
-        loss = _loss(outputs, targets, loss_fn)
+        loss, how = _loss(outputs, targets, loss_fn)
     except GradmedicError:
         raise
     except Exception as error:
@@ -231,17 +236,19 @@ def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
     if not loss.requires_grad:
         raise GradmedicError("The loss does not depend on any trainable parameter (it has no grad_fn); check that "
                              "the model's forward is not under torch.no_grad() and that loss_fn uses its outputs.")
-    return loss.reshape(())
+    return loss.reshape(()), how
 
 
-def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
+def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> tuple[torch.Tensor, str]:
+    """The loss, and what it is: "given" (loss_fn), "model" (the outputs' own ``.loss``), "targets" (cross-entropy
+    or MSE against them) or "projection" (the stand-in, which reads the first floating-point output alone)."""
     if loss_fn is not None:
-        return loss_fn(outputs, targets)
+        return loss_fn(outputs, targets), "given"
     hf_loss = first_float_tensor(outputs, prefer_loss=True)
     has_loss = hf_loss is not None and hf_loss.numel() == 1 and (
         getattr(outputs, "loss", None) is hf_loss or (isinstance(outputs, Mapping) and outputs.get("loss") is hf_loss))
     if targets is None and has_loss:
-        return hf_loss
+        return hf_loss, "model"
     out = first_float_tensor(outputs)
     if out is None:
         raise GradmedicError(f"The model returned no floating-point tensor ({_describe(outputs)}); pass loss_fn.")
@@ -250,14 +257,14 @@ def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
         projection = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
         # the mean, not the sum: dL/d(output) = projection / numel, what mean-squared error on unit-scale
         # errors gives, so the gradient does not grow with the sequence length or width of the output
-        return (out * projection).mean()
+        return (out * projection).mean(), "projection"
     if not isinstance(targets, torch.Tensor):
         raise GradmedicError(f"targets should be a tensor when no loss_fn is given, but given {_describe(targets)}; "
                              "pass loss_fn.")
     if not targets.is_floating_point() and out.dim() >= 2 and targets.shape == out.shape[:1] + out.shape[2:]:
-        return nn.functional.cross_entropy(out, targets)
+        return nn.functional.cross_entropy(out, targets), "targets"
     if targets.is_floating_point() and targets.shape == out.shape:
-        return nn.functional.mse_loss(out, targets)
+        return nn.functional.mse_loss(out, targets), "targets"
     raise GradmedicError(f"No default loss fits outputs {tuple(out.shape)} and targets {tuple(targets.shape)} "
                          f"({targets.dtype}); pass loss_fn(outputs, targets).")
 

@@ -23,6 +23,7 @@ KINDS: tuple[str, ...] = (
     "exploding_through_time",
     "gradient_underflow",
     "stalled_updates",
+    "no_gradient",
 )
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")

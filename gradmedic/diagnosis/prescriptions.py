@@ -140,6 +140,8 @@ def prescribe(kind: str, context: dict[str, Any]) -> list[str]:
         ids = ["loss_scaling", "higher_precision"]
     elif kind == "stalled_updates":
         ids = ["adaptive_optimizer", "raise_learning_rate", "lr_warm_restarts", "add_normalization"]
+    elif kind == "no_gradient":
+        ids = []  # a graph cut or an unused module: the message says what to look for; no remedy applies
     else:
         raise ValueError(f"Argument kind should be one of the finding kinds, but given {kind!r}.")
     if context.get("model_kind") == "transformer":

@@ -305,6 +305,74 @@ def gradient_underflow(trace: Trace, ctx: dict) -> list[Finding]:
                             f"gradient entries of '{k}' are exactly zero: they flushed to zero", ctx)
 
 
+def _without_gradient(trace: Trace) -> tuple[list[str], int]:
+    """Layers with trainable parameters that had no gradient (``p.grad`` None: not a zero gradient) at every
+    step the gradient probe ran, and how many steps that was; ``([], 0)`` when it never ran."""
+    if "grad_norm" not in trace.metrics:
+        return [], 0
+    grads = trace.metric("grad_norm")
+    ran = ~np.all(np.isnan(grads), axis=1)  # steps at which some layer had a gradient
+    if not ran.any():
+        return [], 0
+    # a layer nothing was measured for at all is in the model's parameters (meta), not in the trace's layers
+    column = {layer: j for j, layer in enumerate(trace.layers)}
+    never = [layer for layer, size in trace.meta.get("params", {}).items()
+             if size and (layer not in column or np.isnan(grads[ran, column[layer]]).all())]
+    return never, int(ran.sum())
+
+
+def _ran_in_forward(trace: Trace) -> set[str] | None:
+    """Layers that ran in some measured forward (``forward_index``), None when no forward was measured."""
+    if "forward_index" not in trace.metrics:
+        return None
+    order = trace.metric("forward_index")
+    measured = ~np.all(np.isnan(order), axis=1)
+    if not measured.any():
+        return None
+    return {layer for j, layer in enumerate(trace.layers) if not np.isnan(order[measured, j]).all()}
+
+
+def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
+    """Trainable layers no gradient reached at any measured step. One that ran in the forward is cut off from
+    the loss (its output detached, computed under ``torch.no_grad``, or not used): a warning, since its
+    parameters were meant to train or should be frozen. One that did not run is unused, or a branch or an
+    expert not taken in the measured steps: information, since it costs nothing but memory (and DDP's
+    ``find_unused_parameters``). Neither is a learning-rate problem, which is how its zero updates would
+    otherwise read (stalled_updates). Under ``gm.check``'s stand-in loss, which reads the model's first output
+    alone, a layer that feeds only the other outputs (BERT's pooler) gets none by construction: information."""
+    never, steps = _without_gradient(trace)
+    if not never:
+        return []
+    ran = _ran_in_forward(trace)
+    at = int(trace.steps[-1])
+    cut = depth_order(trace, at, [k for k in never if ran is not None and k in ran])
+    idle = depth_order(trace, at, [k for k in never if ran is None or k not in ran])
+    measured = f"{steps} measured step{'s' * (steps != 1)}"
+    stand_in = (trace.meta.get("check") or {}).get("loss_from") == "projection"
+    found = []
+    if cut:
+        evidence = {"steps": steps, "layers": len(cut), "ran_in_forward": 1}
+        if stand_in:
+            found.append(finding("no_gradient", "info", cut,
+                                 f"'{cut[0]}' runs in the forward but gets no gradient from gm.check's stand-in loss, "
+                                 "which reads only the model's first output: it feeds another output, or none; pass "
+                                 "loss_fn (or targets) to check it with your own loss.", evidence, ctx))
+        else:
+            found.append(finding("no_gradient", "warning", cut,
+                                 f"'{cut[0]}' runs in the forward but no gradient reaches it ({measured}): its output "
+                                 "does not reach the loss (detached, computed under torch.no_grad, or not used); "
+                                 "freeze it with requires_grad_(False) if that is meant.", evidence, ctx))
+    if idle:
+        what = "does not run in the forward and " if ran is not None else ""
+        found.append(finding("no_gradient", "info", idle,
+                             f"'{idle[0]}' {what}gets no gradient ({measured}): an unused module, or a branch or "
+                             "expert not taken; freeze or remove it if it is not meant to train (DDP needs "
+                             "find_unused_parameters=True for it).",
+                             {"steps": steps, "layers": len(idle),
+                              **({"ran_in_forward": 0} if ran is not None else {})}, ctx))
+    return found
+
+
 def stalled_updates(trace: Trace, ctx: dict) -> list[Finding]:
     if "update_to_weight" not in trace.metrics:
         return []
@@ -312,8 +380,12 @@ def stalled_updates(trace: Trace, ctx: dict) -> list[Finding]:
     grads = trace.metric("grad_norm") if "grad_norm" in trace.metrics else None
     # steps at which the gradient probe ran (some layer has a gradient norm)
     ran = None if grads is None else ~np.all(np.isnan(grads), axis=1)
+    # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule
+    never = set(_without_gradient(trace)[0])
     medians = {}
     for j, layer in enumerate(trace.layers):
+        if layer in never:
+            continue
         values = column[:, j][~np.isnan(column[:, j])]
         if ran is not None and np.isnan(grads[ran, j]).any() and (values > 0).any():  # type: ignore[index]
             # the layer had no gradient at some steps (an expert no token was routed to, a branch taken only
@@ -346,6 +418,7 @@ RULES: dict[str, Callable[[Trace, dict], list[Finding]]] = {
     "exploding_through_time": exploding_through_time,
     "gradient_underflow": gradient_underflow,
     "stalled_updates": stalled_updates,
+    "no_gradient": no_gradient,
 }
 
 

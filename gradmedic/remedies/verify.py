@@ -100,7 +100,7 @@ def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn:
     for x, y in _batches(inputs, targets, data, steps):
         args, kwargs = split_inputs(x)
         try:
-            loss = _forward_loss(work, args, kwargs, y, loss_fn)
+            loss, _ = _forward_loss(work, args, kwargs, y, loss_fn)
         except GradmedicError as error:
             raise GradmedicError(f"Verification could not train the {stage} copy: {first_line(error)}") from error
         if not torch.isfinite(loss):

@@ -1,0 +1,113 @@
+"""``no_gradient``: trainable layers that no gradient reaches at any measured step (``p.grad`` None, not a zero
+gradient). A layer that runs in the forward but is cut off from the loss is a warning; one that does not run is
+information; under ``gm.check``'s stand-in loss (the first output alone) a cut layer is information too. None of
+them reads as ``stalled_updates`` (a learning rate too small), which is how its zero updates used to read."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradmedic as gm
+
+
+class Cut(nn.Module):
+    """``side`` runs on a detached input and its output is dropped; ``unused`` never runs; ``frozen`` runs with
+    its parameters frozen; ``a`` and ``b`` carry the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.side, self.unused, self.frozen = (nn.Linear(8, 8) for _ in range(5))
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(self.frozen(x)))
+        self.side(h.detach())
+        return self.b(h)
+
+
+def train(model, steps=6, preset="full", lr=1e-3):
+    gen = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    with gm.Monitor(model, optimizer, preset=preset) as monitor:
+        for _ in range(steps):
+            loss = model(torch.randn(16, 8, generator=gen)).pow(2).mean()
+            loss.backward()
+            monitor.step(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    return gm.diagnose(monitor.trace)
+
+
+def by_severity(report):
+    return {f.severity: f for f in report.findings if f.kind == "no_gradient"}
+
+
+def test_a_cut_layer_warns_and_an_unused_one_informs():
+    torch.manual_seed(0)
+    report = train(Cut())
+    found = by_severity(report)
+    assert found["warning"].layers == ["side"]
+    assert "runs in the forward but no gradient reaches it (6 measured steps)" in found["warning"].message
+    assert found["warning"].evidence == {"steps": 6, "layers": 1, "ran_in_forward": 1}
+    assert found["info"].layers == ["unused"]
+    assert "does not run in the forward" in found["info"].message
+    assert found["warning"].remedies == [] and found["info"].remedies == []
+    # frozen parameters are not meant to train: not a finding; nor are the cut and unused layers stalled
+    assert not any("frozen" in f.layers for f in report.findings)
+    assert not [f for f in report.findings if f.kind == "stalled_updates"]
+    assert not report.healthy
+    assert "no_gradient" in report.to_json()
+
+
+def test_without_the_forward_order_an_ungraded_layer_is_information():
+    # the cheap preset reads gradients only (every 50 steps): whether a layer ran is not known, so no warning
+    torch.manual_seed(0)
+    report = train(Cut(), steps=51, preset="cheap")
+    found = by_severity(report)
+    assert set(found) == {"info"}
+    assert found["info"].layers == ["side", "unused"]
+    assert "ran_in_forward" not in found["info"].evidence and found["info"].evidence["steps"] == 2
+
+
+def test_a_layer_with_a_gradient_at_some_steps_is_not_flagged():
+    # one branch per step in turn: each gets a gradient at a third of the steps (an expert routed to now and then)
+    class Turns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branches = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.branches[self.calls % 3](x)
+
+    torch.manual_seed(0)
+    assert not [f for f in train(Turns(), steps=9).findings if f.kind == "no_gradient"]
+
+
+def test_a_tiny_learning_rate_is_still_stalled_not_cut():
+    torch.manual_seed(0)
+    report = train(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), steps=6, lr=1e-12)
+    assert [f for f in report.findings if f.kind == "stalled_updates"]
+    assert not [f for f in report.findings if f.kind == "no_gradient"]
+
+
+def test_check_stand_in_loss_informs_with_your_loss_it_warns():
+    torch.manual_seed(0)
+    model, x = Cut(), torch.randn(16, 8)
+    stand_in = [f for f in gm.check(model, x).findings if f.kind == "no_gradient" and "stand-in" in f.message]
+    assert stand_in and stand_in[0].layers == ["side"] and stand_in[0].severity == "info"
+    report = gm.check(model, x, loss_fn=lambda out, _: out.pow(2).mean())
+    assert by_severity(report)["warning"].layers == ["side"]
+    assert by_severity(report)["warning"].evidence["steps"] == 1
+
+
+def test_bert_pooler_under_the_stand_in_loss_keeps_the_report_healthy():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    report = gm.check(transformers.BertModel(config), torch.randint(0, 100, (2, 12)))
+    assert report.healthy
+    cut = [f for f in report.findings if f.kind == "no_gradient"]
+    assert len(cut) == 1 and cut[0].layers == ["pooler.dense"] and cut[0].severity == "info"
