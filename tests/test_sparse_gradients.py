@@ -7,6 +7,7 @@ tensors. Gradient norms are checked against ``p.grad`` read directly at each ste
 """
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -143,3 +144,37 @@ def test_a_layer_absent_at_the_first_step_is_compared_with_its_own_first_value()
     findings = gm.diagnose(trace).findings
     assert not [f for f in findings if f.kind == "dead_units" and "died during training" in f.message]
     assert not [f for f in findings if f.kind == "stalled_updates"]
+
+
+def test_a_unit_is_judged_dead_only_over_enough_inputs():
+    """A unit read over fewer than DEAD_MIN_SAMPLES inputs gets no dead share: with one input, a healthy unit is
+    'dead' whenever that input lands beyond a spread below zero (about one unit in six)."""
+    from gradmedic.probes.activations import DEAD_MIN_SAMPLES
+
+    for batch, judged in ((DEAD_MIN_SAMPLES - 1, False), (DEAD_MIN_SAMPLES, True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        with torch.no_grad():
+            model[0].bias[:4] = -100.0  # 4 of 16 units dead for any input
+        with gm.Monitor(model, preset="full") as monitor:
+            model(torch.randn(batch, 4)).sum().backward()
+            monitor.step()
+        column = monitor.trace.metric("dead_frac")[:, monitor.trace.layers.index("1")]
+        assert (not np.isnan(column).all()) == judged
+        if judged:
+            assert column[-1] == pytest.approx(4 / 16)
+
+
+def test_a_fresh_switch_transformer_has_no_dead_experts():
+    """Its experts get 1-8 of 16 tokens each: read over so few, healthy experts showed 17% dead units (a warning,
+    which treat answered by re-drawing them)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
+        expert_capacity=8, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, decoder_start_token_id=0,
+        pad_token_id=0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config)
+    ids, labels = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    report = gm.check(model, {"input_ids": ids, "labels": labels}, steps=10)
+    assert not [f for f in report.findings if f.kind == "dead_units" and f.severity != "info"]

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from gradmedic._tensors import first_float_tensor, sum_of_squares
 from gradmedic.probes.base import LayerIndex, Probe, in_backward, is_torch_module
 
-__all__ = ["SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
+__all__ = ["DEAD_MARGIN", "DEAD_MIN_SAMPLES", "SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
 
 # A unit passes on less than 1/20 of the gradient it would in its linear region once its derivative
 # falls below 5% of the peak (tanh: |y| > 0.975; sigmoid: y < 0.0127 or y > 0.987). Ten such layers in
@@ -52,6 +52,12 @@ SATURATED_DERIVATIVE = 0.05
 # yet train (issue 9); beyond one spread they show <= 5% (depth 20-80, width 64), a too-hot SGD run (lr 3)
 # 16-22%, a bias shifted to -4 100% (tests/test_diagnosis.py, tests/test_check.py).
 DEAD_MARGIN = 1.0
+# ...and only when each unit was read over at least DEAD_MIN_SAMPLES inputs (samples x positions). A unit seen
+# once is "dead" whenever that one pre-activation lies beyond a spread below zero: a normal tail, 16% of healthy
+# units; n independent inputs make it 0.16^n (8: 3e-7). An expert of a mixture gets only the tokens routed to it,
+# 1-4 in a small Switch Transformer, which read 17% dead at init (a warning); tokens routed together are alike,
+# so we ask for 8, not the 4 that independent draws would need. A call with fewer gives no dead share.
+DEAD_MIN_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -351,8 +357,9 @@ class ActivationProbe(Probe):
         self._of.append(n if saturates else 0)
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
-            others = tuple(d for d in range(y.dim()) if d != axis)
-            self._dead.append((call, row, self._alive_units(y, pre, axis, others), y.shape[axis]))
+            if n // y.shape[axis] >= DEAD_MIN_SAMPLES:
+                others = tuple(d for d in range(y.dim()) if d != axis)
+                self._dead.append((call, row, self._alive_units(y, pre, axis, others), y.shape[axis]))
 
     @staticmethod
     def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...]) -> torch.Tensor:
