@@ -103,7 +103,7 @@ def test_one_relu_reused_after_two_layers_counts_each_call():
         def forward(self, x):
             return self.act(self.b(self.act(self.a(x))))
 
-    trace = measure(Reuse(), torch.rand(5, 1))
+    trace = measure(Reuse(), torch.rand(8, 1))
     assert trace.last("dead_frac")["act"] == pytest.approx(2 / 6)
 
 
@@ -126,7 +126,7 @@ def test_functional_activations_are_booked_under_the_calling_module():
         def forward(self, x):
             return F.relu(self.relu(self.inner(x)))
 
-    trace = measure(Block(), torch.ones(2, 1))
+    trace = measure(Block(), torch.ones(8, 1))
     assert trace.last("saturated_frac")["inner"] == pytest.approx(0.5)
     # F.relu inside nn.ReLU is not double counted; the F.relu called by Block is booked under "" (Block)
     assert set(trace.last("dead_frac")) == {"", "relu"}
