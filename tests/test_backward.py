@@ -66,3 +66,43 @@ def test_no_grad_forward_and_eval_are_ignored():
         model(torch.randn(2, 3))
     mon.step()
     assert "backward_rms" not in mon.trace.metrics
+
+
+def test_a_module_whose_first_output_gets_no_gradient_is_skipped_not_fatal():
+    """A module returning (a, b) of which only b reaches the loss: the hook on its first output gets no gradient.
+    A tensor hook was called with None there, and the probe failed and switched itself off for the run."""
+    import warnings
+
+    class Pair(nn.Module):  # owns its weight, so the probe hooks its output
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 6) / 6**0.5)
+
+        def forward(self, x):
+            a, b = (x @ self.weight).split(3, dim=1)
+            return a, b
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.head = Pair(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            _, b = self.pair(x)
+            return self.head(b)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a probe that fails warns
+        with gm.Monitor(net, preset="full") as monitor:
+            for _ in range(2):
+                net(x).pow(2).sum().backward()
+                monitor.step()
+                net.zero_grad()
+    assert not any(p.failed for p in monitor.probes)
+    rms = monitor.trace.last("backward_rms")
+    # the head's output gradient: d(sum out^2)/d out = 2 out, checked against autograd
+    out = net(x)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), out)
+    assert rms["head"] == pytest.approx(grad.pow(2).mean().sqrt().item(), rel=1e-5)

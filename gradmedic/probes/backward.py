@@ -4,10 +4,11 @@ Parameter gradients mix the backward signal with the layer's input scale; the gr
 to a layer's *output* is the signal itself (Nielsen's delta_l), so its profile across depth is what
 shows vanishing or exploding gradients.
 
-It is taken with a tensor hook registered on the output in a forward hook, not with
-``register_full_backward_hook``: the latter wraps the output in a BackwardHookFunction and then
-refuses a following in-place op (``ReLU(inplace=True)``). A tensor hook registered before an in-place
-op receives the gradient with respect to the value before it, which is the pre-activation here.
+It is taken with a hook on the output's autograd node registered in a forward hook (``Probe.on_gradient``: what
+a tensor hook on the output would get), not with ``register_full_backward_hook``: the latter wraps the output
+in a BackwardHookFunction and then refuses a following in-place op (``ReLU(inplace=True)``). A hook on the node
+the output had before an in-place op receives the gradient with respect to the value before it, which is the
+pre-activation here. An output that gets no gradient (the unused first output of a module) is skipped.
 A module called several times per forward accumulates: RMS over all its calls' elements.
 """
 
@@ -60,7 +61,7 @@ class BackwardSignalProbe(Probe):
             self.layers.low_precision_seen = True  # type: ignore[union-attr] - tells GradientProbe(zero_fraction="auto")
         if out is None or not out.requires_grad:
             return
-        out.register_hook(self.step_guard(self._on_grad, row))
+        self.on_gradient(out, self._on_grad, row)
 
     def _on_grad(self, row: int, grad: torch.Tensor) -> None:
         self._squares.append(sum_of_squares(grad))

@@ -120,7 +120,7 @@ class NonFiniteProbe(Probe):
         self._order.append(place)
         x = first_float_tensor(args)
         if x is not None and x.requires_grad:
-            x.register_hook(self.step_guard(self._on_grad, row))
+            self.on_gradient(x, self._on_grad, row)
 
     def _on_grad(self, row: int, grad: torch.Tensor) -> None:
         codes, rows = self._seen["backward"]

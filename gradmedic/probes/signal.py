@@ -53,8 +53,8 @@ class SignalProbe(Probe):
         self._parts["in"].append((row, sum_of_squares(x), x.numel()))
         self._parts["out"].append((row, sum_of_squares(y), y.numel()))
         if x.requires_grad and y.requires_grad:
-            x.register_hook(self.step_guard(self._on_grad, "gin", row))
-            y.register_hook(self.step_guard(self._on_grad, "gout", row))
+            self.on_gradient(x, self._on_grad, "gin", row)
+            self.on_gradient(y, self._on_grad, "gout", row)
 
     def _on_grad(self, key: str, row: int, grad: torch.Tensor) -> None:
         self._parts[key].append((row, sum_of_squares(grad), grad.numel()))
