@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["first_float_tensor", "sum_of_squares"]
+__all__ = ["first_float_tensor", "float_tensors", "sum_of_squares"]
 
 
-def first_float_tensor(obj: Any, prefer_loss: bool = False) -> torch.Tensor | None:
-    """The first floating-point tensor in a tensor, tuple, list, dict or dataclass (depth first).
-
-    Hugging Face models return dict-like dataclasses whose first entry may be ``loss``; with
-    ``prefer_loss`` a ``.loss``/``["loss"]`` tensor wins over the rest.
-    """
+def float_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every floating-point tensor in a tensor, tuple, list, dict or dataclass, depth first."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.is_floating_point() else None
-    if prefer_loss:
-        loss = obj.get("loss") if isinstance(obj, Mapping) else getattr(obj, "loss", None)
-        if isinstance(loss, torch.Tensor) and loss.is_floating_point():
-            return loss
+        if obj.is_floating_point():
+            yield obj
+        return
     if isinstance(obj, Mapping):
         items: Any = obj.values()
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -30,12 +24,28 @@ def first_float_tensor(obj: Any, prefer_loss: bool = False) -> torch.Tensor | No
     elif isinstance(obj, (tuple, list)):
         items = obj
     else:
-        return None
+        return
     for item in items:
-        found = first_float_tensor(item)
-        if found is not None:
-            return found
-    return None
+        yield from float_tensors(item)
+
+
+def first_float_tensor(obj: Any, prefer_loss: bool = False) -> torch.Tensor | None:
+    """The first floating-point tensor in a tensor, tuple, list, dict or dataclass (depth first).
+
+    Hugging Face models return dict-like dataclasses whose first entry may be ``loss``; with
+    ``prefer_loss`` a ``.loss``/``["loss"]`` tensor wins over the rest. Called in every forward hook: a tensor,
+    or a tuple that starts with one (a module's arguments), is answered without the general walk.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() else None
+    if not prefer_loss and isinstance(obj, tuple) and obj and isinstance(obj[0], torch.Tensor) \
+            and obj[0].is_floating_point():
+        return obj[0]
+    if prefer_loss:
+        loss = obj.get("loss") if isinstance(obj, Mapping) else getattr(obj, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+            return loss
+    return next(float_tensors(obj), None)
 
 
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:

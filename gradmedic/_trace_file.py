@@ -130,6 +130,8 @@ def _read_document(zf: zipfile.ZipFile) -> dict[str, Any]:
         _mapping(meta["types"], "meta.types", lambda v: isinstance(v, str), "strings")
     if "params" in meta:
         _mapping(meta["params"], "meta.params", _is_int, "integers")
+    if "frozen" in meta:
+        _names(meta["frozen"], "meta.frozen")
     _names(_field(doc, "layers", list), "layers")
     _names(_field(doc, "metrics", list), "metrics")
     _names(doc.setdefault("scalars", []), "scalars")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._inputs import split_inputs
-from gradmedic._tensors import first_float_tensor
+from gradmedic._tensors import first_float_tensor, float_tensors
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.probes import SignalProbe, build_probes
@@ -241,7 +242,8 @@ def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any,
 
 def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> tuple[torch.Tensor, str]:
     """The loss, and what it is: "given" (loss_fn), "model" (the outputs' own ``.loss``), "targets" (cross-entropy
-    or MSE against them) or "projection" (the stand-in, which reads the first floating-point output alone)."""
+    or MSE against them), "projection" (the stand-in, of the model's only floating-point output) or
+    "projection_of_first" (the stand-in, of the first of several: the others get no gradient from it)."""
     if loss_fn is not None:
         return loss_fn(outputs, targets), "given"
     hf_loss = first_float_tensor(outputs, prefer_loss=True)
@@ -257,7 +259,9 @@ def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> tuple[torch.T
         projection = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
         # the mean, not the sum: dL/d(output) = projection / numel, what mean-squared error on unit-scale
         # errors gives, so the gradient does not grow with the sequence length or width of the output
-        return (out * projection).mean(), "projection"
+        # "projection_of_first" when the outputs hold other floating-point tensors, which this loss leaves out
+        others = next(itertools.islice(float_tensors(outputs), 1, None), None) is not None
+        return (out * projection).mean(), "projection_of_first" if others else "projection"
     if not isinstance(targets, torch.Tensor):
         raise GradmedicError(f"targets should be a tensor when no loss_fn is given, but given {_describe(targets)}; "
                              "pass loss_fn.")

@@ -278,6 +278,10 @@ class Monitor:
             self._trace.meta["distributed"] = self._combiner.describe()
         for chunk in chunks.values():
             self._record(chunk)
+        # layers whose parameters were all frozen after the Monitor was built (requires_grad_(False) in the loop):
+        # no gradient is meant to reach them (diagnosis.rules.no_gradient)
+        self._trace.meta["frozen"] = [name for name, ps in zip(self.layers.names, self.layers.params, strict=True)
+                                      if ps and not any(p.requires_grad for p in ps)]
         if self.sink is not None and chunks and self._writes:
             self._to_sink(lambda sink: sink.write(list(chunks.values())))
         self._since_flush = 0

@@ -92,14 +92,43 @@ def test_a_tiny_learning_rate_is_still_stalled_not_cut():
     assert not [f for f in report.findings if f.kind == "no_gradient"]
 
 
-def test_check_stand_in_loss_informs_with_your_loss_it_warns():
+def test_check_stand_in_loss_informs_only_where_the_model_returned_several_outputs():
+    # one output: the stand-in loss reads all of it, so a layer it does not reach is cut (a warning)
     torch.manual_seed(0)
     model, x = Cut(), torch.randn(16, 8)
-    stand_in = [f for f in gm.check(model, x).findings if f.kind == "no_gradient" and "stand-in" in f.message]
-    assert stand_in and stand_in[0].layers == ["side"] and stand_in[0].severity == "info"
-    report = gm.check(model, x, loss_fn=lambda out, _: out.pow(2).mean())
+    report = gm.check(model, x)
+    assert report.trace.meta["check"]["loss_from"] == "projection"
     assert by_severity(report)["warning"].layers == ["side"]
     assert by_severity(report)["warning"].evidence["steps"] == 1
+
+    class TwoOutputs(Cut):  # side feeds a second output, which the stand-in loss leaves out
+        def forward(self, x):
+            h = torch.tanh(self.a(self.frozen(x)))
+            return self.b(h), self.side(h)
+
+    report = gm.check(TwoOutputs(), x)
+    assert report.trace.meta["check"]["loss_from"] == "projection_of_first"
+    stand_in = [f for f in report.findings if f.kind == "no_gradient" and "stand-in" in f.message]
+    assert stand_in and stand_in[0].layers == ["side"] and stand_in[0].severity == "info"
+    report = gm.check(TwoOutputs(), x, loss_fn=lambda out, _: out[0].pow(2).mean())
+    assert report.trace.meta["check"]["loss_from"] == "given"
+    assert by_severity(report)["warning"].layers == ["side"]
+
+
+def test_a_layer_frozen_after_the_monitor_was_built_is_not_flagged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gm.Monitor(model, optimizer, preset="full") as monitor:
+        model[0].requires_grad_(False)  # staged freezing, inside the user's loop
+        for _ in range(4):
+            loss = model(torch.randn(16, 8)).pow(2).mean()
+            loss.backward()
+            monitor.step(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert monitor.trace.meta["frozen"] == ["0"]
+    assert not [f for f in monitor.diagnose().findings if f.kind in ("no_gradient", "stalled_updates")]
 
 
 def test_bert_pooler_under_the_stand_in_loss_keeps_the_report_healthy():

@@ -305,6 +305,11 @@ def gradient_underflow(trace: Trace, ctx: dict) -> list[Finding]:
                             f"gradient entries of '{k}' are exactly zero: they flushed to zero", ctx)
 
 
+def _frozen(trace: Trace) -> set[str]:
+    """Layers whose parameters were all frozen after the Monitor was built (at its last flush): not meant to move."""
+    return set(trace.meta.get("frozen", ()))
+
+
 def _without_gradient(trace: Trace) -> tuple[list[str], int]:
     """Layers with trainable parameters that had no gradient (``p.grad`` None: not a zero gradient) at every
     step the gradient probe ran, and how many steps that was; ``([], 0)`` when it never ran."""
@@ -314,10 +319,12 @@ def _without_gradient(trace: Trace) -> tuple[list[str], int]:
     ran = ~np.all(np.isnan(grads), axis=1)  # steps at which some layer had a gradient
     if not ran.any():
         return [], 0
-    # a layer nothing was measured for at all is in the model's parameters (meta), not in the trace's layers
+    # a layer nothing was measured for at all is in the model's parameters (meta), not in the trace's layers; one
+    # frozen after the Monitor was built (meta "frozen", at the last flush) is not meant to get a gradient
     column = {layer: j for j, layer in enumerate(trace.layers)}
+    frozen = _frozen(trace)
     never = [layer for layer, size in trace.meta.get("params", {}).items()
-             if size and (layer not in column or np.isnan(grads[ran, column[layer]]).all())]
+             if size and layer not in frozen and (layer not in column or np.isnan(grads[ran, column[layer]]).all())]
     return never, int(ran.sum())
 
 
@@ -339,7 +346,8 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
     expert not taken in the measured steps: information, since it costs nothing but memory (and DDP's
     ``find_unused_parameters``). Neither is a learning-rate problem, which is how its zero updates would
     otherwise read (stalled_updates). Under ``gm.check``'s stand-in loss, which reads the model's first output
-    alone, a layer that feeds only the other outputs (BERT's pooler) gets none by construction: information."""
+    alone, a layer that feeds only the other outputs (BERT's pooler) gets none by construction: information, where
+    the model returned several. A layer frozen after the Monitor was built (``meta["frozen"]``) is left out."""
     never, steps = _without_gradient(trace)
     if not never:
         return []
@@ -348,7 +356,7 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
     cut = depth_order(trace, at, [k for k in never if ran is not None and k in ran])
     idle = depth_order(trace, at, [k for k in never if ran is None or k not in ran])
     measured = f"{steps} measured step{'s' * (steps != 1)}"
-    stand_in = (trace.meta.get("check") or {}).get("loss_from") == "projection"
+    stand_in = (trace.meta.get("check") or {}).get("loss_from") == "projection_of_first"
     found = []
     if cut:
         evidence = {"steps": steps, "layers": len(cut), "ran_in_forward": 1}
@@ -380,8 +388,9 @@ def stalled_updates(trace: Trace, ctx: dict) -> list[Finding]:
     grads = trace.metric("grad_norm") if "grad_norm" in trace.metrics else None
     # steps at which the gradient probe ran (some layer has a gradient norm)
     ran = None if grads is None else ~np.all(np.isnan(grads), axis=1)
-    # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule
-    never = set(_without_gradient(trace)[0])
+    # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule; nor is
+    # a layer the user froze
+    never = set(_without_gradient(trace)[0]) | _frozen(trace)
     medians = {}
     for j, layer in enumerate(trace.layers):
         if layer in never:
