@@ -294,7 +294,7 @@ class HFStyle(nn.Module):
 def test_dict_and_dataclass_outputs():
     model = HFStyle()
     with gm.Monitor(model, preset="full") as mon:
-        model(torch.randn(8, 4))["out"].logits.sum().backward()  # 8 inputs: DEAD_MIN_SAMPLES
+        model(torch.randn(8, 4))["out"].logits.sum().backward()
         mon.step()
     assert set(mon.trace.last("backward_rms")) == {"body", "head"}
     assert set(mon.trace.last("dead_frac")) == {""}  # the functional relu, under the root

@@ -6,6 +6,8 @@ changes from step to step, so the gradient probe must neither grow without bound
 tensors. Gradient norms are checked against ``p.grad`` read directly at each step (float64, rtol 1e-5).
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -146,28 +148,45 @@ def test_a_layer_absent_at_the_first_step_is_compared_with_its_own_first_value()
     assert not [f for f in findings if f.kind == "stalled_updates"]
 
 
-def test_a_unit_is_judged_dead_only_over_enough_inputs():
-    """A unit read over fewer than DEAD_MIN_SAMPLES inputs gets no dead share: with one input, a healthy unit is
-    'dead' whenever that input lands beyond a spread below zero (about one unit in six)."""
-    from gradmedic.probes.activations import DEAD_MIN_SAMPLES
+def test_the_dead_margin_widens_so_that_a_healthy_unit_is_called_dead_no_more_often():
+    # P(z < -m(n))^n = P(z < -DEAD_MARGIN)^DEAD_FULL_SAMPLES, with the normal tail from erfc (not NormalDist)
+    from gradmedic.probes.activations import DEAD_FULL_SAMPLES, DEAD_MARGIN, dead_margin
 
-    for batch, judged in ((DEAD_MIN_SAMPLES - 1, False), (DEAD_MIN_SAMPLES, True)):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+    def tail(m):
+        return 0.5 * math.erfc(m / math.sqrt(2))
+
+    target = tail(DEAD_MARGIN) ** DEAD_FULL_SAMPLES
+    for n in range(1, DEAD_FULL_SAMPLES):
+        assert tail(dead_margin(n)) ** n == pytest.approx(target, rel=1e-6)
+        assert dead_margin(n) > dead_margin(n + 1)
+    assert dead_margin(DEAD_FULL_SAMPLES) == dead_margin(10_000) == DEAD_MARGIN
+
+
+def dead_share(batch, seed, dead_bias=None):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU())
+    if dead_bias is not None:
         with torch.no_grad():
-            model[0].bias[:4] = -100.0  # 4 of 16 units dead for any input
-        with gm.Monitor(model, preset="full") as monitor:
-            model(torch.randn(batch, 4)).sum().backward()
-            monitor.step()
-        column = monitor.trace.metric("dead_frac")[:, monitor.trace.layers.index("1")]
-        assert (not np.isnan(column).all()) == judged
-        if judged:
-            assert column[-1] == pytest.approx(4 / 16)
+            model[0].bias[:16] = dead_bias  # 16 of 64 units dead for any input
+    with gm.Monitor(model, preset="full") as monitor:
+        model(torch.randn(batch, 4)).sum().backward()
+        monitor.step()
+    return monitor.trace.last("dead_frac")["1"]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_small_batches_show_a_dead_layer_and_no_dead_healthy_units(batch):
+    """Read over one to four inputs (an expert's tokens, a batch of 1) a unit needs a wider margin: a healthy one
+    was 'dead' whenever its one input landed a spread below zero, about one in six. A bias of -20 is dead for any
+    input, and shows at any batch."""
+    assert all(dead_share(batch, seed, dead_bias=-20.0) == pytest.approx(16 / 64) for seed in range(5))
+    healthy = [dead_share(batch, seed) for seed in range(20)]
+    assert max(healthy) <= 2 / 64  # PyTorch's default init: no unit is more than a few spreads below zero
 
 
 def test_a_fresh_switch_transformer_has_no_dead_experts():
-    """Its experts get 1-8 of 16 tokens each: read over so few, healthy experts showed 17% dead units (a warning,
-    which treat answered by re-drawing them)."""
+    """Its experts get 1-8 of 16 tokens each: read over so few with a margin of one spread, healthy experts showed
+    17% dead units (a warning, which treat answered by re-drawing them)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.SwitchTransformersConfig(

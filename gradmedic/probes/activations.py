@@ -26,7 +26,9 @@ measured in the step (reentrant checkpointing runs the first one under ``no_grad
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from gradmedic._tensors import first_float_tensor, sum_of_squares
 from gradmedic.probes.base import LayerIndex, Probe, in_backward, is_torch_module
 
-__all__ = ["DEAD_MARGIN", "DEAD_MIN_SAMPLES", "SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
+__all__ = ["DEAD_FULL_SAMPLES", "DEAD_MARGIN", "SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
 
 # A unit passes on less than 1/20 of the gradient it would in its linear region once its derivative
 # falls below 5% of the peak (tanh: |y| > 0.975; sigmoid: y < 0.0127 or y > 0.987). Ten such layers in
@@ -52,12 +54,24 @@ SATURATED_DERIVATIVE = 0.05
 # yet train (issue 9); beyond one spread they show <= 5% (depth 20-80, width 64), a too-hot SGD run (lr 3)
 # 16-22%, a bias shifted to -4 100% (tests/test_diagnosis.py, tests/test_check.py).
 DEAD_MARGIN = 1.0
-# ...and only when each unit was read over at least DEAD_MIN_SAMPLES inputs (samples x positions). A unit seen
-# once is "dead" whenever that one pre-activation lies beyond a spread below zero: a normal tail, 16% of healthy
-# units; n independent inputs make it 0.16^n (8: 3e-7). An expert of a mixture gets only the tokens routed to it,
-# 1-4 in a small Switch Transformer, which read 17% dead at init (a warning); tokens routed together are alike,
-# so we ask for 8, not the 4 that independent draws would need. A call with fewer gives no dead share.
-DEAD_MIN_SAMPLES = 8
+# That margin holds for a unit read over at least DEAD_FULL_SAMPLES inputs (samples x positions); over fewer, the
+# margin widens (dead_margin). A healthy unit is called dead when all of its n inputs land beyond the margin: for
+# one spread a normal tail of 16%, so 0.16^n, 3e-7 at n = 8. Read over one input, 16% of healthy units were
+# "dead": the experts of a small Switch Transformer, which get 1-4 tokens each, read 17% dead at init (a warning).
+DEAD_FULL_SAMPLES = 8
+
+
+@functools.lru_cache(maxsize=64)
+def dead_margin(samples: int) -> float:
+    """How many spreads below zero a unit's largest pre-activation over ``samples`` inputs must lie for it to be
+    dead: DEAD_MARGIN from DEAD_FULL_SAMPLES inputs on; below, the margin m at which a healthy unit is called dead
+    no more often, P(z < -m)^n = P(z < -DEAD_MARGIN)^DEAD_FULL_SAMPLES (normal, independent inputs): 4.9 spreads
+    for one input, 3.2 for two, 1.95 for four. A layer dead outright (a bias far below zero) lies beyond any of
+    them, so a small batch still shows it."""
+    if samples >= DEAD_FULL_SAMPLES:
+        return DEAD_MARGIN
+    normal = statistics.NormalDist()
+    return -normal.inv_cdf(normal.cdf(-DEAD_MARGIN) ** (DEAD_FULL_SAMPLES / max(samples, 1)))
 
 
 @dataclass(frozen=True)
@@ -357,13 +371,18 @@ class ActivationProbe(Probe):
         self._of.append(n if saturates else 0)
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
-            if n // y.shape[axis] >= DEAD_MIN_SAMPLES:
+            samples = n // y.shape[axis]
+            # without the pre-activation the test is "off for every input seen", which needs many inputs
+            if samples >= DEAD_FULL_SAMPLES or (pre is not None and pre.shape == y.shape):
                 others = tuple(d for d in range(y.dim()) if d != axis)
-                self._dead.append((call, row, self._alive_units(y, pre, axis, others), y.shape[axis]))
+                self._dead.append((call, row, self._alive_units(y, pre, axis, others, dead_margin(samples)),
+                                   y.shape[axis]))
 
     @staticmethod
-    def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...]) -> torch.Tensor:
-        """Units not dead for every input (see DEAD_MARGIN); without the pre-activation, units on for this batch."""
+    def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...],
+                     margin: float) -> torch.Tensor:
+        """Units not dead for every input (``margin`` spreads, see DEAD_MARGIN); without the pre-activation, units
+        on for this batch."""
         if pre is None or pre.shape != y.shape:
             return (y.amax(dim=others) > 0).sum()
         pre = pre.detach().float()
@@ -372,7 +391,7 @@ class ActivationProbe(Probe):
         # a robust spread (1.4826 x median absolute deviation = the std of a Gaussian), so that the dead
         # units' own far-negative means do not widen it
         spread = 1.4826 * (means - means.median()).abs().median()
-        return ((top > 0) | (top > -DEAD_MARGIN * spread)).sum()
+        return ((top > 0) | (top > -margin * spread)).sum()
 
     def _drop_eval_calls(self) -> None:
         """When the step had train-mode forwards, forget the eval-mode ones (a validation pass)."""
