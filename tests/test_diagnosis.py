@@ -191,3 +191,18 @@ def test_binomial_tail_beyond_a_thousand_units_is_an_upper_bound_and_never_overf
 
     assert _binomial_tail(5000, 1250, 0.159) < 1e-50  # 25% dead of 5000: surely beyond chance
     assert _binomial_tail(100_000, 15_000, 0.159) == 1.0  # below the chance rate
+
+
+def test_str_of_a_report_keeps_long_layer_names_whole():
+    # str(report) goes to logs and files: the table is as wide as its rows, so a name is never folded mid-word
+    torch.manual_seed(0)
+    long = "a_rather_long_module_name_as_transformers_makes_them_" * 2
+    model = nn.Sequential()
+    model.add_module(long + "in", nn.Linear(4, 8))
+    model.add_module("act", nn.Tanh())
+    model.add_module(long + "out", nn.Linear(8, 2))
+    text = str(gm.check(model, torch.randn(16, 4)))
+    assert long + "in" in text and long + "out" in text
+    table = ("┏", "┃", "┡", "│", "└")
+    assert max(len(line) for line in text.splitlines() if line.startswith(table)) > 120  # the table widened
+    assert all(len(line) <= 120 for line in text.splitlines() if not line.startswith(table))  # the text did not

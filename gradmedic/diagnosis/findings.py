@@ -110,14 +110,25 @@ class Report:
                           ", ".join(where.get(row["layer"], [])))
         return table
 
-    def render(self, console=None) -> None:
-        """Print the table and the findings with their remedies (to ``console`` or stdout)."""
+    def render(self, console=None, fit_table: bool = False) -> None:
+        """Print the table and the findings with their remedies (to ``console`` or stdout). ``fit_table``: the table
+        as wide as its rows need (whole layer names on one line), the findings at the console's width."""
         from rich.console import Console
         from rich.text import Text
 
         console = console or Console()
         if self.trace is not None:
-            console.print(self.table())
+            table = self.table()
+            width = console.width
+            if fit_table:
+                from rich.measure import Measurement
+
+                unbounded = console.options.update_width(10_000)  # measured without the console's own limit
+                console.width = max(width, Measurement.get(console, unbounded, table).maximum)
+            try:
+                console.print(table)
+            finally:
+                console.width = width
         if not self.findings:
             console.print("[green]No findings: gradients flow.[/]")
         colour = {"info": "cyan", "warning": "yellow", "error": "red"}
@@ -132,8 +143,10 @@ class Report:
     def __str__(self) -> str:
         from rich.console import Console
 
+        # text goes to a log, a file or a notebook, not to a terminal of known width: the table keeps whole layer
+        # names on their lines (a GPT-2 name folded at 120 columns read "...attention.output.LayerN" / "orm")
         console = Console(file=io.StringIO(), width=120, color_system=None)
-        self.render(console)
+        self.render(console, fit_table=True)
         return console.file.getvalue()
 
     def __repr__(self) -> str:
