@@ -114,3 +114,22 @@ def test_chromium_renders_the_figures(tmp_path):
     assert bare_bands == [] and bare_fraction < 0.001
     assert len(bands) >= 3, bands  # heatmap, bars and loss curve each drew a coloured region
     assert fraction > 0.02
+
+
+def test_a_finding_without_a_remedy_does_not_say_nothing_to_change():
+    # no_gradient has no remedy: the page points at the finding, not at "nothing to change"
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.side = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            self.side(h.detach())
+            return h
+
+    torch.manual_seed(0)
+    report = gm.check(Cut(), torch.randn(8, 4))
+    assert [f.remedies for f in report.findings if f.kind == "no_gradient"] == [[]]
+    text = report_page(report, "cut").html()
+    assert "No remedy applies" in text and "Nothing to change" not in text

@@ -143,7 +143,7 @@ def _action(remedies: list[str]) -> str:
     from gradmedic.diagnosis import REMEDIES
 
     if not remedies:
-        return "Nothing to change; keep watching."
+        return "No remedy applies: what was found says what to look for."  # no_gradient: a cut or an unused layer
     first = REMEDIES[remedies[0]].description
     text = f"{first[:1].upper()}{first[1:]} ({remedies[0]}; gm.treat applies it)."
     return text + (f" Else try: {', '.join(remedies[1:4])}." if len(remedies) > 1 else "")
