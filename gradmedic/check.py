@@ -62,11 +62,11 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     if steps:
         with torch.random.fork_rng(devices=devices):
-            monitor = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, _probes())
+            monitor, loss_from = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, _probes())
     else:
-        monitor = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
+        monitor, loss_from = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
     monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default",
-                                   "loss_from": monitor.trace.meta.pop("check_loss", None)}
+                                   "loss_from": loss_from}
     return diagnose(monitor.trace)
 
 
@@ -75,20 +75,19 @@ def _probes() -> list:
 
 
 def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
-                    devices: list[int]) -> Monitor:
+                    devices: list[int]) -> tuple[Monitor, str]:
     """One forward and backward on the user's own model, with everything it had put back after."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = _ModelState(model)
     try:
         with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
             loss, how = _forward_loss(model, args, kwargs, targets, loss_fn)
-            monitor.trace.meta["check_loss"] = how
             for p, g in zip(params, _gradients(loss, params), strict=True):
                 p.grad = g  # lent to the probes (they read .grad) until the state is restored below
             monitor.step(loss.detach())
     finally:
         state.restore()
-    return monitor
+    return monitor, how
 
 
 def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
@@ -131,7 +130,7 @@ def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:
 
 
 def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
-                  optimizer: torch.optim.Optimizer | None, steps: int, probes: list) -> Monitor:
+                  optimizer: torch.optim.Optimizer | None, steps: int, probes: list) -> tuple[Monitor, str]:
     """``steps`` optimizer steps change the weights: those run on a deep copy."""
     try:
         work = copy.deepcopy(model)
@@ -148,13 +147,12 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             loss, how = _forward_loss(work, args, kwargs, targets, loss_fn)
-            monitor.trace.meta["check_loss"] = how
             try:
                 loss.backward()
             except RuntimeError as error:
                 raise _backward_failed(error) from error
             monitor.step(loss)
-    return monitor
+    return monitor, how
 
 
 class _ModelState:
