@@ -66,7 +66,7 @@ def dead_margin(samples: int) -> float:
     """How many spreads below zero a unit's largest pre-activation over ``samples`` inputs must lie for it to be
     dead: DEAD_MARGIN from DEAD_FULL_SAMPLES inputs on; below, the margin m at which a healthy unit is called dead
     no more often, P(z < -m)^n = P(z < -DEAD_MARGIN)^DEAD_FULL_SAMPLES (normal, independent inputs): 4.9 spreads
-    for one input, 3.2 for two, 1.95 for four. A layer dead outright (a bias far below zero) lies beyond any of
+    for one input, 3.2 for two, 1.96 for four. A layer dead outright (a bias far below zero) lies beyond any of
     them, so a small batch still shows it."""
     if samples >= DEAD_FULL_SAMPLES:
         return DEAD_MARGIN
