@@ -118,7 +118,9 @@ def stream_blocks(model: nn.Module) -> list[str]:
     containers that sit at a numeric index (``nn.Sequential``/``nn.ModuleList`` entries) and hold two or
     more parameterised modules: a user's own blocks. A plain MLP has none (its entries are layers).
     """
-    named = [(clean_name(n), m) for n, m in unwrap(model).named_modules()]
+    # a wrapper (torch.compile's OptimizedModule) and the module inside it share one clean name: the inner one
+    # stands for both, as in LayerIndex, or a plain stack compiled inside a container reads as two blocks
+    named = [(clean_name(n), m) for n, m in unwrap(model).named_modules() if type(m).__name__ not in WRAPPER_TYPES]
     known = [n for n, m in named if n and is_block(m)]
     if len(known) < 2:
         known = [n for n, m in named if n and _INDEX.match(n.rsplit(".", 1)[-1]) and

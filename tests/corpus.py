@@ -31,8 +31,8 @@ def _lm(tr, config_cls, model_cls, **config):
     return build
 
 
-def _tiny_text(**extra) -> dict:
-    return dict(vocab_size=V, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+def _tiny_text(layers: int = 4, **extra) -> dict:
+    return dict(vocab_size=V, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
                 max_position_embeddings=64, **extra)
 
 
@@ -115,6 +115,32 @@ def _vision(tr, config_cls, model_cls, **config):
     return build
 
 
+def hf_one_block_families() -> list[tuple[str, object]]:
+    """Families with a single block (or one per stack): a one-layer model has no stream to profile, and its
+    block's branch is scaled by design as in a deep one (small q/k gradients at init, an embedding LayerNorm
+    dividing by the 0.02-scale embeddings), so it must read as healthy as the deep ones do."""
+    import transformers as tr
+
+    text = _tiny_text(layers=1)
+    return [
+        ("bert, 1 layer", _cls(tr, "BertConfig", "BertForSequenceClassification", **text)),
+        ("bert masked LM, 1 layer, hidden 32", _lm(tr, "BertConfig", "BertForMaskedLM",
+                                                   **dict(text, hidden_size=32, num_attention_heads=2))),
+        ("roberta, 1 layer", _cls(tr, "RobertaConfig", "RobertaForSequenceClassification", **text, pad_token_id=1)),
+        ("gpt2, 1 layer", _lm(tr, "GPT2Config", "GPT2LMHeadModel", vocab_size=V, n_embd=64, n_layer=1, n_head=4,
+                              n_positions=64)),
+        ("llama, 1 layer", _lm(tr, "LlamaConfig", "LlamaForCausalLM", **text, num_key_value_heads=2)),
+        ("distilbert, 1 layer", _cls(tr, "DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=V,
+                                     dim=64, n_layers=1, n_heads=4, hidden_dim=128, max_position_embeddings=64)),
+        ("t5, 1 layer each", _seq2seq(tr, "T5Config", "T5ForConditionalGeneration", vocab_size=V, d_model=64, d_kv=16,
+                                      d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4,
+                                      decoder_start_token_id=0)),
+        ("vit, 1 layer", _vision(tr, "ViTConfig", "ViTForImageClassification", image_size=32, patch_size=8,
+                                 hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                                 num_labels=10)),
+    ]
+
+
 # --- torch.nn -----------------------------------------------------------------------------------------
 class TokenLM(nn.Module):
     """Embedding -> torch.nn recurrent or transformer body -> vocabulary head, logits (B, T, V)."""
@@ -148,7 +174,7 @@ def _torch_lm(body: str, **kwargs):
     return build
 
 
-def _torch_encoder(norm_first: bool, targets: bool, layers: int = 6):
+def torch_encoder(norm_first: bool, targets: bool, layers: int = 6):
     def build():
         torch.manual_seed(0)
         layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, norm_first=norm_first)
@@ -170,10 +196,10 @@ def _torch_transformer(norm_first: bool, targets: bool, length: int = T):
 
 def torch_families() -> list[tuple[str, object]]:
     return [
-        ("nn.TransformerEncoder post-LN", _torch_encoder(False, False)),
-        ("nn.TransformerEncoder post-LN, targets", _torch_encoder(False, True)),
-        ("nn.TransformerEncoder pre-LN", _torch_encoder(True, False)),
-        ("nn.TransformerEncoder pre-LN, targets", _torch_encoder(True, True)),
+        ("nn.TransformerEncoder post-LN", torch_encoder(False, False)),
+        ("nn.TransformerEncoder post-LN, targets", torch_encoder(False, True)),
+        ("nn.TransformerEncoder pre-LN", torch_encoder(True, False)),
+        ("nn.TransformerEncoder pre-LN, targets", torch_encoder(True, True)),
         ("nn.Transformer post-LN", _torch_transformer(False, False)),
         ("nn.Transformer pre-LN", _torch_transformer(True, False)),
         ("nn.Transformer post-LN, targets, T=128", _torch_transformer(False, True, 128)),

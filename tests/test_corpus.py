@@ -13,7 +13,17 @@ from torch import nn
 
 import gradmedic as gm
 from gradmedic.probes import GradientProbe
-from tests.corpus import HF_NAMES, SICK_AT_INIT, TokenLM, V, hf_families, lm_loss, torch_families
+from tests.corpus import (
+    HF_NAMES,
+    SICK_AT_INIT,
+    TokenLM,
+    V,
+    hf_families,
+    hf_one_block_families,
+    lm_loss,
+    torch_encoder,
+    torch_families,
+)
 
 TORCH_FAMILIES = dict(torch_families())
 
@@ -40,6 +50,23 @@ def test_hugging_face_family_is_healthy_at_init(name):
 def test_torch_family_is_healthy_at_init(name):
     report = _check(TORCH_FAMILIES[name])
     assert report.healthy, f"{name}: {report!r}\n{report}"
+
+
+@pytest.mark.parametrize("name", ["bert, 1 layer", "bert masked LM, 1 layer, hidden 32", "roberta, 1 layer",
+                                  "gpt2, 1 layer", "llama, 1 layer", "distilbert, 1 layer", "t5, 1 layer each",
+                                  "vit, 1 layer"])
+def test_one_block_family_is_healthy_at_init(name):
+    pytest.importorskip("transformers")
+    report = _check(dict(hf_one_block_families())[name])
+    assert report.healthy, f"{name}: {report!r}\n{report}"
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_onetorch_encoder_layer_is_healthy_and_a_block(norm_first):
+    report = _check(torch_encoder(norm_first, False, layers=1))
+    assert report.healthy, f"{report!r}\n{report}"
+    assert report.trace.meta["roles"].get("layers.0") == "block"
+    assert report.context["norm_placement"] == ("pre" if norm_first else "post")
 
 
 def test_corpus_covers_fifteen_families():
