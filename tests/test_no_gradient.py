@@ -47,7 +47,8 @@ def test_a_cut_layer_warns_and_an_unused_one_informs():
     report = train(Cut())
     found = by_severity(report)
     assert found["warning"].layers == ["side"]
-    assert "runs in the forward but no gradient reaches it (6 measured steps)" in found["warning"].message
+    assert found["warning"].message.startswith("'side' runs in the forward but no gradient reaches it (6 measured "
+                                               "steps)")
     assert found["warning"].evidence == {"steps": 6, "layers": 1, "ran_in_forward": 1}
     assert found["info"].layers == ["unused"]
     assert "does not run in the forward" in found["info"].message
@@ -140,3 +141,24 @@ def test_bert_pooler_under_the_stand_in_loss_keeps_the_report_healthy():
     assert report.healthy
     cut = [f for f in report.findings if f.kind == "no_gradient"]
     assert len(cut) == 1 and cut[0].layers == ["pooler.dense"] and cut[0].severity == "info"
+
+
+class FeatureUnderNoGrad(nn.Module):
+    """A three-layer feature extractor run under no_grad (meant to be frozen, but its parameters still train)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.features(x)
+        return self.head(h)
+
+
+def test_the_message_counts_every_cut_layer_not_only_the_first():
+    torch.manual_seed(0)
+    found = by_severity(train(FeatureUnderNoGrad()))["warning"]
+    assert found.layers == ["features.0", "features.2", "features.4"]
+    assert found.message.startswith("'features.0' (and 2 more layers) runs in the forward but no gradient reaches it")

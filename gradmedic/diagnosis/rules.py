@@ -339,6 +339,12 @@ def _ran_in_forward(trace: Trace) -> set[str] | None:
     return {layer for j, layer in enumerate(trace.layers) if not np.isnan(order[measured, j]).all()}
 
 
+def _and_more(layers: list[str]) -> str:
+    """" (and 3 more layers)" after the first layer's name, so a message does not read as if one layer alone."""
+    more = len(layers) - 1
+    return f" (and {more} more layer{'s' * (more != 1)})" if more else ""
+
+
 def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
     """Trainable layers no gradient reached at any measured step. One that ran in the forward is cut off from
     the loss (its output detached, computed under ``torch.no_grad``, or not used): a warning, since its
@@ -362,20 +368,22 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
         evidence = {"steps": steps, "layers": len(cut), "ran_in_forward": 1}
         if stand_in:
             found.append(finding("no_gradient", "info", cut,
-                                 f"'{cut[0]}' runs in the forward but gets no gradient from gm.check's stand-in loss, "
-                                 "which reads only the model's first output: it feeds another output, or none; pass "
-                                 "loss_fn (or targets) to check it with your own loss.", evidence, ctx))
+                                 f"'{cut[0]}'{_and_more(cut)} runs in the forward but gets no gradient from "
+                                 "gm.check's stand-in loss, which reads only the model's first output: it feeds "
+                                 "another output, or none; pass loss_fn (or targets) to check it with your own loss.",
+                                 evidence, ctx))
         else:
             found.append(finding("no_gradient", "warning", cut,
-                                 f"'{cut[0]}' runs in the forward but no gradient reaches it ({measured}): its output "
-                                 "does not reach the loss (detached, computed under torch.no_grad, or not used); "
-                                 "freeze it with requires_grad_(False) if that is meant.", evidence, ctx))
+                                 f"'{cut[0]}'{_and_more(cut)} runs in the forward but no gradient reaches it "
+                                 f"({measured}): its output does not reach the loss (detached, computed under "
+                                 "torch.no_grad, or not used); freeze it with requires_grad_(False) if that is meant.",
+                                 evidence, ctx))
     if idle:
         what = "does not run in the forward and " if ran is not None else ""
         found.append(finding("no_gradient", "info", idle,
-                             f"'{idle[0]}' {what}gets no gradient ({measured}): an unused module, or a branch or "
-                             "expert not taken; freeze or remove it if it is not meant to train (DDP needs "
-                             "find_unused_parameters=True for it).",
+                             f"'{idle[0]}'{_and_more(idle)} {what}gets no gradient ({measured}): an unused module, "
+                             "or a branch or expert not taken; freeze or remove it if it is not meant to train (DDP "
+                             "needs find_unused_parameters=True for it).",
                              {"steps": steps, "layers": len(idle),
                               **({"ran_in_forward": 0} if ran is not None else {})}, ctx))
     return found
