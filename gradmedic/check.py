@@ -97,10 +97,18 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Ten
     has the block's inputs as its only edges: ``autograd.grad`` either refuses it or, when nothing upstream of
     the block is asked for, skips it and returns None for every parameter inside (silently: ``allow_unused``).
     Then a plain ``loss.backward()`` into ``.grad`` emptied first (``_ModelState`` puts the user's own back).
-    A backward that fails says so in one line."""
+    A custom autograd Function may run a backward of its own inside its backward (Reformer's reversible layers
+    recompute their block and call ``torch.autograd.backward`` on it): that one writes ``.grad`` of the parameters
+    inside, which ``autograd.grad`` returns as None. So ``.grad`` is emptied first (the user's tensors are kept by
+    ``_ModelState``, never written into) and what such a Function wrote there is added to what ``autograd.grad``
+    returned. A backward that fails says so in one line."""
     try:
         if not _has_reentrant_checkpoint(loss):
-            return list(torch.autograd.grad(loss, params, allow_unused=True))
+            for p in params:
+                p.grad = None
+            found = torch.autograd.grad(loss, params, allow_unused=True)
+            return [g if p.grad is None else p.grad if g is None else g + p.grad
+                    for p, g in zip(params, found, strict=True)]
         for p in params:
             p.grad = None
         loss.backward()

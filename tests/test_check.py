@@ -154,6 +154,56 @@ def test_the_users_gradients_do_not_leak_into_the_check():
     assert gm.check(model, x).trace.last("grad_norm") == clean
 
 
+class _Reversible(torch.autograd.Function):
+    """A block run without a graph and recomputed in the backward, whose own ``torch.autograd.backward`` writes the
+    block's parameter gradients into ``.grad`` (as Reformer's reversible layers do): ``autograd.grad`` sees no edge
+    to those parameters and returns None for them."""
+
+    @staticmethod
+    def forward(ctx, x, block):
+        ctx.save_for_backward(x)
+        ctx.block = block
+        with torch.no_grad():
+            return block(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            torch.autograd.backward(ctx.block(x), grad)
+        return x.grad, None
+
+
+class ReversibleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.block, self.last = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.last(_Reversible.apply(self.first(x), self.block))
+
+
+def test_a_function_with_its_own_backward_neither_writes_the_users_grads_nor_hides_its_parameters():
+    torch.manual_seed(0)
+    model = ReversibleNet()
+    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    users = {p: torch.zeros_like(p) for p in model.parameters()}
+    for p, g in users.items():
+        p.grad = g
+    report = gm.check(model, x, y, loss_fn=nn.functional.mse_loss)
+    assert all(p.grad is g and not g.any() for p, g in users.items())  # the same tensors, still zero
+    for p in model.parameters():
+        p.grad = None
+    nn.functional.mse_loss(model(x), y).backward()  # the independent path: a plain backward into .grad
+    got = report.trace.last("grad_norm")
+    for name in ("first", "block.0", "last"):
+        module = dict(model.named_modules())[name]
+        want = float(torch.sqrt(sum(p.grad.square().sum() for p in module.parameters(recurse=False))))
+        assert got[name] == pytest.approx(want, rel=1e-5), name
+    assert not report.of_kind("no_gradient")
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
