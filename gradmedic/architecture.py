@@ -90,8 +90,11 @@ _BLOCK_NAME = re.compile(r"(Block|DecoderLayer|EncoderLayer|BottleNeckLayer|Basi
                          r"ConvNextLayer|ConvNextV2Layer)$")
 # "...Layer" classes are blocks when they hold an attention module (BertLayer, ViTLayer, GPTNeoXLayer)
 _ATTENTION_CHILD = re.compile(r"attn|attention", re.IGNORECASE)
-# ...but not the sub-layers of a block (T5LayerSelfAttention, T5LayerFF: residual pieces of a T5Block)
-_NOT_BLOCK_NAME = re.compile(r"(Attention|FF|SelfAttention|CrossAttention|ConvLayer|Embeddings?)$")
+# ...but not the sub-layers of a block (T5LayerSelfAttention, T5LayerFF: residual pieces of a T5Block), nor a
+# squeeze-excitation gate, which multiplies its input by a gate rather than adding a branch to it (RegNet's
+# RegNetSELayer holds its gate under the name "attention", and sits inside the real block, RegNetYLayer)
+_NOT_BLOCK_NAME = re.compile(r"(Attention|FF|SelfAttention|CrossAttention|ConvLayer|Embeddings?|SELayer|SEBlock|"
+                             r"SqueezeExcitation\w*)$")
 
 
 def _has_params_below(module: nn.Module) -> bool:
@@ -114,22 +117,37 @@ _INDEX = re.compile(r"^\d+$")
 def stream_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks whose outputs make up the path the gradient takes through depth.
 
-    Known residual blocks (``is_block``), outermost first when they nest. Without any, the outermost
-    containers that sit at a numeric index (``nn.Sequential``/``nn.ModuleList`` entries) and hold two or
-    more parameterised modules: a user's own blocks. A plain MLP has none (its entries are layers).
+    Known residual blocks (``is_block``), outermost first when they nest. With fewer than two of them, the
+    outermost modules that sit at a numeric index of a container and hold two or more parameterised modules,
+    when there are two or more: a user's own blocks. Those are modules whose forward runs: a ``ModuleList``
+    entry that is itself a ``ModuleList`` (stages of blocks) is looked into, not taken, since no gradient ever
+    reaches a ModuleList's output. A plain MLP has none (its entries are layers), nor has a plain stack wrapped
+    once. Failing both, a single known block still counts: a one-layer transformer's attention and MLP are a
+    scaled branch all the same.
     """
     # a wrapper (torch.compile's OptimizedModule) and the module inside it share one clean name: the inner one
     # stands for both, as in LayerIndex, or a plain stack compiled inside a container reads as two blocks
     named = [(clean_name(n), m) for n, m in unwrap(model).named_modules() if type(m).__name__ not in WRAPPER_TYPES]
-    known = [n for n, m in named if n and is_block(m)]
-    if len(known) < 2:
-        known = [n for n, m in named if n and _INDEX.match(n.rsplit(".", 1)[-1]) and
-                 sum(1 for c in m.modules() if c is not m and any(True for _ in c.parameters(recurse=False))) >= 2]
+    known = _outermost([n for n, m in named if n and is_block(m)])
+    if len(known) >= 2:
+        return known
+    containers = _outermost([n for n, m in named if n and _INDEX.match(n.rsplit(".", 1)[-1])
+                             and not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and _layers_below(m) >= 2])
+    return containers if len(containers) >= 2 else known
+
+
+def _layers_below(module: nn.Module) -> int:
+    """How many modules under ``module`` own parameters directly."""
+    return sum(1 for c in module.modules() if c is not module and any(True for _ in c.parameters(recurse=False)))
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """``names`` (in ``named_modules`` order) without those nested inside an earlier one."""
     outer: list[str] = []
-    for name in known:
+    for name in names:
         if not any(name.startswith(o + ".") for o in outer):
             outer.append(name)
-    return outer if len(outer) >= 2 else []
+    return outer
 
 
 # --- attention and MLP projections, embeddings ---------------------------------------------------------
@@ -205,7 +223,12 @@ def roles(model: nn.Module) -> dict[str, str]:
         role = role_of(name, module)
         if role != "other":
             out[clean_name(name)] = role
-    for name in stream_blocks(model):
+    # "block" means a point on the stream: a block-like module inside another block (a mixture-of-experts layer,
+    # ``MixtralSparseMoeBlock``, inside its decoder layer) is part of that block's branch, not a stream of its own
+    stream = stream_blocks(model)
+    for name in [n for n, r in out.items() if r == "block" and n not in stream]:
+        del out[name]
+    for name in stream:
         out[name] = "block"
     return out
 

@@ -18,6 +18,7 @@ from tests.corpus import (
     SICK_AT_INIT,
     TokenLM,
     V,
+    _ids,
     hf_families,
     hf_one_block_families,
     lm_loss,
@@ -377,3 +378,95 @@ def test_planted_underflow_in_half_gpt2_is_found():
                              {"loss_fn": lambda o, t: o.logits.float().mean() * 1e-7}))
     found = report.of_kind("gradient_underflow")
     assert found and found[0].severity == "error", repr(report)
+
+
+# --- which modules make the residual stream ------------------------------------------------------------------
+class _Unit(nn.Module):
+    """A residual unit with LayerScale whose class name is nothing gradmedic knows."""
+
+    def __init__(self, d: int, scale: float):
+        super().__init__()
+        self.norm, self.act = nn.GroupNorm(1, d), nn.GELU()
+        self.fc1, self.fc2 = nn.Conv2d(d, 2 * d, 1), nn.Conv2d(2 * d, d, 1)
+        self.gamma = nn.Parameter(scale * torch.ones(d, 1, 1))
+
+    def forward(self, x):
+        return x + self.gamma * self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class _Stages(nn.Module):
+    """Stages of units held in nested ModuleLists (PoolFormer's layout): a ModuleList has no forward, so the
+    stream is at the units."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 16, 4, stride=4), nn.Conv2d(16, 32, 2, stride=2)
+        self.stages = nn.ModuleList([nn.ModuleList([_Unit(16, scale) for _ in range(2)]),
+                                     nn.ModuleList([_Unit(32, scale) for _ in range(2)])])
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = self.down(x) if i else x
+            for unit in stage:
+                x = unit(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1.0])
+def test_units_in_nested_module_lists_are_the_stream(scale):
+    from gradmedic.architecture import stream_blocks
+
+    torch.manual_seed(0)
+    model = _Stages(scale)
+    assert stream_blocks(model) == ["stages.0.0", "stages.0.1", "stages.1.0", "stages.1.1"]
+    gen = torch.Generator().manual_seed(0)
+    report = gm.check(model, torch.randn(4, 3, 32, 32, generator=gen), targets=torch.tensor([0, 3, 5, 9]))
+    assert report.healthy, f"{report!r}\n{report}"  # was: exploding 2.4e5x through the branch layers (scale 1e-5)
+
+
+class _SE(nn.Module):
+    """A squeeze-excitation gate whose inner module is called "attention" (RegNet's RegNetSELayer)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(d, d // 4, 1), nn.ReLU(),
+                                       nn.Conv2d(d // 4, d, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.attention(x)
+
+
+class RegNetSELayer(_SE):
+    pass
+
+
+class _YUnit(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.layer = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.BatchNorm2d(d), nn.ReLU(), RegNetSELayer(d),
+                                   nn.Conv2d(d, d, 1), nn.BatchNorm2d(d))
+
+    def forward(self, x):
+        return torch.relu(x + self.layer(x))
+
+
+def test_a_squeeze_excitation_gate_is_not_a_block():
+    from gradmedic.architecture import is_block, stream_blocks
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), *[_YUnit(16) for _ in range(3)])
+    assert not is_block(model[1].layer[3])
+    assert stream_blocks(model) == ["1", "2", "3"]  # the units, not the gates inside them
+
+
+def test_a_mixture_of_experts_layer_inside_a_decoder_layer_is_not_a_block():
+    tr = pytest.importorskip("transformers")
+    config = tr.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = tr.MixtralForCausalLM(config)
+    report = _check(lambda: (model, {"input_ids": _ids(), "labels": _ids()}, {}))
+    blocks = [n for n, r in report.trace.meta["roles"].items() if r == "block"]
+    assert blocks == ["model.layers.0", "model.layers.1"]
+    assert report.context["norm_placement"] == "pre"  # the router ran first in the MoE "block": it voted post

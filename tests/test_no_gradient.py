@@ -162,3 +162,23 @@ def test_the_message_counts_every_cut_layer_not_only_the_first():
     found = by_severity(train(FeatureUnderNoGrad()))["warning"]
     assert found.layers == ["features.0", "features.2", "features.4"]
     assert found.message.startswith("'features.0' (and 2 more layers) runs in the forward but no gradient reaches it")
+
+
+class ModeParameter(nn.Module):
+    """Owns a parameter used only in a mode the run never enters (XLNet's mask_emb, used with target_mapping)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = nn.Parameter(torch.zeros(8))
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x, masked=False):
+        return self.inner(x + self.mask if masked else x)
+
+
+def test_a_parameter_its_own_forward_does_not_use_is_information_not_a_cut_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(ModeParameter(), nn.Tanh(), nn.Linear(8, 1))
+    found = [f for f in train(model).findings if f.kind == "no_gradient"]
+    assert [(f.severity, f.layers) for f in found] == [("info", ["0"])]
+    assert found[0].message.startswith("'0' gets a gradient at its output, but none reaches the parameters it owns")

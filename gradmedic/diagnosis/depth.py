@@ -5,8 +5,9 @@ reaching each block's output: the residual stream, the path the gradient takes t
 inside a block are its branch: LayerScale (1e-6 in ConvNeXt), ReZero (0), a zero-initialised last BN
 gamma, small q/k projections (near-uniform attention) all scale a branch's gradient down by design, so
 the branch's own layers are not compared with the deepest layers; a model with one block (a one-layer
-transformer) has a stream of one point and no depth profile. Without blocks (a plain MLP or CNN)
-every parameterised layer is on the path and the profile reads them all, in the order they ran.
+transformer), or with blocks whose output gradient cannot be seen, has no depth profile. Without blocks (a
+plain MLP or CNN) every parameterised layer is on the path and the profile reads them all, in the order
+they ran.
 The profile rules compare each entry with those nearest the loss, so they do not depend on the loss's
 scale, the batch size or the learning rate.
 """
@@ -78,9 +79,11 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     roles = trace.meta.get("roles", {})
     blocks = depth_order(trace, step, [k for k, r in roles.items() if r == "block" and k in bs
                                        and math.isfinite(bs[k])])
-    if len(blocks) == 1:
-        # one block (a one-layer transformer): a stream of one point has no profile, and the layers inside the
-        # block are its branch, scaled by design (small q/k gradients at init), as in a deeper model's blocks
+    if len(blocks) < 2 and any(r == "block" for r in roles.values()):
+        # one block (a one-layer transformer), or blocks whose output gradient was not seen (Reformer's reversible
+        # layers run inside a custom Function, without a graph of their own): a stream of one point or none has no
+        # profile, and the layers inside the blocks are their branches, scaled by design (small q/k gradients at
+        # init), not points on the path the gradient takes
         return None
     if len(blocks) >= 2:
         # one profile per stack (an encoder's and a decoder's blocks): the encoder's gradient arrives through

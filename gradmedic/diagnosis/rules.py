@@ -339,6 +339,16 @@ def _ran_in_forward(trace: Trace) -> set[str] | None:
     return {layer for j, layer in enumerate(trace.layers) if not np.isnan(order[measured, j]).all()}
 
 
+def _output_reached(trace: Trace) -> set[str]:
+    """Layers whose output got a gradient at some measured step (a finite, positive ``backward_norm``)."""
+    if "backward_norm" not in trace.metrics:
+        return set()
+    signal = trace.metric("backward_norm")
+    with np.errstate(invalid="ignore"):
+        hit = np.any(np.isfinite(signal) & (signal > 0), axis=0)
+    return {layer for j, layer in enumerate(trace.layers) if hit[j]}
+
+
 def _and_more(layers: list[str]) -> str:
     """" (and 3 more layers)" after the first layer's name, so a message does not read as if one layer alone."""
     more = len(layers) - 1
@@ -353,14 +363,20 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
     ``find_unused_parameters``). Neither is a learning-rate problem, which is how its zero updates would
     otherwise read (stalled_updates). Under ``gm.check``'s stand-in loss, which reads the model's first output
     alone, a layer that feeds only the other outputs (BERT's pooler) gets none by construction: information, where
-    the model returned several. A layer frozen after the Monitor was built (``meta["frozen"]``) is left out."""
+    the model returned several. One whose output gets a gradient while the parameters it owns itself get none
+    does not use them in its forward (a parameter for some modes only): information. A layer frozen after the
+    Monitor was built (``meta["frozen"]``) is left out."""
     never, steps = _without_gradient(trace)
     if not never:
         return []
     ran = _ran_in_forward(trace)
     at = int(trace.steps[-1])
-    cut = depth_order(trace, at, [k for k in never if ran is not None and k in ran])
-    idle = depth_order(trace, at, [k for k in never if ran is None or k not in ran])
+    reached = _output_reached(trace)
+    # a layer whose output does get a gradient but whose own parameters do not: the forward does not use them
+    # (XLNet's mask_emb, used only with target_mapping; an output bias no longer tied to the decoder's)
+    unused = depth_order(trace, at, [k for k in never if k in reached])
+    cut = depth_order(trace, at, [k for k in never if ran is not None and k in ran and k not in reached])
+    idle = depth_order(trace, at, [k for k in never if (ran is None or k not in ran) and k not in reached])
     measured = f"{steps} measured step{'s' * (steps != 1)}"
     stand_in = (trace.meta.get("check") or {}).get("loss_from") == "projection_of_first"
     found = []
@@ -378,6 +394,13 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
                                  f"({measured}): its output does not reach the loss (detached, computed under "
                                  "torch.no_grad, or not used); freeze it with requires_grad_(False) if that is meant.",
                                  evidence, ctx))
+    if unused:
+        found.append(finding("no_gradient", "info", unused,
+                             f"'{unused[0]}'{_and_more(unused)} gets a gradient at its output, but none reaches the "
+                             f"parameters it owns itself ({measured}): its forward does not use them (a parameter "
+                             "used only in some modes or with some inputs); freeze or remove them if they are not "
+                             "meant to train.",
+                             {"steps": steps, "layers": len(unused), "output_reached": 1}, ctx))
     if idle:
         what = "does not run in the forward and " if ran is not None else ""
         found.append(finding("no_gradient", "info", idle,
