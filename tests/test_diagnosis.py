@@ -206,3 +206,38 @@ def test_str_of_a_report_keeps_long_layer_names_whole():
     table = ("┏", "┃", "┡", "│", "└")
     assert max(len(line) for line in text.splitlines() if line.startswith(table)) > 120  # the table widened
     assert all(len(line) <= 120 for line in text.splitlines() if not line.startswith(table))  # the text did not
+
+
+class _ScaleBackward(torch.autograd.Function):
+    """Identity in the forward, times ``c`` in the backward: a drop in the gradient at a known place."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.c, None
+
+
+class _Drop(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return _ScaleBackward.apply(x, self.c)
+
+
+def test_the_steepest_drop_names_the_layer_the_gradient_falls_into():
+    torch.manual_seed(0)
+    layers = []
+    for c in (0.1, 1e-3, 0.1, 0.5, None):  # the 1e-3 drop lies between Linear '2' and Linear '4'
+        lin = nn.Linear(32, 32)
+        nn.init.orthogonal_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, _Drop(c)] if c else [lin]
+    model = nn.Sequential(*layers, nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    found = findings(model, torch.randn(16, 32)).of_kind("vanishing_gradients")
+    assert found and found[0].evidence["steepest_drop_into"] == "2"  # was '10', a rise toward the loss

@@ -182,3 +182,50 @@ def test_a_parameter_its_own_forward_does_not_use_is_information_not_a_cut_outpu
     found = [f for f in train(model).findings if f.kind == "no_gradient"]
     assert [(f.severity, f.layers) for f in found] == [("info", ["0"])]
     assert found[0].message.startswith("'0' gets a gradient at its output, but none reaches the parameters it owns")
+
+
+class OnePositionAttention(nn.Module):
+    """Self-attention over a single position: the softmax of one score is 1 whatever the query and key, so both
+    get a gradient of exactly zero at every step (MobileViT at 64 px, a CvT layer whose only read token is cls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):  # (B, 8) -> one position
+        h = x.unsqueeze(1)
+        weights = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), dim=-1)
+        return self.out((weights @ self.v(h)).squeeze(1)).sum(dim=1, keepdim=True)
+
+
+def test_a_gradient_exactly_zero_at_every_step_is_no_gradient_not_stalled():
+    torch.manual_seed(0)
+    model = OnePositionAttention()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(model(torch.randn(4, 8)).pow(2).mean(), params)
+    assert all(float(g.abs().max()) == 0.0 for g in grads[:4])  # the independent path: q and k get exactly 0
+    report = train(model)
+    found = [f for f in report.findings if f.kind == "no_gradient"]
+    assert [(f.severity, f.layers, f.evidence.get("exactly_zero")) for f in found] == [("warning", ["q", "k"], 1)]
+    assert not report.of_kind("stalled_updates")  # was: an error, with learning-rate remedies
+
+
+class ZeroInitAfter(nn.Module):
+    """A layer followed by a zero-initialised one (LoRA's B, a zero-init residual's last gamma): its gradient is
+    exactly zero at init by design, and the first update ends it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 1)
+        nn.init.zeros_(self.b.weight)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_gradient_zero_by_design_at_init_only_is_not_flagged():
+    torch.manual_seed(0)
+    model = ZeroInitAfter()
+    assert not gm.check(model, torch.randn(16, 8)).of_kind("no_gradient")  # one look: cannot tell, says nothing
+    torch.manual_seed(0)
+    assert not train(ZeroInitAfter()).of_kind("no_gradient")  # zero at step 0 only

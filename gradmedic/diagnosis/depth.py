@@ -176,8 +176,10 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     worst = float(both.min())
     severity = severity_of(worst, VANISHING_WARNING, VANISHING_ERROR)
     assert severity is not None
+    # the layer the gradient falls most into on its way back from the loss: gains[i] is how much larger layer i+1's
+    # is than layer i's (the profile runs input first), so the steepest fall backward lands at i = argmax
     gains = np.diff(np.log10(np.maximum(both, 1e-300)))
-    drop_at = layers[int(np.argmin(gains)) + 1] if len(gains) else layers[0]
+    drop_at = layers[int(np.argmax(gains))] if len(gains) else layers[0]
     acts = ", ".join(ctx.get("activations", [])) or "its"
     if unit == "blocks":
         message = (f"The gradient on the residual stream at the output of '{hit[0]}' is "

@@ -328,6 +328,28 @@ def _without_gradient(trace: Trace) -> tuple[list[str], int]:
     return never, int(ran.sum())
 
 
+# A gradient of exactly zero at one step can be by design at init (a zero-initialised layer after it: LoRA's B,
+# a zero-init residual's last BatchNorm gamma, ReZero, adaLN-Zero), and the first update ends it. Exactly zero at
+# every one of at least this many measured steps, with updates in between, is structure: the loss does not
+# depend on the layer at these inputs (attention over one position gives its query and key none).
+ZERO_GRADIENT_STEPS = 2
+
+
+def _zero_gradient(trace: Trace) -> list[str]:
+    """Layers whose gradient was exactly zero (not None) at every step it was measured, at ZERO_GRADIENT_STEPS
+    steps at least; none when every measured layer's was zero (``depth.zero_gradient``'s case)."""
+    if "grad_norm" not in trace.metrics:
+        return []
+    grads = trace.metric("grad_norm")
+    measured = ~np.isnan(grads)
+    zero = (measured.sum(axis=0) >= ZERO_GRADIENT_STEPS) & np.all(~measured | (grads == 0), axis=0)
+    layers = [layer for j, layer in enumerate(trace.layers) if zero[j] and layer]
+    if len(layers) == int(measured.any(axis=0).sum()):
+        return []
+    frozen = _frozen(trace)
+    return [layer for layer in layers if layer not in frozen]
+
+
 def _ran_in_forward(trace: Trace) -> set[str] | None:
     """Layers that ran in some measured forward (``forward_index``), None when no forward was measured."""
     if "forward_index" not in trace.metrics:
@@ -367,7 +389,9 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
     does not use them in its forward (a parameter for some modes only): information. A layer frozen after the
     Monitor was built (``meta["frozen"]``) is left out."""
     never, steps = _without_gradient(trace)
-    if not never:
+    # in 16 bits a zero gradient can be underflow: gradient_underflow reads those
+    zero = [] if ctx.get("low_precision") else _zero_gradient(trace)
+    if not never and not zero:
         return []
     ran = _ran_in_forward(trace)
     at = int(trace.steps[-1])
@@ -394,6 +418,16 @@ def no_gradient(trace: Trace, ctx: dict) -> list[Finding]:
                                  f"({measured}): its output does not reach the loss (detached, computed under "
                                  "torch.no_grad, or not used); freeze it with requires_grad_(False) if that is meant.",
                                  evidence, ctx))
+    if zero:
+        zero = depth_order(trace, at, zero)
+        steps_zero = int(np.sum(~np.isnan(trace.metric("grad_norm")[:, trace.layers.index(zero[0])])))
+        found.append(finding("no_gradient", "warning", zero,
+                             f"'{zero[0]}'{_and_more(zero)} gets a gradient of exactly zero at every measured step "
+                             f"({steps_zero}): the loss does not depend on what it computes at these inputs "
+                             "(attention over a single position gives its query and key none; so does an output "
+                             "of which only other positions are read, or units all dead); its parameters cannot "
+                             "learn from this data.", {"steps": steps_zero, "layers": len(zero), "exactly_zero": 1},
+                             ctx))
     if unused:
         found.append(finding("no_gradient", "info", unused,
                              f"'{unused[0]}'{_and_more(unused)} gets a gradient at its output, but none reaches the "
@@ -421,7 +455,7 @@ def stalled_updates(trace: Trace, ctx: dict) -> list[Finding]:
     ran = None if grads is None else ~np.all(np.isnan(grads), axis=1)
     # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule; nor is
     # a layer the user froze
-    never = set(_without_gradient(trace)[0]) | _frozen(trace)
+    never = set(_without_gradient(trace)[0]) | set(_zero_gradient(trace)) | _frozen(trace)
     medians = {}
     for j, layer in enumerate(trace.layers):
         if layer in never:
