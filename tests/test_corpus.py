@@ -470,3 +470,30 @@ def test_a_mixture_of_experts_layer_inside_a_decoder_layer_is_not_a_block():
     blocks = [n for n, r in report.trace.meta["roles"].items() if r == "block"]
     assert blocks == ["model.layers.0", "model.layers.1"]
     assert report.context["norm_placement"] == "pre"  # the router ran first in the MoE "block": it voted post
+
+
+class _NoAffineBlock(nn.Module):
+    """A transformer block whose LayerNorms have no parameters (OLMo's), pre-LN or post-LN."""
+
+    def __init__(self, d: int, pre: bool):
+        super().__init__()
+        self.pre = pre
+        self.norm1, self.norm2 = nn.LayerNorm(d, elementwise_affine=False), nn.LayerNorm(d, elementwise_affine=False)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        if self.pre:
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.mlp(x))
+
+
+@pytest.mark.parametrize("pre", [True, False])
+def test_norms_without_parameters_still_tell_pre_from_post_ln(pre):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_NoAffineBlock(32, pre) for _ in range(3)])
+    report = gm.check(model, torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(0)))
+    assert report.context["norm_placement"] == ("pre" if pre else "post")  # was "post" for both

@@ -38,9 +38,11 @@ class BackwardSignalProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         # parameterised layers, and the residual blocks: a block's output gradient is the residual stream,
-        # the path the gradient takes through depth (gradmedic.architecture.stream_blocks)
-        blocks = {i for i, name in enumerate(layers.names) if layers.roles.get(name) == "block"}
-        self._rows = sorted(set(layers.rows_owning_params()) | blocks)
+        # the path the gradient takes through depth (gradmedic.architecture.stream_blocks); and the norms, also
+        # those without parameters (OLMo's LayerNorm), whose place in the forward order says pre-LN or post-LN
+        # (rules.norm_placement)
+        kept = {i for i, name in enumerate(layers.names) if layers.roles.get(name) in ("block", "norm")}
+        self._rows = sorted(set(layers.rows_owning_params()) | kept)
         self._squares: list[torch.Tensor] = []  # one 0-d sum of squares per hook call: one op in the hook
         self._calls: list[int] = []  # the row of each call
         self._count = [0] * len(layers)  # elements seen per row (host ints)
