@@ -228,11 +228,33 @@ def test_lstm_lm_horizon_is_reported_with_per_step_loss():
     evidence = found[0].evidence
     assert evidence["loss_over_time"] > 1e-3  # the per-step loss alone looks healthy (was the only reading)
     assert evidence["horizon"] < 256
+    assert "the loss at every step hides it" in found[0].message
     # independent path: the last output's gradient reaching the input at t = 0, by torch.autograd
     h = model.embed(ids).detach().requires_grad_()
     out = model.body(h)[0]
     (g,) = torch.autograd.grad(out[:, -1].sum(), h)
     assert float(g[:, 0].abs().max()) < 1e-6 * float(g[:, -1].abs().max())
+
+
+class _ConvLSTM(nn.Module):
+    """Conv features, an LSTM, a classifier on the last step only: no loss at every step to hide anything."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(8, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 32, 5, stride=2, padding=2),
+                                  nn.ReLU())
+        self.lstm, self.fc = nn.LSTM(32, 32, batch_first=True), nn.Linear(32, 5)
+
+    def forward(self, x):  # (B, 8, T)
+        return self.fc(self.lstm(self.conv(x).transpose(1, 2))[0][:, -1])
+
+
+def test_a_loss_on_the_last_step_only_is_not_said_to_hide_the_horizon():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 40, generator=torch.Generator().manual_seed(0))
+    found = gm.check(_ConvLSTM(), x, targets=torch.tensor([0, 1, 2, 3])).of_kind("vanishing_through_time")
+    assert found and found[0].evidence["loss_over_time"] < 1e-3  # read by the horizon, the smaller of the two
+    assert "hides it" not in found[0].message and "falls too" in found[0].message  # nothing is hidden
 
 
 def test_short_lstm_lm_has_a_horizon_over_its_length():

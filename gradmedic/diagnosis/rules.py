@@ -276,9 +276,15 @@ def _time_rule(trace: Trace, ctx: dict, exploding: bool) -> list[Finding]:
             length = int(rms.size)
             reached = int(np.sum(rms >= TIME_VANISHING_WARNING * rms[-1])) if rms.size else 0
             evidence.update(length=length, horizon=reached, loss_over_time=float(total))
+            if total >= TIME_VANISHING_WARNING:  # the loss's own ratio looks healthy: a loss at every step
+                why = f" (the loss at every step hides it: its own ratio is {total:.1e})"
+            elif math.isfinite(total):  # a loss on the last step only falls as the horizon does
+                why = f" (the loss's own gradient through time falls too, to {total:.1e})"
+            else:
+                why = ""
             message = (f"The last output of '{layer}' gets {r:.1e} of its gradient from the first of {length} steps: "
                        f"its gradient horizon is {reached} step(s), so dependencies longer than that cannot be "
-                       f"learned (the loss at every step hides it: its own ratio is {total:.1e}).")
+                       f"learned{why}.")
         found.append(finding(kind, severity, [layer], message, evidence, ctx))
     return found
 
