@@ -192,3 +192,92 @@ def test_saturated_share_matches_float64_count(act, saturated, shape):
     share = measure(model, z.float()).last("saturated_frac")["1"]
     # the probe reads the float32 output; an entry within float32 rounding of an edge may read either way
     assert share == pytest.approx(expected, abs=2 / z.numel() + 1e-12)
+
+
+# --- outputs autograd keeps are reduced at the collect (activations.SAVES_OUTPUT) -----------------------------
+def _stats(model, x, steps=3):
+    mon = gm.Monitor(model, probes=[ActivationProbe()])
+    for _ in range(steps):
+        model(x).pow(2).mean().backward()
+        mon.step()
+    mon.close()
+    return {m: mon.trace.metric(m) for m in ("act_mean", "act_std", "saturated_frac", "dead_frac")}, mon
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.ReLU])
+def test_held_outputs_read_as_the_hook_reads_them(act, monkeypatch):
+    from gradmedic.probes import activations
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 4))
+
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)) * 3
+    held, mon = _stats(make(), x)
+    assert mon.probes[0]._unheld == set()
+    monkeypatch.setattr(activations, "HOLD_BYTES", 0)  # reduce every output in its hook, as before
+    hook, _ = _stats(make(), x)
+    for metric, values in held.items():
+        np.testing.assert_array_equal(values, hook[metric], err_msg=metric)  # the same kernels on the same values
+    assert np.isfinite(held["act_mean"]).sum() == 6  # 2 activations x 3 steps
+
+
+def test_an_output_changed_in_place_after_its_forward_is_not_measured_then_reduced_in_the_hook():
+    class SideBranch(nn.Module):
+        """A tanh branch the loss does not use, zeroed in place after its forward: autograd never reads it back, so
+        nothing stops the change, and a held output would show the zeros instead of what the forward made."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act, self.head = nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = self.act(self.lin(x))
+            with torch.no_grad():
+                h.mul_(0.0)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = SideBranch()
+    mon = gm.Monitor(model, probes=[ActivationProbe()])
+    x = torch.randn(16, 8)
+    for _ in range(2):
+        model(x).sum().backward()
+        mon.step()
+    mon.close()
+    row = mon.trace.layers.index("act")
+    mean = mon.trace.metric("act_mean")[:, row]
+    assert np.isnan(mean[0])  # held, then changed: not measured, rather than read as 0
+    with torch.no_grad():
+        expected = torch.tanh(model.lin(x)).mean().item()
+    assert mean[1] == pytest.approx(expected, rel=1e-5)  # reduced in the hook from then on: what the forward made
+    assert mon.probes[0]._unheld == {mon.probes[0].layers.row[id(model.act)]}
+
+
+def test_nothing_is_held_under_saved_tensor_hooks_or_beyond_the_budget(monkeypatch):
+    from gradmedic.probes import activations
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    probe = ActivationProbe()
+    mon = gm.Monitor(model, probes=[probe])
+    seen = []
+    original = ActivationProbe._reduce_held
+
+    def spy(self):
+        seen.append(len(self._held))
+        original(self)
+
+    monkeypatch.setattr(ActivationProbe, "_reduce_held", spy)
+    x = torch.randn(8, 16)
+    with torch.autograd.graph.save_on_cpu():  # offloading: autograd does not keep the output itself
+        model(x).sum().backward()
+    mon.step()
+    monkeypatch.setattr(activations, "HOLD_TENSOR_BYTES", 8 * 32 * 4 - 1)  # one byte short of the tanh output
+    model(x).sum().backward()
+    mon.step()
+    monkeypatch.setattr(activations, "HOLD_TENSOR_BYTES", 8 * 32 * 4)
+    model(x).sum().backward()
+    mon.step()
+    mon.close()
+    assert seen == [0, 0, 1]
+    assert np.isfinite(mon.trace.metric("act_mean")[:, mon.trace.layers.index("1")]).all()

@@ -61,6 +61,25 @@ DEAD_MARGIN = 1.0
 DEAD_FULL_SAMPLES = 8
 
 
+# An output that autograd keeps for the backward anyway (tanh, sigmoid and ReLU save their result: the grad_fn
+# types below) is reduced at the collect, after the backward has read it back into the cache, rather than in the
+# forward hook, between the model's own kernels, where each reduction paid about three times its isolated cost
+# (cold code and data: a 64x256 tanh output's sum, dot and saturated count took ~38 us there against ~15 us
+# alone). The activation probe alone on a depth-10 tanh MLP: 471 against 608 us a step; the full preset, in one
+# process against the code before: depth 10 1.250 and 1.248 against 1.265 and 1.254, depth 50 1.186 against 1.228
+# (BENCHMARKS.md). Held only while
+# the step's held outputs stay under HOLD_BYTES and each under HOLD_TENSOR_BYTES: the fixed cost of a reduction
+# is what the hold saves, and it matters for small tensors; a large one is reduced in the hook as before, so
+# the memory held past its release in the backward stays a few MB whatever the model. Never under saved-tensor
+# hooks (activation checkpointing, offloading): there autograd does not keep the output, and holding it would
+# undo what the hooks save.
+SAVES_OUTPUT = frozenset({"TanhBackward0", "SigmoidBackward0", "ReluBackward0"})
+HOLD_BYTES = 8 << 20
+HOLD_TENSOR_BYTES = 256 << 10
+_SAVED_TENSOR_HOOKS: Callable[[bool], Any] = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks",
+                                                     lambda _ignore: True)  # unknown: treat as present, hold nothing
+
+
 @functools.lru_cache(maxsize=64)
 def dead_margin(samples: int) -> float:
     """How many spreads below zero a unit's largest pre-activation over ``samples`` inputs must lie for it to be
@@ -221,6 +240,11 @@ class ActivationProbe(Probe):
         self._counts: list[torch.Tensor] = []
         self._of: list[int] = []  # per call: elements the saturated count is out of (0: not a saturating family)
         self._no_count = torch.zeros((), device=self.device)
+        self._nan = torch.full((), math.nan, device=self.device)  # a held output changed in place: not measured
+        # outputs held for the collect (see SAVES_OUTPUT): (call, family, output, its version when held)
+        self._held: list[tuple[int, Family, torch.Tensor, int]] = []
+        self._held_bytes = 0
+        self._unheld: set[int] = set()  # rows whose held output was changed in place once: reduced in the hook
         self._training: list[bool] = []  # per call: ran in train mode (eval calls are dropped when mixed)
         self._dead: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, alive units, units)
         self._forward_rows: set[int] = set()  # rows measured outside a backward this step (see in_backward)
@@ -278,8 +302,9 @@ class ActivationProbe(Probe):
 
     def _reset(self) -> None:
         for store in (self._calls, self._n, self._moments, self._counts, self._of, self._training, self._dead,
-                      self._forward_rows):
+                      self._forward_rows, self._held):
             store.clear()
+        self._held_bytes = 0
 
     # --- which module is running ------------------------------------------------------------------
     def _note_layout(self, module: nn.Module, _module: nn.Module, args: Any, output: Any) -> None:
@@ -352,10 +377,11 @@ class ActivationProbe(Probe):
                 return  # a checkpointed module recomputed: its first forward was measured already
         else:
             self._forward_rows.add(row)
+        node = y.grad_fn  # what made the output (does autograd keep it? see SAVES_OUTPUT)
         if y.requires_grad:
             y = y.detach()
         if y.dtype.itemsize < 4:
-            y = y.float()
+            y, node = y.float(), None
         n = y.numel()
         if n == 0:
             return
@@ -363,12 +389,17 @@ class ActivationProbe(Probe):
         self._calls.append(row)
         self._n.append(n)
         self._training.append(training)
-        # sum and sum of squares are the fastest full reductions (~5-8 us each on 128x512); var_mean is
-        # ~20x slower
         saturates = family.saturated is not None
-        self._moments += (y.sum(), sum_of_squares(y))
-        self._counts.append(family.saturated(y) if saturates else self._no_count)
         self._of.append(n if saturates else 0)
+        size = n * y.element_size()
+        if (size <= HOLD_TENSOR_BYTES and self._held_bytes + size <= HOLD_BYTES and row not in self._unheld
+                and type(node).__name__ in SAVES_OUTPUT and _SAVED_TENSOR_HOOKS(False) is None):
+            self._held.append((call, family, y, y._version))
+            self._held_bytes += size
+            self._moments += (self._nan, self._nan)  # placeholders, filled at the collect (_reduce_held)
+            self._counts.append(self._nan)
+        else:
+            self._reduce(family, y)
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
             samples = n // y.shape[axis]
@@ -377,6 +408,25 @@ class ActivationProbe(Probe):
                 others = tuple(d for d in range(y.dim()) if d != axis)
                 self._dead.append((call, row, self._alive_units(y, pre, axis, others, dead_margin(samples)),
                                    y.shape[axis]))
+
+    def _reduce(self, family: Family, y: torch.Tensor) -> None:
+        """The sums and the saturated count of one call's (detached) output, appended in call order."""
+        # sum and sum of squares are the fastest full reductions (~5-8 us each on 128x512); var_mean is
+        # ~20x slower
+        self._moments += (y.sum(), sum_of_squares(y))
+        self._counts.append(family.saturated(y) if family.saturated is not None else self._no_count)
+
+    def _reduce_held(self) -> None:
+        """Reduce the outputs held for the collect into their calls' places. One changed in place since its forward
+        (possible only where no backward read it) is not measured at this step, and its row is reduced in the hook
+        from then on."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        for call, family, y, version in held:
+            if y._version != version:
+                self._unheld.add(self._calls[call])
+                continue
+            self._moments[2 * call:2 * call + 2] = (y.sum(), sum_of_squares(y))
+            self._counts[call] = family.saturated(y) if family.saturated is not None else self._no_count
 
     @staticmethod
     def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...],
@@ -410,6 +460,7 @@ class ActivationProbe(Probe):
     def collect(self, step: int) -> None:
         """Keep the step's per-call sums and counts (two or three stacks) and its layout; ``finish`` reduces them
         at the flush."""
+        self._reduce_held()
         self._drop_eval_calls()
         if not self._calls:
             return
