@@ -77,9 +77,15 @@ def activation_kind(module: nn.Module) -> str | None:
 _NORM_NAME = re.compile(r"(Norm|Norm[123]d|NormGated)$")
 
 
+# ...except a layer named for what it is not: MobileBERT's NoNorm is a scale and a shift, nothing normalised, so
+# its activations keep whatever scale the layers give them (1e-3 at init) and a model of them is not normalised
+_NOT_NORM_NAME = re.compile(r"^(No|Identity)Norm$")
+
+
 def is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
     return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or bool(
-        _NORM_NAME.search(type(module).__name__))
+        _NORM_NAME.search(name) and not _NOT_NORM_NAME.search(name))
 
 
 # --- residual blocks --------------------------------------------------------------------------------

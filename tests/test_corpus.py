@@ -519,3 +519,20 @@ def test_norms_without_parameters_still_tell_pre_from_post_ln(pre):
     model = nn.Sequential(*[_NoAffineBlock(32, pre) for _ in range(3)])
     report = gm.check(model, torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(0)))
     assert report.context["norm_placement"] == ("pre" if pre else "post")  # was "post" for both
+
+
+def test_a_layer_named_no_norm_is_not_a_normalisation():
+    from gradmedic.architecture import is_norm
+
+    class NoNorm(nn.Module):  # MobileBERT's: a scale and a shift
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return x * self.weight + self.bias
+
+    class RMSNorm(NoNorm):
+        pass
+
+    assert not is_norm(NoNorm()) and is_norm(RMSNorm()) and is_norm(nn.LayerNorm(4))
