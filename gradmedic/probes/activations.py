@@ -62,17 +62,16 @@ DEAD_FULL_SAMPLES = 8
 
 
 # An output that autograd keeps for the backward anyway (tanh, sigmoid and ReLU save their result: the grad_fn
-# types below) is reduced at the collect, after the backward has read it back into the cache, rather than in the
-# forward hook, between the model's own kernels, where each reduction paid about three times its isolated cost
-# (cold code and data: a 64x256 tanh output's sum, dot and saturated count took ~38 us there against ~15 us
-# alone). The activation probe alone on a depth-10 tanh MLP: 471 against 608 us a step; the full preset, in one
-# process against the code before: depth 10 1.250 and 1.248 against 1.265 and 1.254, depth 50 1.186 against 1.228
-# (BENCHMARKS.md). Held only while
-# the step's held outputs stay under HOLD_BYTES and each under HOLD_TENSOR_BYTES: the fixed cost of a reduction
-# is what the hold saves, and it matters for small tensors; a large one is reduced in the hook as before, so
-# the memory held past its release in the backward stays a few MB whatever the model. Never under saved-tensor
-# hooks (activation checkpointing, offloading): there autograd does not keep the output, and holding it would
-# undo what the hooks save.
+# types below) is reduced late in the backward, once the backward has read it back into the cache (or at the
+# collect, if the backward never reaches it), rather than in the forward hook between the model's own kernels,
+# where each reduction paid about three times its isolated cost (cold code and data: a 64x256 tanh output's sum,
+# dot and saturated count took ~38 us there against ~15 us alone). The full preset on width-256 tanh MLPs, in
+# one process against the forward-hook code: depth 50 1.19 against 1.23, depth 10 1.25 against 1.26
+# (BENCHMARKS.md). Held only while the step's held outputs stay under HOLD_BYTES and each under
+# HOLD_TENSOR_BYTES: the fixed cost of a reduction is what the hold saves, and it matters for small tensors; a
+# large one is reduced in the hook as before, so the memory held past its release in the backward stays a few
+# MB whatever the model. Never under saved-tensor hooks (activation checkpointing, offloading): there autograd
+# does not keep the output, and holding it would undo what the hooks save.
 SAVES_OUTPUT = frozenset({"TanhBackward0", "SigmoidBackward0", "ReluBackward0"})
 HOLD_BYTES = 8 << 20
 HOLD_TENSOR_BYTES = 256 << 10
@@ -244,6 +243,7 @@ class ActivationProbe(Probe):
         # outputs held for the collect (see SAVES_OUTPUT): (call, family, output, its version when held)
         self._held: list[tuple[int, Family, torch.Tensor, int]] = []
         self._held_bytes = 0
+        self._need_anchor = True  # the next output held registers the hook that reduces them (_measure)
         self._unheld: set[int] = set()  # rows whose held output was changed in place once: reduced in the hook
         self._training: list[bool] = []  # per call: ran in train mode (eval calls are dropped when mixed)
         self._dead: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, alive units, units)
@@ -268,6 +268,8 @@ class ActivationProbe(Probe):
         # an in-place activation or a functional watch needs _enter_activation: a model with neither (a tanh
         # MLP) pays for no such hook
         layout = watch or any(f is not None and f.dies for f in self._family)
+        # each forward of the model anchors its own held outputs (one without a backward leaves its own unreduced)
+        self._handles.append(self.layers.modules[0].register_forward_pre_hook(self.guard(self._new_forward)))
         for row, module in enumerate(self.layers.modules):
             family = self._family[row]
             if family is not None:
@@ -305,8 +307,12 @@ class ActivationProbe(Probe):
                       self._forward_rows, self._held):
             store.clear()
         self._held_bytes = 0
+        self._need_anchor = True
 
     # --- which module is running ------------------------------------------------------------------
+    def _new_forward(self, _module: nn.Module, _args: Any) -> None:
+        self._need_anchor = True
+
     def _note_layout(self, module: nn.Module, _module: nn.Module, args: Any, output: Any) -> None:
         self._channels_first = isinstance(module, _CHANNELS_FIRST)
 
@@ -372,12 +378,13 @@ class ActivationProbe(Probe):
 
     def _measure(self, row: int, family: Family, y: torch.Tensor, training: bool,
                  pre: torch.Tensor | None = None) -> None:
-        if in_backward():
+        recomputed = in_backward()
+        if recomputed:
             if row in self._forward_rows:
                 return  # a checkpointed module recomputed: its first forward was measured already
         else:
             self._forward_rows.add(row)
-        node = y.grad_fn  # what made the output (does autograd keep it? see SAVES_OUTPUT)
+        out, node = y, y.grad_fn  # what made the output (does autograd keep it? see SAVES_OUTPUT)
         if y.requires_grad:
             y = y.detach()
         if y.dtype.itemsize < 4:
@@ -393,10 +400,16 @@ class ActivationProbe(Probe):
         self._of.append(n if saturates else 0)
         size = n * y.element_size()
         if (size <= HOLD_TENSOR_BYTES and self._held_bytes + size <= HOLD_BYTES and row not in self._unheld
-                and type(node).__name__ in SAVES_OUTPUT and _SAVED_TENSOR_HOOKS(False) is None):
+                and not recomputed and type(node).__name__ in SAVES_OUTPUT and _SAVED_TENSOR_HOOKS(False) is None):
+            if self._need_anchor:
+                # the first output held in this forward: its node runs near the end of the forward's backward, when
+                # the outputs of the layers after it have been read back; they are reduced there (and what is left,
+                # an output the backward never reached, at the collect), so that monitor.step() does not grow
+                self.on_gradient(out, self._reduce_in_backward)
+                self._need_anchor = False
             self._held.append((call, family, y, y._version))
             self._held_bytes += size
-            self._moments += (self._nan, self._nan)  # placeholders, filled at the collect (_reduce_held)
+            self._moments += (self._nan, self._nan)  # placeholders, filled by _reduce_held
             self._counts.append(self._nan)
         else:
             self._reduce(family, y)
@@ -416,11 +429,14 @@ class ActivationProbe(Probe):
         self._moments += (y.sum(), sum_of_squares(y))
         self._counts.append(family.saturated(y) if family.saturated is not None else self._no_count)
 
+    def _reduce_in_backward(self, _grad: torch.Tensor) -> None:
+        self._reduce_held()
+
     def _reduce_held(self) -> None:
         """Reduce the outputs held for the collect into their calls' places. One changed in place since its forward
         (possible only where no backward read it) is not measured at this step, and its row is reduced in the hook
         from then on."""
-        held, self._held, self._held_bytes = self._held, [], 0
+        held, self._held, self._held_bytes, self._need_anchor = self._held, [], 0, True
         for call, family, y, version in held:
             if y._version != version:
                 self._unheld.add(self._calls[call])
