@@ -133,3 +133,16 @@ def test_a_finding_without_a_remedy_does_not_say_nothing_to_change():
     assert [f.remedies for f in report.findings if f.kind == "no_gradient"] == [[]]
     text = report_page(report, "cut").html()
     assert "No remedy applies" in text and "Nothing to change" not in text
+
+
+def test_an_exactly_zero_gradient_is_drawn_not_left_blank_like_an_unmeasured_step():
+    from gradmedic.report import plots
+
+    values = np.array([[0.0, 1e-3, np.nan], [0.0, 2e-3, 1.0]])  # (steps, layers): layer 'a' exactly 0 throughout
+    fig = plots.gradient_heatmap([0, 1], ["a", "b", "c"], values)
+    ax = fig.axes[0]
+    assert len(ax.images) == 2 and "black: exactly 0" in ax.get_title()
+    zero_layer = ax.images[1].get_array()
+    assert not np.ma.getmaskarray(zero_layer)[0].any() and np.ma.getmaskarray(zero_layer)[1:].all()
+    plain = plots.gradient_heatmap([0, 1], ["a", "b", "c"], np.where(values == 0, 1e-4, values))
+    assert len(plain.axes[0].images) == 1 and "exactly 0" not in plain.axes[0].get_title()

@@ -63,13 +63,23 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> No
 
 def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.ndarray, title: str = "",
                      quantity: str = "|dL/dW|"):
-    """Layers (rows, input at the top) x steps (columns), colour = log10 of the gradient norm."""
+    """Layers (rows, input at the top) x steps (columns), colour = log10 of the gradient norm. A gradient of
+    exactly zero has no logarithm: it is drawn black (and said so in the title), so that it does not read as the
+    blank of a step that was not measured."""
+    from matplotlib.colors import ListedColormap
+
     plt = _pyplot()
-    data = _positive_log(np.asarray(values, dtype=float).T)  # (layers, steps)
+    raw = np.asarray(values, dtype=float).T  # (layers, steps)
+    data = _positive_log(raw)
     height = min(9.0, 1.6 + 0.22 * len(layers))
     fig, ax = plt.subplots(figsize=(7.5, height), layout="constrained")
     masked = np.ma.masked_invalid(data)
     image = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest")
+    zero = raw == 0
+    if zero.any():
+        ax.imshow(np.ma.masked_where(~zero, np.ones_like(raw)), aspect="auto", cmap=ListedColormap(["black"]),
+                  interpolation="nearest")
+        title = f"{title or 'Gradient flow'} (black: exactly 0)"
     ax.set_xlabel("training step")
     step_ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
     ax.set_xticks(step_ticks, [str(int(steps[i])) for i in step_ticks])
