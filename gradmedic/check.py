@@ -102,15 +102,13 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Ten
     inside, which ``autograd.grad`` returns as None. So ``.grad`` is emptied first (the user's tensors are kept by
     ``_ModelState``, never written into) and what such a Function wrote there is added to what ``autograd.grad``
     returned. A backward that fails says so in one line."""
+    for p in params:
+        p.grad = None
     try:
         if not _has_reentrant_checkpoint(loss):
-            for p in params:
-                p.grad = None
             found = torch.autograd.grad(loss, params, allow_unused=True)
             return [g if p.grad is None else p.grad if g is None else g + p.grad
                     for p, g in zip(params, found, strict=True)]
-        for p in params:
-            p.grad = None
         loss.backward()
         return [p.grad for p in params]
     except RuntimeError as error:

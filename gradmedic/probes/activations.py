@@ -399,6 +399,8 @@ class ActivationProbe(Probe):
         saturates = family.saturated is not None
         self._of.append(n if saturates else 0)
         size = n * y.element_size()
+        self._moments += (self._nan, self._nan)  # this call's places, filled by _reduce (NaN: not measured)
+        self._counts.append(self._nan)
         if (size <= HOLD_TENSOR_BYTES and self._held_bytes + size <= HOLD_BYTES and row not in self._unheld
                 and not recomputed and type(node).__name__ in SAVES_OUTPUT and _SAVED_TENSOR_HOOKS(False) is None):
             if self._need_anchor:
@@ -409,10 +411,8 @@ class ActivationProbe(Probe):
                 self._need_anchor = False
             self._held.append((call, family, y, y._version))
             self._held_bytes += size
-            self._moments += (self._nan, self._nan)  # placeholders, filled by _reduce_held
-            self._counts.append(self._nan)
         else:
-            self._reduce(family, y)
+            self._reduce(call, family, y)
         if family.dies and y.dim() >= 2:
             axis = 1 if (y.dim() == 2 or self._channels_first) else y.dim() - 1
             samples = n // y.shape[axis]
@@ -422,12 +422,12 @@ class ActivationProbe(Probe):
                 self._dead.append((call, row, self._alive_units(y, pre, axis, others, dead_margin(samples)),
                                    y.shape[axis]))
 
-    def _reduce(self, family: Family, y: torch.Tensor) -> None:
-        """The sums and the saturated count of one call's (detached) output, appended in call order."""
+    def _reduce(self, call: int, family: Family, y: torch.Tensor) -> None:
+        """The sums and the saturated count of one call's (detached) output, into that call's places."""
         # sum and sum of squares are the fastest full reductions (~5-8 us each on 128x512); var_mean is
         # ~20x slower
-        self._moments += (y.sum(), sum_of_squares(y))
-        self._counts.append(family.saturated(y) if family.saturated is not None else self._no_count)
+        self._moments[2 * call:2 * call + 2] = (y.sum(), sum_of_squares(y))
+        self._counts[call] = family.saturated(y) if family.saturated is not None else self._no_count
 
     def _reduce_in_backward(self, _grad: torch.Tensor) -> None:
         self._reduce_held()
@@ -441,8 +441,7 @@ class ActivationProbe(Probe):
             if y._version != version:
                 self._unheld.add(self._calls[call])
                 continue
-            self._moments[2 * call:2 * call + 2] = (y.sum(), sum_of_squares(y))
-            self._counts[call] = family.saturated(y) if family.saturated is not None else self._no_count
+            self._reduce(call, family, y)
 
     @staticmethod
     def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...],
