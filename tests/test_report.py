@@ -146,3 +146,19 @@ def test_an_exactly_zero_gradient_is_drawn_not_left_blank_like_an_unmeasured_ste
     assert not np.ma.getmaskarray(zero_layer)[0].any() and np.ma.getmaskarray(zero_layer)[1:].all()
     plain = plots.gradient_heatmap([0, 1], ["a", "b", "c"], np.where(values == 0, 1e-4, values))
     assert len(plain.axes[0].images) == 1 and "exactly 0" not in plain.axes[0].get_title()
+
+
+def test_layer_bars_mark_an_exact_zero_gradient():
+    """A zero has no bar on the log axis: it is marked on the floor (a black x), not left like a missing layer."""
+    from gradmedic.report import plots
+
+    fig = plots.layer_bars(["a", "b", "c"], {"init": [0.0, 1e-3, None], "later": [1e-2, 0.0, 1.0]})
+    ax = fig.axes[0]
+    assert "x: exactly 0" in ax.get_title()
+    (marks,) = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    xs, ys = marks.get_data()
+    assert sorted(np.round(xs, 3)) == [-0.2, 1.2] and np.all(np.asarray(ys) == ax.get_ylim()[0])
+    only_zero = plots.layer_bars(["a"], {"init": [0.0]}).axes[0]
+    assert only_zero.get_ylim()[0] > 0 and [ln for ln in only_zero.get_lines() if ln.get_marker() == "x"]
+    plain = plots.layer_bars(["a", "b"], {"init": [1e-3, None]}).axes[0]
+    assert "exactly 0" not in plain.get_title() and not plain.get_lines()

@@ -93,17 +93,29 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
 
 def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]], title: str = "",
                quantity: str = "|dL/dW| at init"):
-    """Per-layer gradient norms (log scale), one bar group per layer, one colour per label."""
+    """Per-layer gradient norms (log scale), one bar group per layer, one colour per label. A gradient of exactly
+    zero has no bar on a log axis: it is marked with a black x on the axis floor (and said so in the title), so
+    that it does not read as a layer that was not measured."""
     plt = _pyplot()
     labels = list(norms)
     n = max(1, len(labels))
     x = np.arange(len(layers))
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     width = 0.8 / n
+    zeros: list[float] = []
     for i, label in enumerate(labels):
-        v = _values(norms[label], positive=True)
-        ax.bar(x[: len(v)] + (i - (n - 1) / 2) * width, v, width=width, label=_plain(label))
+        raw = _values(norms[label])
+        at = x[: len(raw)] + (i - (n - 1) / 2) * width
+        ax.bar(at, np.where(raw > 0, raw, np.nan), width=width, label=_plain(label))
+        zeros += list(at[raw == 0])
     ax.set_yscale("log")
+    if zeros:
+        if not ax.get_ylim()[0] > 0 or not np.isfinite(ax.get_ylim()).all():
+            ax.set_ylim(1e-3, 1.0)  # nothing positive to scale the axis by
+        limits = ax.get_ylim()
+        ax.plot(zeros, [limits[0]] * len(zeros), linestyle="none", marker="x", color="black", clip_on=False, zorder=3)
+        ax.set_ylim(limits)  # the marks sit on the floor; they must not move it
+        title = f"{title or 'Gradient per layer'} (x: exactly 0)"
     every = max(1, len(layers) // 25 + (len(layers) % 25 > 0))
     ax.set_xticks(x[::every], [_short(layers[i], 18) for i in range(0, len(layers), every)], rotation=60,
                   ha="right", fontsize=7)
