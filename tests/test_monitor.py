@@ -212,6 +212,53 @@ def test_no_host_sync_or_host_copy_between_flushes(preset, workload):
     mon.close()
 
 
+class _Experts(nn.Module):
+    """A mixture of experts routed by a fixed schedule: which experts get tokens, so which parameters have a
+    gradient, changes from step to step, as in a sparse MoE whose router sends no token to some experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+        self.out = nn.Linear(16, 3)
+        self.route: tuple[int, ...] = (0,)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(sum(self.experts[i](h) for i in self.route))
+
+
+def test_no_host_copy_between_flushes_when_the_parameters_with_a_gradient_change():
+    """A set of parameters with a gradient not seen before (an expert that got tokens for the first time) is planned
+    on the host; its device index tensors are made at the flush, which reduces the step, not at the step."""
+    torch.manual_seed(0)
+    model, x = _Experts(), torch.randn(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gm.Monitor(model, opt, preset="full", flush_every=1000)
+    routes = [(0,), (0,), (1, 2), (3,), (0, 3), (1,), (2, 3)]
+
+    def train(steps):
+        for route in steps:
+            model.route = route
+            loss = model(x).square().mean()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    train(routes[:1])
+    with count_host_syncs() as syncs:
+        train(routes[1:])
+    assert dict(syncs) == {}, f"host syncs or copies from gradmedic between flushes: {dict(syncs)}"
+    mon.flush()
+    grad, layers = mon.trace.metric("grad_norm"), mon.trace.layers
+    assert mon.trace.steps.tolist() == list(range(len(routes)))
+    for step, route in enumerate(routes):  # each step's experts measured, the others not
+        assert [not np.isnan(grad[step, layers.index(f"experts.{i}")]) for i in range(4)] == [
+            i in route for i in range(4)]
+    mon.close()
+
+
 @pytest.mark.parametrize("preset", ["cheap", "standard", "full"])
 @pytest.mark.parametrize("workload", sorted(_SYNC_MODELS))
 def test_no_host_read_inside_torch_operators_between_flushes(preset, workload):

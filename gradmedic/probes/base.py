@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "in_backward", "is_torch_module"]
+__all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "in_backward", "is_torch_module", "to_device"]
 
 # distinct host-value tensors a probe keeps (Probe.host_tensor): a model with a fixed layout needs a few;
 # one whose shapes change at every step (variable sequence lengths) would otherwise grow it without end
@@ -121,7 +121,7 @@ class LayerIndex:
         return [i for i, owns in enumerate(self.owns_params) if owns]
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of host numbers on ``device``. On CUDA through pinned memory with ``non_blocking``: an
     asynchronous copy queued on the stream, where ``torch.tensor(..., device="cuda")`` copies from pageable
     memory and makes the host wait for the stream. Only a layout not seen before gets here (a model whose
@@ -262,7 +262,7 @@ class Probe:
         if cached is None:
             if len(self._host_tensors) >= HOST_TENSOR_CACHE:
                 self._host_tensors.clear()
-            cached = self._host_tensors[key] = _to_device(list(values), dtype, self.device)
+            cached = self._host_tensors[key] = to_device(list(values), dtype, self.device)
         return cached
 
     def cells(self, *columns: tuple[str, Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +300,7 @@ class Probe:
         self._pending_slots = {}
         for layout, (slots, items) in pending.items():
             stacked = [torch.stack(parts) for parts in zip(*items, strict=True)]
-            self.finish(layout, _to_device(slots, torch.long, self.device), *stacked)
+            self.finish(layout, to_device(slots, torch.long, self.device), *stacked)
 
     def finish(self, layout: Hashable, slots: torch.Tensor, *stacked: torch.Tensor) -> None:
         """Write the deferred steps of one ``layout`` into ``slots``: each of ``stacked`` is the ``defer``red tensor

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from gradmedic.probes._samples import SampleSet, sample_view
-from gradmedic.probes.base import LayerIndex, Probe
+from gradmedic.probes.base import LayerIndex, Probe, to_device
 
 __all__ = ["GradientProbe", "local_tensor"]
 
@@ -72,15 +72,43 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Plan:
-    """How a list of tensors splits into foreach groups, and which layer row each belongs to."""
+    """How a list of tensors splits into foreach groups, and which layer row each belongs to.
+
+    A collect needs only the groups (host lists of parameter indices). The index tensors, which ``finish`` needs,
+    are made on the device at their first use: at a flush, where copies from the host belong. A set of parameters
+    with a gradient not seen before (an expert of a mixture that got tokens for the first time) then makes no
+    tensor from host data at the step, which on CUDA would be a blocking copy."""
 
     groups: list[list[int]]  # indices into the parameter list, one list per (device, dtype)
-    owner: torch.Tensor  # (P,) layer row of each tensor, in group order
-    rows: torch.Tensor  # (R,) distinct rows present
-    count_per_row: torch.Tensor  # (R,) how many tensor elements each present row holds
-    # index tensors derived from the above (GradientProbe._fold, _layout), made at first use; kept here so that
-    # they go with the plan when it is dropped from the cache
+    owner_rows: list[int]  # layer row of each tensor, in group order
+    present_rows: list[int]  # distinct rows present, sorted
+    counts: list[int]  # how many tensor elements each present row holds
+    device: torch.device
+    dtype: torch.dtype
+    # index tensors derived from the above (owner, rows, count_per_row, GradientProbe._fold, _layout), made at first
+    # use; kept here so that they go with the plan when it is dropped from the cache
     derived: dict[tuple[str, int | bool], Any] = field(default_factory=dict)
+
+    def _tensor(self, name: str, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        made = self.derived.get((name, 0))
+        if made is None:
+            made = self.derived[(name, 0)] = to_device(values, dtype, self.device)
+        return made
+
+    @property
+    def owner(self) -> torch.Tensor:
+        """(P,) layer row of each tensor, in group order."""
+        return self._tensor("owner", self.owner_rows, torch.long)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """(R,) distinct rows present."""
+        return self._tensor("rows", self.present_rows, torch.long)
+
+    @property
+    def count_per_row(self) -> torch.Tensor:
+        """(R,) how many tensor elements each present row holds, in the buffer's dtype."""
+        return self._tensor("counts", self.counts, self.dtype)
 
 
 class GradientProbe(Probe):
@@ -114,6 +142,8 @@ class GradientProbe(Probe):
         self._owner = [row for row, ps in enumerate(layers.params) for _ in ps]
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._all_plan = self._plan(tuple(True for _ in self._params)) if self._params else None
+        if self._all_plan is not None:  # made now: a step that writes the update ratio alone reads its rows
+            _ = self._all_plan.owner, self._all_plan.rows, self._all_plan.count_per_row
         # two rows of samples when the update is read (this step's and the snapshot's), else one
         self._samples = SampleSet(self._tensors, self.update_sample, self.dtype, self.device,
                                   frames=2 if self.update_ratio else 1)
@@ -135,7 +165,7 @@ class GradientProbe(Probe):
                           for p, row in zip(self._tensors, self._owner, strict=True)]
         self._low = any(p.dtype in _LOW_PRECISION for p in self._tensors)
 
-    # --- planning (host only, cached by which parameters have a gradient) -----------------------
+    # --- planning (host lists, cached by which parameters have a gradient; device tensors made lazily) --
     def _plan(self, present: tuple[bool, ...]) -> _Plan:
         plan = self._plans.get(present)
         if plan is not None:
@@ -153,12 +183,8 @@ class GradientProbe(Probe):
         counts = {r: 0 for r in rows}
         for i in order:
             counts[self._owner[i]] += self._tensors[i].numel()
-        plan = _Plan(
-            groups=groups,
-            owner=torch.tensor(owner, dtype=torch.long, device=self.device),
-            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            count_per_row=torch.tensor([counts[r] for r in rows], dtype=self.dtype, device=self.device),
-        )
+        plan = _Plan(groups=groups, owner_rows=owner, present_rows=rows, counts=[counts[r] for r in rows],
+                     device=self.device, dtype=self.dtype)
         self._plans[present] = plan
         return plan
 
