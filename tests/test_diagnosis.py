@@ -59,6 +59,22 @@ def dead_relu():
 SICK.append(("dead relu layer", dead_relu, X, "dead_units", "3", "error"))
 
 
+def relu_normal_hidden():
+    """N(0,1) hidden weights between default-init input and output layers: the backward signal grows ~1e7x toward
+    the input, and grad/weight is 1e4-1e7 everywhere. Its profile of min(signal, grad/weight) reads only ~35x (the
+    grad/weight ratio is huge but flat), which must not hide the absolute grad/weight error."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 64), nn.ReLU()]
+    for _ in range(10):
+        hidden = nn.Linear(64, 64)
+        nn.init.normal_(hidden.weight, 0, 1.0)
+        layers += [hidden, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 4))
+
+
+SICK.append(("relu N(0,1) hidden, default ends", relu_normal_hidden, X, "exploding_gradients", "0", "error"))
+
+
 @pytest.mark.parametrize("name,build,inputs,kind,earliest,severity", SICK, ids=[s[0] for s in SICK])
 def test_pathology_is_found_at_the_right_layer(name, build, inputs, kind, earliest, severity):
     report = findings(build(), inputs)

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from gradmedic.diagnosis._common import depth_order, finding, latest, severity_of
-from gradmedic.diagnosis.findings import Finding
+from gradmedic.diagnosis.findings import SEVERITIES, Finding
 from gradmedic.trace import Trace
 
 __all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
@@ -215,7 +215,7 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
                                   {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
                                    "worst_ratio": worst}, ctx))
     measured = latest(trace, "grad_to_weight")
-    if measured is not None and not found and not ctx.get("normalized"):
+    if measured is not None and not ctx.get("normalized"):
         # the absolute rule catches a forward signal that explodes; normalisation layers rescale the
         # forward at every block, so with them it reads only small-by-design weights (0.02-std transformer
         # init, LayerScale gammas) and is not applied
@@ -227,10 +227,19 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
             top = max(gw[k] for k in hot)
             severity = severity_of(top, GRAD_TO_WEIGHT_EXPLODING, GRAD_TO_WEIGHT_EXPLODING_ERROR, below=False)
             assert severity is not None
-            found.append(finding("exploding_gradients", severity, hot,
-                                  f"Gradients are up to {top:.1e}x the weights they update (at '{hot[0]}' and "
-                                  f"{len(hot) - 1} more): one step at an ordinary learning rate overwrites them.",
-                                  {"step": step, "max_grad_to_weight": top}, ctx))
+            said = (f"Gradients are up to {top:.1e}x the weights they update (at '{hot[0]}' and {len(hot) - 1} more): "
+                    "one step at an ordinary learning rate overwrites them.")
+            if found:
+                # one finding of the two readings, as severe as the worse: a profile that grows little (the ratio is
+                # huge but flat through depth, min(signal, grad/weight) ~35x) must not hide grad/weight at 1e7
+                profile_finding = found.pop()
+                worse = max(profile_finding.severity, severity, key=SEVERITIES.index)
+                layers = profile_finding.layers + [k for k in hot if k not in profile_finding.layers]
+                found.append(finding("exploding_gradients", worse, layers, f"{profile_finding.message} {said}",
+                                     {**profile_finding.evidence, "max_grad_to_weight": top}, ctx))
+            else:
+                found.append(finding("exploding_gradients", severity, hot, said, {"step": step,
+                                                                                    "max_grad_to_weight": top}, ctx))
     if "total_grad_norm" in trace.metrics and "" in trace.layers:
         total = trace.metric("total_grad_norm")[:, trace.layers.index("")]
         measured = np.flatnonzero(np.isfinite(total) & (total > 0))
