@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from gradmedic._compile import EagerWhileArmed
-from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument
+from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
@@ -305,8 +305,9 @@ class Monitor:
             write(self.sink)
         except Exception as error:  # noqa: BLE001 - a logger must never break training
             self.sink = None
-            warnings.warn(f"gradmedic: writing to log_to failed ({type(error).__name__}: {error}); logging is "
-                          "switched off, the trace still records everything.", GradmedicWarning, stacklevel=3)
+            warnings.warn(f"gradmedic: writing to log_to failed ({type(error).__name__}: {first_line(error)}); "
+                          "logging is switched off, the trace still records everything.", GradmedicWarning,
+                          stacklevel=3)
 
     @property
     def trace(self) -> Trace:
@@ -379,8 +380,8 @@ class Monitor:
             return
         self._warned.add(key)
         what = what or f"the {key!r} probe"
-        warnings.warn(f"gradmedic: {what} failed ({type(error).__name__}: {error}) and {consequence}; your "
-                      "training step is unaffected.", GradmedicWarning, stacklevel=3)
+        warnings.warn(f"gradmedic: {what} failed ({type(error).__name__}: {first_line(error)}) and {consequence}; "
+                      "your training step is unaffected.", GradmedicWarning, stacklevel=3)
 
     # --- modules added later --------------------------------------------------------------------
     def _watch_new_modules(self) -> None:

@@ -197,3 +197,38 @@ def test_a_fresh_switch_transformer_has_no_dead_experts():
     ids, labels = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
     report = gm.check(model, {"input_ids": ids, "labels": labels}, steps=10)
     assert not [f for f in report.findings if f.kind == "dead_units" and f.severity != "info"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_embedding_gradients_are_measured_not_a_failed_probe(dtype):
+    """``nn.Embedding(sparse=True)`` and ``EmbeddingBag(sparse=True)`` give sparse, uncoalesced gradients (a token
+    seen twice is two entries). The probe reads their norm as the dense gradient's (duplicates summed), keeps the
+    rest of the model measured, and does not fail; float16 also counts the zero share over the rows used."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum", sparse=True), nn.Linear(8, 16), nn.Tanh(),
+                          nn.Linear(16, 3)).to(dtype)
+    x = torch.randint(0, 50, (6, 5))
+    x[:, 0] = 7  # every bag repeats token 7: duplicate sparse entries
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = []
+    with gm.Monitor(model, opt, preset="full") as monitor:
+        for _ in range(3):
+            loss = model(x).float().square().mean()
+            loss.backward()
+            grad = model[0].weight.grad
+            assert grad.is_sparse and not grad.is_coalesced()
+            linear = torch.cat([model[1].weight.grad.double().flatten(), model[1].bias.grad.double()])
+            expected.append((grad.to_dense().double().norm().item(), linear.norm().item()))
+            monitor.step(loss)
+            opt.step()
+            opt.zero_grad()
+    trace = monitor.trace
+    assert "grad_norm" in trace.metrics and "update_to_weight" in trace.metrics
+    grad = trace.metric("grad_norm")
+    rtol = 1e-5 if dtype == torch.float32 else 2e-3
+    for step, (table, linear) in enumerate(expected):
+        assert grad[step, trace.layers.index("0")] == pytest.approx(table, rel=rtol)
+        assert grad[step, trace.layers.index("1")] == pytest.approx(linear, rel=rtol)
+    if dtype == torch.float16:
+        zero = trace.metric("grad_zero_frac")[:, trace.layers.index("0")]
+        assert np.all((zero >= 0) & (zero < 0.5))  # the used rows' entries are not zero; unused rows are left out

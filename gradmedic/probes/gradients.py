@@ -40,7 +40,7 @@ import torch
 from gradmedic.probes._samples import SampleSet, sample_view
 from gradmedic.probes.base import LayerIndex, Probe, to_device
 
-__all__ = ["GradientProbe", "local_tensor"]
+__all__ = ["GradientProbe", "local_tensor", "stored_entries"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 UPDATE_SAMPLE = 4096  # entries per tensor for the update ratio and weight norms (see the module docstring)
@@ -57,6 +57,16 @@ PLAN_CACHE = 32
 # 16 at depth 50, about half with 64 of 64)
 ZERO_SAMPLE = 4096
 ZERO_BLOCKS = 64
+
+
+def stored_entries(g: torch.Tensor) -> torch.Tensor:
+    """The entries a sparse gradient holds, as a dense tensor with the same norm and the same non-zero count: for
+    ``nn.Embedding(sparse=True)``'s COO gradient, its rows used (coalesced: a token seen twice is two entries until
+    they are summed), for a compressed layout its values. Coalescing sorts the indices; on CUDA it reads their
+    number on the host, so a model with sparse gradients pays one sync per measured step (dense ones none)."""
+    if g.layout is torch.sparse_coo:
+        return g.coalesce().values()
+    return g.values()
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -237,6 +247,8 @@ class GradientProbe(Probe):
                                                                                       strict=True)]
         else:  # a parameter that is not a DTensor has no DTensor gradient: no per-tensor test
             grads = [p.grad if p.grad is not None else p for p in self._params]
+        if any(g.layout is not torch.strided for g in grads):
+            grads = [g if g.layout is torch.strided else stored_entries(g) for g in grads]
         grad_norms = self._norms(grads, plan, convert=False)  # converted once per flush, in finish
         if not again:
             # the gradient norm is exact; the weight norm of a large tensor comes from the update sample (a second
@@ -269,7 +281,7 @@ class GradientProbe(Probe):
                 self._write_ratio(slot, self._row_norms(squares[1 - current]))
         if self._counts_zeros():
             self.buffer.write(slot, plan.rows, "grad_zero_frac",
-                              1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan))
+                              1.0 - self._nonzero(grads, plan) / self._zero_denominator(plan, grads))
 
     def finish(self, layout: tuple[tuple[bool, ...], int, bool], slots: torch.Tensor, grad_norms: torch.Tensor,
                squares: torch.Tensor, snapshot: torch.Tensor | None = None) -> None:
@@ -341,10 +353,11 @@ class GradientProbe(Probe):
         counts = self._norms(views, plan, ord=0.0) * self.host_tensor(scale, self.dtype)
         return self._per_row(counts, plan, squares=False)
 
-    def _zero_denominator(self, plan: _Plan) -> torch.Tensor:
+    def _zero_denominator(self, plan: _Plan, grads: list[torch.Tensor]) -> torch.Tensor:
         """Entries per layer that could be non-zero: an embedding's rows that no input used have an exact
         zero gradient in any precision (unused tokens, positions beyond the sequence, padding), so they are
-        structure, not underflow, and are left out. A layer whose gradient is zero in every row counts whole."""
+        structure, not underflow, and are left out. A layer whose gradient is zero in every row counts whole.
+        ``grads`` are what ``collect`` read (a sparse gradient's stored rows, ``stored_entries``)."""
         order = [i for group in plan.groups for i in group]
         if not any(self._row_wise[i] for i in order):
             return plan.count_per_row
@@ -352,7 +365,7 @@ class GradientProbe(Probe):
         for i in order:
             p = self._tensors[i]
             if self._row_wise[i]:
-                g = local_tensor(self._params[i].grad).reshape(p.shape[0], -1)
+                g = grads[i].reshape(grads[i].shape[0], -1)  # a sparse gradient's stored rows: the rows used
                 live = (g != 0).any(dim=1).sum().to(self.dtype) * g.shape[1]
                 per_tensor.append(torch.where(live > 0, live, torch.full_like(live, float(p.numel()))))
             else:

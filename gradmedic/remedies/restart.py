@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._errors import GradmedicError, bad_argument, first_line
 from gradmedic._inputs import forward_with_hooks
 from gradmedic.probes.activations import activation_family
 from gradmedic.remedies.init import following_activations, he_, xavier_
@@ -163,7 +163,8 @@ class RestartOnVanishing:
         try:
             (he_ if relu else xavier_)(self.model, self.inputs)
         except Exception as error:
-            raise GradmedicError(f"RestartOnVanishing could not re-initialise the model ({error}).") from error
+            raise GradmedicError(
+                f"RestartOnVanishing could not re-initialise the model ({first_line(error)}).") from error
         self.streak = 0
         self.restarts += 1
         return True
