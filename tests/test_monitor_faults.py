@@ -143,7 +143,7 @@ def _train_watched(model, steps: int = 6, **kwargs) -> gm.Monitor:
 
 def test_a_trace_that_raises_at_a_flush_costs_a_warning_not_the_step(monkeypatch):
     def broken(self, chunk):
-        raise RuntimeError("trace refuses")
+        raise RuntimeError("trace refuses\n" + "a dispatcher's table of backends\n" * 50)  # torch's errors run long
 
     monkeypatch.setattr(gm.Trace, "extend", broken)
     model = sigmoid_mlp()
@@ -151,7 +151,8 @@ def test_a_trace_that_raises_at_a_flush_costs_a_warning_not_the_step(monkeypatch
     with pytest.warns(gm.GradmedicWarning, match="trace refuses") as record:
         mon = _train_watched(model)
         mon.close()
-    assert len([w for w in record if issubclass(w.category, gm.GradmedicWarning)]) == 1
+    (warning,) = [w for w in record if issubclass(w.category, gm.GradmedicWarning)]
+    assert "\n" not in str(warning.message) and "dispatcher" not in str(warning.message)  # one line
     assert hook_state(model) == before
 
 
