@@ -31,8 +31,9 @@ import re
 
 from torch import nn
 
-__all__ = ["ACTIVATION_KINDS", "ROLES", "WRAPPER_TYPES", "activation_kind", "block_index", "clean_name",
-           "is_block", "is_norm", "model_kind", "role_of", "roles", "stream_blocks", "unwrap"]
+__all__ = ["ACTIVATION_KINDS", "ROLES", "WRAPPER_TYPES", "activation_kind", "block_index", "class_name",
+           "clean_name", "is_block", "is_norm", "model_kind", "own_parameters", "parametrization_parts", "role_of",
+           "roles", "stream_blocks", "unwrap"]
 
 ROLES = ("activation", "norm", "embedding", "block", "attention", "attn_q", "attn_k", "attn_v", "attn_qkv",
          "attn_out", "mlp_in", "mlp_out", "recurrent", "conv", "linear", "other")
@@ -107,6 +108,48 @@ def _has_params_below(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+# --- parametrizations ---------------------------------------------------------------------------------
+# ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``spectral_norm``, ``orthogonal``) moves a
+# layer's weight into ``layer.parametrizations.weight.original`` (``original0``/``original1`` for weight norm's
+# magnitude and direction) and computes ``layer.weight`` from it at every use. The modules under
+# ``parametrizations`` are the weight's arithmetic, not layers: their output is a weight, so a probe hooked there
+# reads dL/dW as if it were a signal on the data path, and the layer itself is left owning its bias alone. So they
+# are no layer of their own, and their parameters belong to the layer (``own_parameters``).
+
+
+def _parametrizations(module: nn.Module) -> nn.ModuleDict | None:
+    """The ``parametrizations`` ModuleDict of a parametrized module, or None."""
+    found = module.__dict__.get("_modules", {}).get("parametrizations")
+    return found if isinstance(found, nn.ModuleDict) and type(module).__name__.startswith("Parametrized") else None
+
+
+def class_name(module: nn.Module) -> str:
+    """The class name the user wrote: ``Conv2d`` for a parametrized conv, whose class parametrize made on the fly
+    (``ParametrizedConv2d``, a subclass), so that name-keyed knowledge (a convolutional model) still applies."""
+    cls = type(module)
+    if _parametrizations(module) is not None and cls.__bases__:
+        return cls.__bases__[0].__name__
+    return cls.__name__
+
+
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``module`` owns directly, with those its parametrizations hold for it (weight norm's
+    ``original0``/``original1``): what the optimizer updates for this layer."""
+    params = list(module.parameters(recurse=False))
+    extra = _parametrizations(module)
+    return params + list(extra.parameters()) if extra is not None else params
+
+
+def parametrization_parts(model: nn.Module) -> set[int]:
+    """``id`` of every module under a parametrized module's ``parametrizations`` (see above): not layers."""
+    parts: set[int] = set()
+    for module in model.modules():
+        extra = _parametrizations(module)
+        if extra is not None:
+            parts.update(id(m) for m in extra.modules())
+    return parts
+
+
 def is_block(module: nn.Module) -> bool:
     """A residual block known by its class (see ``_BLOCK_NAME``) or an attention-holding ``...Layer``."""
     name = type(module).__name__
@@ -133,7 +176,9 @@ def stream_blocks(model: nn.Module) -> list[str]:
     """
     # a wrapper (torch.compile's OptimizedModule) and the module inside it share one clean name: the inner one
     # stands for both, as in LayerIndex, or a plain stack compiled inside a container reads as two blocks
-    named = [(clean_name(n), m) for n, m in unwrap(model).named_modules() if type(m).__name__ not in WRAPPER_TYPES]
+    parts = parametrization_parts(unwrap(model))
+    named = [(clean_name(n), m) for n, m in unwrap(model).named_modules()
+             if type(m).__name__ not in WRAPPER_TYPES and id(m) not in parts]
     known = _outermost([n for n, m in named if n and is_block(m)])
     if len(known) >= 2:
         return known
@@ -144,7 +189,8 @@ def stream_blocks(model: nn.Module) -> list[str]:
 
 def _layers_below(module: nn.Module) -> int:
     """How many modules under ``module`` own parameters directly."""
-    return sum(1 for c in module.modules() if c is not module and any(True for _ in c.parameters(recurse=False)))
+    parts = parametrization_parts(module)
+    return sum(1 for c in module.modules() if c is not module and id(c) not in parts and own_parameters(c))
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -195,8 +241,7 @@ def role_of(name: str, module: nn.Module) -> str:
         return "recurrent"
     parts = clean_name(name).split(".")
     leaf, parents = parts[-1], parts[:-1]
-    if isinstance(module, nn.Embedding) or (any("embed" in p.lower() for p in parts) and
-                                            any(True for _ in module.parameters(recurse=False))):
+    if isinstance(module, nn.Embedding) or (any("embed" in p.lower() for p in parts) and own_parameters(module)):
         return "embedding"
     if is_block(module):
         return "block"
@@ -225,7 +270,10 @@ def role_of(name: str, module: nn.Module) -> str:
 def roles(model: nn.Module) -> dict[str, str]:
     """Every module's role by clean name, leaving out containers that are only ``other``."""
     out = {}
+    parts = parametrization_parts(unwrap(model))
     for name, module in unwrap(model).named_modules():
+        if id(module) in parts:
+            continue
         role = role_of(name, module)
         if role != "other":
             out[clean_name(name)] = role

@@ -32,7 +32,7 @@ from torch import nn
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._sinks import as_sink, findings_text
-from gradmedic.architecture import unwrap
+from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
 from gradmedic.probes.base import Chunk
 from gradmedic.trace import Trace
@@ -127,7 +127,7 @@ class Monitor:
         params = {name: sum(p.numel() for p in ps) for name, ps in zip(layers.names, layers.params, strict=True)
                   if ps}
         return {"model": type(unwrap(self.model)).__name__, "preset": self.preset, "modules": layers.names,
-                "types": {n: type(m).__name__ for n, m in zip(layers.names, layers.modules, strict=True)},
+                "types": {n: class_name(m) for n, m in zip(layers.names, layers.modules, strict=True)},
                 "params": params, "roles": dict(layers.roles), "dtype": str(layers.param_dtype).removeprefix("torch."),
                 "device": str(layers.device), "probes": [repr(p) for p in self.probes],
                 "torch": torch.__version__}

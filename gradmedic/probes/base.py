@@ -86,15 +86,18 @@ class LayerIndex:
         self.params: list[list[nn.Parameter]] = []  # trainable parameters first owned by each module
         self.owns_params: list[bool] = []  # owns any parameter (trainable or frozen) directly
         seen: set[int] = set()
+        parts = architecture.parametrization_parts(model)
         for name, module in model.named_modules():
             if type(module).__name__ in architecture.WRAPPER_TYPES:
                 continue  # a compiled/wrapped submodule: its inner module stands for it under the same name
+            if id(module) in parts:
+                continue  # a weight's parametrization (weight norm): its parameters are the layer's own
             name = architecture.clean_name(name)
             self.row[id(module)] = len(self.names)
             self.names.append(name)
             self.modules.append(module)
             owned = []
-            direct = list(module.parameters(recurse=False))
+            direct = architecture.own_parameters(module)
             for p in direct:
                 if id(p) in seen:
                     continue
