@@ -62,3 +62,39 @@ def test_a_healthy_parametrized_stack_stays_healthy_and_a_conv_stack_reads_convo
             opt.zero_grad()
     ratio = monitor.trace.last("update_to_weight")
     assert set(ratio) == {"0", "2", "4", "6", "8"} and all(v > 0 for v in ratio.values())
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_init_remedies_change_a_parametrized_weight_through_its_parametrization(kind):
+    """An init written into a computed weight would change a temporary: the remedies write through the
+    parametrization, so the layer's weight (as it computes it) is the new one, and the follow-up activation is
+    found through the parametrization's modules."""
+    from gradmedic.remedies import critical, init
+
+    model = stack(kind, nn.ReLU, depth=4)
+    x = torch.randn(64, 16)
+    plain = stack("plain", nn.ReLU, depth=4)
+    assert [type(a) for a in init.following_activations(model, x).values()] == [
+        type(a) for a in init.following_activations(plain, x).values()]
+    before = model[0].weight.detach().clone()
+    torch.manual_seed(3)
+    init.he_(model, x)
+    after = model[0].weight.detach()
+    assert not torch.allclose(before, after)
+    if kind == "weight_norm":  # weight norm holds any weight: exactly He's draw (std sqrt(2 / fan_in))
+        torch.manual_seed(3)
+        init.he_(plain, x)
+        assert torch.allclose(after, plain[0].weight, atol=1e-6)
+    critical.critical_(model, x)
+    assert torch.isfinite(model[0].weight).all() and not torch.allclose(model[0].weight, after)
+
+
+def test_a_weight_a_parametrization_cannot_hold_is_refused_and_the_layer_kept():
+    from gradmedic.remedies._weights import writable_weight
+
+    layer = parametrizations.weight_norm(nn.Linear(4, 4))
+    before = layer.weight.detach().clone()
+    with pytest.raises(gm.GradmedicError, match="cannot be stored through its parametrization"):
+        with writable_weight(layer) as weight:
+            nn.init.zeros_(weight)  # weight norm of zero is 0/0
+    assert torch.equal(layer.weight, before)

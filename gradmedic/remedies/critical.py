@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import bad_argument
+from gradmedic.remedies._weights import writable_weight
 from gradmedic.remedies.init import _gain_name, following_activations
 
 __all__ = ["critical_", "critical_scale", "gradient_gain"]
@@ -130,11 +131,13 @@ def critical_(model: nn.Module, inputs: Any = None, depth: int | None = None,
         name = type(act).__name__ if act is not None else "linear"
         scales[name] = sigma2  # the last layer before this activation: a hidden one, for sigmoid the 16x value
         kind = distribution if distribution != "auto" else "orthogonal" if isinstance(act, _SATURATING) else "normal"
-        _draw(layer.weight, sigma2, kind)
+        with writable_weight(layer) as weight:
+            _draw(weight, sigma2, kind)
         if layer.bias is not None:
             with torch.no_grad():
                 if after_sigmoid:  # remove the 1/2 each incoming unit contributes
-                    layer.bias.copy_(-0.5 * layer.weight.reshape(layer.weight.shape[0], -1).sum(1))
+                    weight = layer.weight  # as the layer computes it (a parametrization may rescale the draw)
+                    layer.bias.copy_(-0.5 * weight.reshape(weight.shape[0], -1).sum(1))
                 else:
                     layer.bias.zero_()
         after_sigmoid = sigmoid

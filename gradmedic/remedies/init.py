@@ -32,6 +32,8 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import forward_with_hooks
+from gradmedic.architecture import parametrization_parts
+from gradmedic.remedies._weights import writable_weight
 
 __all__ = ["chrono_bias_", "fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_",
            "lsuv_", "orthogonal_", "xavier_"]
@@ -62,11 +64,13 @@ def following_activations(model: nn.Module, inputs: Any = None) -> dict[nn.Modul
     ``named_modules`` (right for Sequential models). Normalisation layers in between are looked through.
     """
     order: list[nn.Module] = []
+    parts = parametrization_parts(model)  # a weight-normed layer's parametrization is no child of note
+    leaves = [m for m in model.modules()
+              if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
     if inputs is not None:
-        leaves = [m for m in model.modules() if not list(m.children())]
         forward_with_hooks(model, inputs, leaves, lambda mod, a, o: order.append(mod))
     else:
-        order = [m for m in model.modules() if not list(m.children())]
+        order = leaves
     result: dict[nn.Module, nn.Module | None] = {}
     for i, module in enumerate(order):
         if not isinstance(module, _WEIGHTED) or module in result:
@@ -92,13 +96,14 @@ def he_(model: nn.Module, inputs: Any = None, mode: str = "fan_in") -> nn.Module
     follows = following_activations(model, inputs)
     for module in _weighted(model):
         name, slope = _gain_name(follows.get(module))
-        if name in ("relu", "leaky_relu"):
-            nn.init.kaiming_normal_(module.weight, a=slope or 0.0, mode=mode, nonlinearity=name)
-        else:  # He's derivation is for rectifiers; other layers keep variance with the plain gain
-            gain = nn.init.calculate_gain(name)
-            fan = nn.init._calculate_correct_fan(module.weight, mode)
-            with torch.no_grad():
-                module.weight.normal_(0.0, gain / math.sqrt(fan))
+        with writable_weight(module) as weight:
+            if name in ("relu", "leaky_relu"):
+                nn.init.kaiming_normal_(weight, a=slope or 0.0, mode=mode, nonlinearity=name)
+            else:  # He's derivation is for rectifiers; other layers keep variance with the plain gain
+                gain = nn.init.calculate_gain(name)
+                fan = nn.init._calculate_correct_fan(weight, mode)
+                with torch.no_grad():
+                    weight.normal_(0.0, gain / math.sqrt(fan))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     return model
@@ -110,7 +115,8 @@ def xavier_(model: nn.Module, inputs: Any = None, uniform: bool = True) -> nn.Mo
     for module in _weighted(model):
         name, slope = _gain_name(follows.get(module))
         gain = nn.init.calculate_gain(name, slope)
-        (nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_)(module.weight, gain=gain)
+        with writable_weight(module) as weight:
+            (nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_)(weight, gain=gain)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     return model
@@ -133,7 +139,8 @@ def orthogonal_(model: nn.Module, gain: float | None = None, inputs: Any = None)
     follows = following_activations(model, inputs)
     for module in _weighted(model):
         g = gain if gain is not None else nn.init.calculate_gain(*_gain_name(follows.get(module)))
-        nn.init.orthogonal_(module.weight, gain=g)
+        with writable_weight(module) as weight:
+            nn.init.orthogonal_(weight, gain=g)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     for module, name, p in _recurrent_weights(model):
@@ -217,8 +224,8 @@ def lsuv_(model: nn.Module, inputs: Any, tol: float = 0.1, max_iter: int = 10) -
             var = captured["out"].float().var()
             if abs(float(var) - 1.0) < tol or float(var) == 0.0:
                 break
-            with torch.no_grad():
-                module.weight.div_(torch.sqrt(var).to(module.weight.dtype))
+            with writable_weight(module) as weight, torch.no_grad():
+                weight.div_(torch.sqrt(var).to(weight.dtype))
     return model
 
 
@@ -232,7 +239,8 @@ def fixup_(model: nn.Module) -> nn.Module:
             continue
         last = [m for m in branch.modules() if isinstance(m, _WEIGHTED)]
         if last:
-            nn.init.zeros_(last[-1].weight)
+            with writable_weight(last[-1]) as weight:
+                nn.init.zeros_(weight)
             if last[-1].bias is not None:
                 nn.init.zeros_(last[-1].bias)
             touched = True

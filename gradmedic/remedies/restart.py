@@ -28,6 +28,7 @@ from torch import nn
 from gradmedic._errors import GradmedicError, bad_argument, first_line
 from gradmedic._inputs import forward_with_hooks
 from gradmedic.probes.activations import activation_family
+from gradmedic.remedies._weights import is_parametrized
 from gradmedic.remedies.init import following_activations, he_, xavier_
 
 __all__ = ["RestartOnVanishing", "dormant_units", "recycle_"]
@@ -92,7 +93,9 @@ def _reset_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, index
 def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | None = None,
              tau: float = 0.1, redraw: bool = True) -> dict[str, int]:
     """Re-initialise dormant units in place (ReDo). Returns {layer name: units recycled}.
-    ``redraw=False``: keep the incoming weights and re-centre the bias instead (see the module docstring)."""
+    ``redraw=False``: keep the incoming weights and re-centre the bias instead (see the module docstring).
+    Layers with a parametrized weight (weight norm, spectral norm) are left out: a row of theirs is spread over
+    several parameters and their optimizer state."""
     names = {m: n for n, m in model.named_modules()}
     masks = dormant_units(model, inputs, tau)
     consumers = _consumers(model, inputs)
@@ -108,6 +111,8 @@ def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | N
         nxt = consumers.get(layer)
         if nxt is None or not bool(mask.any()):
             continue  # the output layer, or nothing dormant
+        if is_parametrized(layer) or is_parametrized(nxt):
+            continue  # a weight-normed row is two parameters (magnitude, direction) and their optimizer state: left
         if nxt.weight.shape[1] != mask.numel():
             continue  # a flatten or reshape in between: the unit-to-column map is not one to one
         if not redraw and layer.bias is None:
