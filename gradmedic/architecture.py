@@ -84,9 +84,16 @@ _NOT_NORM_NAME = re.compile(r"^(No|Identity)Norm$")
 
 
 def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's, or a class named ``...Norm`` that holds no attention and no stack of layers
+    (Wav2Vec2's ``EncoderLayerStableLayerNorm`` is an encoder layer and its ``EncoderStableLayerNorm`` an encoder,
+    named for where they put their norms; an adaptive norm's own Linear is fine)."""
     name = type(module).__name__
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or bool(
-        _NORM_NAME.search(name) and not _NOT_NORM_NAME.search(name))
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return True
+    if not _NORM_NAME.search(name) or _NOT_NORM_NAME.search(name):
+        return False
+    return not any(isinstance(m, (nn.ModuleList, nn.MultiheadAttention)) or _ATTENTION_CHILD.search(n)
+                   for n, m in module.named_modules() if m is not module)
 
 
 # --- residual blocks --------------------------------------------------------------------------------
@@ -94,7 +101,7 @@ def is_norm(module: nn.Module) -> bool:
 # BartEncoderLayer, T5Block, ViTLayer, SwinLayer, ConvNextLayer, ResNetBottleNeckLayer, MambaBlock,
 # MobileNetV2InvertedResidual, EfficientNetBlock; torch's TransformerEncoderLayer/DecoderLayer.
 _BLOCK_NAME = re.compile(r"(Block|DecoderLayer|EncoderLayer|BottleNeckLayer|BasicLayer|InvertedResidual|"
-                         r"ConvNextLayer|ConvNextV2Layer)$")
+                         r"ConvNextLayer|ConvNextV2Layer)(StableLayerNorm)?$")  # Wav2Vec2/HuBERT/WavLM's pre-LN
 # "...Layer" classes are blocks when they hold an attention module (BertLayer, ViTLayer, GPTNeoXLayer)
 _ATTENTION_CHILD = re.compile(r"attn|attention", re.IGNORECASE)
 # ...but not the sub-layers of a block (T5LayerSelfAttention, T5LayerFF: residual pieces of a T5Block), nor a
@@ -179,7 +186,7 @@ def stream_blocks(model: nn.Module) -> list[str]:
     parts = parametrization_parts(unwrap(model))
     named = [(clean_name(n), m) for n, m in unwrap(model).named_modules()
              if type(m).__name__ not in WRAPPER_TYPES and id(m) not in parts]
-    known = _outermost([n for n, m in named if n and is_block(m)])
+    known = _stream_of([n for n, m in named if n and is_block(m)])
     if len(known) >= 2:
         return known
     containers = _outermost([n for n, m in named if n and _INDEX.match(n.rsplit(".", 1)[-1])
@@ -191,6 +198,17 @@ def _layers_below(module: nn.Module) -> int:
     """How many modules under ``module`` own parameters directly."""
     parts = parametrization_parts(module)
     return sum(1 for c in module.modules() if c is not module and id(c) not in parts and own_parameters(c))
+
+
+def _stream_of(blocks: list[str]) -> list[str]:
+    """The outermost ``blocks``, except that one holding two or more blocks is a stage, not a block: its blocks are
+    the stream there (PVT-v2's ``PvtV2EncoderLayer`` is a stage of ``PvtV2BlockLayer``s). One holding a single
+    block-like module keeps it as part of its branch (a mixture-of-experts layer inside a decoder layer)."""
+    stream: list[str] = []
+    for outer in _outermost(blocks):
+        inner = [b for b in blocks if b.startswith(outer + ".")]
+        stream += _stream_of(inner) if len(_outermost(inner)) >= 2 else [outer]
+    return stream
 
 
 def _outermost(names: list[str]) -> list[str]:

@@ -536,3 +536,47 @@ def test_a_layer_named_no_norm_is_not_a_normalisation():
         pass
 
     assert not is_norm(NoNorm()) and is_norm(RMSNorm()) and is_norm(nn.LayerNorm(4))
+
+
+def _pre_ln_readings():
+    tr = pytest.importorskip("transformers")
+    images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    audio = torch.randn(4, 1600, generator=torch.Generator().manual_seed(1))
+    ctc = torch.randint(1, 32, (4, 10), generator=torch.Generator().manual_seed(2))
+    return {
+        # a relative position bias table runs before each block's first LayerNorm: it must not vote
+        "beit, relative position bias": (lambda: tr.BeitForImageClassification(tr.BeitConfig(
+            image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=128, num_labels=10, use_relative_position_bias=True)),
+            {"pixel_values": images, "labels": labels}, "beit.layers.{}", 3, "BeitLayer"),
+        # stages (PvtV2EncoderLayer: a patch embedding, then blocks) hold the blocks: the blocks are the stream
+        "pvt_v2, stages of blocks": (lambda: tr.PvtV2ForImageClassification(tr.PvtV2Config(
+            num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+            strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=10)),
+            {"pixel_values": images, "labels": labels}, None, 4, "PvtV2BlockLayer"),
+        # EncoderLayerStableLayerNorm is an encoder layer, not a norm; the feature extractor's convs are no blocks
+        "wav2vec2, stable layer norm": (lambda: tr.Wav2Vec2ForCTC(tr.Wav2Vec2Config(
+            do_stable_layer_norm=True, feat_extract_norm="layer", vocab_size=32, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32, 32), conv_stride=(5, 2, 2),
+            conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0)),
+            {"input_values": audio, "labels": ctc},
+            "wav2vec2.encoder.layers.{}", 2, "Wav2Vec2EncoderLayerStableLayerNorm"),
+    }
+
+
+@pytest.mark.parametrize("name", ["beit, relative position bias", "pvt_v2, stages of blocks",
+                                  "wav2vec2, stable layer norm"])
+def test_pre_ln_families_read_pre_ln_at_their_blocks(name):
+    """These were read post-LN (``pre_ln`` would be ranked first for a vanishing finding), at the wrong blocks."""
+    build, inputs, pattern, count, block_type = _pre_ln_readings()[name]
+    torch.manual_seed(0)
+    model = build()
+    report = _check(lambda: (model, inputs, {}))
+    roles = report.trace.meta["roles"]
+    blocks = [n for n, r in roles.items() if r == "block"]
+    assert len(blocks) == count and {type(model.get_submodule(b)).__name__ for b in blocks} == {block_type}, blocks
+    if pattern:
+        assert blocks == [pattern.format(i) for i in range(count)]
+    assert not any(r == "norm" and type(model.get_submodule(n)).__name__ == block_type for n, r in roles.items())
+    assert report.context["norm_placement"] == "pre"
+    assert report.healthy, repr(report)

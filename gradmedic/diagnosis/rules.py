@@ -100,9 +100,18 @@ def context_of(trace: Trace) -> dict:
     }
 
 
+# the layers that transform a block's input (its attention's projections, its MLP, a conv): a norm that runs
+# before the first of them normalises the block's input (pre-LN); one after, its output (post-LN). Helpers that
+# run first without touching the stream (BEiT's relative position bias table, a stage's patch embedding) do not
+# vote
+_COMPUTE_ROLES = frozenset({"attention", "attn_q", "attn_k", "attn_v", "attn_qkv", "mlp_in", "linear", "conv",
+                            "recurrent"})
+
+
 def norm_placement(trace: Trace) -> str | None:
-    """"pre" when most residual blocks run a norm first (pre-LN), "post" when they run it after their
-    attention/MLP (post-LN), read from the order in which the block's layers ran; None without blocks."""
+    """"pre" when most residual blocks run a norm before their first projection (pre-LN), "post" when they run
+    it after their attention/MLP (post-LN), read from the order in which the block's layers ran; None without
+    blocks."""
     roles = trace.meta.get("roles", {})
     blocks = [n for n, r in roles.items() if r == "block"]
     if not blocks or "forward_index" not in trace.metrics:
@@ -110,7 +119,8 @@ def norm_placement(trace: Trace) -> str | None:
     order = {k: v for k, v in trace.last("forward_index").items()}
     votes = []
     for block in blocks:
-        inside = sorted((order[n], n) for n in order if n.startswith(block + ".") and roles.get(n) != "block")
+        inside = sorted((order[n], n) for n in order
+                        if n.startswith(block + ".") and roles.get(n) in _COMPUTE_ROLES | {"norm"})
         if inside:
             votes.append(roles.get(inside[0][1]) == "norm")
     if not votes:
