@@ -21,8 +21,10 @@ wrappers (``_orig_mod``, DDP's ``module``), so layers carry the user's names.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -105,6 +107,7 @@ class Monitor:
         self._prepared: set[int] = set()  # ids of probes whose after_step() record_gradients() already ran
         self._eager = EagerWhileArmed()  # compiled code runs eagerly while hooks are armed
         self._closed = False
+        self._paused = False  # inside paused(): no hook on the model
         self._watch_new_modules()
         self._arm(0)
 
@@ -229,7 +232,35 @@ class Monitor:
         return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
                      scalars=scalars)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Monitor]:
+        """Forwards and backwards run inside are not measured: they are not this model's training step.
+
+        Everything between two ``step()`` calls counts as one step (the micro-batches of gradient accumulation
+        pool). A GAN's generator step runs a forward and a backward through the discriminator: a Monitor of the
+        discriminator would pool them into its next step, mixing the generator's loss into the discriminator's
+        backward signal and activations. Run the generator step inside ``monitor_d.paused()``. The hooks come
+        off on entry and are put back on exit; gradients (read at ``step()``) are the user's business, as always.
+        """
+        if self._paused or self._closed:
+            yield self
+            return
+        self._paused = True
+        for probe in self._armed:
+            probe.remove_hooks()  # never raises; the step's state so far is kept
+        self._run_eagerly(False)
+        try:
+            yield self
+        finally:
+            self._paused = False
+            if not self._closed:
+                for probe in self._armed:
+                    self._safely(probe, probe.arm)
+                self._arm(self._step)
+
     def _arm(self, step: int) -> None:
+        if self._paused:
+            return  # paused(): armed on leaving it
         for probe in self.probes:
             if probe.uses_hooks and probe.should_compute(step) and probe not in self._armed:
                 if self._safely(probe, probe.arm):

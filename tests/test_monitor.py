@@ -1,5 +1,6 @@
 """Monitor: schedules, presets, clean detach, failure isolation, host syncs, odd outputs."""
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -376,3 +377,46 @@ def test_float64_model_full_preset():
     mon.close()
     assert mon.trace.meta["dtype"] == "float64"
     assert np.isfinite(mon.trace.metric("grad_norm")).any()
+
+
+def _gan():
+    torch.manual_seed(0)
+    generator = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8))
+    discriminator = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    return generator, discriminator
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_a_generator_step_inside_paused_is_not_pooled_into_the_discriminators_next_step(pause):
+    """A GAN loop: the generator's loss runs backward through the discriminator after the discriminator's step.
+    Inside ``monitor.paused()`` that pass is not measured, so the discriminator's backward signal is its own loss's
+    (learning rate 0: the same at every step, checked against autograd). Without it, the pass pools into the next
+    step, as the micro-batches of gradient accumulation do (what paused() is for)."""
+    generator, discriminator = _gan()
+    opt_d = torch.optim.SGD(discriminator.parameters(), lr=0.0)
+    opt_g = torch.optim.SGD(generator.parameters(), lr=0.0)
+    real, noise = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.randn(16, 4)
+    hooks = hook_state(discriminator)
+    with gm.Monitor(discriminator, opt_d, preset="full") as monitor:
+        for _ in range(3):
+            opt_d.zero_grad()
+            loss_d = discriminator(real).mean() - discriminator(generator(noise).detach()).mean()
+            loss_d.backward()
+            monitor.step(loss_d)
+            opt_d.step()
+            with monitor.paused() if pause else contextlib.nullcontext():
+                assert (hook_state(discriminator) == hooks) == pause  # no hook of ours inside
+                opt_g.zero_grad()
+                loss_g = -discriminator(generator(noise)).mean()
+                loss_g.backward()
+                opt_g.step()
+    measured = monitor.trace.metric("backward_rms")[:, monitor.trace.layers.index("0")]
+    out = {}
+    discriminator[0].register_forward_hook(lambda m, a, o: out.setdefault("y", []).append(o))
+    loss_d = discriminator(real).mean() - discriminator(generator(noise).detach()).mean()
+    grads = torch.autograd.grad(loss_d, out["y"])
+    true = (sum(g.double().square().sum() for g in grads) / sum(g.numel() for g in grads)).sqrt().item()
+    if pause:
+        assert measured == pytest.approx([true] * 3, rel=1e-5)
+    else:
+        assert measured[0] == pytest.approx(true, rel=1e-5) and abs(measured[1] / true - 1) > 1e-3
