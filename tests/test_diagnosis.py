@@ -257,3 +257,22 @@ def test_the_steepest_drop_names_the_layer_the_gradient_falls_into():
     model = nn.Sequential(*layers, nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
     found = findings(model, torch.randn(16, 32)).of_kind("vanishing_gradients")
     assert found and found[0].evidence["steepest_drop_into"] == "2"  # was '10', a rise toward the loss
+
+
+def test_vanishing_through_functional_activations_names_no_activation_module():
+    """A stack whose activations are functional (``torch.sigmoid`` in the forward) has no activation module to
+    name: the message says how many layers, not "layers of its activations"."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(10))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.sigmoid(layer(x))
+            return x
+
+    (finding,) = findings(Functional(), torch.randn(64, 32)).of_kind("vanishing_gradients")
+    assert "activations" not in finding.message and "vanishes through 9 layers;" in finding.message

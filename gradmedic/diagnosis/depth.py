@@ -180,7 +180,9 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     # is than layer i's (the profile runs input first), so the steepest fall backward lands at i = argmax
     gains = np.diff(np.log10(np.maximum(both, 1e-300)))
     drop_at = layers[int(np.argmax(gains))] if len(gains) else layers[0]
-    acts = ", ".join(ctx.get("activations", [])) or "its"
+    # the activation modules by name; functional ones (torch.tanh in a forward) are not modules, and go unnamed
+    acts = ", ".join(ctx.get("activations", []))
+    acts = f" of {acts} activations" if acts else ""
     if unit == "blocks":
         message = (f"The gradient on the residual stream at the output of '{hit[0]}' is "
                    f"{b[layers.index(hit[0])]:.1e} of that at the deepest blocks and the block learns "
@@ -189,7 +191,7 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     else:
         message = (f"The gradient reaching '{hit[0]}' is {b[layers.index(hit[0])]:.1e} of that at the deepest "
                    f"layers and it learns {g[layers.index(hit[0])]:.1e} as fast: it vanishes through "
-                   f"{len(layers) - 1} layers of {acts} activations; {len(hit)} layer(s) hardly learn.")
+                   f"{len(layers) - 1} layers{acts}; {len(hit)} layer(s) hardly learn.")
     return [finding("vanishing_gradients", severity, hit, message,
                      {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
                       "worst_ratio": worst, "steepest_drop_into": drop_at, "depth": len(layers),
