@@ -18,7 +18,7 @@ import copy
 import inspect
 import itertools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,7 +82,8 @@ def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, l
     try:
         with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
             loss, how = _forward_loss(model, args, kwargs, targets, loss_fn)
-            for p, g in zip(params, _gradients(loss, params), strict=True):
+            extra = [t for probe in monitor.probes for t in probe.gradient_inputs()]
+            for p, g in zip(params, _gradients(loss, params, extra), strict=True):
                 p.grad = g  # lent to the probes (they read .grad) until the state is restored below
             monitor.step(loss.detach())
     finally:
@@ -90,8 +91,11 @@ def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, l
     return monitor, how
 
 
-def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
-    """d loss / d params by ``torch.autograd.grad``: no ``.grad`` written, no parameter hook run.
+def _gradients(loss: torch.Tensor, params: list[nn.Parameter],
+               extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor | None]:
+    """d loss / d params by ``torch.autograd.grad``: no ``.grad`` written, no parameter hook run. ``extra``
+    (``Probe.gradient_inputs``: the time-step probe's inputs) are asked for too, so that their hooks fire, and
+    their gradients dropped.
 
     Except under reentrant activation checkpointing (``checkpoint(..., use_reentrant=True)``), whose graph node
     has the block's inputs as its only edges: ``autograd.grad`` either refuses it or, when nothing upstream of
@@ -106,7 +110,7 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Ten
         p.grad = None
     try:
         if not _has_reentrant_checkpoint(loss):
-            found = torch.autograd.grad(loss, params, allow_unused=True)
+            found = torch.autograd.grad(loss, [*params, *extra], allow_unused=True)[:len(params)]
             return [g if p.grad is None else p.grad if g is None else g + p.grad
                     for p, g in zip(params, found, strict=True)]
         loss.backward()

@@ -90,3 +90,31 @@ def test_tanh_rnn_decay_is_visible():
     rnn(torch.randn(8, 60, 1))[0][:, -1].sum().backward()
     mon.step()
     assert mon.trace.last("time_grad_ratio")[""] < 1e-6
+
+
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_check_without_a_copy_reads_the_per_step_gradient(input_requires_grad):
+    """``gm.check`` (steps=0) takes the gradients with ``torch.autograd.grad`` over the parameters, which computes
+    no gradient for an input the probe made a leaf: the per-step series must still be read (it was missing, and the
+    finding said "the first of None time steps"). Checked against autograd on the input (float64, rtol 1e-6)."""
+
+    class LastStep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.rnn, self.out = nn.RNN(2, 16, batch_first=True).double(), nn.Linear(16, 1).double()
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+    model = LastStep()
+    x = torch.randn(8, 40, 2, dtype=torch.float64).requires_grad_(input_requires_grad)
+    y = torch.randn(8, dtype=torch.float64)
+    report = gm.check(model, x, y)
+    steps, series = report.trace.series("time_grad_rms")["rnn"]
+    leaf = x.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(nn.functional.mse_loss(model(leaf), y), leaf)
+    np.testing.assert_allclose(series[0], grad.square().mean(dim=(0, 2)).sqrt().numpy(), rtol=1e-6)
+    for finding in report.of_kind("vanishing_through_time"):
+        assert finding.evidence["length"] == 40 and "None" not in finding.message
+    assert x.grad is None

@@ -333,6 +333,13 @@ class Probe:
         Subclasses that keep per-step state extend it."""
         self._generation += 1
 
+    def gradient_inputs(self) -> list[torch.Tensor]:
+        """Tensors of the current step whose gradient this probe's hooks read and that no parameter's gradient
+        needs (a model's input, made a leaf or a view of the user's leaf). ``loss.backward()`` computes them;
+        ``torch.autograd.grad`` over the parameters (``gm.check``) computes only what the parameters need, so it
+        asks for these too."""
+        return []
+
     def collect(self, step: int) -> None:
         """Reduce what was seen for ``step`` into the buffer, on the device."""
 

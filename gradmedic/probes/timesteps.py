@@ -69,6 +69,7 @@ class TimeStepProbe(Probe):
         self._horizon_series: dict[int, list[tuple[int, torch.Tensor]]] = {}  # row -> [(step, (T,))]
         self._in_horizon = False
         self._horizon_inputs: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (x_in, time axis) for the horizon
+        self._inputs: list[torch.Tensor] = []  # this step's rewired inputs (gradient_inputs)
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -81,8 +82,12 @@ class TimeStepProbe(Probe):
                 self._handles.append(module.register_forward_hook(self.guard(self._measure_horizon, row),
                                                                   prepend=True))
 
+    def gradient_inputs(self) -> list[torch.Tensor]:
+        return list(self._inputs)
+
     def reset(self) -> None:
         super().reset()
+        self._inputs.clear()
         self._horizon_inputs.clear()
         self._horizon.clear()
         self._parts.clear()
@@ -106,6 +111,7 @@ class TimeStepProbe(Probe):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return None
         x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+        self._inputs.append(x_in)
         if isinstance(module, nn.RNNCellBase):
             t = self._calls.get(row, 0)
             self._calls[row] = t + 1
@@ -163,6 +169,7 @@ class TimeStepProbe(Probe):
             for row, rms in self._horizon.items():
                 self._horizon_series.setdefault(row, []).append((step, rms))
             self._horizon.clear()
+        self._inputs.clear()
         if not self._parts:
             return
         slot = self.buffer.open(step)
