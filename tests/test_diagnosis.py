@@ -276,3 +276,19 @@ def test_vanishing_through_functional_activations_names_no_activation_module():
 
     (finding,) = findings(Functional(), torch.randn(64, 32)).of_kind("vanishing_gradients")
     assert "activations" not in finding.message and "vanishes through 9 layers;" in finding.message
+
+
+def test_a_steeply_vanishing_stack_has_no_exploding_finding_at_its_last_layer():
+    """The profile's scale is the median of the deepest quarter; in a steep vanishing profile the last layer sits
+    far above that median. That is the gradient growing toward the output, not an explosion toward the input."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(20, 48), nn.Tanh()]
+    for _ in range(20):
+        layers += [nn.Linear(48, 48), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(48, 5))
+    with torch.no_grad():
+        for layer in model[::2]:
+            layer.weight.mul_(0.5)
+    x = torch.randn(256, 20)
+    report = findings(model, x, targets=x[:, :5].argmax(1))
+    assert report.of_kind("vanishing_gradients") and not report.of_kind("exploding_gradients"), repr(report)

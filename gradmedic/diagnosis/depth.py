@@ -64,9 +64,9 @@ RUN_GROWTH_ERROR = 1e6
 
 
 
-def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str] | None:
+def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str, np.ndarray] | None:
     """(step, layers or blocks in depth order, signal and grad/weight relative to the deepest, "blocks"
-    or "layers").
+    or "layers", and which of them make the reference: the deepest quarter of each stack).
 
     The backward signal here is the norm of dL/d(output) over the whole tensor: its RMS per element
     falls with the number of elements, so early conv maps with many positions would look vanished.
@@ -95,9 +95,11 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
         b = np.array([bs[k] for k in blocks])
         g = np.array([math.sqrt(gsq[k] / wsq[k]) if wsq.get(k) else math.nan for k in blocks])
         stacks = [_stack(k) for k in blocks]
+        reference_blocks = np.zeros(len(blocks), dtype=bool)
         for stack in dict.fromkeys(stacks):
             mine = np.array([s == stack for s in stacks])
             deep = max(1, math.ceil(REFERENCE_FRACTION * int(mine.sum())))
+            reference_blocks[np.flatnonzero(mine)[-deep:]] = True
             reference = np.median(b[mine][-deep:])
             if reference <= 0:
                 return None  # no gradient at all: zero_gradient's case
@@ -105,7 +107,7 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
             g_ref = np.nanmedian(g[mine][-deep:]) if np.any(np.isfinite(g[mine][-deep:])) else math.nan
             g[mine] = g[mine] / g_ref if g_ref > 0 else b[mine]
         g = np.where(np.isfinite(g), g, b)
-        return step, blocks, b, g, "blocks"
+        return step, blocks, b, g, "blocks", reference_blocks
     gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v)}
     layers = depth_order(trace, step, [k for k in bs if k in gw and bs[k] > 0])
     if len(layers) < 2:
@@ -117,7 +119,7 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str]
     # an embedding's grad/weight is small by design (only the rows a batch uses get a gradient, and its
     # init is N(0, 1)): its signal alone says whether gradient reaches it
     embedding = np.array([roles.get(k) == "embedding" for k in layers])
-    return step, layers, b, np.where(embedding, b, g), "layers"
+    return step, layers, b, np.where(embedding, b, g), "layers", np.arange(len(layers)) >= len(layers) - deep
 
 
 def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
@@ -164,7 +166,7 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     profile = _profile(trace)
     if profile is None:
         return []
-    step, layers, b, g, unit = profile
+    step, layers, b, g, unit, _ = profile
     # a layer vanishes when the geometric mean of its signal and its speed has fallen: neither alone (see
     # above), and not only when both have (the max): a plain ReLU net in the ordered phase (sigma_w^2 < 2)
     # loses its backward signal 1000x while grad/weight falls 100x, because its activations shrink too; the
@@ -202,13 +204,15 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     found = []
     profile = _profile(trace)
     if profile is not None:
-        step, layers, b, g, unit = profile
+        step, layers, b, g, unit, reference = profile
         both = np.minimum(b, g)
         warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else (
             EXPLODING_STREAM_WARNING if unit == "blocks" else EXPLODING_WARNING)
-        hit = [k for k, v in zip(layers, both, strict=True) if v > warning]
+        # growing toward the input: a layer among the deepest, which set the scale, is above it only where the
+        # gradient falls steeply toward the input within them (a vanishing net's last layer read "exploding")
+        hit = [k for k, v, deep in zip(layers, both, reference, strict=True) if v > warning and not deep]
         if hit:
-            worst = float(both.max())
+            worst = float(both[~reference].max())
             severity = severity_of(worst, warning, EXPLODING_ERROR, below=False)
             assert severity is not None
             where = "on the residual stream from the deepest blocks" if unit == "blocks" else "from the deepest layers"
