@@ -107,7 +107,7 @@ def test_one_relu_reused_after_two_layers_counts_each_call():
     assert trace.last("dead_frac")["act"] == pytest.approx(2 / 6)
 
 
-def test_functional_activations_are_booked_under_the_calling_module():
+def test_functional_activations_are_booked_under_the_layer_they_follow():
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
@@ -126,10 +126,21 @@ def test_functional_activations_are_booked_under_the_calling_module():
         def forward(self, x):
             return F.relu(self.relu(self.inner(x)))
 
+    class Cell(nn.Module):  # multiplies its own parameter: no layer ran inside it before the call
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.full((1, 4), -1.0))
+
+        def forward(self, x):
+            return torch.relu(x * self.w)
+
     trace = measure(Block(), torch.ones(8, 1))
-    assert trace.last("saturated_frac")["inner"] == pytest.approx(0.5)
-    # F.relu inside nn.ReLU is not double counted; the F.relu called by Block is booked under "" (Block)
-    assert set(trace.last("dead_frac")) == {"", "relu"}
+    # the units of the layer the call follows: torch.tanh(self.lin(x)) is lin's, the F.relu of Block follows
+    # inner.head (the last layer that ran inside Block's forward); F.relu inside nn.ReLU is not double counted
+    assert trace.last("saturated_frac")["inner.lin"] == pytest.approx(0.5)
+    assert set(trace.last("saturated_frac")) == {"inner.lin"}
+    assert set(trace.last("dead_frac")) == {"inner.head", "relu"}
+    assert set(measure(nn.Sequential(nn.Linear(1, 1), Cell()), torch.ones(8, 1)).last("dead_frac")) == {"1"}
 
 
 def test_functional_watch_leaves_no_mode_behind_after_an_error():

@@ -345,7 +345,7 @@ def test_dict_and_dataclass_outputs():
         model(torch.randn(8, 4))["out"].logits.sum().backward()
         mon.step()
     assert set(mon.trace.last("backward_rms")) == {"body", "head"}
-    assert set(mon.trace.last("dead_frac")) == {""}  # the functional relu, under the root
+    assert set(mon.trace.last("dead_frac")) == {"body"}  # the functional relu, under the layer it follows
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -81,9 +81,10 @@ def context_of(trace: Trace) -> dict:
     act_kind = {k: ACTIVATION_KINDS[k] for k in kinds if k in ACTIVATION_KINDS}
     norms = {name for name, role in roles.items() if role == "norm"} or {n for n, t in types.items() if t in _NORMS}
     low_out = "low_precision_out" in trace.metrics and bool(np.any(trace.metric("low_precision_out") == 1))
+    saturating_calls, relu_calls = _functional_activations(trace)
     return {
-        "saturating": "saturating" in act_kind.values(),
-        "relu": bool(kinds & _RELU_NAMES) or "relu" in act_kind.values(),
+        "saturating": "saturating" in act_kind.values() or saturating_calls,
+        "relu": bool(kinds & _RELU_NAMES) or "relu" in act_kind.values() or relu_calls,
         "normalized": bool(norms),
         "batchnorm": any("BatchNorm" in k for k in kinds),
         "rnn": "RNN" in kinds or "RNNCell" in kinds,
@@ -106,6 +107,23 @@ def context_of(trace: Trace) -> dict:
 # vote
 _COMPUTE_ROLES = frozenset({"attention", "attn_q", "attn_k", "attn_v", "attn_qkv", "mlp_in", "linear", "conv",
                             "recurrent"})
+
+
+def _functional_activations(trace: Trace) -> tuple[bool, bool]:
+    """Whether the model calls saturating (sigmoid/tanh-like) and ReLU-family activations as functions
+    (``torch.sigmoid(self.fc(x))``), read from what the activation probe measured at rows that are no activation
+    modules: a saturated share is measured for the saturating families only, a dead share for the ReLU family only
+    (which ReLU6 also saturates in, so a row with both counts as ReLU)."""
+    roles = trace.meta.get("roles", {})
+    rows = [j for j, name in enumerate(trace.layers) if roles.get(name) != "activation"]
+
+    def seen(metric: str) -> np.ndarray:
+        if metric not in trace.metrics or not rows:
+            return np.zeros(len(rows), dtype=bool)
+        return np.any(np.isfinite(trace.metric(metric)[:, rows]), axis=0)
+
+    saturated, dead = seen("saturated_frac"), seen("dead_frac")
+    return bool(np.any(saturated & ~dead)), bool(np.any(dead))
 
 
 def norm_placement(trace: Trace) -> str | None:
@@ -171,7 +189,7 @@ def _first_measured(trace: Trace, metric: str) -> tuple[int, dict[str, float]] |
 
 def saturated_units(trace: Trace, ctx: dict) -> list[Finding]:
     return _per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_WARNING,
-                            SATURATED_ERROR, lambda k, v: f"{100 * v:.0f}% of the outputs of '{k}' are saturated "
+                            SATURATED_ERROR, lambda k, v: f"{100 * v:.0f}% of the activations at '{k}' are saturated "
                             "(derivative below 5% of its peak), so little gradient passes through it", ctx)
 
 
@@ -194,7 +212,7 @@ def dead_units(trace: Trace, ctx: dict) -> list[Finding]:
 
 def _dead_units(trace: Trace, ctx: dict, keep: Callable[[str, float], bool] | None = None) -> list[Finding]:
     return _per_layer_share(trace, "dead_frac", "dead_units", DEAD_INFO, DEAD_WARNING, DEAD_ERROR,
-                            lambda k, v: f"{100 * v:.0f}% of the units of '{k}' are dead (zero for every sample), "
+                            lambda k, v: f"{100 * v:.0f}% of the units at '{k}' are dead (zero for every sample), "
                             "so their incoming weights get no gradient", ctx, keep=keep)
 
 

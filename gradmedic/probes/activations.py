@@ -13,7 +13,9 @@ layer that ran before the activation: conv and batch-norm layers are channels-fi
 A module called several times per forward accumulates over its calls; each call counts its own units,
 since one activation module reused after two different layers is two sets of units. Functional
 activations (``F.relu``, ``torch.sigmoid``, ``x.tanh()``) are seen through a ``TorchFunctionMode``
-active only during a scheduled forward, and are booked under the module whose ``forward`` called them.
+active only during a scheduled forward, and are booked under the layer whose units they are: the parameterised
+layer that ran last inside the module whose ``forward`` called them (``torch.sigmoid(self.fc(x))`` under ``fc``), or
+that module itself when none ran in it (a cell that multiplies its own parameters).
 The mode is always taken off torch's stack again, also when the probe fails inside one of its calls.
 
 Only training forwards count: a forward that builds no graph (``torch.no_grad()``, ``inference_mode``)
@@ -249,6 +251,9 @@ class ActivationProbe(Probe):
         self._dead: list[tuple[int, int, torch.Tensor, int]] = []  # (call, row, alive units, units)
         self._forward_rows: set[int] = set()  # rows measured outside a backward this step (see in_backward)
         self._stack: list[nn.Module] = []  # user-defined modules running now (functional attribution)
+        self._started: list[int] = []  # per module in _stack, the count of layers finished when it started
+        self._finished = 0  # parameterised layers finished in this forward (their hook ran)
+        self._last_layer: nn.Module | None = None  # the last of them
         self._inside_activation = 0
         self._channels_first = False
         self._watch: _FunctionalWatch | None = None
@@ -299,6 +304,8 @@ class ActivationProbe(Probe):
         super().reset()
         self._stop_watch()
         self._stack.clear()
+        self._started.clear()
+        self._finished, self._last_layer = 0, None
         self._inside_activation = 0
         self._reset()
 
@@ -315,6 +322,8 @@ class ActivationProbe(Probe):
 
     def _note_layout(self, module: nn.Module, _module: nn.Module, args: Any, output: Any) -> None:
         self._channels_first = isinstance(module, _CHANNELS_FIRST)
+        self._finished += 1
+        self._last_layer = module
 
     def _enter_activation(self, module: nn.Module, args: Any) -> None:
         self._inside_activation += 1
@@ -326,10 +335,12 @@ class ActivationProbe(Probe):
             self._watch = _FunctionalWatch(self.guard(self._on_functional))
             self._watch.__enter__()
         self._stack.append(module)
+        self._started.append(self._finished)
 
     def _leave(self, module: nn.Module, _module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1] is module:
             self._stack.pop()
+            self._started.pop()
         if not self._stack:
             self._stop_watch()
 
@@ -368,8 +379,12 @@ class ActivationProbe(Probe):
             return  # inside nn.ReLU etc.: measured as a module already
         out = first_float_tensor(output)
         if out is not None and torch.is_grad_enabled():
-            self._measure(self.layers.row[id(self._stack[-1])], family, out, self._model_training(),
-                          first_float_tensor(pre))
+            # the units are those of the layer that ran last inside the calling module (``torch.sigmoid(self.fc(x))``
+            # is fc's), or the calling module's own when none did (a cell that multiplies its own parameters)
+            caller = self._stack[-1]
+            layer = self._last_layer if self._finished > self._started[-1] else caller
+            self._measure(self.layers.row.get(id(layer), self.layers.row[id(caller)]), family, out,
+                          self._model_training(), first_float_tensor(pre))
 
     def _model_training(self) -> bool:
         """The whole model's mode, not the activation's: a validation pass sets model.eval(), while a frozen

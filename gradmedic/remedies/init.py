@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from gradmedic._errors import GradmedicError, bad_argument
-from gradmedic._inputs import forward_with_hooks
+from gradmedic._inputs import forward_with_hooks, run_forward
 from gradmedic.architecture import parametrization_parts
 from gradmedic.remedies._weights import writable_weight
 
@@ -57,29 +58,104 @@ def _gain_name(module: nn.Module | None) -> tuple[str, float | None]:
     return "linear", None
 
 
+def _stand_in(func: Any, args: tuple, kwargs: dict) -> nn.Module | None:
+    """The activation module a functional call stands for (``torch.sigmoid(x)`` -> ``nn.Sigmoid()``), or None."""
+    name = getattr(func, "__name__", "").rstrip("_")
+    if name in ("relu", "relu6", "sigmoid", "tanh", "gelu", "silu", "elu", "selu", "mish", "softsign", "hardtanh"):
+        if name == "hardtanh":
+            return nn.Hardtanh(float(kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)),
+                               float(kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)))
+        return {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
+                "silu": nn.SiLU, "elu": nn.ELU, "selu": nn.SELU, "mish": nn.Mish, "softsign": nn.Softsign}[name]()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)))
+    return None
+
+
+class _FunctionalActivations(TorchFunctionMode):
+    """Records the activation functions a forward calls outside any leaf module (``torch.sigmoid(self.fc(x))``), as
+    stand-in modules in the forward order, with their outputs. Inside a leaf (``nn.ReLU`` calls ``F.relu``) the
+    module itself is what counts."""
+
+    def __init__(self, order: list[nn.Module], outputs: dict[int, torch.Tensor]):
+        super().__init__()
+        self.order, self.outputs, self.inside_leaf = order, outputs, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.inside_leaf and isinstance(out, torch.Tensor):
+            stand_in = _stand_in(func, args, kwargs)
+            if stand_in is not None:
+                self.outputs[len(self.order)] = out.detach()
+                self.order.append(stand_in)
+        return out
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, inputs: Any) -> tuple[list[nn.Module], dict[int, torch.Tensor]]:
+    """The leaf modules and functional activations of one no-grad forward, in the order they ran (a functional
+    activation as a stand-in module, ``nn.Sigmoid()`` for ``torch.sigmoid``), and the output of each activation
+    call by its place in that order."""
+    order: list[nn.Module] = []
+    outputs: dict[int, torch.Tensor] = {}
+    parts = parametrization_parts(model)  # a weight-normed layer's parametrization is no child of note
+    leaves = [m for m in model.modules() if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
+    watch = _FunctionalActivations(order, outputs)
+
+    def enter(module: nn.Module, args: Any) -> None:
+        watch.inside_leaf += 1
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        watch.inside_leaf -= 1
+        if _gain_name(module)[0] != "linear" and isinstance(output, torch.Tensor):
+            outputs[len(order)] = output.detach()
+        order.append(module)
+
+    handles = [m.register_forward_pre_hook(enter) for m in leaves]
+    handles += [m.register_forward_hook(leave, always_call=True) for m in leaves]
+    try:
+        with watch:
+            run_forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, outputs
+
+
 def following_activations(model: nn.Module, inputs: Any = None) -> dict[nn.Module, nn.Module | None]:
     """For each Linear/Conv layer, the activation module that consumes its output (or None).
 
     With ``inputs``, one forward pass records the order in which modules ran; without, the order of
     ``named_modules`` (right for Sequential models). Normalisation layers in between are looked through.
     """
-    order: list[nn.Module] = []
-    parts = parametrization_parts(model)  # a weight-normed layer's parametrization is no child of note
-    leaves = [m for m in model.modules()
-              if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
     if inputs is not None:
-        forward_with_hooks(model, inputs, leaves, lambda mod, a, o: order.append(mod))
+        order = forward_order(model, inputs)[0]
     else:
-        order = leaves
-    result: dict[nn.Module, nn.Module | None] = {}
+        parts = parametrization_parts(model)
+        order = [m for m in model.modules() if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
+    return _following(order)
+
+
+def _following(order: list[nn.Module]) -> dict[nn.Module, nn.Module | None]:
+    """Each weighted layer of ``order`` (a forward order) -> the activation that runs next after it, or None."""
+    return {layer: None if at is None else order[at] for layer, at in following_positions(order).items()}
+
+
+def following_positions(order: list[nn.Module]) -> dict[nn.Module, int | None]:
+    """Each weighted layer of ``order`` (a forward order, its first call) -> the place in ``order`` of the activation
+    that runs next after it (norms and dropout looked through), or None: a place, not a module, since one activation
+    module may follow several layers (``forward_order``'s outputs are per place)."""
+    result: dict[nn.Module, int | None] = {}
     for i, module in enumerate(order):
         if not isinstance(module, _WEIGHTED) or module in result:
             continue
         nxt = None
-        for later in order[i + 1:]:
+        for j in range(i + 1, len(order)):
+            later = order[j]
             if isinstance(later, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Dropout)):
                 continue
-            nxt = later if _gain_name(later)[0] != "linear" else None
+            nxt = j if _gain_name(later)[0] != "linear" else None
             break
         result[module] = nxt
     return result

@@ -29,7 +29,7 @@ from gradmedic._errors import GradmedicError, bad_argument, first_line
 from gradmedic._inputs import forward_with_hooks
 from gradmedic.probes.activations import activation_family
 from gradmedic.remedies._weights import is_parametrized
-from gradmedic.remedies.init import following_activations, he_, xavier_
+from gradmedic.remedies.init import following_positions, forward_order, he_, xavier_
 
 __all__ = ["RestartOnVanishing", "dormant_units", "recycle_"]
 
@@ -55,12 +55,25 @@ def dormant_units(model: nn.Module, inputs: Any, tau: float = 0.1) -> dict[nn.Mo
     """For each weighted layer that feeds an activation: a bool mask of its dormant output units."""
     if not 0 <= tau < 1:
         raise bad_argument("tau", "a float in [0, 1)", tau)
-    follows = {layer: act for layer, act in following_activations(model, inputs).items() if act is not None}
-    captured: dict[nn.Module, torch.Tensor] = {}
-    forward_with_hooks(model, inputs, set(follows.values()), lambda m, a, o: captured.__setitem__(m, o.detach()))
+    return _dormant(*_follows_and_outputs(model, inputs), tau)
+
+
+def _follows_and_outputs(model: nn.Module, inputs: Any) -> tuple[dict[nn.Module, nn.Module], dict[nn.Module,
+                                                                                                   torch.Tensor]]:
+    """Each weighted layer that feeds an activation -> that activation (a module, or a stand-in for a functional
+    call such as ``F.relu``), and the output of that call, from one forward."""
+    order, outputs = forward_order(model, inputs)
+    at = {layer: place for layer, place in following_positions(order).items() if place is not None}
+    return ({layer: order[place] for layer, place in at.items()},
+            {layer: outputs[place] for layer, place in at.items() if place in outputs})
+
+
+def _dormant(follows: dict[nn.Module, nn.Module], captured: dict[nn.Module, torch.Tensor],
+             tau: float) -> dict[nn.Module, torch.Tensor]:
+    """Per weighted layer, its dormant units (see ``dormant_units``); ``captured``: its activation's output."""
     masks = {}
     for layer, act in follows.items():
-        y = captured.get(act)
+        y = captured.get(layer)
         if y is None or y.dim() < 2:
             continue
         family = activation_family(act)
@@ -97,11 +110,11 @@ def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | N
     Layers with a parametrized weight (weight norm, spectral norm) are left out: a row of theirs is spread over
     several parameters and their optimizer state."""
     names = {m: n for n, m in model.named_modules()}
-    masks = dormant_units(model, inputs, tau)
+    if not 0 <= tau < 1:
+        raise bad_argument("tau", "a float in [0, 1)", tau)
+    follows, captured = _follows_and_outputs(model, inputs)
+    masks = _dormant(follows, captured, tau)
     consumers = _consumers(model, inputs)
-    follows = following_activations(model, inputs)
-    captured: dict[nn.Module, torch.Tensor] = {}
-    forward_with_hooks(model, inputs, {follows[k] for k in masks}, lambda m, a, o: captured.__setitem__(m, o.detach()))
     pre: dict[nn.Module, torch.Tensor] = {}
     if not redraw:
         forward_with_hooks(model, inputs, list(masks), lambda m, a, o: pre.__setitem__(m, o.detach()))
@@ -119,7 +132,7 @@ def recycle_(model: nn.Module, inputs: Any, optimizer: torch.optim.Optimizer | N
             continue  # nothing to re-centre without a bias, and nothing may be re-drawn
         units = mask.nonzero().flatten()
         # 1. fold each unit's mean output into the next layer's bias (its outgoing weights go to zero below)
-        mean_out = _unit_axis_mean(captured[follows[layer]].float())[units]
+        mean_out = _unit_axis_mean(captured[layer].float())[units]
         if nxt.bias is not None:
             outgoing = nxt.weight[:, units]
             nxt.bias.add_(outgoing.reshape(outgoing.shape[0], len(units), -1).sum(-1) @ mean_out.to(outgoing.dtype))
