@@ -57,10 +57,15 @@ def test_what_to_do_is_an_instruction(tmp_path):
     report = gm.check(model, torch.randn(32, 16), torch.randint(0, 16, (32,)))
     assert report.findings
     text = report_page(report).html()
-    best = report.findings[0].remedies[0]
-    description = gm.REMEDIES[best].description
-    # the best remedy's description as a sentence, naming the remedy gm.treat would apply
-    assert f"<td>{description[:1].upper()}{description[1:]} ({best}; gm.treat applies it)." in text
+    tried = gm.treat(model, report, inputs=torch.randn(32, 16), targets=torch.randint(0, 16, (32,)))
+    from gradmedic.remedies.treat import trial_order
+
+    first = trial_order(report.findings[0].remedies)[0]
+    description = gm.REMEDIES[first].description
+    # the description, as a sentence, of the remedy gm.treat tries first: the one it applies when it clears the finding
+    # (the least invasive model change, not necessarily the top-ranked: xavier_init before add_normalization here)
+    assert f"<td>{description[:1].upper()}{description[1:]} ({first}; gm.treat tries it first)." in text
+    assert tried.applied and tried.applied[0][0] == first
 
 
 def _figure_box(browser, page, tmp_path):

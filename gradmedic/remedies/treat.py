@@ -105,8 +105,14 @@ def _burden(report: Report) -> tuple[int, int]:
 
 
 def _candidates(finding: Finding) -> list[str]:
-    """The finding's remedies with a model action, least invasive first, the diagnosis's rank within a tier."""
-    ranked = [rid for rid in finding.remedies if rid in ACTIONS and ACTIONS[rid].on == "model"]
+    return trial_order(finding.remedies)
+
+
+def trial_order(remedies: list[str]) -> list[str]:
+    """The model changes ``treat`` tries for a finding with these ranked remedies, in its order: least invasive
+    first, the diagnosis's rank within a tier (the first that clears the finding is kept). Training-side
+    remedies are not tried on the model; they go to the recipe."""
+    ranked = [rid for rid in remedies if rid in ACTIONS and ACTIONS[rid].on == "model"]
     return sorted(ranked, key=lambda rid: ACTIONS[rid].tier)  # stable: rank order kept within a tier
 
 

@@ -139,14 +139,21 @@ def _where(layers: list[str]) -> str:
 
 
 def _action(remedies: list[str]) -> str:
-    """The best-ranked remedy as an instruction, then the other ids to try."""
+    """The remedy ``gm.treat`` tries first for this finding as an instruction (its order puts the least invasive model
+    change first, so it may not be the diagnosis's top-ranked one), then the other ids to try; a finding with only
+    training-side remedies gets its top-ranked one, which treat puts in the training recipe."""
     from gradmedic.diagnosis import REMEDIES
+    from gradmedic.remedies.treat import trial_order
 
     if not remedies:
         return "No remedy applies: what was found says what to look for."  # no_gradient: a cut or an unused layer
-    first = REMEDIES[remedies[0]].description
-    text = f"{first[:1].upper()}{first[1:]} ({remedies[0]}; gm.treat applies it)."
-    return text + (f" Else try: {', '.join(remedies[1:4])}." if len(remedies) > 1 else "")
+    tried = trial_order(remedies)
+    first = tried[0] if tried else remedies[0]
+    description = REMEDIES[first].description
+    how = "gm.treat tries it first" if tried else "gm.treat puts it in the training recipe"
+    text = f"{description[:1].upper()}{description[1:]} ({first}; {how})."
+    others = [rid for rid in remedies if rid != first][:3]
+    return text + (f" Else try: {', '.join(others)}." if others else "")
 
 
 _MAX_BARS = 60  # beyond this many layers a bar per layer is a comb: the per-role profile reads better
