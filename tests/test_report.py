@@ -162,3 +162,23 @@ def test_layer_bars_mark_an_exact_zero_gradient():
     assert only_zero.get_ylim()[0] > 0 and [ln for ln in only_zero.get_lines() if ln.get_marker() == "x"]
     plain = plots.layer_bars(["a", "b"], {"init": [1e-3, None]}).axes[0]
     assert "exactly 0" not in plain.get_title() and not plain.get_lines()
+
+
+def test_short_layer_names_keep_what_tells_them_apart():
+    from gradmedic.report import plots
+
+    names = [f"feature_extractor.{i}.conv_with_a_rather_long_name" for i in range(12)]
+    for width in (18, 28):
+        short = [plots._short(n, width) for n in names]
+        assert len(set(short)) == len(names) and all(len(s) <= width for s in short), short
+    assert plots._short("model.layers.11.self_attn.q_proj") == "m.layers.11.self_attn.q_proj"
+    assert plots._short("lm_head") == "lm_head"
+
+
+def test_layer_bars_over_a_narrow_range_span_a_decade():
+    """0.42 against 0.51 on a tight log axis drew the smaller bar as almost nothing."""
+    from gradmedic.report import plots
+
+    ax = plots.layer_bars(["rnn", "readout"], {"init": [0.51, 0.42]}).axes[0]
+    low, high = ax.get_ylim()
+    assert low <= 0.42 / 3 + 1e-9 and high >= 0.51

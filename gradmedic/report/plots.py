@@ -38,7 +38,23 @@ def _plain(text: str) -> str:
 
 
 def _short(name: str, width: int = 28) -> str:
-    return _plain(name if len(name) <= width else "…" + name[-(width - 1):])
+    """A layer name cut to ``width`` characters without losing what tells it from its neighbours: its block numbers
+    and its last segment. Leading segments are shortened to their first letter, one at a time, until it fits
+    (``model.layers.11.self_attn.q_proj`` -> ``m.layers.11.self_attn.q_proj``); then the last segment loses its
+    head (``f.3.…ong_name``). Cutting the name's head alone left ``…_long_name`` on every bar of a stack."""
+    if len(name) <= width:
+        return _plain(name)
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if not parts[i].isdigit():
+            parts[i] = parts[i][:1]
+            if len(".".join(parts)) <= width:
+                return _plain(".".join(parts))
+    head = ".".join(parts[:-1])
+    room = width - len(head) - 2  # the dot and the ellipsis
+    if head and room >= 4:
+        return _plain(f"{head}.…{parts[-1][-room:]}")
+    return _plain("…" + name[-(width - 1):])
 
 
 def _values(seq, positive: bool = False) -> np.ndarray:
@@ -109,6 +125,10 @@ def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]
         ax.bar(at, np.where(raw > 0, raw, np.nan), width=width, label=_plain(label))
         zeros += list(at[raw == 0])
     ax.set_yscale("log")
+    shown = np.concatenate([_values(v, positive=True) for v in norms.values()]) if norms else np.array([])
+    shown = shown[np.isfinite(shown)]
+    if shown.size and shown.max() < 10 * shown.min():  # a narrow range: a tight log axis makes 0.42 look like 0
+        ax.set_ylim(shown.min() / 3, shown.max() * 1.5)
     if zeros:
         if not ax.get_ylim()[0] > 0 or not np.isfinite(ax.get_ylim()).all():
             ax.set_ylim(1e-3, 1.0)  # nothing positive to scale the axis by
