@@ -30,7 +30,7 @@ def _console(stderr: bool = False):
     """A rich Console: the terminal's width on a terminal, PIPE_WIDTH when piped."""
     import os
 
-    from rich.console import Console
+    from gradmedic._rich import Console
 
     stream = sys.stderr if stderr else sys.stdout
     piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
@@ -52,8 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _lab_list(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    from gradmedic._rich import Table
     from gradmedic.lab.suites import SUITES
 
     if args.json:
@@ -104,8 +103,7 @@ def _lab_run(args: argparse.Namespace) -> int:
                           "seconds": round(elapsed, 1),
                           "claims": [{**vars(v), "summary": v.summary} for v in verdicts]}, indent=2))
     else:
-        from rich.table import Table
-        from rich.text import Text
+        from gradmedic._rich import Table, Text
 
         table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
         for header in ("claim", "verdict", "measured"):

@@ -125,7 +125,7 @@ class _progress:
     def __enter__(self):
         if self.console is None:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=self.console, transient=True)
@@ -139,7 +139,7 @@ class _progress:
 
 
 def _print(console, result: DemoResult) -> None:
-    from rich.table import Table
+    from gradmedic._rich import Table
 
     console.print(result.report.table() if result.report.findings else "No findings.")
     for f in result.report.findings:

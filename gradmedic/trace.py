@@ -250,8 +250,7 @@ class Trace:
     # --- display --------------------------------------------------------------------------------
     def table(self, title: str | None = None):
         """A rich Table: one row per layer, the last measured value of the main metrics."""
-        from rich.table import Table
-        from rich.text import Text
+        from gradmedic._rich import Table, Text
 
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
@@ -273,8 +272,7 @@ class Trace:
 
     def summary(self) -> str:
         """The per-layer table and the events, as plain text."""
-        from rich.console import Console
-        from rich.text import Text
+        from gradmedic._rich import Console, Text
 
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps

@@ -182,3 +182,18 @@ def test_layer_bars_over_a_narrow_range_span_a_decade():
     ax = plots.layer_bars(["rnn", "readout"], {"init": [0.51, 0.42]}).axes[0]
     low, high = ax.get_ylim()
     assert low <= 0.42 / 3 + 1e-9 and high >= 0.51
+
+
+def test_printing_a_report_leaves_pythons_random_state_alone():
+    """rich draws from ``random`` when first imported; gradmedic imports it with the state put back."""
+    import subprocess
+    import sys
+
+    code = ("import random, torch, gradmedic as gm\n"
+            "from torch import nn\n"
+            "report = gm.check(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(8, 4))\n"
+            "random.seed(5)\n"
+            "state = random.getstate()\n"
+            "text = str(report)\n"
+            "assert text and random.getstate() == state, 'moved'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # a fresh process: rich not yet imported
