@@ -24,6 +24,19 @@ def latest(trace: Trace, metric: str) -> tuple[int, dict[str, float]] | None:
                                  if not math.isnan(column[s, j])}
 
 
+def plain_blocks(trace: Trace) -> bool:
+    """Whether the model's blocks (``roles``) are a plain stack: the backward probe read none of them to add its
+    input back (``skip_path``), e.g. a user's "Block"s of conv, norm and activation, named like residual blocks, or
+    an EfficientNet whose blocks all change shape. Their outputs still make the depth profile, but it is no residual
+    stream: the plain thresholds and words apply. One block with a skip keeps them a stream (MobileNetV2's strided
+    blocks have none, its others do)."""
+    if "skip_path" not in trace.metrics:
+        return False
+    skip = trace.last("skip_path")
+    known = [skip[name] for name, role in trace.meta.get("roles", {}).items() if role == "block" and name in skip]
+    return bool(known) and not any(known)
+
+
 def depth_order(trace: Trace, step: int, layers: list[str]) -> list[str]:
     """``layers`` in the order they first ran in the forward. A layer that never ran as a module (the
     ``out_proj`` of ``nn.MultiheadAttention``, whose weights the attention uses directly) takes its

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from gradmedic.diagnosis._common import depth_order, finding, latest, severity_of
+from gradmedic.diagnosis._common import depth_order, finding, latest, plain_blocks, severity_of
 from gradmedic.diagnosis.findings import SEVERITIES, Finding
 from gradmedic.trace import Trace
 
@@ -186,7 +186,8 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     acts = ", ".join(ctx.get("activations", []))
     acts = f" of {acts} activations" if acts else ""
     if unit == "blocks":
-        message = (f"The gradient on the residual stream at the output of '{hit[0]}' is "
+        stream = "at the output of block" if plain_blocks(trace) else "on the residual stream at the output of"
+        message = (f"The gradient {stream} '{hit[0]}' is "
                    f"{b[layers.index(hit[0])]:.1e} of that at the deepest blocks and the block learns "
                    f"{g[layers.index(hit[0])]:.1e} as fast: it vanishes through {len(layers) - 1} blocks; "
                    f"{len(hit)} block(s) hardly learn.")
@@ -207,7 +208,7 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
         step, layers, b, g, unit, reference = profile
         both = np.minimum(b, g)
         warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else (
-            EXPLODING_STREAM_WARNING if unit == "blocks" else EXPLODING_WARNING)
+            EXPLODING_STREAM_WARNING if unit == "blocks" and not plain_blocks(trace) else EXPLODING_WARNING)
         # growing toward the input: a layer among the deepest, which set the scale, is above it only where the
         # gradient falls steeply toward the input within them (a vanishing net's last layer read "exploding")
         hit = [k for k, v, deep in zip(layers, both, reference, strict=True) if v > warning and not deep]
@@ -215,7 +216,8 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
             worst = float(both[~reference].max())
             severity = severity_of(worst, warning, EXPLODING_ERROR, below=False)
             assert severity is not None
-            where = "on the residual stream from the deepest blocks" if unit == "blocks" else "from the deepest layers"
+            where = ("from the deepest layers" if unit != "blocks" else "from the deepest blocks"
+                     if plain_blocks(trace) else "on the residual stream from the deepest blocks")
             message = f"The gradient grows {worst:.1e}x {where} back to '{hit[0]}': it explodes through depth."
             found.append(finding("exploding_gradients", severity, hit, message,
                                   {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),

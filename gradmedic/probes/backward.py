@@ -25,6 +25,35 @@ from gradmedic.probes.base import LayerIndex, Probe
 __all__ = ["BackwardSignalProbe"]
 
 
+# nodes of an addition or subtraction: the residual connection x + f(x) (in place too: ``x += f(x)``)
+_ADDITIONS = frozenset({"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1"})
+GRAPH_LIMIT = 4096  # autograd nodes looked at per block, once: a block's own graph has tens to a few hundred
+
+
+def has_addition(x: torch.Tensor | None, out: torch.Tensor) -> bool | None:
+    """Whether the autograd graph from ``out`` back to ``x`` (a block's output and input) holds an addition: a
+    residual block adds its input back (``x + f(x)``); a plain stack of layers (conv, norm, activation) has none,
+    biases being part of their layers' own nodes. None when it cannot be told: ``x`` has no graph (the data), or
+    the graph is larger than GRAPH_LIMIT nodes. An addition elsewhere in the block (a mask added to attention
+    scores) also reads as a skip: a plain block is told apart only when it holds no addition at all."""
+    if x is None or not x.requires_grad or out.grad_fn is None:
+        return None
+    stop = x.grad_fn  # a leaf input (no node): the walk ends at the graph's leaves
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node is stop or node in seen:
+            continue
+        if type(node).__name__ in _ADDITIONS:
+            return True
+        seen.add(node)
+        if len(seen) > GRAPH_LIMIT:
+            return None
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 class BackwardSignalProbe(Probe):
     name = "backward"
     # backward_rms: RMS per element; backward_norm: the whole tensor's norm (summed over a module's calls);
@@ -32,7 +61,9 @@ class BackwardSignalProbe(Probe):
     # order of definition)
     # low_precision_out: 1 where the layer's output is float16/bfloat16 (a half model, or autocast with
     # float32 weights: the backward then runs in 16 bits and can underflow although the weights cannot)
-    metrics = ("backward_rms", "backward_norm", "forward_index", "low_precision_out")
+    # skip_path: 1 where a residual block's output is reached from its input through an addition (x + f(x)), 0
+    # where the block's graph holds none (a user's conv-BN-ReLU "Block": no residual stream), read once per block
+    metrics = ("backward_rms", "backward_norm", "forward_index", "low_precision_out", "skip_path")
     uses_hooks = True
 
     def attach(self, layers: LayerIndex, capacity: int) -> None:
@@ -48,6 +79,8 @@ class BackwardSignalProbe(Probe):
         self._count = [0] * len(layers)  # elements seen per row (host ints)
         self._order: dict[int, int] = {}  # row -> position of its first call in this forward
         self._low: set[int] = set()  # rows whose output was 16-bit in this forward
+        self._blocks = {i for i, name in enumerate(layers.names) if layers.roles.get(name) == "block"}
+        self._skip: dict[int, bool] = {}  # block row -> has a skip path (read at its first call with a graph)
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -63,6 +96,10 @@ class BackwardSignalProbe(Probe):
             self.layers.low_precision_seen = True  # type: ignore[union-attr] - tells GradientProbe(zero_fraction="auto")
         if out is None or not out.requires_grad:
             return
+        if row in self._blocks and row not in self._skip:
+            found = has_addition(first_float_tensor(args), out)
+            if found is not None:
+                self._skip[row] = found
         self.on_gradient(out, self._on_grad, row)
 
     def _on_grad(self, row: int, grad: torch.Tensor) -> None:
@@ -76,20 +113,21 @@ class BackwardSignalProbe(Probe):
             return
         seen = tuple(r for r, n in enumerate(self._count) if n)
         layout = (tuple(self._calls), seen, tuple(self._count[r] for r in seen), tuple(self._order),
-                  tuple(self._order.values()), tuple(sorted(self._low)))
+                  tuple(self._order.values()), tuple(sorted(self._low)), tuple(sorted(self._skip.items())))
         self.defer(self.buffer.open(step), layout, torch.stack(self._squares))
         self._reset()
 
     def finish(self, layout: tuple[tuple[int, ...], ...], slots: torch.Tensor, squares: torch.Tensor) -> None:
-        calls, seen, counts, order, positions, low = layout
+        calls, seen, counts, order, positions, low, skip = layout
         sq = torch.zeros(squares.shape[0], len(self._count), dtype=self.dtype, device=self.device)
         sq.index_add_(1, self.host_tensor(calls, torch.long), squares.to(self.dtype))  # calls of a row pooled
         picked = sq.index_select(1, self.host_tensor(seen, torch.long))
         # backward_rms and backward_norm of the rows seen, the forward order, the 16-bit rows: one write
         rms_norm = torch.cat([picked / self.host_tensor(counts, self.dtype), picked], dim=1).sqrt_()
-        fixed = self.host_tensor([*positions, *([1] * len(low))], self.dtype).expand(len(picked), -1)
+        fixed = self.host_tensor([*positions, *([1] * len(low)), *(float(has) for _, has in skip)],
+                                 self.dtype).expand(len(picked), -1)
         where = self.cells(("backward_rms", seen), ("backward_norm", seen), ("forward_index", order),
-                           ("low_precision_out", low))
+                           ("low_precision_out", low), ("skip_path", [row for row, _ in skip]))
         self.buffer.put_steps(slots, where, torch.cat([rms_norm, fixed], dim=1))
 
     def _reset(self) -> None:
