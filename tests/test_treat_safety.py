@@ -199,3 +199,18 @@ def test_init_descriptions_say_what_was_drawn_and_count_the_tensors(rid, words):
         gram = w @ w.T
         # float32 weights: each Gram entry sums 64 products of entries rounded to 6e-8 relative, ~1e-6 at most
         torch.testing.assert_close(gram, gram[0, 0] * torch.eye(64, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_the_recipes_optimizer_is_the_one_the_proof_trained_with():
+    """Given the caller's optimizer, the verification runs train with its class and hyperparameters, and
+    ``Treatment.optimizer()`` hands back the same (it gave Adam at 1e-3 after a proof at the caller's 1e-2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 3))
+    x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    report = gm.check(model, x, y)
+    treated = gm.treat(model, report, inputs=x, targets=y, optimizer=opt, verify_steps=10)
+    made = treated.optimizer()
+    assert type(made) is torch.optim.SGD and treated.lr == 0.05
+    assert made.defaults["momentum"] == 0.9 and made.defaults["nesterov"] and made.defaults["lr"] == 0.05
+    assert opt.param_groups[0]["params"][0] is next(model.parameters())  # the caller's optimizer is untouched

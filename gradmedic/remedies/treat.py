@@ -59,10 +59,16 @@ class Treatment:
     schedule: Callable[[torch.optim.Optimizer], Any] | None = None
     loss_scaling: bool = False
     report: Report | None = None  # the last check of the treated model (with inputs)
+    # the caller's optimizer class and its hyperparameters (``treat(..., optimizer=)``), the learning rate aside
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam
+    optimizer_defaults: dict[str, Any] = field(default_factory=dict)
 
     def optimizer(self, params: Iterable[torch.Tensor] | None = None) -> torch.optim.Optimizer:
-        """Adam at the recipe's learning rate over ``params`` (the treated model's by default)."""
-        return torch.optim.Adam(self.model.parameters() if params is None else params, lr=self.lr)
+        """The optimizer the verification runs trained with, at the recipe's learning rate, over ``params`` (the
+        treated model's by default): the caller's class and hyperparameters when ``treat`` was given one, else
+        Adam."""
+        params = self.model.parameters() if params is None else params
+        return self.optimizer_class(params, **{"lr": self.lr, **self.optimizer_defaults})
 
     def stepper(self, optimizer: torch.optim.Optimizer) -> ScaledStep | None:
         """A ``ScaledStep`` (loss scaling, then clipping) when the recipe calls for loss scaling."""
@@ -172,12 +178,19 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
         is_trained, reason = trained, "declared by the caller"
     work = copy.deepcopy(model)  # every trial is a further copy: the caller's model is never touched
     treatment = Treatment(model=work, trained=is_trained, trained_reason=reason)
+    if optimizer is not None:  # proven with the caller's optimizer, and handed back as the recipe's
+        accepted = inspect.signature(type(optimizer)).parameters
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        lr = defaults.pop("lr", None)
+        treatment.optimizer_class, treatment.optimizer_defaults = type(optimizer), defaults
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            treatment.lr = float(lr)
+        else:
+            treatment.optimizer_defaults["lr"] = lr  # a tensor learning rate: kept as it is (not the recipe's)
 
     def curve(candidate: nn.Module, stage: str) -> Evidence:
-        make = (lambda m: _optimizer_for(optimizer, m)) if optimizer is not None else \
-            (lambda m: torch.optim.Adam(m.parameters(), lr=treatment.lr))
-        return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed, make,
-                          treatment.clip, treatment.schedule)
+        return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed,
+                          lambda m: treatment.optimizer(m.parameters()), treatment.clip, treatment.schedule)
 
     if verify_steps and inputs is not None and not loss_comparable(model, inputs, targets, loss_fn, data):
         treatment.skipped.append(("verify", "no loss to compare (no targets, loss_fn or .loss): each remedy was kept "
