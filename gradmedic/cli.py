@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
     except GradmedicError as error:
         return _fail(str(error))
     except OSError as error:
-        return _fail(f"cannot write {args.report}: {error.strerror or error}")
+        return _fail(_cannot_write(args.report, error))
     return 0
 
 
@@ -139,7 +139,7 @@ def _lab_publish(args: argparse.Namespace) -> int:
     except GradmedicError as error:
         return _fail(str(error))
     except OSError as error:
-        return _fail(f"cannot write {error.filename}: {error.strerror or error}")
+        return _fail(_cannot_write(error.filename, error))
     print(f"Claims of suite {args.suite!r} from {args.db} written to {', '.join(args.files)}")
     return 0
 
@@ -180,7 +180,7 @@ def _report(args: argparse.Namespace) -> int:
     except GradmedicError as error:
         return _fail(str(error))
     except OSError as error:
-        return _fail(f"cannot write {args.output}: {error.strerror or error}")
+        return _fail(_cannot_write(args.output, error))
     print(f"Report written to {out}")
     return 0
 
@@ -197,6 +197,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _cannot_write(path: Any, error: OSError) -> str:
+    """One line saying why ``path`` could not be written: a file where a folder of its path should be ("File
+    exists" alone did not say which), else the system's reason."""
+    target = Path(str(path))
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"cannot write {path}: {parent} is a file, not a folder; choose another path"
+            break
+    if target.is_dir():
+        return f"cannot write {path}: it is a folder; give a file name"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
 def _load_factory(spec: str) -> Callable[[], Any]:
     """``path/to/file.py:function`` -> the function. Raises GradmedicError with one line."""
     from gradmedic._errors import GradmedicError, first_line
@@ -205,6 +219,8 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     if not sep or not path_text or not name:
         raise GradmedicError(f"{spec!r} should be FILE.py:FUNCTION, e.g. examples/sigmoid_mlp.py:build")
     path = Path(path_text)
+    if path.is_dir():
+        raise GradmedicError(f"{path_text} is a folder: give a Python file and a function, FILE.py:FUNCTION")
     if not path.is_file():
         raise GradmedicError(f"no such file: {path_text}")
     module_name = f"gradmedic_user_{abs(hash(str(path.resolve())))}"
@@ -249,7 +265,7 @@ def _check(args: argparse.Namespace) -> int:
         try:
             write_page(report_page(report, title=f"gradmedic check: {args.target}"), args.report)
         except OSError as error:
-            return _fail(f"cannot write {args.report}: {error.strerror or error}")
+            return _fail(_cannot_write(args.report, error))
     if args.json:
         print(report.to_json())
     else:

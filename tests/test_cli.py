@@ -50,6 +50,10 @@ def test_json_is_exactly_report_to_json():
 
 @pytest.mark.parametrize("args,match", [
     (["check", "nowhere.py:build"], "no such file: nowhere.py"),
+    (["check", "examples:build"], "examples is a folder: give a Python file and a function"),
+    (["check", "examples/sigmoid_mlp.py:build", "--report", "README.md/out.html"],
+     "README.md is a file, not a folder"),
+    (["check", "examples/sigmoid_mlp.py:build", "--report", "examples"], "it is a folder; give a file name"),
     (["check", "examples/sigmoid_mlp.py:nothing"], "has no function 'nothing'"),
     (["check", "examples/sigmoid_mlp.py"], "should be FILE.py:FUNCTION"),
     (["check", "tests/cli_factories.py:raises"], "raises() raised RuntimeError: broken factory"),
