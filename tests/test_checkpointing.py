@@ -77,6 +77,13 @@ def trace_of(mode, nan=False, steps=3):
 def same_trace(got, want):
     assert got.layers == want.layers and got.metrics == want.metrics
     for metric in want.metrics:
+        if metric == "skip_path":
+            # whether a block adds its input back, read once from its graph: reentrant checkpointing recomputes each
+            # block from a fresh leaf, so it can also read the first block, whose input in the plain run (the data)
+            # has no graph; where both read it, the same
+            known = ~np.isnan(want.metric(metric))
+            np.testing.assert_array_equal(got.metric(metric)[known], want.metric(metric)[known])
+            continue
         np.testing.assert_allclose(got.metric(metric), want.metric(metric), rtol=1e-5, atol=1e-7,
                                    err_msg=metric)
 
