@@ -58,8 +58,11 @@ def dormant_units(model: nn.Module, inputs: Any, tau: float = 0.1) -> dict[nn.Mo
     return _dormant(*_follows_and_outputs(model, inputs), tau)
 
 
-def _follows_and_outputs(model: nn.Module, inputs: Any) -> tuple[dict[nn.Module, nn.Module], dict[nn.Module,
-                                                                                                   torch.Tensor]]:
+Follows = dict[nn.Module, nn.Module]  # weighted layer -> the activation after it
+Outputs = dict[nn.Module, torch.Tensor]  # weighted layer -> that activation's output
+
+
+def _follows_and_outputs(model: nn.Module, inputs: Any) -> tuple[Follows, Outputs]:
     """Each weighted layer that feeds an activation -> that activation (a module, or a stand-in for a functional
     call such as ``F.relu``), and the output of that call, from one forward."""
     order, outputs = forward_order(model, inputs)
@@ -68,8 +71,7 @@ def _follows_and_outputs(model: nn.Module, inputs: Any) -> tuple[dict[nn.Module,
             {layer: outputs[place] for layer, place in at.items() if place in outputs})
 
 
-def _dormant(follows: dict[nn.Module, nn.Module], captured: dict[nn.Module, torch.Tensor],
-             tau: float) -> dict[nn.Module, torch.Tensor]:
+def _dormant(follows: Follows, captured: Outputs, tau: float) -> dict[nn.Module, torch.Tensor]:
     """Per weighted layer, its dormant units (see ``dormant_units``); ``captured``: its activation's output."""
     masks = {}
     for layer, act in follows.items():
