@@ -62,3 +62,43 @@ def test_residual_blocks_named_block_are_still_the_stream():
     report = gm.check(net(True), torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,)))
     assert report.context["blocks"] == 12
     assert set(report.trace.last("skip_path").values()) == {1.0}
+
+
+class InPlace(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+
+    def forward(self, x):
+        x += self.branch(torch.tanh(x))  # in place: the input is the output, its node the addition (tanh saves its
+        return x  # own output, so x may change)
+
+
+class ResMLP(nn.Module):
+    """The skip added by the caller, ``x = x + block(x)``: the blocks (``Sequential``s) hold no addition."""
+
+    def __init__(self, width: int = 16, depth: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+                                    for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_an_in_place_skip_and_a_skip_added_by_the_caller_are_skips():
+    x = torch.randn(4, 16, requires_grad=True) * 1.0
+    assert has_addition(x, InPlace(16)(x)) is True
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(16, 16), *[InPlace(16) for _ in range(4)], nn.Linear(16, 1))
+    report = gm.check(stack, torch.randn(8, 16))
+    assert set(report.trace.last("skip_path").values()) == {1.0} and not plain_blocks(report.trace)
+    report = gm.check(ResMLP(), torch.randn(8, 16), torch.randn(8, 1))
+    skip = report.trace.last("skip_path")
+    assert [skip[f"blocks.{i}"] for i in range(5)] == [1.0] * 5 and not plain_blocks(report.trace)

@@ -214,3 +214,21 @@ def test_the_recipes_optimizer_is_the_one_the_proof_trained_with():
     assert type(made) is torch.optim.SGD and treated.lr == 0.05
     assert made.defaults["momentum"] == 0.9 and made.defaults["nesterov"] and made.defaults["lr"] == 0.05
     assert opt.param_groups[0]["params"][0] is next(model.parameters())  # the caller's optimizer is untouched
+
+
+def test_an_optimizer_without_a_learning_rate_argument_is_rebuilt_as_it_is():
+    """A custom optimizer whose constructor takes no ``lr`` (it keeps a fixed one) is rebuilt with its own arguments
+    only; and one with a tensor learning rate keeps it."""
+
+    class FixedSGD(torch.optim.SGD):
+        def __init__(self, params, momentum=0.0):
+            super().__init__(params, lr=0.05, momentum=momentum)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 3))
+    x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    report = gm.check(model, x, y)
+    for opt in (FixedSGD(model.parameters(), momentum=0.5), torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))):
+        treated = gm.treat(model, report, inputs=x, targets=y, optimizer=opt, verify_steps=5)
+        made = treated.optimizer()
+        assert type(made) is type(opt) and made.defaults["lr"] == opt.defaults["lr"]

@@ -38,6 +38,8 @@ def has_addition(x: torch.Tensor | None, out: torch.Tensor) -> bool | None:
     scores) also reads as a skip: a plain block is told apart only when it holds no addition at all."""
     if x is None or not x.requires_grad or out.grad_fn is None:
         return None
+    if x is out or x.grad_fn is out.grad_fn:  # changed in place: x += f(x) leaves the addition as both's node
+        return True if type(out.grad_fn).__name__ in _ADDITIONS else None
     stop = x.grad_fn  # a leaf input (no node): the walk ends at the graph's leaves
     seen: set[Any] = set()
     stack = [out.grad_fn]
@@ -81,6 +83,7 @@ class BackwardSignalProbe(Probe):
         self._low: set[int] = set()  # rows whose output was 16-bit in this forward
         self._blocks = {i for i, name in enumerate(layers.names) if layers.roles.get(name) == "block"}
         self._skip: dict[int, bool] = {}  # block row -> has a skip path (read at its first call with a graph)
+        self._previous_block: tuple[int, Any] | None = None  # the last block's row and output node, this forward
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -96,11 +99,22 @@ class BackwardSignalProbe(Probe):
             self.layers.low_precision_seen = True  # type: ignore[union-attr] - tells GradientProbe(zero_fraction="auto")
         if out is None or not out.requires_grad:
             return
-        if row in self._blocks and row not in self._skip:
-            found = has_addition(first_float_tensor(args), out)
+        if row in self._blocks:
+            self._read_skip(row, first_float_tensor(args), out)
+        self.on_gradient(out, self._on_grad, row)
+
+    def _read_skip(self, row: int, x: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Whether block ``row`` adds its input back: inside it (``has_addition``, once), or in the module that calls
+        it (``x = x + block(x)``: the next block's input is an addition of this block's output)."""
+        previous, self._previous_block = self._previous_block, (row, out.grad_fn)
+        if previous is not None and self._skip.get(previous[0]) is not True and x is not None:
+            node = x.grad_fn  # read until found: then a block costs one dict lookup a step
+            if type(node).__name__ in _ADDITIONS and any(after is previous[1] for after, _ in node.next_functions):
+                self._skip[previous[0]] = True
+        if row not in self._skip:
+            found = has_addition(x, out)
             if found is not None:
                 self._skip[row] = found
-        self.on_gradient(out, self._on_grad, row)
 
     def _on_grad(self, row: int, grad: torch.Tensor) -> None:
         self._squares.append(sum_of_squares(grad))
@@ -131,6 +145,7 @@ class BackwardSignalProbe(Probe):
         self.buffer.put_steps(slots, where, torch.cat([rms_norm, fixed], dim=1))
 
     def _reset(self) -> None:
+        self._previous_block = None
         self._low: set[int] = set()
         self._order.clear()
         self._squares.clear()

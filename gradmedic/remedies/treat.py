@@ -68,7 +68,8 @@ class Treatment:
         treated model's by default): the caller's class and hyperparameters when ``treat`` was given one, else
         Adam."""
         params = self.model.parameters() if params is None else params
-        return self.optimizer_class(params, **{"lr": self.lr, **self.optimizer_defaults})
+        takes_lr = "lr" in inspect.signature(self.optimizer_class).parameters and "lr" not in self.optimizer_defaults
+        return self.optimizer_class(params, **({"lr": self.lr} if takes_lr else {}), **self.optimizer_defaults)
 
     def stepper(self, optimizer: torch.optim.Optimizer) -> ScaledStep | None:
         """A ``ScaledStep`` (loss scaling, then clipping) when the recipe calls for loss scaling."""
@@ -181,12 +182,11 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
     if optimizer is not None:  # proven with the caller's optimizer, and handed back as the recipe's
         accepted = inspect.signature(type(optimizer)).parameters
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        lr = defaults.pop("lr", None)
         treatment.optimizer_class, treatment.optimizer_defaults = type(optimizer), defaults
+        lr = defaults.get("lr")
         if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-            treatment.lr = float(lr)
-        else:
-            treatment.optimizer_defaults["lr"] = lr  # a tensor learning rate: kept as it is (not the recipe's)
+            treatment.lr = float(defaults.pop("lr"))  # the recipe's learning rate from now on
+        # else: no learning rate among its arguments, or a tensor one, kept as the caller's (not the recipe's)
 
     def curve(candidate: nn.Module, stage: str) -> Evidence:
         return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed,
