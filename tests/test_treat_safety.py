@@ -228,7 +228,8 @@ def test_an_optimizer_without_a_learning_rate_argument_is_rebuilt_as_it_is():
     model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 3))
     x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
     report = gm.check(model, x, y)
-    for opt in (FixedSGD(model.parameters(), momentum=0.5), torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))):
+    tensor_lr = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    for opt in (FixedSGD(model.parameters(), momentum=0.5), tensor_lr):
         treated = gm.treat(model, report, inputs=x, targets=y, optimizer=opt, verify_steps=5)
         made = treated.optimizer()
         assert type(made) is type(opt) and made.defaults["lr"] == opt.defaults["lr"]
