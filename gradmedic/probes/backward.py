@@ -84,6 +84,7 @@ class BackwardSignalProbe(Probe):
         self._blocks = {i for i, name in enumerate(layers.names) if layers.roles.get(name) == "block"}
         self._skip: dict[int, bool] = {}  # block row -> has a skip path (read at its first call with a graph)
         self._previous_block: tuple[int, Any] | None = None  # the last block's row and output node, this forward
+        self._untold: set[int] = set()  # block rows whose own graph could not tell (has_addition gave None)
 
     def arm(self) -> None:
         assert self.layers is not None
@@ -111,9 +112,11 @@ class BackwardSignalProbe(Probe):
             node = x.grad_fn  # read until found: then a block costs one dict lookup a step
             if type(node).__name__ in _ADDITIONS and any(after is previous[1] for after, _ in node.next_functions):
                 self._skip[previous[0]] = True
-        if row not in self._skip:
+        if row not in self._skip and row not in self._untold:
             found = has_addition(x, out)
-            if found is not None:
+            if found is None:
+                self._untold.add(row)  # no graph at its input, or too large a graph: not walked again
+            else:
                 self._skip[row] = found
 
     def _on_grad(self, row: int, grad: torch.Tensor) -> None:
