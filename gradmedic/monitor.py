@@ -277,7 +277,7 @@ class Monitor:
             else:
                 self._safely(probe, probe.disarm)
         self._armed = staying
-        self._run_eagerly(bool(self._armed))
+        self._run_eagerly(bool(self._armed) and not self._paused)  # paused(): no hook on the model, no stance
 
     def _run_eagerly(self, on: bool) -> None:
         """Keep torch.compile from tracing the hooks: compiled code runs eagerly while they are armed."""

@@ -420,3 +420,16 @@ def test_a_generator_step_inside_paused_is_not_pooled_into_the_discriminators_ne
         assert measured == pytest.approx([true] * 3, rel=1e-5)
     else:
         assert measured[0] == pytest.approx(true, rel=1e-5) and abs(measured[1] / true - 1) > 1e-3
+
+
+def test_a_step_inside_paused_leaves_compiled_code_compiled():
+    """While paused no hook is on the model, so compiled code need not run eagerly, also after a step() inside."""
+    model = sigmoid_mlp()
+    with gm.Monitor(model, preset="full") as monitor:
+        stances = []
+        real = monitor._eager.hold
+        monitor._eager.hold = lambda on: (stances.append(on), real(on))[1]
+        with monitor.paused():
+            model(torch.randn(4, model[0].in_features)).sum().backward()
+            monitor.step()
+        assert stances[0] is False and True not in stances[:-1] and stances[-1] is True  # eager again on leaving
