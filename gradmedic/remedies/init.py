@@ -99,8 +99,7 @@ def forward_order(model: nn.Module, inputs: Any) -> tuple[list[nn.Module], dict[
     call by its place in that order."""
     order: list[nn.Module] = []
     outputs: dict[int, torch.Tensor] = {}
-    parts = parametrization_parts(model)  # a weight-normed layer's parametrization is no child of note
-    leaves = [m for m in model.modules() if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
+    leaves = _leaves(model)
     watch = _FunctionalActivations(order, outputs)
 
     def enter(module: nn.Module, args: Any) -> None:
@@ -129,12 +128,14 @@ def following_activations(model: nn.Module, inputs: Any = None) -> dict[nn.Modul
     With ``inputs``, one forward pass records the order in which modules ran; without, the order of
     ``named_modules`` (right for Sequential models). Normalisation layers in between are looked through.
     """
-    if inputs is not None:
-        order = forward_order(model, inputs)[0]
-    else:
-        parts = parametrization_parts(model)
-        order = [m for m in model.modules() if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
-    return _following(order)
+    return _following(forward_order(model, inputs)[0] if inputs is not None else _leaves(model))
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    """The modules without children, in definition order; a weight-normed layer's parametrization is no child of
+    note (the layer is the leaf)."""
+    parts = parametrization_parts(model)
+    return [m for m in model.modules() if id(m) not in parts and not any(id(c) not in parts for c in m.children())]
 
 
 def _following(order: list[nn.Module]) -> dict[nn.Module, nn.Module | None]:
