@@ -206,9 +206,10 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     profile = _profile(trace)
     if profile is not None:
         step, layers, b, g, unit, reference = profile
+        stream = unit == "blocks" and not plain_blocks(trace)
         both = np.minimum(b, g)
         warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else (
-            EXPLODING_STREAM_WARNING if unit == "blocks" and not plain_blocks(trace) else EXPLODING_WARNING)
+            EXPLODING_STREAM_WARNING if stream else EXPLODING_WARNING)
         # growing toward the input: a layer among the deepest, which set the scale, is above it only where the
         # gradient falls steeply toward the input within them (a vanishing net's last layer read "exploding")
         hit = [k for k, v, deep in zip(layers, both, reference, strict=True) if v > warning and not deep]
@@ -216,8 +217,8 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
             worst = float(both[~reference].max())
             severity = severity_of(worst, warning, EXPLODING_ERROR, below=False)
             assert severity is not None
-            where = ("from the deepest layers" if unit != "blocks" else "from the deepest blocks"
-                     if plain_blocks(trace) else "on the residual stream from the deepest blocks")
+            where = ("on the residual stream from the deepest blocks" if stream else
+                     f"from the deepest {'blocks' if unit == 'blocks' else 'layers'}")
             message = f"The gradient grows {worst:.1e}x {where} back to '{hit[0]}': it explodes through depth."
             found.append(finding("exploding_gradients", severity, hit, message,
                                   {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
