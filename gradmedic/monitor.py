@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gradmedic._compile import EagerWhileArmed
+from gradmedic._distributed import RankCombiner, active
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
@@ -54,7 +55,7 @@ class Monitor:
 
     Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
     DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
-    combines every rank's numbers in one collective (``gradmedic.integrations.distributed``), and only
+    combines every rank's numbers in one collective (``gradmedic._distributed``), and only
     rank 0's ``trace.save`` and ``log_to`` sink write (``rank_files=True``: every rank writes
     ``NAME.rankN.gmtrace``). Create the Monitor on every rank, and call ``close()`` on every rank:
     reading ``monitor.trace`` mid-run does not communicate and shows what was combined at the last flush.
@@ -115,8 +116,6 @@ class Monitor:
         """A RankCombiner when this process is one rank of several (and not told otherwise), else None."""
         if distributed is False or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return None
-        from gradmedic.integrations.distributed import RankCombiner, active
-
         if not active():
             return None
         combiner = RankCombiner(self.layers, type(self.model).__name__)

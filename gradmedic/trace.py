@@ -192,13 +192,6 @@ class Trace:
                 writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
         return _write_atomic(Path(path), buffer.getvalue().encode())
 
-    def to_tensorboard(self, logdir: str | os.PathLike) -> Path:
-        """Write the trace as TensorBoard scalars (``gradmedic/<metric>/<layer>``) and its findings as
-        text; needs the tensorboard package. See ``gradmedic.integrations.tensorboard``."""
-        from gradmedic.integrations.tensorboard import write_trace  # the framework is imported on use only
-
-        return write_trace(self, logdir)
-
     def save(self, path: str | os.PathLike) -> Path | None:
         """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json.
 

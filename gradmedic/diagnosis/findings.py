@@ -8,7 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradmedic.diagnosis.prescriptions import REMEDIES
+from gradmedic.diagnosis.catalog import REMEDIES
+from gradmedic.diagnosis.context import Context
 from gradmedic.trace import Trace
 
 __all__ = ["KINDS", "SEVERITIES", "Finding", "Report"]
@@ -60,10 +61,11 @@ class Finding:
 class Report:
     """The findings about one model or run, worst first, with the trace they were read from."""
 
-    def __init__(self, findings: list[Finding], trace: Trace | None = None, context: dict[str, Any] | None = None):
+    def __init__(self, findings: list[Finding], trace: Trace | None = None,
+                 context: Context | dict[str, Any] | None = None):
         self.findings = sorted(findings, key=lambda f: (-f.rank, KINDS.index(f.kind)))
         self.trace = trace
-        self.context = dict(context or {})
+        self.context = Context.of(context)
 
     @property
     def healthy(self) -> bool:
@@ -79,7 +81,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"healthy": self.healthy, "findings": [f.to_dict() for f in self.findings],
-                               "context": _jsonable(self.context)}
+                               "context": _jsonable(self.context.to_dict())}
         if self.trace is not None:
             doc["layers"] = _layer_rows(self.trace)
         return doc

@@ -1,7 +1,7 @@
 """TensorBoard: a Monitor's numbers as TensorBoard scalars, live or from a saved trace.
 
 Live: ``gm.Monitor(model, optimizer, log_to=SummaryWriter(logdir))``; the writer receives each flush
-(``gradmedic._sinks`` turns flushed arrays into tags). Afterwards: ``trace.to_tensorboard(logdir)`` or
+(``gradmedic._sinks`` turns flushed arrays into tags). Afterwards:
 ``write_trace(trace, logdir)`` writes the same tags from a saved ``.gmtrace``, with the findings as text.
 
 Tags: ``gradmedic/<metric>/<layer>`` per layer (``gradmedic/grad_norm/transformer.h.0.attn.c_attn``),

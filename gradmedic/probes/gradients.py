@@ -73,7 +73,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor itself.
 
     Norms are taken of the local part only, with no collective; the Monitor combines the shards'
-    squares across ranks at a flush (``gradmedic.integrations.distributed``)."""
+    squares across ranks at a flush (``gradmedic._distributed``)."""
     if hasattr(t, "to_local") and hasattr(t, "placements"):
         with torch.no_grad():
             return t.to_local()

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import forward_with_hooks, run_forward
-from gradmedic.architecture import parametrization_parts
+from gradmedic.architecture import NORM_TYPES, parametrization_parts
 from gradmedic.remedies._weights import writable_weight
 
 __all__ = ["chrono_bias_", "fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_",
@@ -154,7 +154,7 @@ def following_positions(order: list[nn.Module]) -> dict[nn.Module, int | None]:
         nxt = None
         for j in range(i + 1, len(order)):
             later = order[j]
-            if isinstance(later, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Dropout)):
+            if isinstance(later, (*NORM_TYPES, nn.Dropout)):
                 continue
             nxt = j if _gain_name(later)[0] != "linear" else None
             break

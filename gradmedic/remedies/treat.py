@@ -287,7 +287,7 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
         return None
     model = copy.deepcopy(work)
     before = {id(p): p.detach().clone() for p in model.parameters()}
-    patient = Patient(model, inputs, dict(current.context), treatment.trained, treatment)
+    patient = Patient(model, inputs, current.context, treatment.trained, treatment)
     torch.manual_seed(seed + done)
     try:
         what = act.apply(patient)
