@@ -27,13 +27,13 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._distributed import RankCombiner, active
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
+from gradmedic._run_scalars import RunScalars
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
@@ -95,10 +95,7 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = self._on_failure
             probe.attach(self.layers, flush_every + 1)
-        # loss and learning rate at every step, flushed as scalars, not grid rows: (step, column, value) with the
-        # value a Python number, or a device tensor (the loss, detached) read at the flush
-        self._run_host: list[tuple[int, int, float]] = []
-        self._run_device: list[tuple[int, int, torch.Tensor]] = []
+        self._run = RunScalars(self._warn)  # loss and learning rate at every step
         self._trace = Trace(self._meta())
         self._combiner = self._rank_combiner(distributed, rank_files)
         self._step = 0
@@ -152,7 +149,7 @@ class Monitor:
                 self._safely(probe, probe.collect, step)
         self._recorded.clear()
         self._disarm(keep=step + 1)
-        self._record_run(step, loss)
+        self._run.record(step, loss, self.optimizer)
         for probe in self.probes:
             if id(probe) not in self._prepared:
                 self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
@@ -185,51 +182,6 @@ class Monitor:
                 # so that exactly one optimizer step lies between the two (after it, at step(), none would)
                 self._safely(probe, probe.after_step, step, True)
                 self._prepared.add(id(probe))
-
-    def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
-        """Loss and learning rate of this step. A tensor (the loss; a learning rate kept as a tensor) is copied on
-        the device, its first entry only, and read at the flush with the others (one copy per device): a copy, since
-        the user's tensor may change in place after the step (a loss accumulator zeroed, a scheduler's ``fill_``
-        of a tensor learning rate, a CUDA graph's output). A Python number stays on the host: writing it into a
-        device buffer would be a blocking host-to-device copy per step on CUDA."""
-        try:
-            lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
-            for col, value in enumerate((loss, lr)):
-                if isinstance(value, torch.Tensor):
-                    value = value.detach()
-                    if value.numel() == 1:
-                        self._run_device.append((step, col, value.clone()))
-                    elif value.numel():  # a loss per sample: its first entry, as before; an empty one has none
-                        self._run_device.append((step, col, value.reshape(-1)[:1].clone()))
-                elif value is not None:
-                    self._run_host.append((step, col, float(value)))
-        except Exception as error:  # noqa: BLE001 - a monitor must never break training
-            self._warn("run", error, what="recording the loss and learning rate", consequence="that value was dropped")
-
-    def _drain_run(self) -> Chunk | None:
-        host, self._run_host = self._run_host, []
-        kept, self._run_device = self._run_device, []
-        by_device: dict[torch.device, list[tuple[int, int, torch.Tensor]]] = {}
-        for entry in kept:
-            by_device.setdefault(entry[2].device, []).append(entry)
-        for entries in by_device.values():  # one copy to the host per device; cat promotes mixed dtypes
-            try:
-                values = torch.cat([t.reshape(1) for _, _, t in entries]).cpu().tolist()
-                host += [(s, col, float(v)) for (s, col, _), v in zip(entries, values, strict=True)]
-            except Exception as error:  # noqa: BLE001 - the other devices' values and the host numbers stay
-                self._warn("run read", error, what="reading the loss and learning rate at the flush",
-                           consequence="the values kept on that device were dropped")
-        scalars = {}
-        for j, name in enumerate(("loss", "lr")):
-            # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
-            pairs = sorted((s, v) for s, col, v in host if col == j and not np.isnan(v))
-            if pairs:
-                scalars[name] = (np.asarray([s for s, _ in pairs], dtype=np.int64),
-                                 np.asarray([v for _, v in pairs], dtype=np.float64))
-        if not scalars:
-            return None
-        return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
-                     scalars=scalars)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Monitor]:
@@ -298,7 +250,7 @@ class Monitor:
             if isinstance(chunk, Chunk):
                 chunks[f"{i}:{probe.name}"] = chunk
         try:
-            chunk = self._drain_run()
+            chunk = self._run.drain()
             if chunk is not None:
                 chunks["run"] = chunk
         except Exception as error:  # noqa: BLE001

@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("probes", ("gradmedic.probes",)),
     ("trace", ("gradmedic._trace_file", "gradmedic._trace_meta", "gradmedic.trace")),
     ("diagnosis", ("gradmedic.diagnosis",)),
-    ("monitor", ("gradmedic._sinks", "gradmedic._distributed", "gradmedic._monitor", "gradmedic.monitor")),
+    ("monitor", ("gradmedic._sinks", "gradmedic._distributed", "gradmedic._run_scalars", "gradmedic.monitor")),
     ("check", ("gradmedic.check",)),
     ("remedies", ("gradmedic.remedies",)),
     ("api", ("gradmedic",)),
