@@ -11,7 +11,10 @@ import torch
 
 from gradmedic.probes.buffer import Chunk
 
-__all__ = ["RunScalars"]
+__all__ = ["SCALARS", "RunScalars"]
+
+# the run scalars by column: what ``Trace.scalar`` holds
+SCALARS = ("loss", "lr")
 
 
 class RunScalars:
@@ -59,7 +62,7 @@ class RunScalars:
                 self._warn("run read", error, what="reading the loss and learning rate at the flush",
                            consequence="the values kept on that device were dropped")
         scalars = {}
-        for j, name in enumerate(("loss", "lr")):
+        for j, name in enumerate(SCALARS):
             # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
             pairs = sorted((s, v) for s, col, v in host if col == j and not np.isnan(v))
             if pairs:

@@ -127,7 +127,8 @@ class Probe:
     """Base class: a schedule owned here, the statistics owned by the subclass."""
 
     name: ClassVar[str] = "probe"
-    metrics: ClassVar[tuple[str, ...]] = ()
+    metrics: ClassVar[tuple[str, ...]] = ()  # the per-layer metrics it writes: the names the rules may read
+    series: ClassVar[tuple[str, ...]] = ()  # the per-layer series (one value per time step) it writes
     uses_hooks: ClassVar[bool] = False  # needs arm()/disarm() around a scheduled step
 
     def __init__(self, every: int = 1):

@@ -41,6 +41,7 @@ class TimeStepProbe(Probe):
     name = "timesteps"
     # time_grad_ratio = RMS of dL/dx at the first step over that at the last: << 1 vanishing, >> 1 exploding
     metrics = ("time_grad_ratio", "horizon_ratio")
+    series = (SERIES, HORIZON_SERIES)
     uses_hooks = True
 
     def __init__(self, every: int = 1, horizon: bool = False, horizon_every: int = 1):
