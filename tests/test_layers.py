@@ -126,3 +126,15 @@ def test_modules_stay_short():
     long = sorted(f"{p.relative_to(PACKAGE.parent)}: {n}" for p, _ in _modules().values()
                   if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES)
     assert not long, "modules over about 400 lines:\n" + "\n".join(long)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name with a leading underscore is its module's own: another module that needs it needs a public name."""
+    modules = _modules()
+    private = []
+    for name, (path, _) in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradmedic"):
+                private += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and f"{node.module}.{a.name}" not in modules]
+    assert not private, "private names imported across modules:\n" + "\n".join(private)

@@ -28,7 +28,7 @@ from torch import nn
 from gradmedic._errors import bad_argument
 from gradmedic.architecture import SATURATING_TYPES
 from gradmedic.remedies._weights import writable_weight
-from gradmedic.remedies.init import _gain_name, following_activations
+from gradmedic.remedies.init import gain_name, following_activations
 
 __all__ = ["critical_", "critical_scale", "gradient_gain"]
 
@@ -116,7 +116,7 @@ def critical_(model: nn.Module, inputs: Any = None, depth: int | None = None,
             sigma2 = 1.0  # the output layer (or a linear one): variance-preserving
         else:
             if type(act) not in cache:
-                textbook = nn.init.calculate_gain(*_gain_name(act)) ** 2
+                textbook = nn.init.calculate_gain(*gain_name(act)) ** 2
                 if sigmoid:  # the equivalent tanh net, whose input is x/2
                     cache[type(act)] = critical_scale(nn.Tanh(), depth, q0 / 4, cap=(5 / 3) ** 2)
                 elif isinstance(act, SATURATING_TYPES):  # at most the textbook gain: a shallow net needs no more
