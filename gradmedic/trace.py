@@ -170,7 +170,7 @@ class Trace:
     def to_pandas(self):
         """A DataFrame indexed by (step, layer), one column per metric; unmeasured rows dropped."""
         try:
-            import pandas as pd
+            import pandas as pd  # optional: the pandas extra
         except ImportError as error:
             raise GradmedicError("Trace.to_pandas() needs pandas: pip install pandas") from error
         steps, layers, metrics, values = self._materialise()
@@ -243,7 +243,7 @@ class Trace:
     # --- display --------------------------------------------------------------------------------
     def table(self, title: str | None = None):
         """A rich Table: one row per layer, the last measured value of the main metrics."""
-        from gradmedic._rich import Table, Text
+        from gradmedic._rich import Table, Text  # rich on first use: `import gradmedic` stays light
 
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
@@ -265,7 +265,7 @@ class Trace:
 
     def summary(self) -> str:
         """The per-layer table and the events, as plain text."""
-        from gradmedic._rich import Console, Text
+        from gradmedic._rich import Console, Text  # rich on first use: `import gradmedic` stays light
 
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps

@@ -92,7 +92,7 @@ class Report:
     # --- display --------------------------------------------------------------------------------
     def table(self):
         """A rich Table: one row per layer with the numbers the rules read and the findings there."""
-        from gradmedic._rich import Table, Text
+        from gradmedic._rich import Table, Text  # rich on first use: `import gradmedic` stays light
 
         table = Table(title_justify="left")
         for header in ("layer", "type", "backward signal", "grad/weight", "saturated", "dead", "finding"):
@@ -114,14 +114,14 @@ class Report:
     def render(self, console=None, fit_table: bool = False) -> None:
         """Print the table and the findings with their remedies (to ``console`` or stdout). ``fit_table``: the table
         as wide as its rows need (whole layer names on one line), the findings at the console's width."""
-        from gradmedic._rich import Console, Text
+        from gradmedic._rich import Console, Text  # rich on first use: `import gradmedic` stays light
 
         console = console or Console()
         if self.trace is not None:
             table = self.table()
             width = console.width
             if fit_table:
-                from gradmedic._rich import Measurement
+                from gradmedic._rich import Measurement  # rich on first use: `import gradmedic` stays light
 
                 unbounded = console.options.update_width(10_000)  # measured without the console's own limit
                 console.width = max(width, Measurement.get(console, unbounded, table).maximum)
@@ -141,7 +141,7 @@ class Report:
         console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
 
     def __str__(self) -> str:
-        from gradmedic._rich import Console
+        from gradmedic._rich import Console  # rich on first use: `import gradmedic` stays light
 
         # text goes to a log, a file or a notebook, not to a terminal of known width: the table keeps whole layer
         # names on their lines (a GPT-2 name folded at 120 columns read "...attention.output.LayerN" / "orm")

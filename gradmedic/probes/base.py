@@ -41,6 +41,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from gradmedic import architecture
+from gradmedic._errors import bad_argument
 from gradmedic.probes.buffer import Chunk, StepBuffer, buffer_dtype, to_device
 
 __all__ = ["Chunk", "LayerIndex", "Probe", "StepBuffer", "buffer_dtype", "in_backward", "is_torch_module", "to_device"]
@@ -61,8 +63,6 @@ class LayerIndex:
     """
 
     def __init__(self, model: nn.Module):
-        from gradmedic import architecture
-
         model = architecture.unwrap(model)
         self.names: list[str] = []
         self.modules: list[nn.Module] = []
@@ -133,8 +133,6 @@ class Probe:
 
     def __init__(self, every: int = 1):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            from gradmedic._errors import bad_argument
-
             raise bad_argument("every", "a positive int (measure every k-th step)", every)
         self.every = every
         self.failed = False

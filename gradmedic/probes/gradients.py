@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from gradmedic._errors import bad_argument
 from gradmedic.probes._gradient_plan import Plan, local_tensor, stored_entries
 from gradmedic.probes._samples import SampleSet, sample_view
 from gradmedic.probes.base import LayerIndex, Probe
@@ -67,13 +68,9 @@ class GradientProbe(Probe):
                  update_sample: int | None = UPDATE_SAMPLE):
         super().__init__(every)
         if update_sample is not None and (not isinstance(update_sample, int) or update_sample < 1):
-            from gradmedic._errors import bad_argument
-
             raise bad_argument("update_sample", "a positive int or None (every entry)", update_sample)
         self.update_sample = update_sample
         if zero_fraction not in (True, False, "auto"):
-            from gradmedic._errors import bad_argument
-
             raise bad_argument("zero_fraction", 'True, False or "auto" (float16/bfloat16 models only)',
                                zero_fraction)
         self.update_ratio = update_ratio

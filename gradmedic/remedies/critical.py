@@ -28,7 +28,7 @@ from torch import nn
 from gradmedic._errors import bad_argument
 from gradmedic.architecture import SATURATING_TYPES
 from gradmedic.remedies._weights import writable_weight
-from gradmedic.remedies.init import gain_name, following_activations
+from gradmedic.remedies.init import following_activations, gain_name
 
 __all__ = ["critical_", "critical_scale", "gradient_gain"]
 
