@@ -21,6 +21,7 @@ import numpy as np
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
+from gradmedic._trace_meta import TraceMeta
 from gradmedic.probes.base import Chunk
 
 __all__ = ["Trace"]
@@ -40,8 +41,8 @@ SUMMARY_COLUMNS = (
 class Trace:
     """Steps x layers x metrics; NaN where a metric was not measured at a step."""
 
-    def __init__(self, meta: dict[str, Any] | None = None):
-        self.meta: dict[str, Any] = dict(meta or {})
+    def __init__(self, meta: TraceMeta | dict[str, Any] | None = None):
+        self.meta = TraceMeta.of(dict(meta or {}))
         self._chunks: list[Chunk] = []
         self._cache: tuple[np.ndarray, list[str], list[str], np.ndarray] | None = None
         # set by a rank-aware Monitor on ranks other than 0: "" writes nothing, ".rankN" writes NAME.rankN.EXT
@@ -213,7 +214,7 @@ class Trace:
                 arrays[f"series/{name}/{i}.values.npy"] = v
         for name in self.scalar_names:
             arrays[f"scalars/{name}.steps.npy"], arrays[f"scalars/{name}.values.npy"] = self.scalar(name)
-        doc = {"format": FORMAT, "version": VERSION, "meta": self.meta, "layers": layers, "metrics": metrics,
+        doc = {"format": FORMAT, "version": VERSION, "meta": self.meta.to_dict(), "layers": layers, "metrics": metrics,
                "events": self.events, "series": series_index, "scalars": self.scalar_names}
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
