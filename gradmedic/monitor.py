@@ -137,6 +137,13 @@ class Monitor:
         """How many times ``step()`` has been called."""
         return self._step
 
+    def gradients_due(self) -> bool:
+        """Whether ``record_gradients()`` has work at the current step: a probe that reads ``.grad`` measures at it,
+        or at the next (then the weights are snapshot here, before the optimizer's step). A framework callback arms
+        its end-of-backward hook only then."""
+        step = self._step
+        return any(p.should_compute(step) or p.should_compute(step + 1) for p in self.probes if not p.uses_hooks)
+
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Record this training step; call after ``loss.backward()``. ``loss`` is optional."""
         if self._closed:

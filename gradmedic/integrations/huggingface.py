@@ -102,10 +102,7 @@ class GradmedicCallback(TrainerCallback):
         ``record_gradients`` snapshots the weights before the optimizer's step, so that exactly one update lies
         between the snapshot and the measured step (taken after it, at ``Monitor.step``, the snapshot would equal
         the next step's weights and the update ratio would read 0)."""
-        step = self.monitor.step_count
-        due = any(p.should_compute(step) or p.should_compute(step + 1)
-                  for p in self.monitor.probes if not p.uses_hooks)
-        if due:
+        if self.monitor.gradients_due():
             self._backward.arm()
         else:
             self._backward.disarm()
