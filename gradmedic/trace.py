@@ -167,6 +167,20 @@ class Trace:
         """Discrete happenings, e.g. the first module with a NaN: dicts with ``step`` and ``kind``."""
         return [e for c in self._chunks for e in c.events]
 
+    def until(self, step: int) -> Trace:
+        """The trace as it stood after ``step``: every measurement at a later step left out (grids, series, scalars,
+        events). What a diagnosis mid-run saw, so that it can be compared with the end of the run cut there."""
+        cut = Trace(self.meta)
+        for c in self._chunks:
+            rows = c.steps <= step
+            series = {name: {layer: (s[s <= step], v[s <= step]) for layer, (s, v) in per_layer.items()}
+                      for name, per_layer in c.series.items()}
+            scalars = {name: (s[s <= step], v[s <= step]) for name, (s, v) in c.scalars.items()}
+            cut.extend(Chunk(steps=c.steps[rows], layers=c.layers, metrics=c.metrics, values=c.values[rows],
+                             series=series, events=[e for e in c.events if e.get("step", 0) <= step],
+                             scalars=scalars))
+        return cut
+
     # --- export ---------------------------------------------------------------------------------
     def to_pandas(self):
         """A DataFrame indexed by (step, layer), one column per metric; unmeasured rows dropped."""
