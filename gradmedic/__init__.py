@@ -1,6 +1,6 @@
 """gradmedic: find, explain and fix vanishing and exploding gradients in PyTorch models."""
 
-from gradmedic._errors import GradmedicError, GradmedicWarning
+from gradmedic._errors import GradmedicError, GradmedicFindingWarning, GradmedicWarning
 from gradmedic.check import check
 from gradmedic.diagnosis import KINDS, REMEDIES, Finding, Report, diagnose
 from gradmedic.monitor import Monitor
@@ -9,5 +9,5 @@ from gradmedic.trace import Trace
 
 __version__ = "0.1.0"
 
-__all__ = ["KINDS", "REMEDIES", "Finding", "GradmedicError", "GradmedicWarning", "Monitor", "Report", "Trace",
-           "Treatment", "__version__", "check", "diagnose", "treat"]
+__all__ = ["KINDS", "REMEDIES", "Finding", "GradmedicError", "GradmedicFindingWarning", "GradmedicWarning", "Monitor",
+           "Report", "Trace", "Treatment", "__version__", "check", "diagnose", "treat"]

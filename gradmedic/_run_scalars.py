@@ -63,8 +63,8 @@ class RunScalars:
                            consequence="the values kept on that device were dropped")
         scalars = {}
         for j, name in enumerate(SCALARS):
-            # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
-            pairs = sorted((s, v) for s, col, v in host if col == j and not np.isnan(v))
+            # a loss that is NaN or infinite is kept: it is the first sign of a run gone bad (the nonfinite rule)
+            pairs = sorted((s, v) for s, col, v in host if col == j)
             if pairs:
                 scalars[name] = (np.asarray([s for s, _ in pairs], dtype=np.int64),
                                  np.asarray([v for _, v in pairs], dtype=np.float64))
