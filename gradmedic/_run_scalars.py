@@ -14,7 +14,7 @@ from gradmedic.probes.buffer import Chunk
 __all__ = ["SCALARS", "RunScalars"]
 
 # the run scalars by column: what ``Trace.scalar`` holds
-SCALARS = ("loss", "lr")
+SCALARS = ("loss", "lr", "loss_scale")
 
 
 class RunScalars:
@@ -27,7 +27,7 @@ class RunScalars:
         self._host: list[tuple[int, int, float]] = []
         self._device: list[tuple[int, int, torch.Tensor]] = []
 
-    def record(self, step: int, loss: torch.Tensor | float | None, optimizer: Any) -> None:
+    def record(self, step: int, loss: torch.Tensor | float | None, optimizer: Any, scaler: Any = None) -> None:
         """Loss and learning rate of this step. A tensor (the loss; a learning rate kept as a tensor) is copied on
         the device, its first entry only, and read at the flush with the others (one copy per device): a copy, since
         the user's tensor may change in place after the step (a loss accumulator zeroed, a scheduler's ``fill_``
@@ -35,7 +35,7 @@ class RunScalars:
         device buffer would be a blocking host-to-device copy per step on CUDA."""
         try:
             lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
-            for col, value in enumerate((loss, lr)):
+            for col, value in enumerate((loss, lr, _scale_of(scaler))):
                 if isinstance(value, torch.Tensor):
                     value = value.detach()
                     if value.numel() == 1:
@@ -72,3 +72,14 @@ class RunScalars:
             return None
         return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
                      scalars=scalars)
+
+
+def _scale_of(scaler: Any) -> torch.Tensor | float | None:
+    """A GradScaler's current scale, as its device tensor (``get_scale()`` would read it to the host: a sync per step
+    on CUDA); None without a scaler or when it is disabled."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return scaler.get_scale() if hasattr(scaler, "get_scale") else None

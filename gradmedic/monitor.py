@@ -27,12 +27,14 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._distributed import RankCombiner, active
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
+from gradmedic._live import LiveFindings
 from gradmedic._run_scalars import RunScalars
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
@@ -53,6 +55,11 @@ class Monitor:
     ``(step, metrics)`` (``wandb.log`` and ``mlflow.log_metrics`` work as they are) that receives the
     numbers at each flush.
 
+    While it trains, each scheduled flush diagnoses the trace so far: a finding that is new or worse is said once
+    (a ``GradmedicFindingWarning``, a text to ``log_to``, and ``on_finding(finding)``); ``live=False`` keeps quiet
+    until ``diagnose()``. ``scaler``: a ``torch.amp.GradScaler``, whose scale is recorded at every step (a
+    collapsing scale is how float16 overflow shows).
+
     Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
     DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
     combines every rank's numbers in one collective (``gradmedic._distributed``), and only
@@ -65,7 +72,7 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  preset: str = "standard", every: int | None = None, probes: list[Probe] | None = None,
                  flush_every: int = 100, log_to: Any = None, distributed: bool | None = None,
-                 rank_files: bool = False):
+                 rank_files: bool = False, on_finding: Any = None, live: bool = True, scaler: Any = None):
         if not isinstance(model, nn.Module):
             raise bad_argument("model", "a torch.nn.Module", model)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -81,6 +88,8 @@ class Monitor:
         if not any(True for _ in model.parameters()):
             raise bad_argument("model", "a module with parameters", type(model).__name__,
                                "There is no gradient to watch in a model without parameters.")
+        if on_finding is not None and not callable(on_finding):
+            raise bad_argument("on_finding", "a callable taking a Finding, or None", on_finding)
         if distributed not in (None, True, False):
             raise bad_argument("distributed", "None (combine across ranks when a process group is initialised),"
                                " True or False", distributed)
@@ -95,7 +104,9 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = self._on_failure
             probe.attach(self.layers, flush_every + 1)
-        self._run = RunScalars(self._warn)  # loss and learning rate at every step
+        self._run = RunScalars(self._warn)  # loss, learning rate and loss scale at every step
+        self.scaler = scaler
+        self._live = LiveFindings(on_finding) if live else None
         self._trace = Trace(self._meta())
         self._combiner = self._rank_combiner(distributed, rank_files)
         self._step = 0
@@ -156,7 +167,7 @@ class Monitor:
                 self._safely(probe, probe.collect, step)
         self._recorded.clear()
         self._disarm(keep=step + 1)
-        self._run.record(step, loss, self.optimizer)
+        self._run.record(step, loss, self.optimizer, self.scaler)
         for probe in self.probes:
             if id(probe) not in self._prepared:
                 self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
@@ -165,6 +176,7 @@ class Monitor:
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
+            self._say_findings()
         self._arm(self._step)
 
     def record_gradients(self) -> None:
@@ -274,6 +286,30 @@ class Monitor:
         if self.sink is not None and chunks and self._writes:
             self._to_sink(lambda sink: sink.write(list(chunks.values())))
         self._since_flush = 0
+        if "run" in chunks and not self._closed:
+            self._look_for_nans(chunks["run"])
+
+    def _look_for_nans(self, run: Chunk) -> None:
+        """A non-finite loss since the last flush: the NaN/Inf probe measures the next step too, off its schedule,
+        so that it says which module makes the NaN (read on the host, where the flush brought the losses)."""
+        losses = run.scalars.get("loss")
+        if losses is not None and not np.all(np.isfinite(losses[1])):
+            for probe in self.probes:
+                if probe.name == "nonfinite":
+                    probe.also_at(self._step)
+
+    def _say_findings(self) -> None:
+        """Diagnose the trace so far and say what is new or worse (``_live``); rank 0 only under torch.distributed.
+        A failure here costs the live findings (one warning), never the user's step."""
+        if self._live is None or not self._writes:
+            return
+        try:
+            fresh = self._live.update(self._trace, self._step - 1)
+            if fresh and self.sink is not None:
+                self._to_sink(lambda sink: sink.text("findings", findings_text(fresh), self._step - 1))
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("live", error, what="diagnosing the run while it trains", consequence="findings are said "
+                       "only at the end (monitor.diagnose())")
 
     @property
     def _writes(self) -> bool:
