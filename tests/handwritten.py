@@ -171,7 +171,7 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _diffusion_batch(seed: int = 0, n: int = 8, size: int = 16):
+def _diffusion_batch(seed: int = 0, n: int = 4, size: int = 8):
     g = _gen(seed)
     x0 = (torch.rand(n, 1, size, size, generator=g) > 0.5).float() * 2 - 1
     t = torch.randint(0, 1000, (n,), generator=g)
@@ -1161,11 +1161,14 @@ class TokenTransformer(nn.Module):
         return self.head(self.body(h, mask=self.mask, is_causal=True)).transpose(1, 2)
 
 
-def deep_transformer(norm_first: bool):
+DEEP_WIDTH = 128  # at width 32 the post-LN stack still trains (4.30 -> 0.053 in 300 steps); at 128 it stalls
+
+
+def deep_transformer(norm_first: bool, d: int = DEEP_WIDTH):
     def build():
         torch.manual_seed(0)
         x, y = _tokens(n=16)
-        return TokenTransformer(norm_first=norm_first), x, {"targets": y}
+        return TokenTransformer(d=d, norm_first=norm_first), x, {"targets": y}
     return build
 
 
@@ -1296,24 +1299,8 @@ def tiny_graph_net(layers: int = 16, scale: float = TINY_GRAPH_SCALE):
     return build
 
 
-# class 8: the container-owned zero offset in front of a genuinely vanishing stack (ten sigmoid layers)
-class OffsetSigmoidMLP(OffsetMLP):
-    def __init__(self, depth: int = 10):
-        super().__init__(depth=depth)
-
-    def forward(self, x):
-        h = x - self.offset
-        for layer in self.layers:
-            h = torch.sigmoid(layer(h))
-        return self.head(h)
-
-
-def offset_sigmoid_mlp():
-    torch.manual_seed(0)
-    g = _gen(0)
-    return (OffsetSigmoidMLP(), torch.randn(64, 16, generator=g) + 1.0,
-            {"targets": torch.randint(0, 4, (64,), generator=g)})
-
+# class 8: head_bias_mlp(10, nn.Sigmoid): the BERT-style head owning its zero bias after a genuinely vanishing
+# stack (ten sigmoid layers)
 
 # class 9: deep_transformer(norm_first=False): 24 post-LN layers, Adam at 1e-3 without warmup
 
@@ -1344,6 +1331,32 @@ def graph_net_trained():
     torch.manual_seed(1)
     _train(model, inputs, kwargs["targets"], F.cross_entropy, GRAPH_TRAIN_STEPS, lr=1e-2)
     return model, inputs, kwargs
+
+
+class BiasedHead(nn.Module):
+    """An output head that owns its zero-initialised bias and calls a bias-free projection (BERT's
+    LMPredictionHead: ``decoder = Linear(bias=False)``, ``bias = Parameter(zeros)``)."""
+
+    def __init__(self, d: int, classes: int):
+        super().__init__()
+        self.decoder = nn.Linear(d, classes, bias=False)
+        self.bias = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, h):
+        return self.decoder(h) + self.bias
+
+
+def head_bias_mlp(depth: int = 4, act: type[nn.Module] = nn.ReLU):
+    def build():
+        torch.manual_seed(0)
+        mods: list[nn.Module] = []
+        for i in range(depth):
+            mods += [nn.Linear(16 if i == 0 else 64, 64), act()]
+        model = nn.Sequential(*mods, BiasedHead(64, 10))
+        g = _gen(0)
+        x = torch.randn(64, 16, generator=g)
+        return model, x, {"targets": torch.randint(0, 10, (64,), generator=g)}
+    return build
 
 
 # === the corpus ===============================================================================================
@@ -1399,10 +1412,14 @@ ENTRIES: list[Entry] = [
     Entry("confident sigmoid head (x50) + BCE", saturated_sigmoid_head("bce"), issue_class=1,
           truth="saturated_sigmoid: 67% saturated, 31% saturated and wrong; mean |dL/dlogit| x N on those 0.90 "
                 "(the full error); accuracy 0.55 -> 1.00 in 300 Adam(1e-3) steps"),
-    Entry("MLP with a container-owned zero offset", offset_mlp, issue_class=8, truth="trains like the plain MLP"),
+    Entry("MLP with a container-owned zero offset", offset_mlp, truth="a root-owned parameter: class 8 does not "
+          "show here (the root is no layer of the profile)"),
+    Entry("MLP + BERT-style head owning its zero bias", head_bias_mlp(), issue_class=8,
+          truth="head_bias (TRUTH_HEAD_BIAS)"),
     Entry("ViT by hand (zero cls/pos owned by the model)", vit, issue_class=8, truth="standard pre-LN ViT"),
     Entry("24-layer pre-LN transformer", deep_transformer(True), issue_class=9,
-          truth="deep_transformers (TRUTH_PRE_LN)"),
+          truth="deep_transformers: width 128, 24 layers, Adam(1e-3), no warmup: cross-entropy 4.31 -> 0.035 in 150 "
+                "steps (step 25: 0.23, step 100: 0.04)"),
     # --- trained to a good result -------------------------------------------------------------------------------
     Entry("VAE trained 400 steps", vae_trained, issue_class=1, trained=True,
           truth="vae_trained: loss 45.1 -> reconstruction BCE 7.68 nats per 64-pixel sample (0.967 of pixels "
@@ -1453,15 +1470,18 @@ ENTRIES: list[Entry] = [
     Entry("SICK 7: 16-layer linear graph net, weights x0.5", tiny_graph_net(), issue_class=7,
           at_init=_sick("vanishing_gradients", "error", "layers.0"),
           after_steps=_sick("vanishing_gradients", "error", "layers.0"), truth="tiny_graph (TRUTH_TINY_GRAPH)"),
-    Entry("SICK 8: container-owned offset + 10 sigmoid layers", offset_sigmoid_mlp, issue_class=8,
-          at_init=_sick("vanishing_gradients", "error", "layers.0"),
-          after_steps=_sick("vanishing_gradients", "error", "layers.0"),
-          truth="offset_sigmoid: float64 grad/weight layers.0 / layers.9 = 2.1e-08"),
+    Entry("SICK 8: BERT-style head owning its zero bias + 10 sigmoid layers", head_bias_mlp(10, nn.Sigmoid),
+          issue_class=8, at_init=_sick("vanishing_gradients", "error", "0"),
+          after_steps=_sick("vanishing_gradients", "error", "0"), truth="head_bias (TRUTH_HEAD_BIAS_SICK)"),
     Entry("SICK 9: 24-layer post-LN transformer, Adam 1e-3", deep_transformer(False), issue_class=9,
-          at_init=UNDETERMINED, after_steps=UNDETERMINED, truth="deep_transformers (TRUTH_POST_LN)"),
+          at_init=UNDETERMINED, after_steps=UNDETERMINED,
+          truth="deep_transformers: width 128, 24 layers, Adam(1e-3), no warmup: cross-entropy 4.31 -> 2.94 in 150 steps "
+                "(step 25: 2.52, step 50: 2.14, step 100: 3.03: it stalls and climbs back), where the pre-LN twin reaches "
+                "0.035; at width 32 the same post-LN stack trains (4.30 -> 0.053 in 300 steps, pre-LN 0.051)"),
 ]
 
 
 def entries() -> list[tuple[str, Entry]]:
     """(name, entry) pairs, as tests/corpus.py's families are."""
     return [(e.name, e) for e in ENTRIES]
+

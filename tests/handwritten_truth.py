@@ -314,24 +314,37 @@ def tiny_graph():
     return "; ".join(out) + f" (chance: ln 4 = {math.log(4):.3f})"
 
 
-def offset_sigmoid():
-    model, x, kw = H.offset_sigmoid_mlp()
-    m64 = copy.deepcopy(model).double()
-    loss = F.cross_entropy(m64(x.double()), kw["targets"])
-    g0, gl = torch.autograd.grad(loss, [m64.layers[0].weight, m64.layers[-1].weight])
-    return (f"float64 grad/weight layers.0 / layers.9 = "
-            f"{float(g0.norm() / m64.layers[0].weight.norm()) / float(gl.norm() / m64.layers[-1].weight.norm()):.1e}")
+def head_bias():
+    out = []
+    for depth, act in ((4, nn.ReLU), (10, nn.Sigmoid)):
+        model, x, kw = H.head_bias_mlp(depth, act)()
+        lins = [m for m in model if isinstance(m, nn.Linear)]
+        torch.manual_seed(1)
+        # grad/weight of the first and last hidden Linear after 5 Adam steps (float64), as the check reads them
+        H._train(model, x, kw["targets"], F.cross_entropy, 5, lr=1e-3)
+        m64 = copy.deepcopy(model).double()
+        l64 = [m for m in m64 if isinstance(m, nn.Linear)]
+        loss = F.cross_entropy(m64(x.double()), kw["targets"])
+        g0, gl, gb = torch.autograd.grad(loss, [l64[0].weight, l64[-1].weight, m64[-1].bias])
+        ratio = float(g0.norm() / l64[0].weight.norm()) / float(gl.norm() / l64[-1].weight.norm())
+        head = float(gb.norm() / m64[-1].bias.norm())
+        first, last, _ = _fit(model, x, kw["targets"], F.cross_entropy, 200, 1e-3)
+        del lins
+        out.append(f"{depth} {act.__name__} layers: after 5 Adam steps grad/weight first/last hidden Linear {ratio:.1e} "
+                   f"(float64), the head's own bias {head:.1e}; cross-entropy {first:.2f} -> {last:.3f} in 200 more "
+                   "steps")
+    return "; ".join(out)
 
 
-def deep_transformers(steps: int = 300):
+def deep_transformers(steps: int = 150):
     out = []
     for norm_first in (True, False):
         model, x, kw = H.deep_transformer(norm_first)()
         torch.manual_seed(1)
         first, last, losses = _fit(model, x, kw["targets"], F.cross_entropy, steps, 1e-3)
-        out.append(f"{'pre' if norm_first else 'post'}-LN: cross-entropy {first:.2f} -> {last:.3f} (step 100: "
-                   f"{losses[99]:.2f})")
-    return f"24 layers, Adam(1e-3), no warmup, {steps} steps: " + "; ".join(out) + f" (ln 64 = {math.log(64):.2f})"
+        out.append(f"{'pre' if norm_first else 'post'}-LN: cross-entropy {first:.2f} -> {last:.3f} (step 25: "
+                   f"{losses[24]:.2f}, step 100: {losses[99]:.2f})")
+    return f"width {H.DEEP_WIDTH}, 24 layers, Adam(1e-3), no warmup, {steps} steps: " + "; ".join(out) + f" (ln 64 = {math.log(64):.2f})"
 
 
 def healthy_fits():
@@ -368,7 +381,7 @@ def exploding_regressor():
 
 MEASURES = {f.__name__: f for f in (vae_trained, retina_head, seq2seq, seq2seq_horizon, lstm_lm_long, nerf,
                                     siren_pair, realnvp_trained, regression_trained, gan, saturated_sigmoid,
-                                    attention_encoder, gru_horizon, dead_relu, tiny_graph, offset_sigmoid,
+                                    attention_encoder, gru_horizon, dead_relu, tiny_graph, head_bias,
                                     deep_transformers, healthy_fits, exploding_regressor)}
 
 
