@@ -490,7 +490,7 @@ def _train(model: nn.Module, inputs, targets, loss_fn, steps: int, lr: float = 1
         loss = loss_fn(model(*args), targets)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.zero_grad(set_to_none=True)
     return losses
 
@@ -1367,15 +1367,19 @@ def _sick(kind: str, severity: str, *layers: str, first: bool = True, absent: tu
 ENTRIES: list[Entry] = [
     # --- healthy at their usual init ----------------------------------------------------------------------
     Entry("diffusion U-Net (GroupNorm, SiLU, zero-init convs)", unet_diffusion,
-          truth="healthy_fits: noise-prediction MSE 1.02 -> 0.86 in 100 Adam steps (TRUTH_UNET)"),
-    Entry("DenseNet (concatenation, BN-ReLU-Conv)", densenet, truth="healthy_fits (TRUTH_DENSENET)"),
-    Entry("WaveNet (gated tanh*sigmoid, residual + skip)", wavenet, truth="healthy_fits (TRUTH_WAVENET)"),
+          truth="healthy_fits: noise-prediction MSE 1.021 -> 0.000 on its batch in 100 Adam(1e-3) steps: every part "
+                "learns from the zero-initialised start"),
+    Entry("DenseNet (concatenation, BN-ReLU-Conv)", densenet, truth="healthy_fits: cross-entropy 2.285 -> 0.112 in "
+          "100 Adam(1e-3) steps"),
+    Entry("WaveNet (gated tanh*sigmoid, residual + skip)", wavenet, truth="healthy_fits: next-sample cross-entropy "
+          "2.794 -> 0.304 in 100 Adam(3e-3) steps"),
     Entry("TCN (weight norm, dilated causal convs)", tcn, truth="a standard recipe; nothing flagged"),
     Entry("Highway net, 10 layers, gate bias -2", highway(), truth="Srivastava et al. 2015 init"),
     Entry("MLP-Mixer, 4 blocks", mlp_mixer, truth="standard pre-LN residual mixer"),
     Entry("Conformer, 3 blocks", conformer, truth="standard macaron blocks"),
     Entry("VAE (sigmoid decoder + BCE)", vae, issue_class=1, truth="vae_trained: trains (see the trained entry)"),
-    Entry("graph network (index_add_ mean aggregation)", graph_net, truth="healthy_fits (TRUTH_GRAPH)"),
+    Entry("graph network (index_add_ mean aggregation)", graph_net, truth="healthy_fits: cross-entropy 1.404 -> "
+          "0.000 in 200 Adam(1e-2) steps"),
     Entry("GRU seq2seq + Bahdanau attention, T=12", seq2seq("gru", 12), issue_class=2,
           truth="seq2seq: GRU reversal of 12 tokens, held-out token accuracy 0.07 -> 0.73 after 200 Adam(1e-2) "
                 "steps on fresh batches"),
@@ -1415,7 +1419,10 @@ ENTRIES: list[Entry] = [
     Entry("MLP with a container-owned zero offset", offset_mlp, truth="a root-owned parameter: class 8 does not "
           "show here (the root is no layer of the profile)"),
     Entry("MLP + BERT-style head owning its zero bias", head_bias_mlp(), issue_class=8,
-          truth="head_bias (TRUTH_HEAD_BIAS)"),
+          truth="head_bias: after 5 Adam steps grad/weight of the first over the last hidden Linear is 0.36 "
+                "(float64: flat), while the head's own bias, grown from zero, has grad/weight 7.8; cross-entropy "
+                "2.28 -> "
+                "0.002 in 200 more steps"),
     Entry("ViT by hand (zero cls/pos owned by the model)", vit, issue_class=8, truth="standard pre-LN ViT"),
     Entry("24-layer pre-LN transformer", deep_transformer(True), issue_class=9,
           truth="deep_transformers: width 128, 24 layers, Adam(1e-3), no warmup: cross-entropy 4.31 -> 0.035 in 150 "
@@ -1431,7 +1438,8 @@ ENTRIES: list[Entry] = [
           truth="siren_pair: PSNR 32.9 dB on the 24x24 test image"),
     Entry("regression net trained 300 steps", regression_trained, issue_class=4, trained=True,
           truth="regression_trained: R^2 1.000"),
-    Entry("graph network trained 200 steps", graph_net_trained, trained=True, truth="healthy_fits (TRUTH_GRAPH)"),
+    Entry("graph network trained 200 steps", graph_net_trained, trained=True, truth="healthy_fits: cross-entropy "
+          "1.404 -> 0.000 (random labels memorised)"),
     Entry("RealNVP trained 300 steps", realnvp_trained, issue_class=6, trained=True,
           at_init=_sick("dead_units", "error", "couplings.1.s.3", first=False),
           after_steps=_sick("dead_units", "error", "couplings.1.s.3", first=False),
@@ -1469,14 +1477,21 @@ ENTRIES: list[Entry] = [
                 "set (largest pre-activation 0.05 below zero)"),
     Entry("SICK 7: 16-layer linear graph net, weights x0.5", tiny_graph_net(), issue_class=7,
           at_init=_sick("vanishing_gradients", "error", "layers.0"),
-          after_steps=_sick("vanishing_gradients", "error", "layers.0"), truth="tiny_graph (TRUTH_TINY_GRAPH)"),
+          after_steps=_sick("vanishing_gradients", "error", "layers.0"), truth="tiny_graph: grad/weight 1e-07..2e-07 "
+                            "in every layer, flat (float64); signal first/last block "
+                "5e-07; cross-entropy 1.406 -> 0.831 in 300 Adam(1e-3) steps where the x1 twin (grad/weight 2e-3) "
+                "reaches 0.133: the absolute scale, not the profile, is what is wrong"),
     Entry("SICK 8: BERT-style head owning its zero bias + 10 sigmoid layers", head_bias_mlp(10, nn.Sigmoid),
           issue_class=8, at_init=_sick("vanishing_gradients", "error", "0"),
-          after_steps=_sick("vanishing_gradients", "error", "0"), truth="head_bias (TRUTH_HEAD_BIAS_SICK)"),
+          after_steps=_sick("vanishing_gradients", "error", "0"), truth="head_bias: after 5 Adam steps grad/weight "
+                            "of the first over the last hidden Linear is "
+                "1.8e-08 (float64); cross-entropy 2.31 -> 2.215 in 200 more steps"),
     Entry("SICK 9: 24-layer post-LN transformer, Adam 1e-3", deep_transformer(False), issue_class=9,
           at_init=UNDETERMINED, after_steps=UNDETERMINED,
-          truth="deep_transformers: width 128, 24 layers, Adam(1e-3), no warmup: cross-entropy 4.31 -> 2.94 in 150 steps "
-                "(step 25: 2.52, step 50: 2.14, step 100: 3.03: it stalls and climbs back), where the pre-LN twin reaches "
+          truth="deep_transformers: width 128, 24 layers, Adam(1e-3), no warmup: cross-entropy 4.31 -> 2.94 in 150 "
+                "steps "
+                "(step 25: 2.52, step 50: 2.14, step 100: 3.03: it stalls and climbs back), where the pre-LN twin "
+                "reaches "
                 "0.035; at width 32 the same post-LN stack trains (4.30 -> 0.053 in 300 steps, pre-LN 0.051)"),
 ]
 

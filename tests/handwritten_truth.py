@@ -330,7 +330,8 @@ def head_bias():
         head = float(gb.norm() / m64[-1].bias.norm())
         first, last, _ = _fit(model, x, kw["targets"], F.cross_entropy, 200, 1e-3)
         del lins
-        out.append(f"{depth} {act.__name__} layers: after 5 Adam steps grad/weight first/last hidden Linear {ratio:.1e} "
+        out.append(f"{depth} {act.__name__} layers: after 5 Adam steps grad/weight first/last hidden Linear "
+                   f"{ratio:.1e} "
                    f"(float64), the head's own bias {head:.1e}; cross-entropy {first:.2f} -> {last:.3f} in 200 more "
                    "steps")
     return "; ".join(out)
@@ -344,7 +345,8 @@ def deep_transformers(steps: int = 150):
         first, last, losses = _fit(model, x, kw["targets"], F.cross_entropy, steps, 1e-3)
         out.append(f"{'pre' if norm_first else 'post'}-LN: cross-entropy {first:.2f} -> {last:.3f} (step 25: "
                    f"{losses[24]:.2f}, step 100: {losses[99]:.2f})")
-    return f"width {H.DEEP_WIDTH}, 24 layers, Adam(1e-3), no warmup, {steps} steps: " + "; ".join(out) + f" (ln 64 = {math.log(64):.2f})"
+    head = f"width {H.DEEP_WIDTH}, 24 layers, Adam(1e-3), no warmup, {steps} steps: "
+    return head + "; ".join(out) + f" (ln 64 = {math.log(64):.2f})"
 
 
 def healthy_fits():
