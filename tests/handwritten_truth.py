@@ -173,13 +173,17 @@ def realnvp_trained():
     torch.manual_seed(1)
     first, last, _ = _fit(model, x, None, H.flow_nll, H.REALNVP_TRAIN_STEPS, 3e-3)
     # units dead on every point of the data set, and the tanh-bounded scales' saturation, from the activations
-    dead, sat = {}, {}
+    dead, sat, below = {}, {}, []
     h = x
     with torch.no_grad():
         for i, c in enumerate(model.couplings):
             xm = h * c.mask
             a1 = c.s[1](c.s[0](xm))
-            a2 = c.s[3](c.s[2](a1))
+            pre2 = c.s[2](a1)
+            a2 = c.s[3](pre2)
+            if i == 1:  # how far below zero the dead units of couplings.1.s.3 lie, in their own stds over the data
+                top, std = pre2.max(0).values, pre2.std(0)
+                below = sorted(float(v) for v in (-top / std.clamp(min=1e-12))[top <= 0])
             dead[i] = (float((a1.max(0).values <= 0).float().mean()), float((a2.max(0).values <= 0).float().mean()))
             t = c.s[5](c.s[4](a2))[:, (1 - c.mask).bool()]
             sat[i] = float((1 - t ** 2 < 0.05).float().mean())
@@ -189,7 +193,9 @@ def realnvp_trained():
             f"{nll_gauss:.2f}); "
             f"ReLU units dead on all {x.shape[0]} points per coupling (s-net layers 1, 2): "
             + ", ".join(f"{a:.0%}/{b:.0%}" for a, b in dead.values()) +
-            "; tanh scale outputs saturated: " + ", ".join(f"{v:.0%}" for v in sat.values()))
+            "; tanh scale outputs saturated: " + ", ".join(f"{v:.0%}" for v in sat.values()) +
+            f"; couplings.1.s.3's dead units lie {below[0]:.2f}-{below[-1]:.1f} own stds below zero (median "
+            f"{below[len(below) // 2]:.1f}; {sum(b > 1 for b in below)} of 64 lie beyond one own std)")
 
 
 def regression_trained():
@@ -286,10 +292,12 @@ def dead_relu():
     model, x, _ = H.mostly_dead_relu()
     with torch.no_grad():
         pre = model[2](model[1](model[0](x)))
-    dead = (pre.max(0).values <= 0).float().mean()
-    model2, x2, _ = H.mostly_dead_relu()
-    return (f"{float(dead):.1%} of layer '2''s units ({int(dead * 64)} of 64) are <= 0 on every one of the "
-            f"{x.shape[0]} inputs of the data set (their largest pre-activation {H.DEAD_OFFSET} below zero)")
+    top, std = pre.max(0).values, pre.std(0)
+    dead = top <= 0
+    below = (-top / std)[dead]
+    return (f"{float(dead.float().mean()):.1%} of layer 2's units ({int(dead.sum())} of 64) are <= 0 on every one of "
+            f"the {x.shape[0]} inputs of the data set, their largest pre-activation {float(below.min()):.1f}-"
+            f"{float(below.max()):.1f} of their own stds below zero")
 
 
 def tiny_graph():
