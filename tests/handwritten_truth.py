@@ -1,7 +1,7 @@
 """Ground truth for the hand-written corpus (tests/handwritten.py), measured without gradmedic: plain
 ``torch.autograd.grad`` (float64 where a ratio is tiny), the unit shares computed from the activations
 directly, healthy twins, and short seeded training runs on a CPU. The figures are copied into each Entry's
-``truth``; this script recomputes them (about two minutes on one thread):
+``truth``; this script recomputes them (about four minutes on one thread):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python -m tests.handwritten_truth [name ...]
 """
