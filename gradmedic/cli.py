@@ -70,11 +70,12 @@ def _lab_list(args: argparse.Namespace) -> int:
 
 
 def _lab_run(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from gradmedic._errors import GradmedicError
     from gradmedic.lab.claims import group_results, judge
-    from gradmedic.lab.runner import run_suite
+    from gradmedic.lab.runner import Terminated, run_suite
     from gradmedic.lab.store import Store
     from gradmedic.lab.suites import get_suite
 
@@ -89,13 +90,14 @@ def _lab_run(args: argparse.Namespace) -> int:
         rows = _in_suite_order(suite.configs, store.results(suite.name))
     except GradmedicError as error:
         return _fail(str(error))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         try:
             done = f"{len(Store(args.db).finished(args.suite))} finished runs of {args.suite!r} are saved in {args.db}"
         except (GradmedicError, KeyboardInterrupt):
             done = "nothing was lost that had finished"
-        print(f"gradmedic: interrupted; {done}. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"gradmedic: {how}; {done}. Run the same command again to resume.", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
     verdicts = judge(group_results(rows))
     if args.json:
         print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
