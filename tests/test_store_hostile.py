@@ -112,6 +112,21 @@ def test_lab_run_on_an_sqlite_file_from_elsewhere_changes_nothing(capfd, tmp_pat
     assert _snapshot(tmp_path) == before
 
 
+def test_a_read_beside_a_running_writer_sees_what_it_committed(tmp_path):
+    """While ``lab run`` holds the database open its committed rows may still sit in the -wal file: a read
+    then goes through SQLite's locks (mode=ro), not the immutable snapshot of the main file."""
+    db = _lab_db(tmp_path / "lab.db")
+    writer = Store(db)
+    holder = sqlite3.connect(db)  # kept open: the -wal file is not checkpointed away
+    try:
+        holder.execute("SELECT count(*) FROM runs").fetchall()
+        writer.put("smoke", {**ROW, "seed": 1}, _result(), 0.1)
+        assert (tmp_path / "lab.db-wal").exists()
+        assert sorted(c["seed"] for _, c, _, _ in Store(db, readonly=True).results("smoke")) == [0, 1]
+    finally:
+        holder.close()
+
+
 @pytest.mark.skipif(os.name == "nt" or os.geteuid() == 0, reason="needs a directory that is read-only to us (not root)")
 def test_a_lab_database_in_a_read_only_directory_can_be_reported(capfd, tmp_path):
     data = tmp_path / "data"
@@ -181,14 +196,7 @@ def test_a_read_over_the_total_limit_is_refused(tmp_path, monkeypatch):
 # --- 12. what really went wrong ------------------------------------------------------------------------
 def test_a_full_disk_is_said_as_such(tmp_path, monkeypatch):
     store = Store(tmp_path / "lab.db")
-    connect = Store._connect
-
-    def small_disk(self, *args, **kwargs):
-        db = connect(self, *args, **kwargs)
-        db.execute("PRAGMA max_page_count = 8")  # SQLite's own SQLITE_FULL, as from a full disk
-        return db
-
-    monkeypatch.setattr(Store, "_connect", small_disk)
+    _connect_then(monkeypatch, "PRAGMA max_page_count = 8")  # SQLite's own SQLITE_FULL, as from a full disk
     with pytest.raises(gm.GradmedicError) as caught:
         store.put("smoke", ROW, _result(padding="x" * 200_000), 0.1)
     message = str(caught.value)
@@ -217,3 +225,43 @@ def test_bytes_that_are_not_sqlite_are_said_as_such(tmp_path):
         with pytest.raises(gm.GradmedicError, match="not a gradmedic lab database: it is not an SQLite file"):
             Store(bad, readonly=readonly)
     assert bad.read_bytes() == b"this is not a database, just bytes" * 100
+
+
+def _connect_then(monkeypatch, *pragmas: str) -> None:
+    """Every connection of the Store runs ``pragmas`` first: SQLite's own errors, as from the real cause."""
+    connect = Store._connect
+
+    def patched(self, *args, **kwargs):
+        db = connect(self, *args, **kwargs)
+        for pragma in pragmas:
+            db.execute(pragma)
+        return db
+
+    monkeypatch.setattr(Store, "_connect", patched)
+
+
+def test_a_read_only_database_is_said_as_such(tmp_path, monkeypatch):
+    store = Store(tmp_path / "lab.db")
+    _connect_then(monkeypatch, "PRAGMA query_only = 1")  # SQLITE_READONLY, as on a read-only mount
+    with pytest.raises(gm.GradmedicError) as caught:
+        store.put("smoke", ROW, _result(), 0.1)
+    message = str(caught.value)
+    assert "cannot be written: it or its directory is read-only" in message, message
+    assert "not a gradmedic lab database" not in message
+
+
+def test_a_database_locked_by_another_program_is_said_as_such(tmp_path, monkeypatch):
+    db = tmp_path / "lab.db"
+    store = Store(db)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        _connect_then(monkeypatch, "PRAGMA busy_timeout = 50")
+        with pytest.raises(gm.GradmedicError) as caught:
+            store.put("smoke", ROW, _result(), 0.1)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    message = str(caught.value)
+    assert "is locked by another program" in message, message
+    assert "not a gradmedic lab database" not in message
