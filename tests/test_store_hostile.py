@@ -182,7 +182,8 @@ def test_a_row_over_the_size_limit_is_refused_before_it_is_read(capfd, tmp_path)
     big = json.dumps(_result(padding="x" * (MAX_ROW_BYTES + 1024)))
     _raw(db, "UPDATE runs SET result = ?", args=(big,))
     code, out, err = cli(capfd, "report", str(db), "-o", str(tmp_path / "r.html"))
-    assert code == 2 and one_line(err) and f"over {MAX_ROW_BYTES // 1024**2} MiB" in err, err
+    assert code == 2 and one_line(err) and f"row 1 of {str(db)!r} holds a value over {MAX_ROW_BYTES // 1024**2} MiB" \
+        in err and "DELETE FROM runs WHERE rowid = 1" in err, err
 
 
 def test_a_read_over_the_total_limit_is_refused(tmp_path, monkeypatch):

@@ -217,13 +217,22 @@ class Store:
 
         def fetch(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
             rows, total = [], 0
-            for row in db.execute(query + " ORDER BY suite, key", args):
-                total += sum(len(v) for v in row[:4] if isinstance(v, (str, bytes)))
-                if total > MAX_READ_BYTES:
-                    raise GradmedicError(f"{str(self.path)!r} holds over {MAX_READ_BYTES // 1024**2} MiB of results"
-                                         f"{f' for suite {suite!r}' if suite else ''}, far more than a lab suite "
-                                         f"writes: it is not a gradmedic lab database: {_FIX}.")
-                rows.append(row)
+            try:
+                for row in db.execute(query + " ORDER BY suite, key", args):
+                    total += sum(len(v) for v in row[:4] if isinstance(v, (str, bytes)))
+                    if total > MAX_READ_BYTES:
+                        raise GradmedicError(f"{str(self.path)!r} holds over {MAX_READ_BYTES // 1024**2} MiB of "
+                                             f"results{f' for suite {suite!r}' if suite else ''}, far more than a "
+                                             f"lab suite writes: it is not a gradmedic lab database: {_FIX}.")
+                    rows.append(row)
+            except sqlite3.DataError as error:  # SQLITE_TOOBIG: say which row, so that it can be deleted
+                rowid = _oversized_row(db)
+                if rowid is None:
+                    raise
+                raise GradmedicError(f"row {rowid} of {str(self.path)!r} holds a value over "
+                                     f"{MAX_ROW_BYTES // 1024**2} MiB, larger than any lab run writes "
+                                     f"({first_line(error)}); delete it (DELETE FROM runs WHERE rowid = {rowid}) "
+                                     f"or {_FIX}.") from None
             return rows
 
         for name, key, config, result, wall in self._read(fetch):
@@ -293,6 +302,16 @@ def _fingerprint(path: Path) -> tuple[Any, ...]:
     except OSError:
         main = ()
     return main, tuple(_sidecar(path, s).exists() for s in _SIDECARS)
+
+
+def _oversized_row(db: sqlite3.Connection) -> int | None:
+    """The rowid of the first row with a value over the length limit (only looked for once one was met)."""
+    for (rowid,) in db.execute("SELECT rowid FROM runs").fetchall():
+        try:
+            db.execute("SELECT suite, key, config, result FROM runs WHERE rowid = ?", (rowid,)).fetchall()
+        except sqlite3.DataError:
+            return int(rowid)
+    return None
 
 
 def _names(names: list[str]) -> str:
