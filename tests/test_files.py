@@ -104,3 +104,8 @@ def test_permissions_are_those_of_a_plain_open_and_never_world_writable(tmp_path
         assert stat.S_IMODE(write_atomic(kept, b"new").stat().st_mode) == 0o600  # a replaced file keeps its mode
     finally:
         os.umask(old)
+
+
+def test_a_name_near_the_file_system_limit_still_gets_a_temporary(tmp_path):
+    target = tmp_path / ("r" * 250 + ".html")
+    assert write_atomic(target, b"page").read_bytes() == b"page"
