@@ -31,11 +31,9 @@ depend on which run happened to finish first. One process at a time runs suites 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmedic._errors import GradmedicError, first_line
+from gradmedic.lab.lockfile import open_lock, try_lock
 
 __all__ = ["MAX_QUERY_S", "MAX_READ_BYTES", "MAX_ROW_BYTES", "MAX_ROW_DEPTH", "Store", "run_key"]
 
@@ -270,9 +269,9 @@ class Store:
         we write our pid into it, and a link planted there (``lab.db.lock -> victim.txt``, or a hard link)
         would have had us truncate another file."""
         lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = _open_lock(lock_path)
+        handle = open_lock(lock_path)
         try:
-            if not _try_lock(handle):
+            if not try_lock(handle):
                 handle.seek(0)
                 holder = handle.read(200).strip() or "another process"
                 raise GradmedicError(f"{str(self.path)!r} is in use by another gradmedic lab run ({holder}); wait for "
@@ -370,44 +369,3 @@ def _explain(path: Path, error: sqlite3.Error, opened: bool) -> str:
     if says("SQLITE_IOERR", "disk i/o error"):
         return f"the disk failed while using {where} ({detail}); check the disk, then run the same command again."
     return f"{where} cannot be used as a gradmedic lab database ({detail}); {_FIX}."
-
-
-def _open_lock(lock_path: Path) -> Any:
-    """The lock file, opened read-write without following a link (see ``Store.exclusive``)."""
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    flags |= getattr(os, "O_CLOEXEC", 0)
-    fix = "remove it (gradmedic makes its own) or give another --db path"
-    if not hasattr(os, "O_NOFOLLOW") and lock_path.is_symlink():  # Windows: looked at, not atomic
-        raise GradmedicError(f"the lock file {str(lock_path)!r} is a symbolic link; {fix}.")
-    try:
-        fd = os.open(lock_path, flags, 0o644)
-    except OSError as error:
-        if error.errno == errno.ELOOP or lock_path.is_symlink():
-            raise GradmedicError(f"the lock file {str(lock_path)!r} is a symbolic link, which gradmedic does not "
-                                 f"follow (it writes its pid there); {fix}.") from None
-        raise GradmedicError(f"cannot create the lock {str(lock_path)!r}: {error.strerror or error}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-        os.close(fd)
-        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
-        raise GradmedicError(f"the lock file {str(lock_path)!r} is {what}, which gradmedic would overwrite; {fix}.")
-    return os.fdopen(fd, "r+")
-
-
-def _try_lock(handle: Any) -> bool:
-    """A non-blocking exclusive lock on an open file: flock on POSIX, msvcrt on Windows."""
-    try:
-        import fcntl  # POSIX only
-    except ImportError:  # Windows
-        import msvcrt  # Windows only
-
-        try:
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
