@@ -70,7 +70,6 @@ def _lab_list(args: argparse.Namespace) -> int:
 
 
 def _lab_run(args: argparse.Namespace) -> int:
-    import signal
     import time
 
     from gradmedic._errors import GradmedicError
@@ -99,7 +98,7 @@ def _lab_run(args: argparse.Namespace) -> int:
             done = "nothing was lost that had finished"
         how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         print(f"gradmedic: {how}; {done}. Run the same command again to resume.", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+        return 143 if isinstance(stop, Terminated) else 130  # 143 = 128 + SIGTERM, as a shell reports it
     if args.json:
         print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
                           "finished": summary.finished, "failed": [list(f) for f in summary.failed],
