@@ -17,10 +17,10 @@ A database file may come from elsewhere, and is then untrusted input:
 - Its schema is checked before any row is read: a table ``runs`` with our columns, and no trigger and no
   view (ours has none; a trigger can drop or rewrite what is inserted, a view named ``runs`` can be a
   query that never ends).
-- Every connection is bounded: in time (SQLite's progress handler interrupts a statement after
-  ``MAX_QUERY_S``), per value (``SQLITE_LIMIT_LENGTH``: a row's config or result over ``MAX_ROW_BYTES``
-  is refused, before it is read into memory) and in all (``MAX_READ_BYTES`` per read), and JSON nested
-  deeper than ``MAX_ROW_DEPTH`` is refused.
+- Every connection is bounded: in time (SQLite's progress handler interrupts it ``MAX_QUERY_S`` after
+  it opened; each operation opens its own), per value (``SQLITE_LIMIT_LENGTH``: a row's config or result
+  over ``MAX_ROW_BYTES`` is refused before it is read into memory) and in all (``MAX_READ_BYTES`` per
+  read), and JSON nested deeper than ``MAX_ROW_DEPTH`` is refused.
 - Whatever goes wrong is one GradmedicError line that says what it was: not an SQLite file, damaged, a
   full disk, a database deleted or made read-only, locked, too slow, too large.
 
