@@ -74,7 +74,7 @@ def _lab_run(args: argparse.Namespace) -> int:
 
     from gradmedic._errors import GradmedicError
     from gradmedic.lab.claims import group_results, judge
-    from gradmedic.lab.runner import run_suite
+    from gradmedic.lab.runner import Terminated, run_suite
     from gradmedic.lab.store import Store
     from gradmedic.lab.suites import get_suite
 
@@ -87,16 +87,18 @@ def _lab_run(args: argparse.Namespace) -> int:
                             backend=args.backend, address=args.address)
         elapsed = time.perf_counter() - start
         rows = _in_suite_order(suite.configs, store.results(suite.name))
+        verdicts = judge(group_results(rows))  # a row from elsewhere in the database is one line too
     except GradmedicError as error:
         return _fail(str(error))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         try:
-            done = f"{len(Store(args.db).finished(args.suite))} finished runs of {args.suite!r} are saved in {args.db}"
+            saved = len(Store(args.db, readonly=True).finished(args.suite))
+            done = f"{saved} finished runs of {args.suite!r} are saved in {args.db}"
         except (GradmedicError, KeyboardInterrupt):
             done = "nothing was lost that had finished"
-        print(f"gradmedic: interrupted; {done}. Run the same command again to resume.", file=sys.stderr)
-        return 130
-    verdicts = judge(group_results(rows))
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"gradmedic: {how}; {done}. Run the same command again to resume.", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130  # 143 = 128 + SIGTERM, as a shell reports it
     if args.json:
         print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
                           "finished": summary.finished, "failed": [list(f) for f in summary.failed],
@@ -158,7 +160,7 @@ def _report(args: argparse.Namespace) -> int:
             from gradmedic.lab.store import Store
             from gradmedic.lab.suites import SUITES
 
-            store = Store(source)
+            store = Store(source, readonly=True)  # a report changes nothing in what it reads
             suites = store.suites()
             if not suites:
                 raise GradmedicError(f"{args.source} has no lab results yet; run gradmedic lab run SUITE --db "

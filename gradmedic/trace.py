@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._files import write_atomic
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic._trace_meta import TraceMeta
 from gradmedic.probes.base import Chunk
@@ -205,7 +205,7 @@ class Trace:
                 if np.all(np.isnan(row)):
                     continue
                 writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
-        return _write_atomic(Path(path), buffer.getvalue().encode())
+        return write_atomic(path, buffer.getvalue().encode())
 
     def save(self, path: str | os.PathLike) -> Path | None:
         """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json.
@@ -237,7 +237,7 @@ class Trace:
                 out = io.BytesIO()
                 np.save(out, np.ascontiguousarray(array), allow_pickle=False)
                 zf.writestr(name, out.getvalue())
-        return _write_atomic(Path(path), buffer.getvalue())
+        return write_atomic(path, buffer.getvalue())  # whole or not at all, fsynced, never through a link
 
     @classmethod
     def load(cls, path: str | os.PathLike, max_bytes: int = MAX_TRACE_BYTES) -> Trace:
@@ -320,14 +320,3 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

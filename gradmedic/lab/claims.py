@@ -18,12 +18,15 @@ of the last 10% of steps) is below ``TRAINS`` x the task's input-blind baseline,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
+from gradmedic._errors import GradmedicError, first_line
 from gradmedic.lab.claim_checks import CHECKS, LITERATURE, PRECONDITIONS, Check
+from gradmedic.lab.rows import check_rows
 
 __all__ = ["CLAIMS", "CLEAR", "Check", "Claim", "Verdict", "fmt", "group_results", "judge"]
 
@@ -67,7 +70,9 @@ class Claim:
 
 
 def group_results(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Results:
-    """(config, result) pairs -> experiment -> label -> results, ordered by seed (each result gets its seed)."""
+    """(config, result) pairs -> experiment -> label -> results, ordered by seed (each result gets its seed).
+    A row without its experiment, label or seed is one GradmedicError line (``rows.check_rows``)."""
+    check_rows(rows)
     out: Results = {}
     for config, result in sorted(rows, key=lambda row: row[0].get("seed", 0)):
         out.setdefault(config["experiment"], {}).setdefault(config["label"], []).append(
@@ -127,11 +132,29 @@ def _seed_outcome(checks: list[Check]) -> tuple[bool, bool, Check | None]:
     return False, clear is not None, clear if clear is not None else failing[0]
 
 
+@contextmanager
+def _unreadable(claim: Claim, seed: int | None) -> Iterator[None]:
+    """A result that lacks a field a claim reads, or holds text where a number belongs (a database from
+    elsewhere), as one GradmedicError line naming the experiment, the seed and the field."""
+    try:
+        yield
+    except GradmedicError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as error:
+        what = f"has no field {error.args[0]!r}" if isinstance(error, KeyError) and error.args else \
+            f"holds something else than it reads ({type(error).__name__}: {first_line(error)})"
+        where = f"experiment {claim.experiment!r}" + ("" if seed is None else f", seed {seed}")
+        raise GradmedicError(f"a lab result ({where}) {what}, which the claim {claim.text[:60]!r} reads; rows "
+                             "written by gradmedic lab run always have it: delete the row (or rerun the suite "
+                             "into a new --db path).") from None
+
+
 def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]]) -> Verdict:
     per_seed, outcomes = [], []
     views = _views(res)
     for seed, view in views:
-        checks = claim.checks(view)
+        with _unreadable(claim, seed):
+            checks = claim.checks(view)
         if checks:
             per_seed.append(checks)
             outcomes.append((seed, *_seed_outcome(checks)))
@@ -140,7 +163,8 @@ def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]]) -> Verdict:
         return base
     n, agree = len(outcomes), sum(o[1] for o in outcomes)
     evidence = _evidence(per_seed)
-    unmet = claim.precondition([v for _, v in views]) if claim.precondition else None
+    with _unreadable(claim, None):
+        unmet = claim.precondition([v for _, v in views]) if claim.precondition else None
     if unmet:
         verdict, why = INCONCLUSIVE, unmet
     elif 0 < agree < n:

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from gradmedic._files import write_atomic
+
 __all__ = ["Page", "write_page"]
 
 _CSS = """
@@ -77,13 +79,6 @@ class Page:
 
 
 def write_page(page: Page, path: str | os.PathLike) -> Path:
-    """Write atomically: an existing report is replaced whole or left as it was."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page.html(), encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """Write atomically and durably (``gradmedic._files.write_atomic``): an existing report is replaced whole
+    or left as it was, and a symbolic link planted at the path or beside it never redirects the write."""
+    return write_atomic(path, page.html().encode("utf-8"))

@@ -12,6 +12,7 @@ import numpy as np
 from gradmedic.architecture import block_index
 from gradmedic.diagnosis import REMEDIES
 from gradmedic.lab.claims import fmt, group_results, judge
+from gradmedic.lab.rows import check_report_rows
 from gradmedic.lab.suites import SUITES
 from gradmedic.remedies.treat import trial_order
 from gradmedic.report import plots
@@ -36,6 +37,7 @@ def _median_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | N
 def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]],
                description: str = "", wall_s: float | None = None) -> Page:
     """A lab suite: the claims table, then one section per experiment."""
+    check_report_rows(rows)  # a row from elsewhere is one line naming it, not a traceback from a figure
     page = Page(f"gradmedic lab: {suite_name}")
     if description:
         page.paragraph(description)
