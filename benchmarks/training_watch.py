@@ -4,8 +4,11 @@ the corpus measures on its own.
 
     python benchmarks/training_watch.py                      # the table -> benchmarks/training_watch.md (+ .json)
     python benchmarks/training_watch.py --runs nan_from_data_mlp healthy_mlp_adam
-    python benchmarks/training_watch.py spread --seeds 0 1 2 --kernels default avx2
-        # each run's failure step under other seeds and ATen CPU kernels -> benchmarks/training_runs_spread.json
+    python benchmarks/training_watch.py spread --seeds 1 2 --kernels native default
+        # each run's failure step under other seeds and ATen CPU kernels ("native": the machine's best; "default":
+        # no vector kernels), a JSON line per run in benchmarks/training_runs_spread/, collected into
+        # benchmarks/training_runs_spread.json
+    python benchmarks/training_watch.py --render   # the table again from training_watch.json and the spread
 
 Baselines (each fires on a non-finite value as well):
 (a) loss > 2x its running mean over the last 10 steps (Lightning's SpikeDetection keeps a 10-step running mean;
@@ -183,16 +186,19 @@ def summary(rows: list[dict]) -> str:
 
 
 def main_table(args) -> None:
-    runs = [r for r in corpus.RUNS if not args.runs or r.name in args.runs]
-    rows = []
-    for r in runs:
-        rows.append(row(r, args.preset))
-        x = rows[-1]
-        print(f"{x['run']}: fail {x['failure_step']} ({x['failure_by']}) a={x['loss_2x_mean']} b={x['grad_z4']} "
-              f"gm={x['gradmedic']['kinds']} first={x['gradmedic']['first_warning']} "
-              f"right={x['gradmedic']['first_right_warning']} [{x['seconds']:.1f}s]", flush=True)
-    spread_path = ROOT / "benchmarks" / "training_runs_spread.json"
-    spread = json.loads(spread_path.read_text())["failure_steps"] if spread_path.exists() else None
+    suffix = "" if args.preset == "standard" else "_" + args.preset
+    rows_path = ROOT / "benchmarks" / f"training_watch{suffix}.json"
+    if args.render:  # the table again from the saved rows, with the spread as it is now
+        rows = json.loads(rows_path.read_text())
+    else:
+        rows = []
+        for r in (r for r in corpus.RUNS if not args.runs or r.name in args.runs):
+            rows.append(row(r, args.preset))
+            x = rows[-1]
+            print(f"{x['run']}: fail {x['failure_step']} ({x['failure_by']}) a={x['loss_2x_mean']} b={x['grad_z4']} "
+                  f"gm={x['gradmedic']['kinds']} first={x['gradmedic']['first_warning']} "
+                  f"right={x['gradmedic']['first_right_warning']} [{x['seconds']:.1f}s]", flush=True)
+    spread = collect_spread() if SPREAD_DIR.exists() else None
     text = (f"## Watching a training run: the corpus of issue 26 (preset {args.preset!r})\n\n"
             "`python benchmarks/training_watch.py`. Failure step: measured by tests/training_runs.py's own hooks "
             "(seed 0; in brackets the range over the seeds and ATen CPU kernels of training_runs_spread.json). "
@@ -201,46 +207,63 @@ def main_table(args) -> None:
             + summary(rows) + "\n")
     print(text)
     if not args.runs:
-        (ROOT / "benchmarks" / f"training_watch{'' if args.preset == 'standard' else '_' + args.preset}.md"
-         ).write_text(text)
-        (ROOT / "benchmarks" / f"training_watch{'' if args.preset == 'standard' else '_' + args.preset}.json"
-         ).write_text(json.dumps(rows, indent=1, default=str))
+        (ROOT / "benchmarks" / f"training_watch{suffix}.md").write_text(text)
+        if not args.render:
+            rows_path.write_text(json.dumps(rows, indent=1, default=str))
 
 
-def worker(seed: int) -> None:
-    """One pass of the corpus at one seed, in this process's ATen CPU kernel; JSON on stdout."""
-    out = {}
-    for r in corpus.RUNS:
-        res = corpus.run(corpus.with_seed(r, seed))
-        out[r.name] = {"failure_step": res.failure_step, "by": res.failure_by, "fired": res.fired,
-                       "peaks": {k: (v if math.isfinite(v) else "inf") for k, v in res.peaks.items()},
-                       "final_loss": res.final_loss if math.isfinite(res.final_loss) else str(res.final_loss),
-                       "seconds": res.seconds}
+SPREAD_DIR = ROOT / "benchmarks" / "training_runs_spread"
+
+
+def worker(seed: int, names: list[str] | None) -> None:
+    """One pass of the corpus at one seed, in this process's ATen CPU kernel: a JSON line per run, appended to
+    SPREAD_DIR/<kernel>-seed<seed>.jsonl as each run ends (a pass cut short keeps what it finished)."""
     import torch
 
-    print(json.dumps({"kernel": torch.backends.cpu.get_cpu_capability(), "seed": seed, "runs": out}))
+    kernel = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    SPREAD_DIR.mkdir(exist_ok=True)
+    path = SPREAD_DIR / f"{kernel}-seed{seed}.jsonl"
+    for r in corpus.RUNS:
+        if names and r.name not in names:
+            continue
+        res = corpus.run(corpus.with_seed(r, seed))
+        line = {"run": r.name, "kernel": kernel, "aten": torch.backends.cpu.get_cpu_capability(), "seed": seed,
+                "failure_step": res.failure_step, "by": res.failure_by, "fired": res.fired,
+                "peaks": {k: (v if math.isfinite(v) else "inf") for k, v in res.peaks.items()},
+                "final_loss": res.final_loss if math.isfinite(res.final_loss) else str(res.final_loss),
+                "seconds": res.seconds}
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+
+
+def collect_spread() -> dict[str, dict[str, int | None]]:
+    """run -> {"<kernel>/seed<k>": failure step} from every pass in SPREAD_DIR; written to training_runs_spread.json."""
+    failure_steps: dict[str, dict[str, int | None]] = {}
+    peaks: dict[str, dict[str, dict]] = {}
+    for path in sorted(SPREAD_DIR.glob("*.jsonl")):
+        for text in path.read_text().splitlines():
+            x = json.loads(text)
+            key = f"{x['kernel']}/seed{x['seed']}"
+            failure_steps.setdefault(x["run"], {})[key] = x["failure_step"]
+            peaks.setdefault(x["run"], {})[key] = x["peaks"]
+    (ROOT / "benchmarks" / "training_runs_spread.json").write_text(
+        json.dumps({"failure_steps": failure_steps, "peaks": peaks}, indent=1))
+    return failure_steps
 
 
 def main_spread(args) -> None:
-    passes = []
     for kernel in args.kernels:
         for seed in args.seeds:
             env = dict(os.environ, ATEN_CPU_CAPABILITY=kernel, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-            proc = subprocess.run([sys.executable, __file__, "worker", "--seed", str(seed)], env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"kernel {kernel} seed {seed}: exit {proc.returncode} {proc.stderr.strip()[-300:]}", flush=True)
-                passes.append({"kernel": kernel, "seed": seed, "error": proc.returncode})
-                continue
-            passes.append(json.loads(proc.stdout.strip().splitlines()[-1]) | {"asked": kernel})
-            print(f"kernel {kernel} ({passes[-1]['kernel']}) seed {seed}: done", flush=True)
-    failure_steps: dict[str, dict[str, int | None]] = {}
-    for p in passes:
-        for name, res in p.get("runs", {}).items():
-            failure_steps.setdefault(name, {})[f"{p['asked']}/seed{p['seed']}"] = res["failure_step"]
-    (ROOT / "benchmarks" / "training_runs_spread.json").write_text(
-        json.dumps({"failure_steps": failure_steps, "passes": passes}, indent=1))
-    for name, steps in failure_steps.items():
+            if kernel == "native":
+                env.pop("ATEN_CPU_CAPABILITY")
+            proc = subprocess.run([sys.executable, __file__, "worker", "--seed", str(seed),
+                                   *(["--runs", *args.runs] if args.runs else [])], env=env, capture_output=True,
+                                  text=True)
+            status = "done" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            print(f"kernel {kernel} seed {seed}: {status}", flush=True)
+    for name, steps in collect_spread().items():
         print(f"{name:34s} {steps}")
 
 
@@ -250,15 +273,18 @@ def main() -> None:
     spread = sub.add_parser("spread")
     spread.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     spread.add_argument("--kernels", nargs="+", default=["default", "avx2", "avx512"])
+    spread.add_argument("--runs", nargs="*")
     w = sub.add_parser("worker")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--runs", nargs="*")
     parser.add_argument("--runs", nargs="*")
     parser.add_argument("--preset", default="standard")
+    parser.add_argument("--render", action="store_true", help="rewrite the table from the saved rows and spread")
     args = parser.parse_args()
     if args.command == "spread":
         main_spread(args)
     elif args.command == "worker":
-        worker(args.seed)
+        worker(args.seed, args.runs)
     else:
         main_table(args)
 
