@@ -114,7 +114,8 @@ def gradmedic_watch(r: corpus.Run, preset: str = "standard") -> tuple[corpus.Res
             first_any = last
         if right & set(kinds) and first_right is None:
             first_right = last
-    return result, {"kinds": sorted({f.kind for f in final}), "first_warning": first_any,
+    during = sorted({k for kinds in kinds_at.values() for k in kinds})
+    return result, {"kinds": sorted({f.kind for f in final}), "kinds_during": during, "first_warning": first_any,
                     "first_right_warning": first_right, "live_warnings": live,
                     "findings": [f"{f.severity}:{f.kind}: {f.message}" for f in final]}
 
@@ -145,8 +146,8 @@ def _alarm(step: int | None, fail: int | None) -> str:
 
 def table(rows: list[dict], spread: dict | None) -> str:
     lines = ["| run | class | expected kind | failure step (spread) | by | (a) loss>2x mean | (b) grad z>4 | "
-             "gradmedic kinds at end | first warning (any) | first right-kind warning | lead |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gradmedic kinds at end | seen at a cut | first warning (any) | first right-kind warning | lead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         fail = x["failure_step"]
         spread_text = ""
@@ -159,7 +160,8 @@ def table(rows: list[dict], spread: dict | None) -> str:
         g = x["gradmedic"]
         lines.append(f"| {x['run']} | {x['class']} | {_fmt(x['expected'])} | {_fmt(fail)}{spread_text} | "
                      f"{_fmt(x['failure_by'])} | {_alarm(x['loss_2x_mean'], fail)} | {_alarm(x['grad_z4'], fail)} | "
-                     f"{', '.join(g['kinds']) or '–'} | {_alarm(g['first_warning'], fail)} | "
+                     f"{', '.join(g['kinds']) or '–'} | {', '.join(g.get('kinds_during', [])) or '–'} | "
+                     f"{_alarm(g['first_warning'], fail)} | "
                      f"{_alarm(g['first_right_warning'], fail)} | {_fmt(x['lead'])} |")
     return "\n".join(lines)
 
@@ -188,8 +190,9 @@ def summary(rows: list[dict]) -> str:
 def main_table(args) -> None:
     suffix = "" if args.preset == "standard" else "_" + args.preset
     rows_path = ROOT / "benchmarks" / f"training_watch{suffix}.json"
+    saved = json.loads(rows_path.read_text()) if rows_path.exists() else []
     if args.render:  # the table again from the saved rows, with the spread as it is now
-        rows = json.loads(rows_path.read_text())
+        rows = saved
     else:
         rows = []
         for r in (r for r in corpus.RUNS if not args.runs or r.name in args.runs):
@@ -198,6 +201,12 @@ def main_table(args) -> None:
             print(f"{x['run']}: fail {x['failure_step']} ({x['failure_by']}) a={x['loss_2x_mean']} b={x['grad_z4']} "
                   f"gm={x['gradmedic']['kinds']} first={x['gradmedic']['first_warning']} "
                   f"right={x['gradmedic']['first_right_warning']} [{x['seconds']:.1f}s]", flush=True)
+    if args.runs and saved:  # rows for the runs asked, in place of the saved ones; the table is of them all
+        fresh = {x["run"]: x for x in rows}
+        order = [r.name for r in corpus.RUNS]
+        rows = sorted([fresh.get(x["run"], x) for x in saved] + [x for x in rows if x["run"] not in
+                                                                    {y["run"] for y in saved}],
+                      key=lambda x: order.index(x["run"]) if x["run"] in order else len(order))
     spread = collect_spread() if SPREAD_DIR.exists() else None
     text = (f"## Watching a training run: the corpus of issue 26 (preset {args.preset!r})\n\n"
             "`python benchmarks/training_watch.py`. Failure step: measured by tests/training_runs.py's own hooks "
@@ -206,10 +215,9 @@ def main_table(args) -> None:
             f"gradmedic: the trace diagnosed at every {CUT_EVERY} steps.\n\n" + table(rows, spread) + "\n\n"
             + summary(rows) + "\n")
     print(text)
-    if not args.runs:
-        (ROOT / "benchmarks" / f"training_watch{suffix}.md").write_text(text)
-        if not args.render:
-            rows_path.write_text(json.dumps(rows, indent=1, default=str))
+    (ROOT / "benchmarks" / f"training_watch{suffix}.md").write_text(text)
+    if not args.render:
+        rows_path.write_text(json.dumps(rows, indent=1, default=str))
 
 
 SPREAD_DIR = ROOT / "benchmarks" / "training_runs_spread"

@@ -68,9 +68,11 @@ ATTENTION_LOGIT_FAILURE = 1e4
 # 40 means logits of ~40 and more: in float16/bfloat16 the spacing there is 1/32 to 1/4, the loss resolution is gone.
 LOG_Z_FAILURE = 40.0
 DEAD_EVERY = 5  # steps between dead-unit probes (an extra no-grad forward on a fixed batch)
-# Lu et al. 2019 ("Dying ReLU and initialization"): a layer with most units dead has lost its capacity; half dead
-# is where the digits MLP's accuracy starts falling, and at init about none are.
-DEAD_FAILURE = 0.5
+# Lu et al. 2019 ("Dying ReLU and initialization"): dead units never come back. Here ~5% of the hidden units are
+# dead on the probe batch at init and the healthy runs stay under 2%; 40% (8x init) is past the point where the hot
+# run's loss stops falling. (At 50% the hot run hovers at the threshold and whether it "fails" is a coin toss
+# across seeds and CPU kernels.)
+DEAD_FAILURE = 0.4
 # A sudden explosion: 10x the median norm of the previous 20 steps. Pascanu et al. 2013: when an RNN's recurrence
 # crosses a bifurcation (spectral radius past 1) its gradient jumps by an order of magnitude or more; the healthy
 # runs here, warmup transients and late weight-decay rises included, stay under 5x (tests/test_training_runs.py).
@@ -668,7 +670,7 @@ def healthy(name: str, model: str, task: str, recipe: Recipe, detector: str | No
 
 # Adam warmed up over 300 steps to lr 0.1: the copy task is learned by step ~60 at a low lr, then the attention logits
 # grow with the lr (x2 per ~30 steps) until the loss goes back to chance.
-GPT_HOT = Recipe(optimizer="Adam", lr=1e-1, warmup=300, steps=300, batch_size=16)
+GPT_HOT = Recipe(optimizer="Adam", lr=1e-1, warmup=300, steps=340, batch_size=16)
 SGD_MOMENTUM = _kw(momentum=0.9)
 
 RUNS: tuple[Run, ...] = (
@@ -680,13 +682,13 @@ RUNS: tuple[Run, ...] = (
         Recipe(optimizer="SGD", lr=3.0, optimizer_kwargs=SGD_MOMENTUM, steps=40), "gradient_spike", (0, 10),
         model_kwargs=_kw(act="tanh"), also=("loss_spike", "update_too_large", "exploding_gradients")),
     bad("attention_logit_growth_gpt", "attention_logit_growth", "attention_logit_growth", "gpt", "copy", GPT_HOT,
-        "attention_logits", (170, 290), also=("divergence",), drift=True),
+        "attention_logits", (200, 330), also=("divergence",), drift=True),
     bad("post_ln_no_warmup_gpt", "post_ln_no_warmup", "loss_stall", "gpt", "copy",
         Recipe(optimizer="Adam", lr=3e-2, steps=120, batch_size=16), "stall", (STALL_STEPS, STALL_STEPS),
         model_kwargs=_kw(post_ln=True, layers=4), also=("vanishing_gradients", "update_too_large", "divergence"),
         note="never leaves chance (ln 14); the failure step is STALL_STEPS by the stall definition"),
     bad("dying_units_hot_lr_mlp", "dying_units_hot_lr", "dead_units", "mlp", "digits",
-        Recipe(optimizer="SGD", lr=2.0, steps=160), "dead_units", (50, 150), model_kwargs=_kw(depth=4)),
+        Recipe(optimizer="SGD", lr=2.5, steps=160), "dead_units", (10, 120), model_kwargs=_kw(depth=4)),
     bad("explosive_recurrence_rnn", "explosive_recurrence", "exploding_gradients", "rnn", "recall",
         Recipe(optimizer="SGD", lr=0.05, steps=150), ("gradient_spike", "stall"), (50, 120),
         also=("exploding_through_time",), note="the spectral radius of W_hh passes 1 near step 70; the norm jumps 20x "
@@ -694,13 +696,13 @@ RUNS: tuple[Run, ...] = (
         "variance (stall at step 100). healthy_rnn_adam's norm jumps too (x16, step 34) while it learns: a jump alone "
         "is not the failure"),
     bad("fp16_no_loss_scaling_gpt", "fp16_no_loss_scaling", "divergence", "gpt", "copy",
-        dataclasses.replace(GPT_HOT, precision="fp16", steps=330), None, (170, 330),
+        dataclasses.replace(GPT_HOT, precision="fp16", steps=340), None, (200, 340),
         also=("attention_logit_growth", "nonfinite", "gradient_underflow"), drift=True,
         note="GPT_HOT under float16 autocast without a GradScaler: it diverges ~70 steps later than in float32 and "
         "goes no further (no NaN within 330 steps). Honest limit: a float16-specific failure (underflow) was not "
         "reproduced at this size: under 5% of gradient entries flush to zero even on a small-unit regression"),
     bad("loss_scale_collapse_gpt", "fp16_no_loss_scaling", "loss_scale_collapse", "gpt", "copy",
-        dataclasses.replace(GPT_HOT, precision="fp16_scaler", steps=360), "loss_scale", (170, 360),
+        dataclasses.replace(GPT_HOT, precision="fp16_scaler", steps=360), "loss_scale", (200, 360),
         also=("attention_logit_growth", "nonfinite", "divergence"), drift=True,
         note="the same overflow under GradScaler: every step is skipped and the scale halves to 0"),
     bad("lr_spike_no_clipping_mlp", "lr_spike_no_clipping", "loss_spike", "mlp", "digits",
@@ -710,10 +712,10 @@ RUNS: tuple[Run, ...] = (
     bad("nan_from_data_mlp", "nan_from_data", "nonfinite", "mlp", "digits", Recipe(steps=60), None, (40, 40),
         fault=(40, "inf")),
     bad("output_logit_drift_mlp", "output_logit_drift", "output_logit_drift", "mlp", "digits",
-        Recipe(optimizer="Adam", lr=4e-2, steps=260), "output_logits", (120, 250), model_kwargs=_kw(act="gelu"),
+        Recipe(optimizer="Adam", lr=4e-2, steps=260), "output_logits", (100, 250), model_kwargs=_kw(act="gelu"),
         drift=True),
     bad("adam_epsilon_mlp", "adam_epsilon", "adam_epsilon", "mlp", "digits",
-        Recipe(optimizer="Adam", lr=1e-3, optimizer_kwargs=_kw(eps=3e-3), steps=450), "adam_epsilon", (150, 440),
+        Recipe(optimizer="Adam", lr=3e-3, optimizer_kwargs=_kw(eps=1.8e-3), steps=450), "adam_epsilon", (150, 440),
         model_kwargs=_kw(act="tanh"), also=("stalled_updates",), drift=True),
     # --- healthy, as practitioners set them up ------------------------------------------------------------------
     healthy("healthy_mlp_adam", "mlp", "digits", Recipe(optimizer="Adam", lr=1e-3, steps=300), "dead_units"),
@@ -741,7 +743,7 @@ RUNS: tuple[Run, ...] = (
             fault=(150, "noisy_labels"), note="one batch with wrong labels at step 150: the loss jumps and recovers"),
     healthy("healthy_fp16_grad_scaler", "mlp", "digits",
             Recipe(optimizer="Adam", lr=1e-3, precision="fp16_scaler", steps=200), "loss_scale"),
-    healthy("healthy_adam_eps_default", "mlp", "digits", Recipe(optimizer="Adam", lr=1e-3, steps=450),
+    healthy("healthy_adam_eps_default", "mlp", "digits", Recipe(optimizer="Adam", lr=3e-3, steps=450),
             "adam_epsilon", model_kwargs=_kw(act="tanh"), note="adam_epsilon_mlp with eps=1e-8"),
     healthy("healthy_adamw_logits", "mlp", "digits",
             Recipe(optimizer="AdamW", lr=1e-2, optimizer_kwargs=_kw(weight_decay=0.1), warmup=20, schedule="cosine",
