@@ -187,6 +187,18 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+NOTES = """Reading the table:
+- An alarm of (a) or (b) long before a failure is not a lead: the same detectors alarm on most healthy runs (the
+  counts below), at the same kind of step (a loss that is small and noisy, a gradient norm that jumps as a net
+  learns); only an alarm that a healthy run never gives could be read as a warning.
+- "right kind": the expected kind or one of the run's `also` kinds (tests/training_runs.py). The float16 runs
+  count gradient_underflow as right (it names the float16 setting) though their loss diverges from attention-logit
+  growth, as in float32.
+- Kinds the current gradmedic does not have (loss_spike, divergence, loss_stall, attention_logit_growth,
+  output_logit_drift, adam_epsilon, loss_scale_collapse) cannot be named; the table is the baseline to beat.
+- avx512 was not checked: the machine that ran this has no AVX-512 (ATEN_CPU_CAPABILITY=avx512 dies with SIGILL)."""
+
+
 def main_table(args) -> None:
     suffix = "" if args.preset == "standard" else "_" + args.preset
     rows_path = ROOT / "benchmarks" / f"training_watch{suffix}.json"
@@ -213,7 +225,7 @@ def main_table(args) -> None:
             "(seed 0; in brackets the range over the seeds and ATen CPU kernels of training_runs_spread.json). "
             "Alarm columns: the step of the first alarm and, for a bad run, (failure - alarm): + ahead, - late. "
             f"gradmedic: the trace diagnosed at every {CUT_EVERY} steps.\n\n" + table(rows, spread) + "\n\n"
-            + summary(rows) + "\n")
+            + summary(rows) + "\n\n" + NOTES + "\n")
     print(text)
     (ROOT / "benchmarks" / f"training_watch{suffix}.md").write_text(text)
     if not args.render:

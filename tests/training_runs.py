@@ -712,7 +712,7 @@ RUNS: tuple[Run, ...] = (
     bad("nan_from_data_mlp", "nan_from_data", "nonfinite", "mlp", "digits", Recipe(steps=60), None, (40, 40),
         fault=(40, "inf")),
     bad("output_logit_drift_mlp", "output_logit_drift", "output_logit_drift", "mlp", "digits",
-        Recipe(optimizer="Adam", lr=4e-2, steps=260), "output_logits", (100, 250), model_kwargs=_kw(act="gelu"),
+        Recipe(optimizer="Adam", lr=4e-2, steps=260), "output_logits", (80, 250), model_kwargs=_kw(act="gelu"),
         drift=True),
     bad("adam_epsilon_mlp", "adam_epsilon", "adam_epsilon", "mlp", "digits",
         Recipe(optimizer="Adam", lr=3e-3, optimizer_kwargs=_kw(eps=1.8e-3), steps=450), "adam_epsilon", (150, 440),
