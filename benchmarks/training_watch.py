@@ -183,13 +183,14 @@ def summary(rows: list[dict]) -> str:
            f"- bad runs (a) alarmed at or before the failure: "
            f"{sum(x['loss_2x_mean'] is not None and x['loss_2x_mean'] <= x['failure_step'] for x in bad)} of "
            f"{len(bad)}; (b): {sum(x['grad_z4'] is not None and x['grad_z4'] <= x['failure_step'] for x in bad)}",
-           f"- corpus training time (without gradmedic's share): {sum(x['corpus_seconds'] for x in rows):.0f} s"]
+           f"- wall time of the runs with the Monitor attached: {sum(x['corpus_seconds'] for x in rows):.0f} s "
+           "(one thread on a shared, loaded 2-core machine)"]
     return "\n".join(out)
 
 
 NOTES = """Reading the table:
 - An alarm of (a) or (b) long before a failure is not a lead: the same detectors alarm on most healthy runs (the
-  counts below), at the same kind of step (a loss that is small and noisy, a gradient norm that jumps as a net
+  counts above), at the same kind of step (a loss that is small and noisy, a gradient norm that jumps as a net
   learns); only an alarm that a healthy run never gives could be read as a warning.
 - "right kind": the expected kind or one of the run's `also` kinds (tests/training_runs.py). The float16 runs
   count gradient_underflow as right (it names the float16 setting) though their loss diverges from attention-logit
