@@ -42,6 +42,10 @@ from gradmedic.trace import Trace
 __all__ = ["Monitor"]
 
 
+def _tick(sink: Any) -> None:
+    sink.tick()
+
+
 class Monitor:
     """Watch gradients through a training run.
 
@@ -162,6 +166,8 @@ class Monitor:
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
+        if self.sink is not None and self._writes:
+            self._to_sink(_tick)
         self._arm(self._step)
 
     def record_gradients(self) -> None:
@@ -369,7 +375,7 @@ class Monitor:
 
     def _findings_to_sink(self, sink: Any) -> None:
         sink.text("findings", findings_text(self.diagnose().findings), max(self._step - 1, 0))
-        sink.flush()
+        sink.close()
 
     def diagnose(self):
         """Findings about the run so far: the same as ``gm.diagnose(monitor.trace)``."""

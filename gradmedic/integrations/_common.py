@@ -77,6 +77,12 @@ class OffsetSink(Sink):
     def flush(self) -> None:
         self.inner.flush()
 
+    def tick(self) -> None:
+        self.inner.tick()
+
+    def close(self) -> None:
+        self.inner.close()
+
 
 def offset_sink(log_to: Any, offset: int) -> Sink | None:
     sink = as_sink(log_to)
