@@ -161,8 +161,10 @@ def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) ->
     page.heading("Treatment")
     page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])
     if result.treatment.evidence:
-        page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "kept"),
-                   [(e.stage, f"{e.score:.3f}", "yes" if e.kept else "no") for e in result.treatment.evidence])
+        from gradmedic.report.notebook import evidence_outcome
+
+        page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "outcome"),
+                   [(e.stage, f"{e.score:.3f}", evidence_outcome(e)) for e in result.treatment.evidence])
     if result.treatment.recipe:
         page.paragraph("Training recipe: " + ", ".join(result.treatment.recipe))
     page.heading("Before and after")

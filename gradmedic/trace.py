@@ -292,8 +292,15 @@ class Trace:
         return self.summary()
 
     def __repr__(self) -> str:
-        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics={self.metrics}, "
-                f"events={len(self.events)})")
+        metrics = ", ".join(self.metrics[:6]) + (f" and {len(self.metrics) - 6} more" if len(self.metrics) > 6 else "")
+        return (f"Trace(model={self.meta.get('model', '?')!r}, steps={len(self.steps)}, layers={len(self.layers)}, "
+                f"metrics=[{metrics}], events={len(self.events)})")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: span, figures and the folded per-layer table (``gm.diagnose(trace)`` for the findings)."""
+        from gradmedic.report.notebook import trace_html  # the report stage draws it; imported when shown
+
+        return trace_html(self)
 
 
 def _fmt(value: float | None, metric: str) -> str:

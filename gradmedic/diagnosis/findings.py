@@ -56,6 +56,17 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
 
+    def __repr__(self) -> str:
+        """One screen at most: a finding's evidence can hold hundreds of numbers (``.evidence`` has them all)."""
+        message = self.message if len(self.message) <= 100 else self.message[:99] + "…"
+        return (f"Finding(severity={self.severity!r}, kind={self.kind!r}, layers=[{_few(self.layers)}], "
+                f"remedies={self.remedies[:4]!r}, message={message!r})")
+
+    def _repr_html_(self) -> str:
+        from gradmedic.report.notebook import finding_html  # the report stage draws it; imported when shown
+
+        return finding_html(self)
+
 
 class Report:
     """The findings about one model or run, worst first, with the trace they were read from."""
@@ -148,8 +159,20 @@ class Report:
         return console.file.getvalue()
 
     def __repr__(self) -> str:
-        kinds = ", ".join(f"{f.severity}:{f.kind}" for f in self.findings)
+        kinds = _few([f"{f.severity}:{f.kind}" for f in self.findings], 6)
         return f"Report(healthy={self.healthy}, findings=[{kinds}])"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the report page inline (verdict, findings with what to do, figures, the folded layer table)."""
+        from gradmedic.report.notebook import report_html  # the report stage draws it; imported when shown
+
+        return report_html(self)
+
+
+def _few(items: list[str], shown: int = 4) -> str:
+    """``a, b, c, d and 5 more``: a list in a repr that fits a line."""
+    head = ", ".join(x or "(model)" for x in items[:shown])
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 _ROW_METRICS = ("backward_norm", "backward_rms", "grad_norm", "grad_to_weight", "update_to_weight",

@@ -80,6 +80,18 @@ class Treatment:
         """The verification runs of the stages that were kept (the untreated one first)."""
         return [e for e in self.evidence if e.kept]
 
+    def __repr__(self) -> str:
+        """Not the dataclass's: that one printed the whole treated model."""
+        kept = [e.stage for e in self.evidence if e.kept and e.stage != "untreated"]
+        return (f"Treatment(applied={[rid for rid, _, _ in self.applied]}, recipe={self.recipe}, "
+                f"skipped={[rid for rid, _ in self.skipped]}, trained={self.trained}"
+                + (f", verified_kept={kept}" if self.evidence else "") + ")")
+
+    def _repr_html_(self) -> str:
+        from gradmedic.report.notebook import treatment_html  # the report stage draws it; imported when shown
+
+        return treatment_html(self)
+
     def __str__(self) -> str:
         weights = f"weights treated as {'trained' if self.trained else 'fresh'} ({self.trained_reason})"
         lines = [weights] + ([f"{rid}: {what} (because {why})" for rid, what, why in self.applied]

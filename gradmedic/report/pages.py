@@ -100,15 +100,19 @@ def _time_figures(page: Page, name: str, by_label: dict[str, list[dict[str, Any]
                     f"{name} gradient through time")
 
 
-def report_page(report, title: str = "gradmedic report") -> Page:
+def report_page(report, title: str = "gradmedic report", figures: bool = True) -> Page:
     """A diagnosis Report (from gm.check or gm.diagnose(trace)): findings first, then the figures, then the
-    per-layer table folded away (a 48-block transformer has some 340 rows)."""
+    per-layer table folded away (a 48-block transformer has some 340 rows). ``figures=False``: no matplotlib
+    needed."""
     page = Page(title)
     trace = report.trace
     if trace is not None:
         model = trace.meta.get("model", "model")
+        # a check's trace says preset "custom" (its own probes): that word is jargon to the reader, so it is left out
+        preset = trace.meta.get("preset", "?")
         page.paragraph(f"{model}: {len(trace.layers)} modules, {len(trace.steps)} recorded step(s), "
-                       f"preset {trace.meta.get('preset', '?')}, dtype {trace.meta.get('dtype', '?')}.", muted=True)
+                       + (f"preset {preset}, " if preset != "custom" else "")
+                       + f"dtype {trace.meta.get('dtype', '?')}.", muted=True)
     page.heading("Findings")
     if not report.findings:
         page.paragraph("No findings: the gradients look healthy.")
@@ -118,7 +122,8 @@ def report_page(report, title: str = "gradmedic report") -> Page:
                    [f.severity for f in report.findings])
     if trace is None:
         return page
-    _trace_figures(page, trace)
+    if figures:
+        _trace_figures(page, trace)
     layer_rows = report.to_dict().get("layers", [])
     if layer_rows:
         columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
