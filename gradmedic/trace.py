@@ -293,8 +293,8 @@ class Trace:
 
     def __repr__(self) -> str:
         metrics = ", ".join(self.metrics[:6]) + (f" and {len(self.metrics) - 6} more" if len(self.metrics) > 6 else "")
-        return (f"Trace(model={self.meta.get('model', '?')!r}, steps={len(self.steps)}, layers={len(self.layers)}, "
-                f"metrics=[{metrics}], events={len(self.events)})")
+        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics=[{metrics}], "
+                f"events={len(self.events)}, model={self.meta.get('model', '?')!r})")
 
     def _repr_html_(self) -> str:
         """Jupyter: span, figures and the folded per-layer table (``gm.diagnose(trace)`` for the findings)."""
