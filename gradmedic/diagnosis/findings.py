@@ -120,13 +120,18 @@ class Report:
                           ", ".join(where.get(row["layer"], [])))
         return table
 
-    def render(self, console=None, fit_table: bool = False) -> None:
+    def render(self, console=None, fit_table: bool = False, table: bool = True) -> None:
         """Print the table and the findings with their remedies (to ``console`` or stdout). ``fit_table``: the table
-        as wide as its rows need (whole layer names on one line), the findings at the console's width."""
+        as wide as its rows need (whole layer names on one line), the findings at the console's width.
+        ``table=False``: the verdict first, then the findings, no table (the end of a training run: a 32-layer
+        Llama's table is 330 rows, and the verdict under it scrolled out of sight)."""
         from gradmedic._rich import Console, Text
 
         console = console or Console()
-        if self.trace is not None:
+        verdict = "healthy" if self.healthy else f"not healthy ({self.worst()})"
+        if not table:
+            console.print(f"[bold]gradmedic: {verdict}[/]: {len(self.findings)} finding(s)")
+        if self.trace is not None and table:
             table = self.table()
             width = console.width
             if fit_table:
@@ -138,7 +143,7 @@ class Report:
                 console.print(table)
             finally:
                 console.width = width
-        if not self.findings:
+        if not self.findings and table:
             console.print("[green]No findings: gradients flow.[/]")
         colour = {"info": "cyan", "warning": "yellow", "error": "red"}
         for f in self.findings:
@@ -146,8 +151,8 @@ class Report:
             if f.remedies:
                 fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
                 console.print(Text(f"    remedies: {fixes}"))
-        verdict = "healthy" if self.healthy else f"not healthy ({self.worst()})"
-        console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
+        if table:
+            console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
 
     def __str__(self) -> str:
         from gradmedic._rich import Console

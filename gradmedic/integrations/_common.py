@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradmedic._progress import progress
 from gradmedic._sinks import Sink, as_sink
 
 __all__ = ["EndOfBackward", "OffsetSink", "finish_run"]
 
 TRACE_NAME = "gradmedic.gmtrace"
 REPORT_NAME = "gradmedic-report.html"
+TABLE_NAME = "gradmedic.txt"  # the per-layer table and the findings, as print(report) shows them
 
 
 class EndOfBackward:
@@ -90,19 +92,33 @@ def offset_sink(log_to: Any, offset: int) -> Sink | None:
 
 
 def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool, verbose: bool) -> Any:
-    """Close the monitor, diagnose the run, print the findings, save the trace (and the HTML report)."""
-    monitor.close()
-    result = monitor.diagnose()
-    if output_dir is not None:
-        out = Path(output_dir)
-        monitor.trace.save(out / TRACE_NAME)
-        if report:
-            from gradmedic.report import report_page, write_page
-
-            write_page(report_page(result, title="gradmedic report of the training run"), out / REPORT_NAME)
-    if verbose:
-        print(str(result), end="")
+    """Close the monitor, diagnose the run, save the trace, the per-layer table (and the HTML report), print the
+    verdict and the findings. The table is not printed: on a large model it ran to hundreds of rows with the
+    verdict on its last line; it is in ``gradmedic.txt`` and the report. A bar says what is happening while it
+    takes time (the Trainer's own bar has finished by then)."""
+    with progress("gradmedic: flushing the last measurements") as bar:
+        monitor.close()
+        bar.describe("gradmedic: diagnosing the run")
+        result = monitor.diagnose()
         if output_dir is not None:
-            print(f"gradmedic: trace saved to {Path(output_dir) / TRACE_NAME}"
-                  + (f", report {Path(output_dir) / REPORT_NAME}" if report else ""))
+            out = Path(output_dir)
+            bar.describe("gradmedic: saving the trace")
+            monitor.trace.save(out / TRACE_NAME)
+            (out / TABLE_NAME).write_text(str(result), encoding="utf-8")
+            if report:
+                from gradmedic.report import report_page, write_page
+
+                bar.describe("gradmedic: writing the report")
+                write_page(report_page(result, title="gradmedic report of the training run"), out / REPORT_NAME)
+    if verbose:
+        from gradmedic._rich import Console
+
+        console = Console()
+        console.print()  # off the line the Trainer's progress bar ended on
+        result.render(console, table=False)
+        if output_dir is not None:
+            out = Path(output_dir)
+            console.print(f"gradmedic: trace saved to {out / TRACE_NAME}, per-layer table in {out / TABLE_NAME}"
+                          + (f", report {out / REPORT_NAME}" if report else f" (gradmedic report {out / TRACE_NAME} "
+                             "-o report.html for the figures)"), markup=False, highlight=False, soft_wrap=True)
     return result
