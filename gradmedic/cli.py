@@ -148,10 +148,12 @@ def _report(args: argparse.Namespace) -> int:
     from gradmedic._errors import GradmedicError
     from gradmedic.report import report_page, suite_page, write_page
 
-    source = Path(args.source)
+    if len(args.source) > 1:
+        return _compare(args)
+    source = Path(args.source[0])
     try:
         if not source.is_file():
-            raise GradmedicError(f"no such file: {args.source} (give a lab database or a .gmtrace file)")
+            raise GradmedicError(f"no such file: {source} (give a lab database or a .gmtrace file)")
         with source.open("rb") as handle:
             magic = handle.read(16)
         if magic.startswith(b"SQLite format 3"):
@@ -161,11 +163,11 @@ def _report(args: argparse.Namespace) -> int:
             store = Store(source)
             suites = store.suites()
             if not suites:
-                raise GradmedicError(f"{args.source} has no lab results yet; run gradmedic lab run SUITE --db "
-                                     f"{args.source}")
+                raise GradmedicError(f"{source} has no lab results yet; run gradmedic lab run SUITE --db "
+                                     f"{source}")
             name = args.suite or (suites[0] if len(suites) == 1 else None)
             if name is None or name not in suites:
-                raise GradmedicError(f"{args.source} holds suites {', '.join(suites)}; choose one with --suite")
+                raise GradmedicError(f"{source} holds suites {', '.join(suites)}; choose one with --suite")
             rows = _in_suite_order(SUITES[name].configs if name in SUITES else [], store.results(name))
             wall = sum(w for _, _, _, w in store.results(name))
             page = suite_page(name, rows, SUITES[name].description if name in SUITES else "", wall)
@@ -175,13 +177,27 @@ def _report(args: argparse.Namespace) -> int:
             trace = gm.Trace.load(source)
             page = report_page(gm.diagnose(trace), title=f"gradmedic report: {source.name}")
         else:
-            raise GradmedicError(f"{args.source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
+            raise GradmedicError(f"{source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
         out = write_page(page, args.output)
     except GradmedicError as error:
         return _fail(str(error))
     except OSError as error:
         return _fail(_cannot_write(args.output, error))
     print(f"Report written to {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from gradmedic._errors import GradmedicError
+    from gradmedic.report.compare import compare_files
+
+    try:
+        out = compare_files(args.source, args.output)
+    except GradmedicError as error:
+        return _fail(str(error))
+    except OSError as error:
+        return _fail(_cannot_write(args.output, error))
+    print(f"Comparison of {len(args.source)} runs written to {out}")
     return 0
 
 
@@ -395,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["README.md", "BENCHMARKS.md"],
                          help="Markdown files with a claims section (default README.md BENCHMARKS.md)")
     lab_pub.set_defaults(run=_lab_publish)
-    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace")
-    report.add_argument("source", metavar="DB|TRACE", help="a lab database or a .gmtrace file")
+    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace; two or more traces: "
+                                           "side by side, the findings that differ first")
+    report.add_argument("source", metavar="DB|TRACE", nargs="+", help="a lab database or .gmtrace file(s)")
     report.add_argument("-o", "--output", required=True, metavar="report.html")
     report.add_argument("--suite", help="which suite, when the database holds several")
     report.set_defaults(run=_report)

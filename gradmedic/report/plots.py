@@ -97,7 +97,7 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
                   interpolation="nearest")
         title = f"{title or 'Gradient flow'} (black: exactly 0)"
     ax.set_xlabel("training step")
-    step_ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
+    step_ticks = np.arange(0, len(steps), _nice_stride(len(steps), 8))  # even gaps: 0 1 3 4 5 6 8 9 read as a bug
     ax.set_xticks(step_ticks, [str(int(steps[i])) for i in step_ticks])
     every = max(1, len(layers) // _MAX_LABELS + (len(layers) % _MAX_LABELS > 0))
     rows = list(range(0, len(layers), every))
@@ -105,6 +105,18 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     fig.colorbar(image, ax=ax, label=f"log10 {quantity}")
     ax.set_title(_plain(title or "Gradient flow"), fontsize=10)
     return fig
+
+
+def _nice_stride(n: int, most: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50... that puts at most ``most`` ticks on ``n`` columns."""
+    stride, scale = 1, 1
+    while -(-n // stride) > most:
+        for m in (1, 2, 5):
+            stride = m * scale
+            if -(-n // stride) <= most:
+                return stride
+        scale *= 10
+    return stride
 
 
 def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]], title: str = "",
