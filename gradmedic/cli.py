@@ -96,7 +96,7 @@ def _lab_run(args: argparse.Namespace) -> int:
             done = "nothing was lost that had finished"
         print(f"gradmedic: interrupted; {done}. Run the same command again to resume.", file=sys.stderr)
         return 130
-    verdicts = judge(group_results(rows))
+    verdicts = judge(group_results(rows), suite.tests_claims)
     if args.json:
         print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
                           "finished": summary.finished, "failed": [list(f) for f in summary.failed],
@@ -108,7 +108,8 @@ def _lab_run(args: argparse.Namespace) -> int:
         table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
         for header in ("claim", "verdict", "measured"):
             table.add_column(header, overflow="fold")
-        style = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
+        style = {"supported": "green", "not supported": "red", "inconclusive": "yellow", "not run": "dim",
+                 "not tested at this budget": "dim"}
         for v in verdicts:
             table.add_row(Text(v.claim), Text(v.summary, style=style.get(v.verdict, "")), Text(v.evidence))
         console.print(table)
@@ -280,6 +281,8 @@ def _check(args: argparse.Namespace) -> int:
 
         try:
             write_page(report_page(report, title=f"gradmedic check: {args.target}"), args.report)
+        except GradmedicError as error:  # no matplotlib: one line saying pip install 'gradmedic[report]'
+            return _fail(str(error))
         except OSError as error:
             return _fail(_cannot_write(args.report, error))
     if args.json:

@@ -91,6 +91,19 @@ def offset_sink(log_to: Any, offset: int) -> Sink | None:
     return OffsetSink(sink, offset) if sink is not None else None
 
 
+def _write_report(result: Any, path: Path) -> bool:
+    """The HTML report; without matplotlib one line says so, and the end of training goes on (was a traceback)."""
+    from gradmedic._errors import GradmedicError
+    from gradmedic.report import report_page, write_page
+
+    try:
+        write_page(report_page(result, title="gradmedic report of the training run"), path)
+    except GradmedicError as error:
+        print(f"gradmedic: no HTML report: {error}")
+        return False
+    return True
+
+
 def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool, verbose: bool) -> Any:
     """Close the monitor, diagnose the run, save the trace, the per-layer table (and the HTML report), print the
     verdict and the findings. The table is not printed: on a large model it ran to hundreds of rows with the
@@ -106,10 +119,7 @@ def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool,
             monitor.trace.save(out / TRACE_NAME)
             (out / TABLE_NAME).write_text(str(result), encoding="utf-8")
             if report:
-                from gradmedic.report import report_page, write_page
-
-                bar.describe("gradmedic: writing the report")
-                write_page(report_page(result, title="gradmedic report of the training run"), out / REPORT_NAME)
+                report = _write_report(result, out / REPORT_NAME)
     if verbose:
         from gradmedic._rich import Console
 

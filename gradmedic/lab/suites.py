@@ -32,6 +32,7 @@ class Suite:
     description: str
     experiments: tuple[Experiment, ...]
     seeds: tuple[int, ...] = (0,)
+    tests_claims: bool = True  # False: budgets too small to judge a claim (the claims read "not tested")
     configs: list[dict[str, Any]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -185,7 +186,7 @@ def _experiments(scale: str) -> tuple[Experiment, ...]:
 
 SUITES: dict[str, Suite] = {
     "smoke": Suite("smoke", "every experiment at a seconds-long budget (for tests; numbers mean little)",
-                   _experiments("smoke")),
+                   _experiments("smoke"), tests_claims=False),
     "quick": Suite("quick", "the classic experiments and a transformer, three seeds, about 3 minutes on 2 CPU "
                    "cores", _experiments("quick"), seeds=(0, 1, 2)),
     "full": Suite("full", "more depths and lengths, the copy task, 48- and 100-layer transformers, five seeds "

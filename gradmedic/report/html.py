@@ -24,6 +24,7 @@ td,th{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;display:block;margin:.6em 0}
 .supported{background:#dcf5dc}.not-supported{background:#fadcdc}.mixed,.inconclusive{background:#fff2cc}
+.not-tested-at-this-budget,.not-run{background:#eeeeee}
 .error{background:#fadcdc}.warning{background:#fff2cc}.info{background:#e8f0fe}
 .muted{color:#777;font-size:.85em}
 summary{cursor:pointer;font-weight:600;margin:.6em 0}

@@ -44,12 +44,12 @@ def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]
                    + ". Losses are the mean of the last 10% of training steps; 'ratio' is the first layer's "
                    "gradient norm over the last layer's.", muted=True)
     grouped = group_results(rows)
-    verdicts = judge(grouped)
+    suite = SUITES.get(suite_name)
+    verdicts = judge(grouped, suite.tests_claims if suite else True)
     page.heading("Claims")
     page.table(("claim", "experiment", "verdict", "measured"),
                [(v.claim, v.experiment, v.summary, v.evidence) for v in verdicts],
                [v.verdict.replace(" ", "-") for v in verdicts])
-    suite = SUITES.get(suite_name)
     for name, by_label in grouped.items():
         experiment = suite.experiment(name) if suite else None
         page.heading(experiment.title if experiment else name)

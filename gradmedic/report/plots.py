@@ -82,9 +82,9 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     """Layers (rows, input at the top) x steps (columns), colour = log10 of the gradient norm. A gradient of
     exactly zero has no logarithm: it is drawn black (and said so in the title), so that it does not read as the
     blank of a step that was not measured."""
+    plt = _pyplot()  # first: without matplotlib, its one-line message rather than an import traceback
     from matplotlib.colors import ListedColormap
 
-    plt = _pyplot()
     raw = np.asarray(values, dtype=float).T  # (layers, steps)
     data = _positive_log(raw)
     height = min(9.0, 1.6 + 0.22 * len(layers))
