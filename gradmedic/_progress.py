@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["DELAY_S", "Step", "progress"]
+__all__ = ["DELAY_S", "Step", "held", "progress"]
 
 DELAY_S = 1.0  # seconds before a bar appears: below that, a bar is a flicker
 _busy = False  # a bar (ours) is up in this process
@@ -75,6 +75,18 @@ class Step:
             self._bar.stop()
             self._bar = None
             _busy = False
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Around a bar of gradmedic's own that is not a ``progress()`` (the demo's training bar): calls made
+    inside draw none, since two live displays on one terminal overwrite each other."""
+    global _busy
+    before, _busy = _busy, True
+    try:
+        yield
+    finally:
+        _busy = before
 
 
 @contextlib.contextmanager

@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     check = sub.add_parser("check", help="diagnose a model built by FILE.py:FUNCTION")
     check.add_argument("target", metavar="FILE.py:FUNCTION",
-                       help="FUNCTION() returns a dict with model, inputs, and optionally targets, loss_fn")
+                       help="FUNCTION() returns a dict with model, inputs, and optionally targets, loss_fn, "
+                            "optimizer (used by --steps and --treat)")
     check.add_argument("--steps", type=_non_negative, default=0, help="optimizer steps after the first look")
     check.add_argument("--json", action="store_true", help="print the report as JSON (Report.to_json())")
     check.add_argument("--fail-on", choices=("warning", "error"), default=None,
@@ -408,11 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
     lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
     lab_run.set_defaults(run=_lab_run)
-    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into README/BENCHMARKS from a database")
+    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into BENCHMARKS.md from a database")
     lab_pub.add_argument("db", metavar="DB", help="a lab database")
     lab_pub.add_argument("--suite", default="quick", help="which suite's results (default quick)")
-    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["README.md", "BENCHMARKS.md"],
-                         help="Markdown files with a claims section (default README.md BENCHMARKS.md)")
+    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["BENCHMARKS.md"],
+                         help="Markdown files with a claims section (default BENCHMARKS.md)")
     lab_pub.set_defaults(run=_lab_publish)
     report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace; two or more traces: "
                                            "side by side, the findings that differ first")

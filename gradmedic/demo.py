@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradmedic._progress import held
+
 __all__ = ["DemoResult", "run_demo", "sick_model"]
 
 VERIFY_STEPS = 60  # each remedy must lower the loss of 60 Adam steps on the demo's minibatches
@@ -85,7 +87,20 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, steps: int,
 
 
 def run_demo(steps: int = 300, depth: int = 10, seed: int = 0, html: str | Path | None = "gradmedic-demo.html",
-             console=None) -> DemoResult:
+             console=None, threads: int | None = 1) -> DemoResult:
+    """``threads``: torch's intra-op threads for the demo (restored after). One, as the lab pins its runs: the
+    numbers are then the same on every machine, and on a small net many threads cost more than they give
+    (torch's default took 2-4 min where one thread takes about half a minute)."""
+    before_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(steps, depth, seed, html, console)
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def _run_demo(steps: int, depth: int, seed: int, html: str | Path | None, console) -> DemoResult:
     import gradmedic as gm
     from gradmedic.lab.tasks import digits
 
@@ -130,12 +145,15 @@ class _progress:
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=self.console, transient=True)
         self.bar.start()
+        self.held = held()  # gm.treat's verification bars stay off while this one is up
+        self.held.__enter__()
         task = self.bar.add_task("", total=self.total)
         return lambda: self.bar.update(task, advance=1)
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.held.__exit__(None, None, None)
 
 
 def _print(console, result: DemoResult) -> None:
