@@ -4,6 +4,7 @@ read back from the files the library wrote (not from the sink's own bookkeeping)
 
 import json
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -64,21 +65,34 @@ def assert_all_there(got, trace):
 
 
 # --- W&B ------------------------------------------------------------------------------------------------------
-def wandb_history(run_dir):
+def wandb_history(run_dir, timeout_s=60.0):
     """The history rows of an offline run, read from its ``.wandb`` file: LevelDB's log format (32 KiB blocks of
     records, each a 7-byte header: CRC32, length, kind; kinds 1 full, 2 first, 3 middle, 4 last) after a 7-byte
-    ``:W&B`` file header, each record a ``wandb_internal_pb2.Record``."""
+    ``:W&B`` file header, each record a ``wandb_internal_pb2.Record``.
+
+    ``wandb.finish()`` returns before W&B's service process has written the file's tail (a test that read at
+    once missed the last rows one run in three), so the file is read again until its ``exit`` record is there."""
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows, done = _read_wandb(path.read_bytes())
+        if done or time.monotonic() > deadline:
+            assert done, f"{path} has no exit record after {timeout_s} s"
+            return rows
+        time.sleep(0.1)
+
+
+def _read_wandb(data):
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    data, pos, part, rows = path.read_bytes(), 7, b"", []
+    pos, part, rows, done = 7, b"", [], False
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a record still being written
             break
         part += data[pos + 7:pos + 7 + length]
         pos += 7 + length
@@ -86,10 +100,12 @@ def wandb_history(run_dir):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(part)
             part = b""
-            if record.WhichOneof("record_type") == "history":
+            which = record.WhichOneof("record_type")
+            done = done or which == "exit"
+            if which == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+    return rows, done
 
 
 @pytest.fixture
@@ -154,3 +170,57 @@ def test_mlflow_local_store_keeps_every_value(tmp_path, monkeypatch, store):
     train_loss = {s: v.pop("train/loss") for s, v in got.items()}
     assert_all_there(got, trace)
     assert list(train_loss.values()) == pytest.approx(trace.scalar("loss")[1], 1e-6)
+
+
+# --- TensorBoard through tensorboardX, the other writer the README names -----------------------------------
+def test_tensorboardx_writer_keeps_every_value(tmp_path):
+    tensorboardX = pytest.importorskip("tensorboardX")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = tensorboardX.SummaryWriter(logdir=str(tmp_path))
+    trace = train(writer, lambda s, loss: writer.add_scalar("train/loss", loss, s))
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    got: dict[int, dict[str, float]] = {}
+    for key in acc.Tags()["scalars"]:
+        for event in acc.Scalars(key):
+            got.setdefault(event.step, {})[key] = event.value
+    train_loss = {s: v.pop("train/loss") for s, v in got.items()}
+    want = expected(trace)
+    assert sorted(got) == sorted(want)
+    for step, values in want.items():
+        for key, value in values.items():
+            np.testing.assert_allclose(got[step][key], value, rtol=1e-6)  # float32 in the event file
+    assert list(train_loss.values()) == pytest.approx(trace.scalar("loss")[1], 1e-6)
+
+
+def test_lightning_wandb_logger_gets_every_value_through_the_callback(wandb_run, tmp_path):
+    """The README: the Lightning callback's numbers reach a W&B logger "without extra setup". WandbLogger logs
+    without ``step=`` (its own axis, ``trainer/global_step``), so a flush's past steps are kept."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from gradmedic.integrations.lightning import GradmedicCallback
+    from tests.test_lightning import Net
+
+    wandb, run = wandb_run
+    gen = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(8 * STEPS, 8, generator=gen),
+                                          torch.randint(0, 3, (8 * STEPS,), generator=gen))
+    callback = GradmedicCallback(every=1, flush_every=FLUSH, verbose=False)
+    logger = WandbLogger(experiment=run, save_dir=str(tmp_path))  # else the trace is saved in the working dir
+    trainer = L.Trainer(max_steps=STEPS, logger=logger, callbacks=[callback], log_every_n_steps=1, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+    trace = callback.result.trace
+    wandb.finish()
+    rows = wandb_history(tmp_path)
+    got: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if any(k.startswith("gradmedic/") for k in r):
+            got.setdefault(int(r["trainer/global_step"]), {}).update(r)
+    assert_all_there(got, trace)
+    assert len([r for r in rows if "train_loss" in r]) == STEPS
