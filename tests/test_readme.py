@@ -48,3 +48,23 @@ def test_the_first_screen_example_runs_and_prints_what_the_readme_shows(monkeypa
     want = re.search(r"untreated ([\d.]+), xavier_init ([\d.]+)", shown).groups()
     got = re.search(r"untreated ([\d.]+), xavier_init ([\d.]+)", printed).groups()
     assert [float(g) for g in got] == pytest.approx([float(w) for w in want], rel=0.01)
+
+
+def test_the_fix_written_into_your_code_makes_the_example_healthy():
+    """"Apply the fix in your code": the call the README gives for xavier_init, on the example's own model."""
+    import torch
+
+    _, code, _ = blocks()
+    text = README.read_text(encoding="utf-8")
+    fix = re.search(r"<!-- applying the fix.*?```python\n.*?\n(gm\.remedies\.[^\n]+)\n", text, re.S).group(1)
+    setup = code.split("report = gm.check")[0]
+    scope: dict = {"__name__": "readme"}
+    state = torch.random.get_rng_state()
+    try:
+        exec(compile(setup, str(README), "exec"), scope)
+        before = scope["gm"].check(scope["model"], scope["x"], targets=scope["y"])
+        exec(fix, scope)
+        after = scope["gm"].check(scope["model"], scope["x"], targets=scope["y"])
+    finally:
+        torch.random.set_rng_state(state)
+    assert not before.healthy and after.healthy, after
