@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gradmedic.report import plots
 from gradmedic.report.html import Page, write_page
 
@@ -72,31 +70,6 @@ def _metric(traces: Sequence[Any]) -> tuple[str | None, str]:
     return None, ""
 
 
-def _profiles_figure(labels: Sequence[str], traces: Sequence[Any], metric: str, quantity: str):
-    """The last recorded ``metric`` per layer, one line per run (log scale)."""
-    plt = plots._pyplot()
-    lasts = [t.last(metric) for t in traces]
-    same_layers = all(list(last) == list(lasts[0]) for last in lasts)
-    fig, ax = plt.subplots(figsize=(8.5, 3.6), layout="constrained")
-    markers = "osD^v<>ph*"
-    for i, (label, last) in enumerate(zip(labels, lasts, strict=True)):
-        values = plots._values(list(last.values()), positive=True)
-        x = np.arange(len(values)) if same_layers else np.linspace(0.0, 1.0, max(len(values), 1))[: len(values)]
-        ax.plot(x, values, label=plots._plain(label), linewidth=1.4, marker=markers[i % len(markers)], markersize=3)
-    ax.set_yscale("log")
-    if same_layers:
-        layers = list(lasts[0])
-        every = max(1, -(-len(layers) // 25))
-        ax.set_xticks(np.arange(0, len(layers), every), [plots._short(layers[j], 18) for j in range(0, len(layers),
-                                                                                                  every)],
-                      rotation=60, ha="right", fontsize=7)
-        xlabel = "layer (input → output)"
-    else:
-        xlabel = "relative depth (first layer 0, last 1): the runs' layers differ"
-    plots._finish(ax, xlabel, quantity, "Gradient per layer, last recorded step of each run")
-    return fig
-
-
 def compare_page(labels: Sequence[str], traces: Sequence[Any], reports: Sequence[Any],
                  title: str = "gradmedic: runs compared") -> Page:
     """The page for runs ``labels`` (their traces and diagnoses, in the same order)."""
@@ -117,7 +90,8 @@ def compare_page(labels: Sequence[str], traces: Sequence[Any], reports: Sequence
     page.heading("Figures")
     metric, quantity = _metric(traces)
     if metric is not None:
-        page.figure(_profiles_figure(labels, traces, metric, quantity), "per-layer gradient of each run")
+        page.figure(plots.run_profiles(dict(zip(labels, (t.last(metric) for t in traces), strict=True)),
+                                       quantity=quantity), "per-layer gradient of each run")
     curves = {label: tuple(map(list, t.scalar("loss"))) for label, t in zip(labels, traces, strict=True)
               if "loss" in t.scalar_names}
     if curves:

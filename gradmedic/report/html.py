@@ -38,6 +38,15 @@ class Page:
         self.title = title
         self._parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
 
+    def lead(self, text: str, cls: str = "") -> None:
+        """A bold line right under the title (a verdict), whatever was added before it."""
+        cls = f' class="{html.escape(cls)}"' if cls else ""
+        self._parts.insert(1, f"<p{cls}><b>{html.escape(text)}</b></p>")
+
+    def body(self) -> list[str]:
+        """The parts after the title, as HTML (a notebook shows them under a heading of its own)."""
+        return list(self._parts[1:])
+
     def heading(self, text: str, level: int = 2) -> None:
         self._parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
 

@@ -33,7 +33,7 @@ border-bottom:1px solid #ddd}.gradmedic h3{font-size:1em}
 
 def fragment(page: Page) -> str:
     """The page's content as one ``<div>`` for a notebook cell: its title as a small heading, CSS scoped."""
-    body = "\n".join([f"<h4>{html.escape(page.title)}</h4>", *page._parts[1:]])
+    body = "\n".join([f"<h4>{html.escape(page.title)}</h4>", *page.body()])
     return f'<div class="gradmedic"><style>{_CSS}</style>\n{body}\n</div>'
 
 
@@ -64,7 +64,7 @@ def report_html(report: Any) -> str:
         page = report_page(report, figures=False)
         page.paragraph(f"No figures: {error}", muted=True)
     cls, text = _verdict(report)
-    page._parts.insert(1, f'<p class="{html.escape(cls or "healthy")}"><b>{html.escape(text)}</b></p>')
+    page.lead(text, cls or "healthy")
     return fragment(page)
 
 
@@ -86,7 +86,7 @@ def finding_html(finding: Any) -> str:
 
 def trace_html(trace: Any) -> str:
     """A trace without its diagnosis (``gm.diagnose(trace)`` gives that): span, loss, figures, layer table."""
-    from gradmedic.report.pages import _trace_figures
+    from gradmedic.report.pages import trace_figures
 
     model = trace.meta.get("model", "a model")
     steps = trace.steps
@@ -94,7 +94,7 @@ def trace_html(trace: Any) -> str:
     span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
     page.paragraph(f"{len(trace.layers)} modules, {len(steps)} measured step(s) ({span}), metrics: "
                    f"{', '.join(trace.metrics)}.", muted=True)
-    _figures(page, lambda: _trace_figures(page, trace))
+    _figures(page, lambda: trace_figures(page, trace))
     columns = [m for m in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
                if m in trace.metrics]
     if columns:

@@ -123,7 +123,7 @@ def report_page(report, title: str = "gradmedic report", figures: bool = True) -
     if trace is None:
         return page
     if figures:
-        _trace_figures(page, trace)
+        trace_figures(page, trace)
     layer_rows = report.to_dict().get("layers", [])
     if layer_rows:
         columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
@@ -192,7 +192,8 @@ def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
     return lines
 
 
-def _trace_figures(page: Page, trace) -> None:
+def trace_figures(page: Page, trace) -> None:
+    """The figures of one trace (the report page's, and a notebook's display of a Trace)."""
     page.heading("Figures")
     metric = "grad_norm" if "grad_norm" in trace.metrics else "backward_norm" if "backward_norm" in trace.metrics \
         else None

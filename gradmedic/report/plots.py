@@ -204,3 +204,29 @@ def role_profile(lines: Mapping[str, tuple[Sequence[int], Sequence[float | None]
     _finish(ax, "block (input → output)", quantity, title or "Gradient per role across blocks", legend=False)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the lines
     return fig
+
+
+def run_profiles(profiles: Mapping[str, Mapping[str, float]], quantity: str = "|dL/dW|", title: str = ""):
+    """Several runs' last per-layer values (label -> {layer: value}), one line per run, log scale. Runs that share
+    their layer names are drawn against the names; runs of different models against relative depth (first layer
+    0, last 1), since no name matches."""
+    plt = _pyplot()
+    lasts = list(profiles.values())
+    same_layers = all(list(last) == list(lasts[0]) for last in lasts)
+    fig, ax = plt.subplots(figsize=(8.5, 3.6), layout="constrained")
+    markers = "osD^v<>ph*"
+    for i, (label, last) in enumerate(profiles.items()):
+        values = _values(list(last.values()), positive=True)
+        x = np.arange(len(values)) if same_layers else np.linspace(0.0, 1.0, max(len(values), 1))[: len(values)]
+        ax.plot(x, values, label=_plain(label), linewidth=1.4, marker=markers[i % len(markers)], markersize=3)
+    ax.set_yscale("log")
+    if same_layers and lasts:
+        layers = list(lasts[0])
+        every = max(1, -(-len(layers) // 25))
+        ax.set_xticks(np.arange(0, len(layers), every), [_short(layers[j], 18) for j in range(0, len(layers), every)],
+                      rotation=60, ha="right", fontsize=7)
+        xlabel = "layer (input → output)"
+    else:
+        xlabel = "relative depth (first layer 0, last 1): the runs' layers differ"
+    _finish(ax, xlabel, quantity, title or "Gradient per layer, last recorded step of each run")
+    return fig
