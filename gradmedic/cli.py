@@ -149,10 +149,14 @@ def _report(args: argparse.Namespace) -> int:
     from gradmedic._errors import GradmedicError
     from gradmedic.report import report_page, suite_page, write_page
 
-    if len(args.source) > 1:
-        return _compare(args)
     source = Path(args.source[0])
     try:
+        if len(args.source) > 1:  # runs side by side
+            from gradmedic.report.compare import compare_files
+
+            out = compare_files(args.source, args.output)
+            print(f"Comparison of {len(args.source)} runs written to {out}")
+            return 0
         if not source.is_file():
             raise GradmedicError(f"no such file: {source} (give a lab database or a .gmtrace file)")
         with source.open("rb") as handle:
@@ -185,20 +189,6 @@ def _report(args: argparse.Namespace) -> int:
     except OSError as error:
         return _fail(_cannot_write(args.output, error))
     print(f"Report written to {out}")
-    return 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from gradmedic._errors import GradmedicError
-    from gradmedic.report.compare import compare_files
-
-    try:
-        out = compare_files(args.source, args.output)
-    except GradmedicError as error:
-        return _fail(str(error))
-    except OSError as error:
-        return _fail(_cannot_write(args.output, error))
-    print(f"Comparison of {len(args.source)} runs written to {out}")
     return 0
 
 
