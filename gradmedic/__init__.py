@@ -5,6 +5,7 @@ from gradmedic.check import check
 from gradmedic.diagnosis import KINDS, REMEDIES, Finding, Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.remedies import Treatment, treat
+from gradmedic.report import notebook as _notebook  # noqa: F401  (how the objects draw in Jupyter)
 from gradmedic.trace import Trace
 
 __version__ = "0.1.0"

@@ -87,7 +87,7 @@ def _lab_run(args: argparse.Namespace) -> int:
                             backend=args.backend, address=args.address)
         elapsed = time.perf_counter() - start
         rows = _in_suite_order(suite.configs, store.results(suite.name))
-        verdicts = judge(group_results(rows))  # a row from elsewhere in the database is one line too
+        verdicts = judge(group_results(rows), suite.tests_claims)  # a row from elsewhere is one line too
     except GradmedicError as error:
         return _fail(str(error))
     except KeyboardInterrupt as stop:
@@ -110,7 +110,8 @@ def _lab_run(args: argparse.Namespace) -> int:
         table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
         for header in ("claim", "verdict", "measured"):
             table.add_column(header, overflow="fold")
-        style = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
+        style = {"supported": "green", "not supported": "red", "inconclusive": "yellow", "not run": "dim",
+                 "not tested at this budget": "dim"}
         for v in verdicts:
             table.add_row(Text(v.claim), Text(v.summary, style=style.get(v.verdict, "")), Text(v.evidence))
         console.print(table)
@@ -150,10 +151,16 @@ def _report(args: argparse.Namespace) -> int:
     from gradmedic._errors import GradmedicError
     from gradmedic.report import report_page, suite_page, write_page
 
-    source = Path(args.source)
+    source = Path(args.source[0])
     try:
+        if len(args.source) > 1:  # runs side by side
+            from gradmedic.report.compare import compare_files
+
+            out = compare_files(args.source, args.output)
+            print(f"Comparison of {len(args.source)} runs written to {out}")
+            return 0
         if not source.is_file():
-            raise GradmedicError(f"no such file: {args.source} (give a lab database or a .gmtrace file)")
+            raise GradmedicError(f"no such file: {source} (give a lab database or a .gmtrace file)")
         with source.open("rb") as handle:
             magic = handle.read(16)
         if magic.startswith(b"SQLite format 3"):
@@ -163,11 +170,11 @@ def _report(args: argparse.Namespace) -> int:
             store = Store(source, readonly=True)  # a report changes nothing in what it reads
             suites = store.suites()
             if not suites:
-                raise GradmedicError(f"{args.source} has no lab results yet; run gradmedic lab run SUITE --db "
-                                     f"{args.source}")
+                raise GradmedicError(f"{source} has no lab results yet; run gradmedic lab run SUITE --db "
+                                     f"{source}")
             name = args.suite or (suites[0] if len(suites) == 1 else None)
             if name is None or name not in suites:
-                raise GradmedicError(f"{args.source} holds suites {', '.join(suites)}; choose one with --suite")
+                raise GradmedicError(f"{source} holds suites {', '.join(suites)}; choose one with --suite")
             rows = _in_suite_order(SUITES[name].configs if name in SUITES else [], store.results(name))
             wall = sum(w for _, _, _, w in store.results(name))
             page = suite_page(name, rows, SUITES[name].description if name in SUITES else "", wall)
@@ -177,7 +184,7 @@ def _report(args: argparse.Namespace) -> int:
             trace = gm.Trace.load(source)
             page = report_page(gm.diagnose(trace), title=f"gradmedic report: {source.name}")
         else:
-            raise GradmedicError(f"{args.source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
+            raise GradmedicError(f"{source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
         out = write_page(page, args.output)
     except GradmedicError as error:
         return _fail(str(error))
@@ -266,6 +273,8 @@ def _check(args: argparse.Namespace) -> int:
 
         try:
             write_page(report_page(report, title=f"gradmedic check: {args.target}"), args.report)
+        except GradmedicError as error:  # no matplotlib: one line saying pip install 'gradmedic[report]'
+            return _fail(str(error))
         except OSError as error:
             return _fail(_cannot_write(args.report, error))
     if args.json:
@@ -364,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     check = sub.add_parser("check", help="diagnose a model built by FILE.py:FUNCTION")
     check.add_argument("target", metavar="FILE.py:FUNCTION",
-                       help="FUNCTION() returns a dict with model, inputs, and optionally targets, loss_fn")
+                       help="FUNCTION() returns a dict with model, inputs, and optionally targets, loss_fn, "
+                            "optimizer (used by --steps and --treat)")
     check.add_argument("--steps", type=_non_negative, default=0, help="optimizer steps after the first look")
     check.add_argument("--json", action="store_true", help="print the report as JSON (Report.to_json())")
     check.add_argument("--fail-on", choices=("warning", "error"), default=None,
@@ -391,14 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
     lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
     lab_run.set_defaults(run=_lab_run)
-    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into README/BENCHMARKS from a database")
+    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into BENCHMARKS.md from a database")
     lab_pub.add_argument("db", metavar="DB", help="a lab database")
     lab_pub.add_argument("--suite", default="quick", help="which suite's results (default quick)")
-    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["README.md", "BENCHMARKS.md"],
-                         help="Markdown files with a claims section (default README.md BENCHMARKS.md)")
+    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["BENCHMARKS.md"],
+                         help="Markdown files with a claims section (default BENCHMARKS.md)")
     lab_pub.set_defaults(run=_lab_publish)
-    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace")
-    report.add_argument("source", metavar="DB|TRACE", help="a lab database or a .gmtrace file")
+    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace; two or more traces: "
+                                           "side by side, the findings that differ first")
+    report.add_argument("source", metavar="DB|TRACE", nargs="+", help="a lab database or .gmtrace file(s)")
     report.add_argument("-o", "--output", required=True, metavar="report.html")
     report.add_argument("--suite", help="which suite, when the database holds several")
     report.set_defaults(run=_report)

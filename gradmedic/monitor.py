@@ -45,6 +45,10 @@ from gradmedic.trace import Trace
 __all__ = ["Monitor"]
 
 
+def _tick(sink: Any) -> None:
+    sink.tick()
+
+
 class Monitor:
     """Watch gradients through a training run.
 
@@ -177,6 +181,8 @@ class Monitor:
         if self._since_flush >= self.flush_every:
             self.flush()
             self._say_findings()
+        if self.sink is not None and self._writes:
+            self._to_sink(_tick)
         self._arm(self._step)
 
     def record_gradients(self) -> None:
@@ -363,7 +369,7 @@ class Monitor:
 
     def _findings_to_sink(self, sink: Any) -> None:
         sink.text("findings", findings_text(self.diagnose().findings), max(self._step - 1, 0))
-        sink.flush()
+        sink.close()
 
     def diagnose(self):
         """Findings about the run so far: the same as ``gm.diagnose(monitor.trace)``."""

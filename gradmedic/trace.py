@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmedic._display import html_of
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._files import write_atomic
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
@@ -300,8 +301,13 @@ class Trace:
         return self.summary()
 
     def __repr__(self) -> str:
-        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics={self.metrics}, "
-                f"events={len(self.events)})")
+        metrics = ", ".join(self.metrics[:6]) + (f" and {len(self.metrics) - 6} more" if len(self.metrics) > 6 else "")
+        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics=[{metrics}], "
+                f"events={len(self.events)}, model={self.meta.get('model', '?')!r})")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: span, figures and the folded per-layer table (``gm.diagnose(trace)`` for the findings)."""
+        return html_of(self)  # drawn by the report stage (gradmedic.report.notebook registers it)
 
 
 def _fmt(value: float | None, metric: str) -> str:

@@ -26,6 +26,7 @@ td,th{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;display:block;margin:.6em 0}
 .supported{background:#dcf5dc}.not-supported{background:#fadcdc}.mixed,.inconclusive{background:#fff2cc}
+.not-tested-at-this-budget,.not-run{background:#eeeeee}
 .error{background:#fadcdc}.warning{background:#fff2cc}.info{background:#e8f0fe}
 .muted{color:#777;font-size:.85em}
 summary{cursor:pointer;font-weight:600;margin:.6em 0}
@@ -38,6 +39,15 @@ class Page:
     def __init__(self, title: str):
         self.title = title
         self._parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+
+    def lead(self, text: str, cls: str = "") -> None:
+        """A bold line right under the title (a verdict), whatever was added before it."""
+        cls = f' class="{html.escape(cls)}"' if cls else ""
+        self._parts.insert(1, f"<p{cls}><b>{html.escape(text)}</b></p>")
+
+    def body(self) -> list[str]:
+        """The parts after the title, as HTML (a notebook shows them under a heading of its own)."""
+        return list(self._parts[1:])
 
     def heading(self, text: str, level: int = 2) -> None:
         self._parts.append(f"<h{level}>{html.escape(text)}</h{level}>")

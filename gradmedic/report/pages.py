@@ -46,12 +46,12 @@ def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]
                    + ". Losses are the mean of the last 10% of training steps; 'ratio' is the first layer's "
                    "gradient norm over the last layer's.", muted=True)
     grouped = group_results(rows)
-    verdicts = judge(grouped)
+    suite = SUITES.get(suite_name)
+    verdicts = judge(grouped, suite.tests_claims if suite else True)
     page.heading("Claims")
     page.table(("claim", "experiment", "verdict", "measured"),
                [(v.claim, v.experiment, v.summary, v.evidence) for v in verdicts],
                [v.verdict.replace(" ", "-") for v in verdicts])
-    suite = SUITES.get(suite_name)
     for name, by_label in grouped.items():
         experiment = suite.experiment(name) if suite else None
         page.heading(experiment.title if experiment else name)
@@ -102,15 +102,19 @@ def _time_figures(page: Page, name: str, by_label: dict[str, list[dict[str, Any]
                     f"{name} gradient through time")
 
 
-def report_page(report, title: str = "gradmedic report") -> Page:
+def report_page(report, title: str = "gradmedic report", figures: bool = True) -> Page:
     """A diagnosis Report (from gm.check or gm.diagnose(trace)): findings first, then the figures, then the
-    per-layer table folded away (a 48-block transformer has some 340 rows)."""
+    per-layer table folded away (a 48-block transformer has some 340 rows). ``figures=False``: no matplotlib
+    needed."""
     page = Page(title)
     trace = report.trace
     if trace is not None:
         model = trace.meta.get("model", "model")
+        # a check's trace says preset "custom" (its own probes): that word is jargon to the reader, so it is left out
+        preset = trace.meta.get("preset", "?")
         page.paragraph(f"{model}: {len(trace.layers)} modules, {len(trace.steps)} recorded step(s), "
-                       f"preset {trace.meta.get('preset', '?')}, dtype {trace.meta.get('dtype', '?')}.", muted=True)
+                       + (f"preset {preset}, " if preset != "custom" else "")
+                       + f"dtype {trace.meta.get('dtype', '?')}.", muted=True)
     page.heading("Findings")
     if not report.findings:
         page.paragraph("No findings: the gradients look healthy.")
@@ -120,7 +124,8 @@ def report_page(report, title: str = "gradmedic report") -> Page:
                    [f.severity for f in report.findings])
     if trace is None:
         return page
-    _trace_figures(page, trace)
+    if figures:
+        trace_figures(page, trace)
     layer_rows = report.to_dict().get("layers", [])
     if layer_rows:
         columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
@@ -184,7 +189,8 @@ def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
     return lines
 
 
-def _trace_figures(page: Page, trace) -> None:
+def trace_figures(page: Page, trace) -> None:
+    """The figures of one trace (the report page's, and a notebook's display of a Trace)."""
     page.heading("Figures")
     metric = "grad_norm" if "grad_norm" in trace.metrics else "backward_norm" if "backward_norm" in trace.metrics \
         else None
