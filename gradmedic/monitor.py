@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradmedic._budget import check_flush_every
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk
+from gradmedic.probes.base import Chunk, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -91,6 +92,8 @@ class Monitor:
         self.layers = LayerIndex(model)  # wrappers (compile, DDP, FSDP) looked through
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
         self._warned: set[str] = set()
+        check_flush_every(flush_every, len(self.layers), [len(p.metrics) for p in self.probes],
+                          buffer_dtype(self.layers.device))  # before the buffers are made: one line, not torch's
         for probe in self.probes:
             probe.on_failure = self._on_failure
             probe.attach(self.layers, flush_every + 1)
