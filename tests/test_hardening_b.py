@@ -3,6 +3,7 @@ reports, names shown on a terminal, one-line errors from the CLI, and no pass wi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -29,3 +30,88 @@ def test_the_default_and_a_large_flush_every_on_a_small_model_are_accepted():
     model = mlp()
     gm.Monitor(model, flush_every=5000).close()  # 12 layers: well inside the budget
     gm.Monitor(nn.Sequential(*[nn.Linear(4, 4) for _ in range(5000)])).close()  # the default is never refused
+
+
+# --- item 5: replaced parameters are followed ----------------------------------------------------------------
+def train(model, mon, steps, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(16, 8)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        mon.step()
+
+
+def test_parameters_loaded_with_assign_are_measured():
+    model = mlp()
+    with gm.Monitor(model, preset="full", flush_every=3) as mon:
+        train(model, mon, 2)
+        state = {k: v.clone() * 3 for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)  # new Parameter objects; the optimizer must be made again
+        train(model, mon, 4)
+    trace = mon.trace
+    rows = [trace.layers.index(f"{i}.0") for i in range(3)]
+    last = trace.metric("grad_norm")[-1, rows]
+    # the gradients of the parameters the model has now (the old ones keep a stale gradient, or none)
+    now = [torch.cat([p.grad.flatten() for p in model[i][0].parameters()]).norm().item() for i in range(3)]
+    assert last == pytest.approx(now, rel=1e-6), (last, now)
+
+
+def test_a_parameter_replaced_by_assignment_is_measured_not_the_old_one():
+    model = mlp()
+    with gm.Monitor(model, preset="full", flush_every=100) as mon:
+        train(model, mon, 2)
+        with torch.no_grad():
+            model[0][0].weight = nn.Parameter(torch.full((8, 8), 5.0))  # norm 40
+        train(model, mon, 2)
+    weight = mon.trace.metric("weight_norm")[:, mon.trace.layers.index("0.0")]
+    assert weight[-1] == pytest.approx(40.0, rel=0.05), weight
+
+
+def test_a_parameter_written_into_the_dict_directly_is_found_at_the_flush():
+    model = mlp()
+    with gm.Monitor(model, preset="full", flush_every=2) as mon:
+        train(model, mon, 2)
+        model[0][0]._parameters["weight"] = nn.Parameter(torch.full((8, 8), 5.0))  # no registration hook
+        train(model, mon, 4)
+    weight = mon.trace.metric("weight_norm")[:, mon.trace.layers.index("0.0")]
+    assert weight[-1] == pytest.approx(40.0, rel=0.05), weight
+
+
+# --- item 6: a Monitor nobody holds takes its hooks off ------------------------------------------------------
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+
+
+def test_a_dropped_monitor_releases_its_hooks_and_says_so_once():
+    import gc
+    import weakref
+
+    model = mlp()
+    mon = gm.Monitor(model, preset="full")
+    train(model, mon, 2)
+    assert hook_count(model) > 0
+    ref = weakref.ref(mon)
+    with pytest.warns(gm.GradmedicWarning, match="dropped without close") as caught:
+        del mon
+        gc.collect()
+    assert ref() is None and hook_count(model) == 0
+    assert len([w for w in caught if "dropped" in str(w.message)]) == 1
+    model(torch.randn(2, 8)).sum().backward()  # the model runs as before, nothing left of the Monitor
+
+
+def test_a_closed_monitor_says_nothing_when_dropped():
+    import gc
+    import warnings
+
+    model = mlp()
+    mon = gm.Monitor(model, preset="full")
+    train(model, mon, 1)
+    mon.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del mon
+        gc.collect()
+    assert hook_count(model) == 0
