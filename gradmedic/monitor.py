@@ -33,8 +33,8 @@ from torch import nn
 
 from gradmedic._budget import check_flush_every
 from gradmedic._compile import EagerWhileArmed
-from gradmedic._lifecycle import ParameterWatch, follow, release_when_dropped, weak_callback
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
+from gradmedic._lifecycle import ParameterWatch, follow, release_when_dropped, weak_callback
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes

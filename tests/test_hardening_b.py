@@ -3,7 +3,6 @@ reports, names shown on a terminal, one-line errors from the CLI, and no pass wi
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
