@@ -193,7 +193,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> int:
-    print(f"gradmedic: error: {message}", file=sys.stderr)
+    from gradmedic._terminal import printable  # a message may quote a name from the user's model or a file
+
+    print(f"gradmedic: error: {printable(message, newlines=False)}", file=sys.stderr)
     return 2
 
 

@@ -179,7 +179,10 @@ class Trace:
         return frame.dropna(how="all")
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write step, layer and one column per metric; rows with nothing measured are left out."""
+        """Write step, layer and one column per metric; rows with nothing measured are left out. A layer name that a
+        spreadsheet would run as a formula (``=...``) is written after a ``'`` (gradmedic._terminal.csv_cell)."""
+        from gradmedic._terminal import csv_cell
+
         steps, layers, metrics, values = self._materialise()
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -189,7 +192,7 @@ class Trace:
                 row = values[s, j]
                 if np.all(np.isnan(row)):
                     continue
-                writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
+                writer.writerow([int(step), csv_cell(layer), *("" if math.isnan(v) else repr(float(v)) for v in row)])
         return _write_atomic(Path(path), buffer.getvalue().encode())
 
     def to_tensorboard(self, logdir: str | os.PathLike) -> Path:
@@ -251,6 +254,7 @@ class Trace:
     def table(self, title: str | None = None):
         """A rich Table: one row per layer, the last measured value of the main metrics."""
         from gradmedic._rich import Table, Text
+        from gradmedic._terminal import printable
 
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
@@ -267,25 +271,29 @@ class Trace:
             if all(c == "" for c in cells):
                 continue
             # names come from the user's code (or a file): Text, never markup or emoji codes
-            table.add_row(Text(layer or "(model)"), Text(str(types.get(layer, ""))), *cells)
+            # and are shown with their control characters escaped (gradmedic._terminal)
+            table.add_row(Text(printable(layer, newlines=False) or "(model)"),
+                          Text(printable(str(types.get(layer, "")), newlines=False)), *cells)
         return table
 
     def summary(self) -> str:
         """The per-layer table and the events, as plain text."""
         from gradmedic._rich import Console, Text
+        from gradmedic._terminal import printable
 
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps
         span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
-        console.print(Text(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}"))
+        model = printable(str(self.meta.get("model", "a model")), newlines=False)
+        console.print(Text(f"gradmedic trace of {model}: {len(steps)} measured {span}"))
         if "loss" in self.scalar_names:
             loss_steps, loss = self.scalar("loss")
             console.print(f"loss {loss[0]:.4g} at step {loss_steps[0]} -> {loss[-1]:.4g} at step {loss_steps[-1]}")
         console.print(self.table())
         for e in self.events[:10]:
             if e.get("kind") == "nonfinite":
-                console.print(Text(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
-                                   f"{e['module']!r}"))
+                console.print(Text(printable(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
+                                             f"{e['module']!r}", newlines=False)))
         return console.file.getvalue()
 
     def __str__(self) -> str:

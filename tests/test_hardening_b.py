@@ -114,3 +114,49 @@ def test_a_closed_monitor_says_nothing_when_dropped():
         del mon
         gc.collect()
     assert hook_count(model) == 0
+
+
+# --- item 10: names shown on a terminal or in a spreadsheet -----------------------------------------------
+RAW = ("\x1b", "\x07", "\x9b", "\u202e")
+
+
+def escape_trace(tmp_path):
+    from tests.hostile_factories_b import escape_names
+
+    case = escape_names()
+    report = gm.check(case["model"], case["inputs"], targets=case["targets"])
+    path = report.trace.save(tmp_path / "t.gmtrace")
+    return gm.Trace.load(path)
+
+
+def test_escape_sequences_in_names_are_shown_escaped(tmp_path):
+    trace = escape_trace(tmp_path)
+    for text in (str(trace), trace.summary(), str(gm.diagnose(trace))):
+        assert not any(c in text for c in RAW), repr(text)
+        assert "cls\\x1b[2J" in text and "bidi\\u202eevil" in text
+
+
+def test_a_name_that_is_a_formula_is_text_in_the_csv(tmp_path):
+    import csv
+
+    model = nn.Sequential()
+    for name in ("=HYPERLINK(1)", "+1", "-1", "@SUM(1)", "plain\x1b[2J"):
+        model.add_module(name, nn.Linear(4, 4))
+    with gm.Monitor(model, preset="full") as mon:
+        model(torch.randn(2, 4)).sum().backward()
+        mon.step()
+    with open(mon.trace.to_csv(tmp_path / "t.csv"), newline="") as handle:
+        layers = {row["layer"] for row in csv.DictReader(handle)}
+    assert {"'=HYPERLINK(1)", "'+1", "'-1", "'@SUM(1)"} <= layers, layers
+    assert "plain\x1b[2J" in layers  # a file keeps a name as it is: only a formula is changed
+
+
+def test_gradmedic_check_prints_escape_sequences_escaped(capfd, monkeypatch):
+    from gradmedic.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code = main(["check", "tests/hostile_factories_b.py:escape_names"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert not any(c in out + err for c in RAW), repr(out)
+    assert "title\\x1b]0;pwned\\x07" in out

@@ -91,6 +91,7 @@ class Report:
     def table(self):
         """A rich Table: one row per layer with the numbers the rules read and the findings there."""
         from gradmedic._rich import Table, Text
+        from gradmedic._terminal import printable
 
         table = Table(title_justify="left")
         for header in ("layer", "type", "backward signal", "grad/weight", "saturated", "dead", "finding"):
@@ -105,7 +106,8 @@ class Report:
             cells = [_fmt(row.get("backward_norm")), _fmt(row.get("grad_to_weight")),
                      _pct(row.get("saturated_frac")), _pct(row.get("dead_frac"))]
             # names come from the user's code: Text, never markup ("[/]" or "[red]" in a name is data)
-            table.add_row(Text(row["layer"] or "(model)"), Text(row["type"]), *cells,
+            table.add_row(Text(printable(row["layer"], newlines=False) or "(model)"),
+                          Text(printable(row["type"], newlines=False)), *cells,
                           ", ".join(where.get(row["layer"], [])))
         return table
 
@@ -113,6 +115,7 @@ class Report:
         """Print the table and the findings with their remedies (to ``console`` or stdout). ``fit_table``: the table
         as wide as its rows need (whole layer names on one line), the findings at the console's width."""
         from gradmedic._rich import Console, Text
+        from gradmedic._terminal import printable
 
         console = console or Console()
         if self.trace is not None:
@@ -131,7 +134,8 @@ class Report:
             console.print("[green]No findings: gradients flow.[/]")
         colour = {"info": "cyan", "warning": "yellow", "error": "red"}
         for f in self.findings:
-            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), f" {f.kind}: {f.message}"))
+            # a message names layers, which come from the user's code or a file: control characters escaped
+            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), printable(f" {f.kind}: {f.message}")))
             if f.remedies:
                 fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
                 console.print(Text(f"    remedies: {fixes}"))
