@@ -3,6 +3,7 @@ reports, names shown on a terminal, one-line errors from the CLI, and no pass wi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -160,3 +161,65 @@ def test_gradmedic_check_prints_escape_sequences_escaped(capfd, monkeypatch):
     assert code == 0, err
     assert not any(c in out + err for c in RAW), repr(out)
     assert "title\\x1b]0;pwned\\x07" in out
+
+
+# --- item 11: traces whose meta or values would crash diagnose and report ----------------------------------
+def saved_members(tmp_path) -> dict[str, bytes]:
+    import zipfile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    path = gm.check(model, torch.randn(8, 4)).trace.save(tmp_path / "real.gmtrace")
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def write_members(path, members: dict[str, bytes]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("key,value", [("roles", ["block"]), ("roles", {"0": 3}), ("roles", "block"),
+                                       ("check", ["steps"]), ("check", {"steps": "3"}), ("check", {"loss_from": 1}),
+                                       ("check", 7)])
+def test_meta_roles_and_check_of_the_wrong_type_are_refused_at_load(tmp_path, capfd, key, value):
+    import json
+
+    from gradmedic.cli import main
+
+    members = saved_members(tmp_path)
+    doc = json.loads(members["trace.json"])
+    doc["meta"][key] = value
+    path = write_members(tmp_path / "bad.gmtrace", {**members, "trace.json": json.dumps(doc).encode()})
+    with pytest.raises(gm.GradmedicError, match=f"meta.{key}"):
+        gm.Trace.load(path)
+    code = main(["report", str(path), "-o", str(tmp_path / "r.html")])
+    out, err = capfd.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and f"meta.{key}" in err, (out, err)
+
+
+def test_values_of_1e308_are_reported(tmp_path, capfd):
+    import io
+
+    from gradmedic.cli import main
+
+    members = saved_members(tmp_path)
+    values = np.load(io.BytesIO(members["values.npy"]))
+    changed = {}
+    for name, huge in (("values.npy", np.where(np.isnan(values), values, 1e308)),
+                       ("scalars/loss.values.npy", None)):
+        if name not in members:
+            continue
+        array = huge if huge is not None else np.full_like(np.load(io.BytesIO(members[name])), 1e308)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        changed[name] = buffer.getvalue()
+    path = write_members(tmp_path / "huge.gmtrace", {**members, **changed})
+    code = main(["report", str(path), "-o", str(tmp_path / "r.html")])
+    out, err = capfd.readouterr()
+    assert code == 0 and "Traceback" not in err, err
+    assert (tmp_path / "r.html").stat().st_size > 10_000
