@@ -34,7 +34,13 @@ def _console(stderr: bool = False):
 
     stream = sys.stderr if stderr else sys.stdout
     piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+    console = Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+    console.on_broken_pipe = _broken_pipe  # rich's own exits with status 1; the command keeps its own (_run)
+    return console
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError("the reader of gradmedic's output has gone")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -224,7 +230,9 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     if path.is_dir():
         raise GradmedicError(f"{path_text} is a folder: give a Python file and a function, FILE.py:FUNCTION")
     if not path.is_file():
-        raise GradmedicError(f"no such file: {path_text}")
+        from gradmedic._paths import not_a_file
+
+        raise GradmedicError(not_a_file(path_text, "give a Python file and a function, FILE.py:FUNCTION"))
     module_name = f"gradmedic_user_{abs(hash(str(path.resolve())))}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
@@ -268,21 +276,25 @@ def _check(args: argparse.Namespace) -> int:
             write_page(report_page(report, title=f"gradmedic check: {args.target}"), args.report)
         except OSError as error:
             return _fail(_cannot_write(args.report, error))
-    if args.json:
-        print(report.to_json())
-    else:
-        report.render(_console())
-        if args.report:
-            print(f"Report written to {args.report}")
-    if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
-        print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+    code = 0
     if args.fail_on is not None:
         from gradmedic.diagnosis import SEVERITIES
 
         threshold = SEVERITIES.index(args.fail_on)
-        if any(f.rank >= threshold for f in report.findings):
-            return 1
-    return 0
+        code = 1 if any(f.rank >= threshold for f in report.findings) else 0
+    try:
+        if args.json:
+            print(report.to_json())
+        else:
+            report.render(_console())
+            if args.report:
+                print(f"Report written to {args.report}")
+        if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
+            print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (| head): the verdict is still the exit status
+        return _reader_gone(code)
+    return code
 
 
 @contextlib.contextmanager
@@ -409,10 +421,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return args.run(args)
+        if argv is None and args.run is _check:  # the command itself: no verdict, no pass (gradmedic._verdict)
+            from gradmedic._verdict import with_verdict
+
+            return with_verdict(lambda: _run(args), f"gradmedic check {args.target}")
+        return _run(args)
     except KeyboardInterrupt:  # Ctrl-C anywhere, start-up included: one line, the shell's 130
         print("gradmedic: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with its output flushed here: a reader that went away (``| head``, ``| true``) is no
+    traceback (BrokenPipeError), and the exit status stays the command's own when it had one."""
+    try:
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _reader_gone(EXIT_BROKEN_PIPE)
+
+
+# 128 + SIGPIPE: the status of a command that wrote to a pipe nobody reads (what `yes | head` gives `yes`)
+EXIT_BROKEN_PIPE = 141
+
+
+def _reader_gone(code: int) -> int:
+    """stdout's reader has gone: what remains for it goes to /dev/null, so that Python's own flush at exit does
+    not print "Exception ignored ... BrokenPipeError" (the recipe of Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return code
 
 
 if __name__ == "__main__":

@@ -223,3 +223,77 @@ def test_values_of_1e308_are_reported(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert code == 0 and "Traceback" not in err, err
     assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+# --- items 11 and 12: the CLI's one-line promises, through the real console script where it matters ------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SCRIPT = __import__("pathlib").Path(__import__("sys").executable).parent / "gradmedic"
+ONE_LINE_FACTORIES = "tests/hostile_factories_b.py"
+
+
+def command(*args: str, **kwargs):
+    import subprocess
+
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+
+
+def test_a_custom_backward_raising_valueerror_is_one_line(capfd, monkeypatch):
+    from gradmedic.cli import main
+
+    monkeypatch.chdir(ROOT)
+    for steps in ("0", "1"):  # in place, and on a copy
+        code = main(["check", f"{ONE_LINE_FACTORIES}:custom_backward_raises", "--steps", steps])
+        out, err = capfd.readouterr()
+        assert code == 2 and err.count("\n") == 1 and "ValueError: custom backward refuses" in err, err
+
+
+def test_a_fifo_or_a_device_given_as_the_file_says_what_it_is(tmp_path, capfd):
+    import os
+
+    from gradmedic.cli import main
+
+    fifo = tmp_path / "model.py"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a named pipe (FIFO)"), ("/dev/zero", "a character device")):
+        code = main(["check", f"{path}:build"])
+        out, err = capfd.readouterr()
+        assert code == 2 and err.count("\n") == 1 and f"is {kind}, not a file" in err, err
+        assert "no such file" not in err
+
+
+def test_a_model_that_exits_the_process_with_status_0_cannot_pass_the_gate():
+    done = command("check", f"{ONE_LINE_FACTORIES}:exits_in_forward", "--fail-on", "error")
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and "ended without a verdict" in done.stderr, done.stderr
+
+
+def test_the_verdict_child_passes_what_the_check_said():
+    healthy = command("check", "examples/resnet_cnn.py:build", "--fail-on", "warning")
+    assert healthy.returncode == 0 and "healthy" in healthy.stdout, healthy.stderr
+    sick = command("check", "examples/sigmoid_mlp.py:build", "--fail-on", "error", "--json")
+    assert sick.returncode == 1 and __import__("json").loads(sick.stdout)["healthy"] is False
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line():
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen([str(SCRIPT), "check", "examples/sigmoid_mlp.py:build"], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.3)  # importing torch takes 1.5-2.5 s: the interrupt lands inside `import gradmedic`
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err == "gradmedic: interrupted\n", (child.returncode, err)
+
+
+@pytest.mark.parametrize("args,code", [(("lab", "list"), 141),
+                                       (("check", "examples/resnet_cnn.py:build", "--fail-on", "warning"), 0),
+                                       (("check", "examples/sigmoid_mlp.py:build", "--fail-on", "error"), 1)])
+def test_a_closed_stdout_is_no_traceback_and_the_verdict_stays(args, code):
+    import subprocess
+
+    quoted = " ".join(f"'{a}'" for a in (str(SCRIPT), *args))
+    done = subprocess.run(["bash", "-c", f"{quoted} | true; exit ${{PIPESTATUS[0]}}"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == code and done.stderr == "", (done.returncode, done.stderr)
