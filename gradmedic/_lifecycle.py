@@ -45,13 +45,12 @@ def weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
 def release_when_dropped(monitor: Any) -> weakref.finalize:
     """Take the Monitor's hooks off the model when it is collected without ``close()``; ``detach()`` the result on
     close. Not run at interpreter exit (nothing to release then)."""
-    finaliser = weakref.finalize(monitor, _release, list(monitor.probes), monitor._eager, type(monitor.model).__name__,
-                                 monitor.step_count)
+    finaliser = weakref.finalize(monitor, _release, list(monitor.probes), monitor._eager, type(monitor.model).__name__)
     finaliser.atexit = False
     return finaliser
 
 
-def _release(probes: list[Any], eager: Any, model: str, _steps: int) -> None:
+def _release(probes: list[Any], eager: Any, model: str) -> None:
     for probe in probes:
         probe.remove_hooks()  # never raises
     try:
