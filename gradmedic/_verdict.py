@@ -1,4 +1,5 @@
-"""``gradmedic check`` as a CI gate: no verdict, no pass.
+"""The gradmedic command's exit status: ``gradmedic check`` as a CI gate (no verdict, no pass), and a reader of its
+output that went away (``| head``, ``| true``), which is no traceback and leaves the status the command's own.
 
 The user's model runs inside the check, and ``os._exit(0)`` there (or a library that calls it) ended the process with
 status 0 and no output: ``--fail-on error`` passed on a check that never ran. Nothing inside a process runs after
@@ -19,8 +20,40 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["with_verdict"]
+__all__ = ["EXIT_BROKEN_PIPE", "broken_pipe", "reader_gone", "run_command", "with_verdict"]
+
+# 128 + SIGPIPE: the status of a command that wrote to a pipe nobody reads (what `yes | head` gives `yes`)
+EXIT_BROKEN_PIPE = 141
+
+
+def run_command(run: Callable[[Any], int], args: Any) -> int:
+    """``run(args)`` with its output flushed here, so that a reader gone away is a BrokenPipeError caught here (not
+    Python's "Exception ignored" at exit): EXIT_BROKEN_PIPE, unless the command returned its own status first."""
+    try:
+        code = run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return reader_gone(EXIT_BROKEN_PIPE)
+
+
+def broken_pipe() -> None:
+    """For rich's ``Console.on_broken_pipe``, whose own exits with status 1 (a healthy check then failed a gate)."""
+    raise BrokenPipeError("the reader of gradmedic's output has gone")
+
+
+def reader_gone(code: int) -> int:
+    """stdout's reader has gone: what remains for it goes to /dev/null, so that Python's own flush at exit does not
+    print "Exception ignored ... BrokenPipeError" (the recipe of Python's signal documentation). Returns ``code``."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return code
 
 
 def _flush() -> None:

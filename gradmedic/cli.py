@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gradmedic._verdict import broken_pipe, reader_gone, run_command, with_verdict
+
 __all__ = ["main"]
 
 # Width given to tables when the output is not a terminal (a pipe, a file, CI logs): wide enough for
@@ -35,12 +37,8 @@ def _console(stderr: bool = False):
     stream = sys.stderr if stderr else sys.stdout
     piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
     console = Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
-    console.on_broken_pipe = _broken_pipe  # rich's own exits with status 1; the command keeps its own (_run)
+    console.on_broken_pipe = broken_pipe  # rich's own exits with status 1; the command keeps its own
     return console
-
-
-def _broken_pipe() -> None:
-    raise BrokenPipeError("the reader of gradmedic's output has gone")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -293,7 +291,7 @@ def _check(args: argparse.Namespace) -> int:
             print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (| head): the verdict is still the exit status
-        return _reader_gone(code)
+        return reader_gone(code)
     return code
 
 
@@ -422,40 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if argv is None and args.run is _check:  # the command itself: no verdict, no pass (gradmedic._verdict)
-            from gradmedic._verdict import with_verdict
-
-            return with_verdict(lambda: _run(args), f"gradmedic check {args.target}")
-        return _run(args)
+            return with_verdict(lambda: run_command(args.run, args), f"gradmedic check {args.target}")
+        return run_command(args.run, args)
     except KeyboardInterrupt:  # Ctrl-C anywhere, start-up included: one line, the shell's 130
         print("gradmedic: interrupted", file=sys.stderr)
         return 130
-
-
-def _run(args: argparse.Namespace) -> int:
-    """The command, with its output flushed here: a reader that went away (``| head``, ``| true``) is no
-    traceback (BrokenPipeError), and the exit status stays the command's own when it had one."""
-    try:
-        code = args.run(args)
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        return _reader_gone(EXIT_BROKEN_PIPE)
-
-
-# 128 + SIGPIPE: the status of a command that wrote to a pipe nobody reads (what `yes | head` gives `yes`)
-EXIT_BROKEN_PIPE = 141
-
-
-def _reader_gone(code: int) -> int:
-    """stdout's reader has gone: what remains for it goes to /dev/null, so that Python's own flush at exit does
-    not print "Exception ignored ... BrokenPipeError" (the recipe of Python's signal documentation)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
-    return code
 
 
 if __name__ == "__main__":
