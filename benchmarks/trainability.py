@@ -190,7 +190,7 @@ def main() -> None:
 
 EXPLANATION = """
 The thresholds that decide these cells were calibrated on this grid (the comments beside them in
-`gradmedic/diagnosis/depth.py` and `rules.py` give the numbers), so the agreement is in-sample; the row
+`gradmedic/diagnosis/rules/depth.py` and `rules/units.py` give the numbers), so the agreement is in-sample; the row
 for the seed-1 draw of every net (same thresholds, other weights) shows it does not hang on one draw.
 The cells where `gm.check` disagrees with training, in the run cached here:
 

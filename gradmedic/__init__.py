@@ -1,7 +1,7 @@
 """gradmedic: find, explain and fix vanishing and exploding gradients in PyTorch models."""
 
 try:  # importing torch takes seconds: Ctrl-C then is one line for the gradmedic command (gradmedic._startup)
-    from gradmedic._errors import GradmedicError, GradmedicWarning
+    from gradmedic._errors import GradmedicError, GradmedicFindingWarning, GradmedicWarning
     from gradmedic.check import check
     from gradmedic.diagnosis import KINDS, REMEDIES, Finding, Report, diagnose
     from gradmedic.monitor import Monitor
@@ -15,5 +15,5 @@ except KeyboardInterrupt:
 
 __version__ = "0.1.0"
 
-__all__ = ["KINDS", "REMEDIES", "Finding", "GradmedicError", "GradmedicWarning", "Monitor", "Report", "Trace",
-           "Treatment", "__version__", "check", "diagnose", "treat"]
+__all__ = ["KINDS", "REMEDIES", "Finding", "GradmedicError", "GradmedicFindingWarning", "GradmedicWarning", "Monitor",
+           "Report", "Trace", "Treatment", "__version__", "check", "diagnose", "treat"]

@@ -61,6 +61,16 @@ ACTIVATION_KINDS: dict[str, str] = {
 }
 
 
+# The rectifier family, by class name: the activations He init is derived for (a gain of sqrt(2), or the leaky
+# variant's), whether or not their units can die. A different question from ACTIVATION_KINDS's "relu", which is the
+# units that can die (an exact zero region): LeakyReLU is a rectifier whose units cannot die, so it is "smooth"
+# there and a rectifier here.
+RECTIFIERS = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU"})
+
+# The saturating activations as torch classes, for the remedies that find and replace them as modules
+SATURATING_TYPES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
+
+
 def activation_kind(module: nn.Module) -> str | None:
     """"saturating", "relu", "smooth", or None when ``module`` is not an activation."""
     for cls in type(module).__mro__:
@@ -77,6 +87,13 @@ def activation_kind(module: nn.Module) -> str | None:
 # (LlamaRMSNorm, T5LayerNorm, ConvNextLayerNorm, MambaRMSNormGated, FrozenBatchNorm2d, ...)
 _NORM_NAME = re.compile(r"(Norm|Norm[123]d|NormGated)$")
 
+# torch's normalisation classes, for the remedies that find or insert them
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+# torch's normalisation layers by class name: how a trace that carries no roles (an older file) is read
+TORCH_NORM_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+                              "InstanceNorm2d", "RMSNorm", "SyncBatchNorm"})
+
 
 # ...except a layer named for what it is not: MobileBERT's NoNorm is a scale and a shift, nothing normalised, so
 # its activations keep whatever scale the layers give them (1e-3 at init) and a model of them is not normalised
@@ -88,7 +105,7 @@ def is_norm(module: nn.Module) -> bool:
     (Wav2Vec2's ``EncoderLayerStableLayerNorm`` is an encoder layer and its ``EncoderStableLayerNorm`` an encoder,
     named for where they put their norms; an adaptive norm's own Linear is fine)."""
     name = type(module).__name__
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+    if isinstance(module, NORM_TYPES):
         return True
     if not _NORM_NAME.search(name) or _NOT_NORM_NAME.search(name):
         return False

@@ -15,25 +15,21 @@ memory extra on a 1000-layer MLP). Training ``steps`` > 0 changes the weights, s
 from __future__ import annotations
 
 import copy
-import inspect
-import itertools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
-from gradmedic._inputs import split_inputs
-from gradmedic._tensors import first_float_tensor, float_tensors
+from gradmedic._inputs import forward_loss, rebuild_optimizer, split_inputs
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.probes import SignalProbe, build_probes
 
 __all__ = ["check"]
 
-PROJECTION_SEED = 0  # the fixed random projection used when no loss is given
 
 
 def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable | None = None,
@@ -81,7 +77,7 @@ def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, l
     state = _ModelState(model)
     try:
         with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
-            loss, how = _forward_loss(model, args, kwargs, targets, loss_fn)
+            loss, how = forward_loss(model, args, kwargs, targets, loss_fn)
             extra = [t for probe in monitor.probes for t in probe.gradient_inputs()]
             for p, g in zip(params, _gradients(loss, params, extra), strict=True):
                 p.grad = g  # lent to the probes (they read .grad) until the state is restored below
@@ -156,7 +152,7 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
             if step:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            loss, how = _forward_loss(work, args, kwargs, targets, loss_fn)
+            loss, how = forward_loss(work, args, kwargs, targets, loss_fn)
             try:
                 loss.backward()
             except Exception as error:  # not only RuntimeError: a custom backward raises what it likes
@@ -223,82 +219,16 @@ class _ModelState:
                           stacklevel=3)
 
 
-def _forward_loss(model: nn.Module, args: tuple, kwargs: dict, targets: Any,
-                  loss_fn: Callable | None) -> tuple[torch.Tensor, str]:
-    """The model's forward and the loss, with what the loss is (see ``_loss``)."""
-    try:
-        outputs = model(*args, **kwargs)
-    except Exception as error:
-        raise GradmedicError(f"The model's forward failed on these inputs ({type(error).__name__}: "
-                             f"{first_line(error)}); check their shapes, dtypes and device against the model.") \
-            from error
-    try:
-        loss, how = _loss(outputs, targets, loss_fn)
-    except GradmedicError:
-        raise
-    except Exception as error:
-        raise GradmedicError(f"The loss failed ({type(error).__name__}: {first_line(error)}); check that "
-                             "loss_fn(outputs, targets) fits the model's outputs.") from error
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        raise GradmedicError(f"The loss should be a floating-point scalar tensor, but it is {_describe(loss)}; "
-                             "make loss_fn return one.")
-    if not loss.requires_grad:
-        raise GradmedicError("The loss does not depend on any trainable parameter (it has no grad_fn); check that "
-                             "the model's forward is not under torch.no_grad() and that loss_fn uses its outputs.")
-    return loss.reshape(()), how
-
-
-def _loss(outputs: Any, targets: Any, loss_fn: Callable | None) -> tuple[torch.Tensor, str]:
-    """The loss, and what it is: "given" (loss_fn), "model" (the outputs' own ``.loss``), "targets" (cross-entropy
-    or MSE against them), "projection" (the stand-in, of the model's only floating-point output) or
-    "projection_of_first" (the stand-in, of the first of several: the others get no gradient from it)."""
-    if loss_fn is not None:
-        return loss_fn(outputs, targets), "given"
-    hf_loss = first_float_tensor(outputs, prefer_loss=True)
-    has_loss = hf_loss is not None and hf_loss.numel() == 1 and (
-        getattr(outputs, "loss", None) is hf_loss or (isinstance(outputs, Mapping) and outputs.get("loss") is hf_loss))
-    if targets is None and has_loss:
-        return hf_loss, "model"
-    out = first_float_tensor(outputs)
-    if out is None:
-        raise GradmedicError(f"The model returned no floating-point tensor ({_describe(outputs)}); pass loss_fn.")
-    if targets is None:
-        gen = torch.Generator(device=out.device).manual_seed(PROJECTION_SEED)
-        projection = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-        # the mean, not the sum: dL/d(output) = projection / numel, what mean-squared error on unit-scale
-        # errors gives, so the gradient does not grow with the sequence length or width of the output
-        # "projection_of_first" when the outputs hold other floating-point tensors, which this loss leaves out
-        others = next(itertools.islice(float_tensors(outputs), 1, None), None) is not None
-        return (out * projection).mean(), "projection_of_first" if others else "projection"
-    if not isinstance(targets, torch.Tensor):
-        raise GradmedicError(f"targets should be a tensor when no loss_fn is given, but given {_describe(targets)}; "
-                             "pass loss_fn.")
-    if not targets.is_floating_point() and out.dim() >= 2 and targets.shape == out.shape[:1] + out.shape[2:]:
-        return nn.functional.cross_entropy(out, targets), "targets"
-    if targets.is_floating_point() and targets.shape == out.shape:
-        return nn.functional.mse_loss(out, targets), "targets"
-    raise GradmedicError(f"No default loss fits outputs {tuple(out.shape)} and targets {tuple(targets.shape)} "
-                         f"({targets.dtype}); pass loss_fn(outputs, targets).")
-
-
 def _optimizer_for(work: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    """The user's optimizer, rebuilt over the copy's parameters with its groups, or Adam 1e-3 without one."""
     if optimizer is None:
         return torch.optim.Adam(work.parameters(), lr=1e-3)
     index = {id(p): i for i, p in enumerate(model.parameters())}
     copies = list(work.parameters())
     groups = [{**{k: v for k, v in g.items() if k != "params"},
                "params": [copies[index[id(p)]] for p in g["params"] if id(p) in index]} for g in optimizer.param_groups]
-    accepted = inspect.signature(type(optimizer)).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     try:
-        return type(optimizer)([g for g in groups if g["params"]], **defaults)
+        return rebuild_optimizer(optimizer, [g for g in groups if g["params"]])
     except Exception as error:
         raise GradmedicError(f"Could not rebuild {type(optimizer).__name__} for the copy ({first_line(error)}); "
                              "pass optimizer=None to train the copy with Adam(lr=1e-3).") from error
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
-    return f"a {type(obj).__name__}"
-

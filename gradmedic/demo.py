@@ -19,6 +19,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import gradmedic as gm
+from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, Table, TextColumn, TimeElapsedColumn
+from gradmedic.lab.tasks import digits
+from gradmedic.monitor import Monitor
+from gradmedic.report import plots, report_page, write_page
+
 __all__ = ["DemoResult", "run_demo", "sick_model"]
 
 VERIFY_STEPS = 60  # each remedy must lower the loss of 60 Adam steps on the demo's minibatches
@@ -56,8 +62,6 @@ class DemoResult:
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, steps: int, batch: int, seed: int,
            clip=None, progress=None) -> Phase:
-    from gradmedic.monitor import Monitor
-
     gen = torch.Generator().manual_seed(seed)
     losses = []
     with Monitor(model, optimizer, every=max(1, steps // 20)) as monitor:
@@ -86,9 +90,6 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, steps: int,
 
 def run_demo(steps: int = 300, depth: int = 10, seed: int = 0, html: str | Path | None = "gradmedic-demo.html",
              console=None) -> DemoResult:
-    import gradmedic as gm
-    from gradmedic.lab.tasks import digits
-
     task = digits(seed)
     model = sick_model(depth, seed=seed)
     batch = 64
@@ -125,7 +126,6 @@ class _progress:
     def __enter__(self):
         if self.console is None:
             return None
-        from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=self.console, transient=True)
@@ -139,7 +139,6 @@ class _progress:
 
 
 def _print(console, result: DemoResult) -> None:
-    from gradmedic._rich import Table
 
     console.print(result.report.table() if result.report.findings else "No findings.")
     for f in result.report.findings:
@@ -155,8 +154,6 @@ def _print(console, result: DemoResult) -> None:
 
 
 def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) -> Path:
-    from gradmedic.report import plots, report_page, write_page
-
     page = report_page(result.report, title=f"gradmedic demo: a {depth}-layer sigmoid MLP on digits")
     page.heading("Treatment")
     page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])

@@ -33,8 +33,11 @@ from torch import nn
 
 from gradmedic._budget import check_flush_every
 from gradmedic._compile import EagerWhileArmed
+from gradmedic._distributed import RankCombiner, active
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._lifecycle import ParameterWatch, follow, release_when_dropped, weak_callback
+from gradmedic._live import LiveFindings
+from gradmedic._run_scalars import RunScalars
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
@@ -54,9 +57,14 @@ class Monitor:
     ``(step, metrics)`` (``wandb.log`` and ``mlflow.log_metrics`` work as they are) that receives the
     numbers at each flush.
 
+    While it trains, each scheduled flush diagnoses the trace so far: a finding that is new or worse is said once
+    (a ``GradmedicFindingWarning``, a text to ``log_to``, and ``on_finding(finding)``); ``live=False`` keeps quiet
+    until ``diagnose()``. ``scaler``: a ``torch.amp.GradScaler``, whose scale is recorded at every step (a
+    collapsing scale is how float16 overflow shows).
+
     Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
     DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
-    combines every rank's numbers in one collective (``gradmedic.integrations.distributed``), and only
+    combines every rank's numbers in one collective (``gradmedic._distributed``), and only
     rank 0's ``trace.save`` and ``log_to`` sink write (``rank_files=True``: every rank writes
     ``NAME.rankN.gmtrace``). Create the Monitor on every rank, and call ``close()`` on every rank:
     reading ``monitor.trace`` mid-run does not communicate and shows what was combined at the last flush.
@@ -66,7 +74,7 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  preset: str = "standard", every: int | None = None, probes: list[Probe] | None = None,
                  flush_every: int = 100, log_to: Any = None, distributed: bool | None = None,
-                 rank_files: bool = False):
+                 rank_files: bool = False, on_finding: Any = None, live: bool = True, scaler: Any = None):
         if not isinstance(model, nn.Module):
             raise bad_argument("model", "a torch.nn.Module", model)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -82,6 +90,8 @@ class Monitor:
         if not any(True for _ in model.parameters()):
             raise bad_argument("model", "a module with parameters", type(model).__name__,
                                "There is no gradient to watch in a model without parameters.")
+        if on_finding is not None and not callable(on_finding):
+            raise bad_argument("on_finding", "a callable taking a Finding, or None", on_finding)
         if distributed not in (None, True, False):
             raise bad_argument("distributed", "None (combine across ranks when a process group is initialised),"
                                " True or False", distributed)
@@ -98,10 +108,9 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = weak_callback(self._on_failure)  # hooks hold probes: never the Monitor
             probe.attach(self.layers, flush_every + 1)
-        # loss and learning rate at every step, flushed as scalars, not grid rows: (step, column, value) with the
-        # value a Python number, or a device tensor (the loss, detached) read at the flush
-        self._run_host: list[tuple[int, int, float]] = []
-        self._run_device: list[tuple[int, int, torch.Tensor]] = []
+        self._run = RunScalars(self._warn)  # loss, learning rate and loss scale at every step
+        self.scaler = scaler
+        self._live = LiveFindings(on_finding) if live else None
         self._trace = Trace(self._meta())
         self._combiner = self._rank_combiner(distributed, rank_files)
         self._step = 0
@@ -122,8 +131,6 @@ class Monitor:
         """A RankCombiner when this process is one rank of several (and not told otherwise), else None."""
         if distributed is False or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return None
-        from gradmedic.integrations.distributed import RankCombiner, active
-
         if not active():
             return None
         combiner = RankCombiner(self.layers, type(self.model).__name__)
@@ -148,6 +155,13 @@ class Monitor:
         """How many times ``step()`` has been called."""
         return self._step
 
+    def gradients_due(self) -> bool:
+        """Whether ``record_gradients()`` has work at the current step: a probe that reads ``.grad`` measures at it,
+        or at the next (then the weights are snapshot here, before the optimizer's step). A framework callback arms
+        its end-of-backward hook only then."""
+        step = self._step
+        return any(p.should_compute(step) or p.should_compute(step + 1) for p in self.probes if not p.uses_hooks)
+
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Record this training step; call after ``loss.backward()``. ``loss`` is optional."""
         if self._closed:
@@ -161,7 +175,7 @@ class Monitor:
                 self._safely(probe, probe.collect, step)
         self._recorded.clear()
         self._disarm(keep=step + 1)
-        self._record_run(step, loss)
+        self._run.record(step, loss, self.optimizer, self.scaler)
         for probe in self.probes:
             if id(probe) not in self._prepared:
                 self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
@@ -170,6 +184,7 @@ class Monitor:
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
+            self._say_findings()
         self._arm(self._step)
 
     def record_gradients(self) -> None:
@@ -195,51 +210,6 @@ class Monitor:
                 # so that exactly one optimizer step lies between the two (after it, at step(), none would)
                 self._safely(probe, probe.after_step, step, True)
                 self._prepared.add(id(probe))
-
-    def _record_run(self, step: int, loss: torch.Tensor | float | None) -> None:
-        """Loss and learning rate of this step. A tensor (the loss; a learning rate kept as a tensor) is copied on
-        the device, its first entry only, and read at the flush with the others (one copy per device): a copy, since
-        the user's tensor may change in place after the step (a loss accumulator zeroed, a scheduler's ``fill_``
-        of a tensor learning rate, a CUDA graph's output). A Python number stays on the host: writing it into a
-        device buffer would be a blocking host-to-device copy per step on CUDA."""
-        try:
-            lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
-            for col, value in enumerate((loss, lr)):
-                if isinstance(value, torch.Tensor):
-                    value = value.detach()
-                    if value.numel() == 1:
-                        self._run_device.append((step, col, value.clone()))
-                    elif value.numel():  # a loss per sample: its first entry, as before; an empty one has none
-                        self._run_device.append((step, col, value.reshape(-1)[:1].clone()))
-                elif value is not None:
-                    self._run_host.append((step, col, float(value)))
-        except Exception as error:  # noqa: BLE001 - a monitor must never break training
-            self._warn("run", error, what="recording the loss and learning rate", consequence="that value was dropped")
-
-    def _drain_run(self) -> Chunk | None:
-        host, self._run_host = self._run_host, []
-        kept, self._run_device = self._run_device, []
-        by_device: dict[torch.device, list[tuple[int, int, torch.Tensor]]] = {}
-        for entry in kept:
-            by_device.setdefault(entry[2].device, []).append(entry)
-        for entries in by_device.values():  # one copy to the host per device; cat promotes mixed dtypes
-            try:
-                values = torch.cat([t.reshape(1) for _, _, t in entries]).cpu().tolist()
-                host += [(s, col, float(v)) for (s, col, _), v in zip(entries, values, strict=True)]
-            except Exception as error:  # noqa: BLE001 - the other devices' values and the host numbers stay
-                self._warn("run read", error, what="reading the loss and learning rate at the flush",
-                           consequence="the values kept on that device were dropped")
-        scalars = {}
-        for j, name in enumerate(("loss", "lr")):
-            # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
-            pairs = sorted((s, v) for s, col, v in host if col == j and not np.isnan(v))
-            if pairs:
-                scalars[name] = (np.asarray([s for s, _ in pairs], dtype=np.int64),
-                                 np.asarray([v for _, v in pairs], dtype=np.float64))
-        if not scalars:
-            return None
-        return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
-                     scalars=scalars)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Monitor]:
@@ -308,7 +278,7 @@ class Monitor:
             if isinstance(chunk, Chunk):
                 chunks[f"{i}:{probe.name}"] = chunk
         try:
-            chunk = self._drain_run()
+            chunk = self._run.drain()
             if chunk is not None:
                 chunks["run"] = chunk
         except Exception as error:  # noqa: BLE001
@@ -325,6 +295,8 @@ class Monitor:
         if self.sink is not None and chunks and self._writes:
             self._to_sink(lambda sink: sink.write(list(chunks.values())))
         self._since_flush = 0
+        if "run" in chunks and not self._closed:
+            self._look_for_nans(chunks["run"])
         try:
             follow(self)  # every buffer is empty now: parameters replaced since are taken up
         except Exception as error:  # noqa: BLE001 - a monitor must never break training
@@ -335,6 +307,28 @@ class Monitor:
         measuring this step with the old ones. One attribute read per step otherwise."""
         if self._params_watch is not None and self._params_watch.changed:
             self.flush()
+
+    def _look_for_nans(self, run: Chunk) -> None:
+        """A non-finite loss since the last flush: the NaN/Inf probe measures the next step too, off its schedule,
+        so that it says which module makes the NaN (read on the host, where the flush brought the losses)."""
+        losses = run.scalars.get("loss")
+        if losses is not None and not np.all(np.isfinite(losses[1])):
+            for probe in self.probes:
+                if probe.name == "nonfinite":
+                    probe.also_at(self._step)
+
+    def _say_findings(self) -> None:
+        """Diagnose the trace so far and say what is new or worse (``_live``); rank 0 only under torch.distributed.
+        A failure here costs the live findings (one warning), never the user's step."""
+        if self._live is None or not self._writes:
+            return
+        try:
+            fresh = self._live.update(self._trace, self._step - 1)
+            if fresh and self.sink is not None:
+                self._to_sink(lambda sink: sink.text("findings", findings_text(fresh), self._step - 1))
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("live", error, what="diagnosing the run while it trains", consequence="findings are said "
+                       "only at the end (monitor.diagnose())")
 
     @property
     def _writes(self) -> bool:

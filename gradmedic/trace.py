@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._terminal import printable
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
+from gradmedic._trace_meta import TraceMeta
 from gradmedic.probes.base import Chunk
 
 __all__ = ["Trace"]
@@ -40,8 +42,8 @@ SUMMARY_COLUMNS = (
 class Trace:
     """Steps x layers x metrics; NaN where a metric was not measured at a step."""
 
-    def __init__(self, meta: dict[str, Any] | None = None):
-        self.meta: dict[str, Any] = dict(meta or {})
+    def __init__(self, meta: TraceMeta | dict[str, Any] | None = None):
+        self.meta = TraceMeta.of(dict(meta or {}))
         self._chunks: list[Chunk] = []
         self._cache: tuple[np.ndarray, list[str], list[str], np.ndarray] | None = None
         # set by a rank-aware Monitor on ranks other than 0: "" writes nothing, ".rankN" writes NAME.rankN.EXT
@@ -166,11 +168,25 @@ class Trace:
         """Discrete happenings, e.g. the first module with a NaN: dicts with ``step`` and ``kind``."""
         return [e for c in self._chunks for e in c.events]
 
+    def until(self, step: int) -> Trace:
+        """The trace as it stood after ``step``: every measurement at a later step left out (grids, series, scalars,
+        events). What a diagnosis mid-run saw, so that it can be compared with the end of the run cut there."""
+        cut = Trace(self.meta)
+        for c in self._chunks:
+            rows = c.steps <= step
+            series = {name: {layer: (s[s <= step], v[s <= step]) for layer, (s, v) in per_layer.items()}
+                      for name, per_layer in c.series.items()}
+            scalars = {name: (s[s <= step], v[s <= step]) for name, (s, v) in c.scalars.items()}
+            cut.extend(Chunk(steps=c.steps[rows], layers=c.layers, metrics=c.metrics, values=c.values[rows],
+                             series=series, events=[e for e in c.events if e.get("step", 0) <= step],
+                             scalars=scalars))
+        return cut
+
     # --- export ---------------------------------------------------------------------------------
     def to_pandas(self):
         """A DataFrame indexed by (step, layer), one column per metric; unmeasured rows dropped."""
         try:
-            import pandas as pd
+            import pandas as pd  # optional: the pandas extra
         except ImportError as error:
             raise GradmedicError("Trace.to_pandas() needs pandas: pip install pandas") from error
         steps, layers, metrics, values = self._materialise()
@@ -195,13 +211,6 @@ class Trace:
                 writer.writerow([int(step), csv_cell(layer), *("" if math.isnan(v) else repr(float(v)) for v in row)])
         return _write_atomic(Path(path), buffer.getvalue().encode())
 
-    def to_tensorboard(self, logdir: str | os.PathLike) -> Path:
-        """Write the trace as TensorBoard scalars (``gradmedic/<metric>/<layer>``) and its findings as
-        text; needs the tensorboard package. See ``gradmedic.integrations.tensorboard``."""
-        from gradmedic.integrations.tensorboard import write_trace  # the framework is imported on use only
-
-        return write_trace(self, logdir)
-
     def save(self, path: str | os.PathLike) -> Path | None:
         """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json.
 
@@ -223,7 +232,7 @@ class Trace:
                 arrays[f"series/{name}/{i}.values.npy"] = v
         for name in self.scalar_names:
             arrays[f"scalars/{name}.steps.npy"], arrays[f"scalars/{name}.values.npy"] = self.scalar(name)
-        doc = {"format": FORMAT, "version": VERSION, "meta": self.meta, "layers": layers, "metrics": metrics,
+        doc = {"format": FORMAT, "version": VERSION, "meta": self.meta.to_dict(), "layers": layers, "metrics": metrics,
                "events": self.events, "series": series_index, "scalars": self.scalar_names}
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -253,8 +262,7 @@ class Trace:
     # --- display --------------------------------------------------------------------------------
     def table(self, title: str | None = None):
         """A rich Table: one row per layer, the last measured value of the main metrics."""
-        from gradmedic._rich import Table, Text
-        from gradmedic._terminal import printable
+        from gradmedic._rich import Table, Text  # rich on first use: `import gradmedic` stays light
 
         layers = self.layers
         columns = [(m, h) for m, h in SUMMARY_COLUMNS if m in self.metrics]
@@ -278,8 +286,7 @@ class Trace:
 
     def summary(self) -> str:
         """The per-layer table and the events, as plain text."""
-        from gradmedic._rich import Console, Text
-        from gradmedic._terminal import printable
+        from gradmedic._rich import Console, Text  # rich on first use: `import gradmedic` stays light
 
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps

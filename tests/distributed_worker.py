@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradmedic as gm
-import gradmedic.integrations.distributed as gmdist
+import gradmedic._distributed as gmdist
 
 STEPS, FLUSH, BATCH, LR = 20, 5, 16, 0.05
 

@@ -292,7 +292,7 @@ def test_functional_relu_under_a_user_root_is_not_pooled_into_the_root():
 
 
 def test_multihead_out_proj_is_ordered_inside_its_attention():
-    from gradmedic.diagnosis._common import depth_order
+    from gradmedic.diagnosis.rules._common import depth_order
 
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)

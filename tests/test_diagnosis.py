@@ -195,7 +195,7 @@ def test_binomial_tail_of_the_dead_unit_rule_against_exact_integers(n, k):
     from fractions import Fraction
     from math import comb
 
-    from gradmedic.diagnosis.rules import _binomial_tail
+    from gradmedic.diagnosis.rules.units import binomial_tail as _binomial_tail
 
     p = Fraction(159, 1000)
     exact = sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))  # rational arithmetic
@@ -203,7 +203,7 @@ def test_binomial_tail_of_the_dead_unit_rule_against_exact_integers(n, k):
 
 
 def test_binomial_tail_beyond_a_thousand_units_is_an_upper_bound_and_never_overflows():
-    from gradmedic.diagnosis.rules import _binomial_tail
+    from gradmedic.diagnosis.rules.units import binomial_tail as _binomial_tail
 
     assert _binomial_tail(5000, 1250, 0.159) < 1e-50  # 25% dead of 5000: surely beyond chance
     assert _binomial_tail(100_000, 15_000, 0.159) == 1.0  # below the chance rate

@@ -16,6 +16,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from gradmedic.integrations.tensorboard import write_trace  # noqa: E402
+
 
 class SeqNet(nn.Module):
     """A sigmoid MLP head on a tanh RNN: per-layer scalars and per-time-step curves."""
@@ -146,7 +148,7 @@ def test_saved_trace_to_tensorboard(tmp_path):
     mon = train()
     path = mon.trace.save(tmp_path / "run.gmtrace")
     trace = gm.Trace.load(path)
-    trace.to_tensorboard(tmp_path / "tb")
+    write_trace(trace, tmp_path / "tb")
     acc = read_events(tmp_path / "tb")
     np.testing.assert_allclose([e.value for e in acc.Scalars("gradmedic/grad_norm/head.0")],
                                trace.metric("grad_norm")[:, trace.layers.index("head.0")], rtol=1e-6)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradmedic as gm
-from gradmedic.diagnosis._common import plain_blocks
+from gradmedic.diagnosis.rules._common import plain_blocks
 from gradmedic.probes.backward import has_addition
 
 

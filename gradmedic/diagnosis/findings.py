@@ -8,7 +8,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradmedic.diagnosis.prescriptions import REMEDIES
+from gradmedic._terminal import printable
+from gradmedic.diagnosis.catalog import REMEDIES
+from gradmedic.diagnosis.context import Context
 from gradmedic.trace import Trace
 
 __all__ = ["KINDS", "SEVERITIES", "Finding", "Report"]
@@ -60,10 +62,11 @@ class Finding:
 class Report:
     """The findings about one model or run, worst first, with the trace they were read from."""
 
-    def __init__(self, findings: list[Finding], trace: Trace | None = None, context: dict[str, Any] | None = None):
+    def __init__(self, findings: list[Finding], trace: Trace | None = None,
+                 context: Context | dict[str, Any] | None = None):
         self.findings = sorted(findings, key=lambda f: (-f.rank, KINDS.index(f.kind)))
         self.trace = trace
-        self.context = dict(context or {})
+        self.context = Context.of(context)
 
     @property
     def healthy(self) -> bool:
@@ -79,7 +82,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"healthy": self.healthy, "findings": [f.to_dict() for f in self.findings],
-                               "context": _jsonable(self.context)}
+                               "context": _jsonable(self.context.to_dict())}
         if self.trace is not None:
             doc["layers"] = _layer_rows(self.trace)
         return doc
@@ -90,8 +93,7 @@ class Report:
     # --- display --------------------------------------------------------------------------------
     def table(self):
         """A rich Table: one row per layer with the numbers the rules read and the findings there."""
-        from gradmedic._rich import Table, Text
-        from gradmedic._terminal import printable
+        from gradmedic._rich import Table, Text  # rich on first use: `import gradmedic` stays light
 
         table = Table(title_justify="left")
         for header in ("layer", "type", "backward signal", "grad/weight", "saturated", "dead", "finding"):
@@ -114,15 +116,14 @@ class Report:
     def render(self, console=None, fit_table: bool = False) -> None:
         """Print the table and the findings with their remedies (to ``console`` or stdout). ``fit_table``: the table
         as wide as its rows need (whole layer names on one line), the findings at the console's width."""
-        from gradmedic._rich import Console, Text
-        from gradmedic._terminal import printable
+        from gradmedic._rich import Console, Text  # rich on first use: `import gradmedic` stays light
 
         console = console or Console()
         if self.trace is not None:
             table = self.table()
             width = console.width
             if fit_table:
-                from gradmedic._rich import Measurement
+                from gradmedic._rich import Measurement  # rich on first use: `import gradmedic` stays light
 
                 unbounded = console.options.update_width(10_000)  # measured without the console's own limit
                 console.width = max(width, Measurement.get(console, unbounded, table).maximum)
@@ -143,7 +144,7 @@ class Report:
         console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
 
     def __str__(self) -> str:
-        from gradmedic._rich import Console
+        from gradmedic._rich import Console  # rich on first use: `import gradmedic` stays light
 
         # text goes to a log, a file or a notebook, not to a terminal of known width: the table keeps whole layer
         # names on their lines (a GPT-2 name folded at 120 columns read "...attention.output.LayerN" / "orm")

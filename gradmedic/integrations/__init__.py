@@ -1,4 +1,4 @@
-"""Where users already train: Hugging Face ``Trainer``, Lightning, TensorBoard, torch.distributed.
+"""Where users already train: Hugging Face ``Trainer``, Lightning, TensorBoard.
 
 Each submodule imports its framework only when used; ``import gradmedic`` (and this package) imports
 none of them. ``from gradmedic.integrations.huggingface import GradmedicCallback``,

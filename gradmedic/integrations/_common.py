@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gradmedic._sinks import Sink, as_sink
+from gradmedic.report import report_page, write_page
 
 __all__ = ["EndOfBackward", "OffsetSink", "finish_run"]
 
@@ -91,7 +92,6 @@ def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool,
         out = Path(output_dir)
         monitor.trace.save(out / TRACE_NAME)
         if report:
-            from gradmedic.report import report_page, write_page
 
             write_page(report_page(result, title="gradmedic report of the training run"), out / REPORT_NAME)
     if verbose:

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+import gradmedic as gm
 from gradmedic.integrations._common import EndOfBackward, finish_run, offset_sink
+from gradmedic.integrations.tensorboard import summary_writer
 
 __all__ = ["GradmedicCallback"]
 
@@ -54,8 +56,6 @@ class GradmedicCallback(TrainerCallback):
 
     # --- the run ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        import gradmedic as gm
-
         self._close()
         self.monitor = gm.Monitor(model, optimizer, log_to=self._sink(args, state), **self.monitor_kwargs)
         self._backward = EndOfBackward(self.monitor.layers.modules[0], self.monitor.record_gradients)
@@ -68,8 +68,6 @@ class GradmedicCallback(TrainerCallback):
             log_to = None
             report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
             if "tensorboard" in report_to and state.is_world_process_zero:
-                from gradmedic.integrations.tensorboard import summary_writer
-
                 logdir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
                 self._writer = log_to = summary_writer(os.path.join(logdir, "gradmedic"))
         # the Monitor counts steps from 0, the Trainer's global_step after the first update is 1
@@ -104,10 +102,7 @@ class GradmedicCallback(TrainerCallback):
         ``record_gradients`` snapshots the weights before the optimizer's step, so that exactly one update lies
         between the snapshot and the measured step (taken after it, at ``Monitor.step``, the snapshot would equal
         the next step's weights and the update ratio would read 0)."""
-        step = self.monitor.step_count
-        due = any(p.should_compute(step) or p.should_compute(step + 1)
-                  for p in self.monitor.probes if not p.uses_hooks)
-        if due:
+        if self.monitor.gradients_due():
             self._backward.arm()
         else:
             self._backward.disarm()

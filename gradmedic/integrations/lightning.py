@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+import gradmedic as gm
 from gradmedic.integrations._common import finish_run, offset_sink
 
 __all__ = ["GradmedicCallback"]
@@ -43,8 +44,6 @@ class GradmedicCallback(Callback):
         self._stepped = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import gradmedic as gm
-
         self._close()
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         log_to = self.log_to

@@ -1,7 +1,7 @@
 """TensorBoard: a Monitor's numbers as TensorBoard scalars, live or from a saved trace.
 
 Live: ``gm.Monitor(model, optimizer, log_to=SummaryWriter(logdir))``; the writer receives each flush
-(``gradmedic._sinks`` turns flushed arrays into tags). Afterwards: ``trace.to_tensorboard(logdir)`` or
+(``gradmedic._sinks`` turns flushed arrays into tags). Afterwards:
 ``write_trace(trace, logdir)`` writes the same tags from a saved ``.gmtrace``, with the findings as text.
 
 Tags: ``gradmedic/<metric>/<layer>`` per layer (``gradmedic/grad_norm/transformer.h.0.attn.c_attn``),
@@ -18,6 +18,7 @@ from typing import Any
 
 from gradmedic._errors import GradmedicError
 from gradmedic._sinks import WriterSink, findings_text
+from gradmedic.diagnosis import diagnose
 from gradmedic.probes.base import Chunk
 
 __all__ = ["TensorBoardSink", "summary_writer", "write_trace"]
@@ -28,7 +29,7 @@ TensorBoardSink = WriterSink  # the sink Monitor(log_to=writer) builds around a 
 def summary_writer(logdir: str | os.PathLike) -> Any:
     """torch's ``SummaryWriter`` on ``logdir``, or a one-line error saying what to install."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard extra
     except ImportError:
         raise GradmedicError("Writing TensorBoard logs needs the tensorboard package: "
                              "pip install 'gradmedic[tensorboard]'") from None
@@ -46,8 +47,6 @@ def write_trace(trace: Any, logdir: str | os.PathLike, findings: bool = True) ->
                       scalars={name: trace.scalar(name) for name in trace.scalar_names})
         sink.write([chunk])
         if findings:
-            from gradmedic.diagnosis import diagnose
-
             sink.text("findings", findings_text(diagnose(trace).findings), int(steps[-1]) if len(steps) else 0)
     finally:
         writer.close()

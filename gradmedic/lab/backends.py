@@ -19,6 +19,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
+import torch
+
 from gradmedic._errors import GradmedicError, bad_argument
 
 __all__ = ["BACKENDS", "make_executor"]
@@ -27,8 +29,6 @@ BACKENDS = ("process", "ray")
 
 
 def _pin_threads() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -60,7 +60,7 @@ class RayExecutor:
 
     def __init__(self, workers: int, address: str | None):
         try:
-            import ray
+            import ray  # optional: the ray extra
         except ImportError:
             raise GradmedicError('The Ray backend needs Ray: pip install "gradmedic[ray]" (or run without '
                                  "--backend ray).") from None

@@ -1,15 +1,16 @@
 """What each claim rests on: for one seed's results (label -> result), the numbers and their cut-offs.
 
-Each function returns ``Check``s (see ``claims.py``); an empty list means the experiment lacks the runs the
+Each function returns ``Check``s (below); an empty list means the experiment lacks the runs the
 claim needs. ``LITERATURE`` holds the figure each claim is read against, from the paper that made it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CHECKS", "LITERATURE", "PRECONDITIONS", "STALLS", "TRAINS"]
+__all__ = ["CHECKS", "LITERATURE", "PRECONDITIONS", "STALLS", "TRAINS", "Check"]
 
 TRAINS = 0.5  # "trains": final training loss below half the task's input-blind baseline
 STALLS = 0.9  # "stalls": final training loss above 90% of the baseline
@@ -27,9 +28,38 @@ SATURATES = 0.5
 HELPS = 0.05
 
 
-def _check(name: str, value: Any, op: str | None = None, cutoff: float = math.nan):
-    from gradmedic.lab.claims import Check
 
+@dataclass(frozen=True)
+class Check:
+    """One number a claim rests on, compared with its cut-off (``op`` "<" or ">"); ``op=None``: reported only."""
+
+    name: str
+    value: float
+    op: str | None = None
+    cutoff: float = math.nan
+
+    @property
+    def ok(self) -> bool:
+        if self.op is None:
+            return True
+        if math.isnan(self.value) or math.isnan(self.cutoff):
+            return False
+        return self.value < self.cutoff if self.op == "<" else self.value > self.cutoff
+
+    @property
+    def margin(self) -> float:
+        """How many times the value is away from the cut-off (>= 1; inf when one of them is 0 or inf)."""
+        v, c = abs(self.value), abs(self.cutoff)
+        if math.isnan(v) or math.isnan(c):
+            return 0.0
+        if v == c:
+            return 1.0
+        if v == 0 or c == 0 or math.isinf(v) or math.isinf(c):
+            return math.inf
+        return max(v / c, c / v)
+
+
+def _check(name: str, value: Any, op: str | None = None, cutoff: float = math.nan) -> Check:
     return Check(name, math.nan if value is None else float(value), op, float(cutoff))
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
-from gradmedic.lab.claim_checks import CHECKS, LITERATURE, PRECONDITIONS
+from gradmedic.lab.claim_checks import CHECKS, LITERATURE, PRECONDITIONS, Check
 
 __all__ = ["CLAIMS", "CLEAR", "Check", "Claim", "Verdict", "fmt", "group_results", "judge"]
 
@@ -34,36 +34,6 @@ CLEAR = 1.25
 
 Results = dict[str, dict[str, list[dict[str, Any]]]]  # experiment -> label -> results over seeds
 View = dict[str, dict[str, Any]]  # label -> the result of one seed
-
-
-@dataclass(frozen=True)
-class Check:
-    """One number a claim rests on, compared with its cut-off (``op`` "<" or ">"); ``op=None``: reported only."""
-
-    name: str
-    value: float
-    op: str | None = None
-    cutoff: float = math.nan
-
-    @property
-    def ok(self) -> bool:
-        if self.op is None:
-            return True
-        if math.isnan(self.value) or math.isnan(self.cutoff):
-            return False
-        return self.value < self.cutoff if self.op == "<" else self.value > self.cutoff
-
-    @property
-    def margin(self) -> float:
-        """How many times the value is away from the cut-off (>= 1; inf when one of them is 0 or inf)."""
-        v, c = abs(self.value), abs(self.cutoff)
-        if math.isnan(v) or math.isnan(c):
-            return 0.0
-        if v == c:
-            return 1.0
-        if v == 0 or c == 0 or math.isinf(v) or math.isinf(c):
-            return math.inf
-        return max(v / c, c / v)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ the first step whose 10-step mean is below it; default half the task's baseline)
 from __future__ import annotations
 
 import math
+import platform
 import time
 from dataclasses import fields
 from typing import Any
@@ -27,12 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.func import jacrev, vmap
 from torch.nn import functional as F
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic.lab.models import CNNSpec, MLPSpec, RNNSpec, build_cnn, build_mlp, build_rnn
 from gradmedic.lab.tasks import Task, adding, copy_task, digits, recall, sequential_digits
 from gradmedic.lab.transformer import TransformerSpec, build_transformer
+from gradmedic.monitor import Monitor
+from gradmedic.probes import ActivationProbe, GradientProbe, TimeStepProbe
+from gradmedic.remedies import AutoClip, accumulate, clip_, exponential_decay, recycle_, step_decay, warm_restarts
 
 __all__ = ["DEFAULTS", "machine", "make_task", "run_experiment"]
 
@@ -135,8 +140,6 @@ def _optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Optimize
 
 
 def _schedule(config: dict[str, Any], optimizer: torch.optim.Optimizer):
-    from gradmedic.remedies import exponential_decay, step_decay, warm_restarts
-
     steps, warmup = config["steps"], config["warmup"]
     if warmup:  # linear from lr / warmup to lr over the first `warmup` steps, then constant
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -157,8 +160,6 @@ def _loss_fn(task: Task):
 
 
 def _probes(model: nn.Module, every: int) -> list:
-    from gradmedic.probes import ActivationProbe, GradientProbe, TimeStepProbe
-
     probes = [GradientProbe(every=every, update_ratio=False), ActivationProbe(every=every)]
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
         probes.append(TimeStepProbe(every=every))
@@ -224,8 +225,6 @@ def _jacobian_spectrum(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Singular values of d(blocks' output)/d(blocks' input) at ``x``'s rows: the input-output Jacobian of
     the same-width part of the net, whose spread is what dynamical isometry (Saxe et al. 2014; Pennington
     et al. 2017) is about. Medians over the rows of the condition number and of the std of log10(sigma)."""
-    from torch.func import jacrev, vmap
-
     was_training = model.training
     model.eval()
     try:
@@ -299,9 +298,6 @@ def run_experiment(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(config: dict[str, Any]) -> dict[str, Any]:
-    from gradmedic.monitor import Monitor
-    from gradmedic.remedies import AutoClip, accumulate, clip_, recycle_
-
     config = _validate(config)
     start = time.perf_counter()
     torch.manual_seed(config["seed"])
@@ -394,8 +390,6 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
 def machine() -> dict[str, str]:
     """Where a run ran: the platform, PyTorch's CPU kernel capability (ATEN_CPU_CAPABILITY picks it; the
     kernels differ in their last bits, which deep nets amplify) and the torch version."""
-    import platform
-
     return {"platform": f"{platform.system()} {platform.machine()}",
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 

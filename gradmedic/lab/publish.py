@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from gradmedic._errors import GradmedicError
+from gradmedic.lab.claims import group_results, judge
+from gradmedic.lab.store import Store
 
 __all__ = ["BEGIN", "END", "claims_markdown", "publish"]
 
@@ -37,8 +39,6 @@ def _machines(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
 
 def claims_markdown(suite: str, rows: list[tuple[dict[str, Any], dict[str, Any]]], wall_s: float | None = None) -> str:
     """The claims table of one suite's results, with its provenance, as Markdown."""
-    from gradmedic.lab.claims import group_results, judge
-
     verdicts = judge(group_results(rows))
     seeds = sorted({c["seed"] for c, _ in rows})
     head = (f"From `gradmedic lab run {suite}`: {len(rows)} runs, seeds {seeds}"
@@ -66,8 +66,6 @@ def _rewrite(path: Path, table: str) -> None:
 
 def publish(db: str | Path, suite: str, paths: list[str | Path]) -> str:
     """Rewrite the claims section of every file in ``paths`` from ``suite``'s results in ``db``."""
-    from gradmedic.lab.store import Store
-
     if not Path(db).is_file():
         raise GradmedicError(f"no such lab database: {db} (run gradmedic lab run SUITE --db {db} first)")
     store = Store(db)

@@ -26,8 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from gradmedic._errors import GradmedicError, bad_argument, first_line
 from gradmedic.lab.backends import make_executor
+from gradmedic.lab.experiment import run_experiment
 from gradmedic.lab.store import Store, run_key
 from gradmedic.lab.suites import Suite
 
@@ -46,8 +49,6 @@ def _init_worker(parent: int) -> None:
     # passes it on (see _sigint_deferred), and here for the others.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent)
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -56,7 +57,7 @@ def _die_with_parent(parent: int) -> None:
     (the kernel's signal fires when the parent's spawning thread exits, and does not exist off Linux)."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
+            import ctypes  # Linux only
 
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
@@ -85,7 +86,7 @@ def _sigint_deferred() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    from multiprocessing import resource_tracker
+    from multiprocessing import resource_tracker  # only where the process pool runs
 
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -98,8 +99,6 @@ def _sigint_deferred() -> Iterator[None]:
 
 
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
-    from gradmedic.lab.experiment import run_experiment
-
     return run_experiment({k: v for k, v in config.items() if k not in _LABELS})
 
 
@@ -215,6 +214,7 @@ class _Bar:
     def __init__(self, suite: Suite, total: int, enabled: bool):
         self.progress = None
         if enabled:
+            # rich on first use: `import gradmedic` stays light
             from gradmedic._rich import BarColumn, Console, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn(f"[bold]{suite.name}[/]"), BarColumn(), MofNCompleteColumn(),

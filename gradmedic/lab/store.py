@@ -151,9 +151,9 @@ class Store:
 def _try_lock(handle: Any) -> bool:
     """A non-blocking exclusive lock on an open file: flock on POSIX, msvcrt on Windows."""
     try:
-        import fcntl
+        import fcntl  # POSIX only
     except ImportError:  # Windows
-        import msvcrt
+        import msvcrt  # Windows only
 
         try:
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)

@@ -55,7 +55,7 @@ def _check_positive(name: str, value: int) -> None:
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # optional: the lab extra
     except ImportError as error:
         raise GradmedicError("The digits tasks need scikit-learn (its digits ship inside it): "
                              "pip install 'gradmedic[lab]'") from error

@@ -12,13 +12,18 @@ from gradmedic.probes.nonfinite import NonFiniteProbe
 from gradmedic.probes.signal import SignalProbe
 from gradmedic.probes.timesteps import TimeStepProbe
 
-__all__ = ["PRESETS", "PROBES", "ActivationProbe", "BackwardSignalProbe", "Chunk", "GradientProbe",
+__all__ = ["METRICS", "PRESETS", "PROBES", "SERIES", "ActivationProbe", "BackwardSignalProbe", "Chunk", "GradientProbe",
            "LayerIndex", "NonFiniteProbe", "Probe", "SignalProbe", "TimeStepProbe", "build_probes"]
 
 PROBES: dict[str, type[Probe]] = {
     p.name: p for p in (GradientProbe, BackwardSignalProbe, ActivationProbe, TimeStepProbe, NonFiniteProbe,
                        SignalProbe)
 }
+
+# every metric and series name a probe writes, declared once by the probe that writes it (``Probe.metrics``,
+# ``Probe.series``): what the rules, the reports and the sinks may read
+METRICS: frozenset[str] = frozenset(m for p in PROBES.values() for m in p.metrics)
+SERIES: frozenset[str] = frozenset(s for p in PROBES.values() for s in p.series)
 
 # name -> {probe name: constructor arguments}. The periods are chosen so that the default costs at
 # most ~3% of a training step (see BENCHMARKS.md); "full" measures everything at every step.

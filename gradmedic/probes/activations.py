@@ -28,40 +28,28 @@ measured in the step (reentrant checkpointing runs the first one under ``no_grad
 
 from __future__ import annotations
 
-import functools
 import math
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from gradmedic._tensors import first_float_tensor, sum_of_squares
+from gradmedic.probes._families import (
+    CALLS_FUNCTIONAL,
+    CHANNELS_FIRST,
+    DEAD_FULL_SAMPLES,
+    DEAD_MARGIN,
+    SATURATED_DERIVATIVE,
+    Family,
+    FunctionalWatch,
+    activation_family,
+    dead_margin,
+)
 from gradmedic.probes.base import LayerIndex, Probe, in_backward, is_torch_module
 
 __all__ = ["DEAD_FULL_SAMPLES", "DEAD_MARGIN", "SATURATED_DERIVATIVE", "ActivationProbe", "activation_family"]
-
-# A unit passes on less than 1/20 of the gradient it would in its linear region once its derivative
-# falls below 5% of the peak (tanh: |y| > 0.975; sigmoid: y < 0.0127 or y > 0.987). Ten such layers in
-# a row cut the gradient by 1e-13, which is the regime Glorot & Bengio (2010) describe for sigmoid nets.
-SATURATED_DERIVATIVE = 0.05
-# A ReLU unit is dead for every input, not merely off for this batch, when even its largest pre-activation
-# in the batch lies more than DEAD_MARGIN spreads below zero, the spread being the (robust) standard
-# deviation over the layer's units of their mean pre-activation (how far other inputs could move it).
-# Deep plain ReLU nets at He init correlate their inputs, so 25-40% of units are off for a whole batch and
-# yet train (issue 9); beyond one spread they show <= 5% (depth 20-80, width 64), a too-hot SGD run (lr 3)
-# 16-22%, a bias shifted to -4 100% (tests/test_diagnosis.py, tests/test_check.py).
-DEAD_MARGIN = 1.0
-# That margin holds for a unit read over at least DEAD_FULL_SAMPLES inputs (samples x positions); over fewer, the
-# margin widens (dead_margin). A healthy unit is called dead when all of its n inputs land beyond the margin: for
-# one spread a normal tail of 16%, so 0.16^n, 3e-7 at n = 8. Read over one input, 16% of healthy units were
-# "dead": the experts of a small Switch Transformer, which get 1-4 tokens each, read 17% dead at init (a warning).
-DEAD_FULL_SAMPLES = 8
-
 
 # An output that autograd keeps for the backward anyway (tanh, sigmoid and ReLU save their result: the grad_fn
 # types below) is reduced late in the backward, once the backward has read it back into the cache (or at the
@@ -81,143 +69,6 @@ _SAVED_TENSOR_HOOKS: Callable[[bool], Any] = getattr(torch._C._autograd, "_top_s
                                                      lambda _ignore: True)  # unknown: treat as present, hold nothing
 
 
-@functools.lru_cache(maxsize=64)
-def dead_margin(samples: int) -> float:
-    """How many spreads below zero a unit's largest pre-activation over ``samples`` inputs must lie for it to be
-    dead: DEAD_MARGIN from DEAD_FULL_SAMPLES inputs on; below, the margin m at which a healthy unit is called dead
-    no more often, P(z < -m)^n = P(z < -DEAD_MARGIN)^DEAD_FULL_SAMPLES (normal, independent inputs): 4.9 spreads
-    for one input, 3.2 for two, 1.96 for four. A layer dead outright (a bias far below zero) lies beyond any of
-    them, so a small batch still shows it."""
-    if samples >= DEAD_FULL_SAMPLES:
-        return DEAD_MARGIN
-    normal = statistics.NormalDist()
-    return -normal.inv_cdf(normal.cdf(-DEAD_MARGIN) ** (DEAD_FULL_SAMPLES / max(samples, 1)))
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    # output -> 0-d count of saturated elements, a float (see _tally); written per family with the fewest
-    # full-size passes (var_mean is ~20x slower than a sum)
-    saturated: Callable[[torch.Tensor], torch.Tensor] | None
-    dies: bool  # has a zero region with zero gradient (ReLU family)
-
-
-def _tally(marks: torch.Tensor) -> torch.Tensor:
-    """The number of nonzero entries of ``marks``, a float temporary of the caller's (overwritten), as a 0-d float.
-
-    Marked in place as 1.0/0.0 and summed as floats: torch's CPU kernels for boolean masks
-    (``count_nonzero``, a comparison that makes a bool tensor, its sum) are not vectorised, and were 1.6x
-    slower on a 64x256 tanh output, 2.8x on 128x512 and 16x on a 64x32x28x28 map (4.7 ms against 0.34 ms) than
-    ``ne_`` + ``sum`` on this machine (benchmarks: BENCHMARKS.md). A NaN entry counts, as with
-    ``count_nonzero``. The float sum is exact up to 2**24 marks and within ~1e-7 relative beyond: the count
-    only ever becomes a share."""
-    return marks.ne_(0).sum()
-
-
-def _outside(center: float, half_width: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Count |y - center| >= half_width."""
-    if center == 0.0:
-        return lambda y: y.abs().ge_(half_width).sum()
-    return lambda y: (y - center).abs_().ge_(half_width).sum()
-
-
-def _beyond(center: float, half_width: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Count |y - center| > half_width with ``hardshrink`` (y where |y| > lambda, else 0), one kernel fewer
-    than abs + compare. Strict, which differs from ``>=`` only on a set of measure zero for the smooth
-    families it is used for (an output exactly at the edge); an exact zero output can never count, since
-    half_width > 0. A NaN output would count: ``collect`` leaves the saturated share of a row whose outputs
-    were not finite unset."""
-    if center == 0.0:
-        return lambda y: _tally(torch.hardshrink(y, half_width))
-    return lambda y: _tally(torch.hardshrink(y - center, half_width))
-
-
-def _bounds(lo: float, hi: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Count y <= lo or y >= hi (the flat parts of hardtanh-like functions, derivative exactly 0)."""
-    return _outside((lo + hi) / 2, (hi - lo) / 2)
-
-
-_SIGMOID_EDGE = math.sqrt(0.25 - 0.25 * SATURATED_DERIVATIVE)  # y(1-y) < 0.25 c  <=>  |y - 1/2| > this
-SIGMOID = Family("sigmoid", _beyond(0.5, _SIGMOID_EDGE), False)
-TANH = Family("tanh", _beyond(0.0, math.sqrt(1 - SATURATED_DERIVATIVE)), False)  # 1 - y^2 < c
-SOFTSIGN = Family("softsign", _beyond(0.0, 1 - math.sqrt(SATURATED_DERIVATIVE)), False)  # (1-|y|)^2 < c
-HARDSIGMOID = Family("hardsigmoid", _bounds(0.0, 1.0), False)
-RELU = Family("relu", None, True)
-RELU6 = Family("relu6", lambda y: (y - 6.0).ge_(0).sum(), True)  # y - 6 >= 0 exactly when y >= 6
-OTHER = Family("other", None, False)  # non-saturating, non-dying: mean and std only
-
-_OTHER_TYPES = (nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus,
-                nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink)
-
-
-def activation_family(module: nn.Module) -> Family | None:
-    """The family of an activation module, or None for anything that is not an activation."""
-    if isinstance(module, nn.ReLU6):  # a Hardtanh subclass: test first
-        return RELU6
-    if isinstance(module, nn.Hardtanh):
-        return Family("hardtanh", _bounds(module.min_val, module.max_val), False)
-    if isinstance(module, nn.ReLU):
-        return RELU
-    for kind, family in ((nn.Sigmoid, SIGMOID), (nn.Tanh, TANH), (nn.Softsign, SOFTSIGN),
-                         (nn.Hardsigmoid, HARDSIGMOID)):
-        if isinstance(module, kind):
-            return family
-    if isinstance(module, _OTHER_TYPES):
-        return OTHER
-    return None
-
-
-def _hardtanh_family(args: tuple, kwargs: dict) -> Family:
-    lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-    hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-    return Family("hardtanh", _bounds(float(lo), float(hi)), False)
-
-
-_FUNCTIONAL: dict[Any, Family | Callable[[tuple, dict], Family]] = {
-    F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, torch.Tensor.relu: RELU, torch.Tensor.relu_: RELU,
-    F.relu6: RELU6,
-    F.sigmoid: SIGMOID, torch.sigmoid: SIGMOID, torch.Tensor.sigmoid: SIGMOID, torch.Tensor.sigmoid_: SIGMOID,
-    F.tanh: TANH, torch.tanh: TANH, torch.Tensor.tanh: TANH, torch.Tensor.tanh_: TANH,
-    F.softsign: SOFTSIGN, F.hardsigmoid: HARDSIGMOID, F.hardtanh: _hardtanh_family,
-}
-
-_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
-                   nn.LocalResponseNorm)
-
-
-_CALLS_FUNCTIONAL = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-class _FunctionalWatch(TorchFunctionMode):
-    """Reports calls of known activation functions to the probe; passes everything through."""
-
-    def __init__(self, on_call: Callable[[Family, Any, Any], None]):
-        super().__init__()
-        self.on_call = on_call
-        # >0 while our handler runs: torch has popped the mode for that time and pushes it back after,
-        # so __exit__ must not be called from inside (it would pop someone else's mode, or nothing)
-        self.inside = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        family = _FUNCTIONAL.get(func)
-        if family is None:  # every torch call of a watched forward comes through here: pass it on first
-            return func(*args, **kwargs)
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        inplace = getattr(func, "__name__", "").endswith("_") or kwargs.get("inplace") is True or (
-            len(args) > 1 and args[1] is True)
-        if x is not None and inplace:
-            x = x.detach().clone()  # an in-place op overwrites its input
-        out = func(*args, **kwargs)
-        self.inside += 1
-        try:
-            self.on_call(family if isinstance(family, Family) else family(args, kwargs), out, x)
-        finally:
-            self.inside -= 1
-        return out
-
-
 class ActivationProbe(Probe):
     name = "activations"
     # dead_units_seen: how many units the dead fraction was read over (summed over a module's calls), so
@@ -235,7 +86,7 @@ class ActivationProbe(Probe):
         # per call, in call order: the row and a few 0-d device tensors (one op each in the hook)
         self._calls: list[int] = []
         self._n: list[int] = []
-        # 0-d tensors per call, stacked at collect: sum and sum of squares, saturated count (a float, _tally; a
+        # 0-d tensors per call, stacked at collect: sum and sum of squares, saturated count (a float, tally; a
         # shared zero for a family that does not saturate). Two lists: the moments keep the output's precision
         self._moments: list[torch.Tensor] = []
         self._counts: list[torch.Tensor] = []
@@ -256,14 +107,14 @@ class ActivationProbe(Probe):
         self._last_layer: nn.Module | None = None  # the last of them
         self._inside_activation = 0
         self._channels_first = False
-        self._watch: _FunctionalWatch | None = None
+        self._watch: FunctionalWatch | None = None
         self._pre_input: torch.Tensor | None = None
         self._pending_exit: Any = None  # handle of a hook that takes a watch off the stack after a failure
 
     def _watches_functional(self) -> bool:
         """Whether a functional activation can be seen: some module runs code we do not know (see arm)."""
         assert self.layers is not None
-        return self.functional and any(not is_torch_module(m) or isinstance(m, _CALLS_FUNCTIONAL)
+        return self.functional and any(not is_torch_module(m) or isinstance(m, CALLS_FUNCTIONAL)
                                        for m in self.layers.modules)
 
     def arm(self) -> None:
@@ -288,7 +139,7 @@ class ActivationProbe(Probe):
             # except the transformer layers (their activation is F.relu/F.gelu by default): watched too,
             # so that their calls are booked under the layer, not the root or nothing
             if self.functional and family is None and (not is_torch_module(module) or
-                                                       isinstance(module, _CALLS_FUNCTIONAL)):
+                                                       isinstance(module, CALLS_FUNCTIONAL)):
                 self._handles.append(module.register_forward_pre_hook(self.guard(self._enter, module)))
                 self._handles.append(
                     module.register_forward_hook(self.guard(self._leave, module), always_call=True))
@@ -321,7 +172,7 @@ class ActivationProbe(Probe):
         self._need_anchor = True
 
     def _note_layout(self, module: nn.Module, _module: nn.Module, args: Any, output: Any) -> None:
-        self._channels_first = isinstance(module, _CHANNELS_FIRST)
+        self._channels_first = isinstance(module, CHANNELS_FIRST)
         self._finished += 1
         self._last_layer = module
 
@@ -332,7 +183,7 @@ class ActivationProbe(Probe):
 
     def _enter(self, module: nn.Module, _module: nn.Module, args: Any) -> None:
         if not self._stack and self._watch is None and torch.is_grad_enabled():
-            self._watch = _FunctionalWatch(self.guard(self._on_functional))
+            self._watch = FunctionalWatch(self.guard(self._on_functional))
             self._watch.__enter__()
         self._stack.append(module)
         self._started.append(self._finished)

@@ -19,7 +19,7 @@ Copying, subtracting and norming a whole 2M-parameter MLP at every step costs ~1
 a CPU; the sample costs a small part of that. It reads the update ratio of an MLP within ~6% (10 seeds,
 Adam and SGD), of GPT-2, BERT and Llama configs within 1% at the median layer and 4-10% at the worst (an
 embedding table whose used rows are few), and of a CNN trained with SGD, whose updates are heavy-tailed,
-within ~15%: enough for the rules, whose thresholds are orders of magnitude apart (diagnosis.rules
+within ~15%: enough for the rules, whose thresholds are orders of magnitude apart (diagnosis.rules.updates
 STALLED_*). The weight norms (of ``weight_norm`` and ``grad_to_weight``) of such tensors come from the same
 sample, within ~3.5%: a second full pass over the weights would cost as much as the gradient's. Gradient
 norms are always exact. ``update_sample=None`` measures every entry.
@@ -32,13 +32,13 @@ CPU does not vectorise, and a whole-tensor count cost more than all the norms to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from gradmedic._errors import bad_argument
+from gradmedic.probes._gradient_plan import Plan, local_tensor, stored_entries
 from gradmedic.probes._samples import SampleSet, sample_view
-from gradmedic.probes.base import LayerIndex, Probe, to_device
+from gradmedic.probes.base import LayerIndex, Probe
 
 __all__ = ["GradientProbe", "local_tensor", "stored_entries"]
 
@@ -59,68 +59,6 @@ ZERO_SAMPLE = 4096
 ZERO_BLOCKS = 64
 
 
-def stored_entries(g: torch.Tensor) -> torch.Tensor:
-    """The entries a sparse gradient holds, as a dense tensor with the same norm and the same non-zero count: for
-    ``nn.Embedding(sparse=True)``'s COO gradient, its rows used (coalesced: a token seen twice is two entries until
-    they are summed), for a compressed layout its values. Coalescing sorts the indices; on CUDA it reads their
-    number on the host, so a model with sparse gradients pays one sync per measured step (dense ones none)."""
-    if g.layout is torch.sparse_coo:
-        return g.coalesce().values()
-    return g.values()
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor itself.
-
-    Norms are taken of the local part only, with no collective; the Monitor combines the shards'
-    squares across ranks at a flush (``gradmedic.integrations.distributed``)."""
-    if hasattr(t, "to_local") and hasattr(t, "placements"):
-        with torch.no_grad():
-            return t.to_local()
-    return t
-
-
-@dataclass
-class _Plan:
-    """How a list of tensors splits into foreach groups, and which layer row each belongs to.
-
-    A collect needs only the groups (host lists of parameter indices). The index tensors, which ``finish`` needs,
-    are made on the device at their first use: at a flush, where copies from the host belong. A set of parameters
-    with a gradient not seen before (an expert of a mixture that got tokens for the first time) then makes no
-    tensor from host data at the step, which on CUDA would be a blocking copy."""
-
-    groups: list[list[int]]  # indices into the parameter list, one list per (device, dtype)
-    owner_rows: list[int]  # layer row of each tensor, in group order
-    present_rows: list[int]  # distinct rows present, sorted
-    counts: list[int]  # how many tensor elements each present row holds
-    device: torch.device
-    dtype: torch.dtype
-    # index tensors derived from the above (owner, rows, count_per_row, GradientProbe._fold, _layout), made at first
-    # use; kept here so that they go with the plan when it is dropped from the cache
-    derived: dict[tuple[str, int | bool], Any] = field(default_factory=dict)
-
-    def _tensor(self, name: str, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        made = self.derived.get((name, 0))
-        if made is None:
-            made = self.derived[(name, 0)] = to_device(values, dtype, self.device)
-        return made
-
-    @property
-    def owner(self) -> torch.Tensor:
-        """(P,) layer row of each tensor, in group order."""
-        return self._tensor("owner", self.owner_rows, torch.long)
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """(R,) distinct rows present."""
-        return self._tensor("rows", self.present_rows, torch.long)
-
-    @property
-    def count_per_row(self) -> torch.Tensor:
-        """(R,) how many tensor elements each present row holds, in the buffer's dtype."""
-        return self._tensor("counts", self.counts, self.dtype)
-
-
 class GradientProbe(Probe):
     name = "gradients"
     metrics = ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight", "grad_zero_frac",
@@ -130,13 +68,9 @@ class GradientProbe(Probe):
                  update_sample: int | None = UPDATE_SAMPLE):
         super().__init__(every)
         if update_sample is not None and (not isinstance(update_sample, int) or update_sample < 1):
-            from gradmedic._errors import bad_argument
-
             raise bad_argument("update_sample", "a positive int or None (every entry)", update_sample)
         self.update_sample = update_sample
         if zero_fraction not in (True, False, "auto"):
-            from gradmedic._errors import bad_argument
-
             raise bad_argument("zero_fraction", 'True, False or "auto" (float16/bfloat16 models only)',
                                zero_fraction)
         self.update_ratio = update_ratio
@@ -150,7 +84,7 @@ class GradientProbe(Probe):
         self._tensors = [local_tensor(p) for p in self._params]  # what this rank holds (a shard under FSDP2)
         self._sharded = any(t is not p for t, p in zip(self._tensors, self._params, strict=True))
         self._owner = [row for row, ps in enumerate(layers.params) for _ in ps]
-        self._plans: dict[tuple[bool, ...], _Plan] = {}
+        self._plans: dict[tuple[bool, ...], Plan] = {}
         self._all_plan = self._plan(tuple(True for _ in self._params)) if self._params else None
         if self._all_plan is not None:  # made now: a step that writes the update ratio alone reads its rows
             _ = self._all_plan.owner, self._all_plan.rows, self._all_plan.count_per_row
@@ -176,7 +110,7 @@ class GradientProbe(Probe):
         self._low = any(p.dtype in _LOW_PRECISION for p in self._tensors)
 
     # --- planning (host lists, cached by which parameters have a gradient; device tensors made lazily) --
-    def _plan(self, present: tuple[bool, ...]) -> _Plan:
+    def _plan(self, present: tuple[bool, ...]) -> Plan:
         plan = self._plans.get(present)
         if plan is not None:
             return plan
@@ -193,12 +127,12 @@ class GradientProbe(Probe):
         counts = {r: 0 for r in rows}
         for i in order:
             counts[self._owner[i]] += self._tensors[i].numel()
-        plan = _Plan(groups=groups, owner_rows=owner, present_rows=rows, counts=[counts[r] for r in rows],
+        plan = Plan(groups=groups, owner_rows=owner, present_rows=rows, counts=[counts[r] for r in rows],
                      device=self.device, dtype=self.dtype)
         self._plans[present] = plan
         return plan
 
-    def _norms(self, tensors: list[torch.Tensor], plan: _Plan, ord: float = 2.0, convert: bool = True) -> torch.Tensor:
+    def _norms(self, tensors: list[torch.Tensor], plan: Plan, ord: float = 2.0, convert: bool = True) -> torch.Tensor:
         """Per-tensor norms, in plan order, as one vector on the buffer's device; in the buffer's dtype, or with
         ``convert=False`` in the tensors' own (float32 at least), for a caller that converts later."""
         parts = []
@@ -212,7 +146,7 @@ class GradientProbe(Probe):
             parts.append(norms)
         return torch.cat(parts) if len(parts) > 1 else parts[0]  # cat promotes mixed dtypes
 
-    def _per_row(self, per_tensor: torch.Tensor, plan: _Plan, squares: bool = True) -> torch.Tensor:
+    def _per_row(self, per_tensor: torch.Tensor, plan: Plan, squares: bool = True) -> torch.Tensor:
         """Fold per-tensor norms into per-layer norms (sqrt of the summed squares)."""
         acc = torch.zeros(len(self.layers), dtype=self.dtype, device=self.device)
         acc.index_add_(0, plan.owner, per_tensor.square() if squares else per_tensor)
@@ -302,7 +236,7 @@ class GradientProbe(Probe):
         values = torch.cat([per_row[:, :2].reshape(steps, -1), ratios.reshape(steps, -1), norms[:, -1:]], dim=1)
         self.buffer.put_steps(slots, self._layout(plan, fused), values)
 
-    def _fold(self, plan: _Plan, grad_squares: torch.Tensor, sample_squares: list[torch.Tensor]) -> torch.Tensor:
+    def _fold(self, plan: Plan, grad_squares: torch.Tensor, sample_squares: list[torch.Tensor]) -> torch.Tensor:
         """Per-tensor squares of several steps -> per-layer norms with one ``index_add_``: per step [grad (layers),
         then each of ``sample_squares`` (layers each), total gradient norm (1)]."""
         sets, layers = len(sample_squares), len(self.layers)  # type: ignore[arg-type]
@@ -316,7 +250,7 @@ class GradientProbe(Probe):
         acc.index_add_(1, index, torch.cat([grad_squares, *sample_squares, grad_squares], dim=1))
         return acc.sqrt_()
 
-    def _layout(self, plan: _Plan, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layout(self, plan: Plan, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of each value ``collect`` writes, in its order (see StepBuffer.put_steps); made once."""
         key = ("layout", update)
         cached = plan.derived.get(key)
@@ -338,7 +272,7 @@ class GradientProbe(Probe):
             return self._low or bool(self.layers is not None and self.layers.low_precision_seen)
         return bool(self.zero_fraction)
 
-    def _nonzero(self, grads: list[torch.Tensor], plan: _Plan) -> torch.Tensor:
+    def _nonzero(self, grads: list[torch.Tensor], plan: Plan) -> torch.Tensor:
         """Non-zero gradient entries per layer: counted exactly in tensors of up to ZERO_SAMPLE entries and in
         embedding tables, estimated from ZERO_SAMPLE entries (ZERO_BLOCKS spread contiguous blocks) beyond, scaled by
         numel / sample. An exact count reads every entry with a kernel that is not vectorised on a CPU
@@ -353,7 +287,7 @@ class GradientProbe(Probe):
         counts = self._norms(views, plan, ord=0.0) * self.host_tensor(scale, self.dtype)
         return self._per_row(counts, plan, squares=False)
 
-    def _zero_denominator(self, plan: _Plan, grads: list[torch.Tensor]) -> torch.Tensor:
+    def _zero_denominator(self, plan: Plan, grads: list[torch.Tensor]) -> torch.Tensor:
         """Entries per layer that could be non-zero: an embedding's rows that no input used have an exact
         zero gradient in any precision (unused tokens, positions beyond the sequence, padding), so they are
         structure, not underflow, and are left out. A layer whose gradient is zero in every row counts whole.

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradmedic._errors import bad_argument
 from gradmedic.probes.base import Chunk, LayerIndex, Probe
 
 __all__ = ["TimeStepProbe"]
@@ -41,13 +42,12 @@ class TimeStepProbe(Probe):
     name = "timesteps"
     # time_grad_ratio = RMS of dL/dx at the first step over that at the last: << 1 vanishing, >> 1 exploding
     metrics = ("time_grad_ratio", "horizon_ratio")
+    series = (SERIES, HORIZON_SERIES)
     uses_hooks = True
 
     def __init__(self, every: int = 1, horizon: bool = False, horizon_every: int = 1):
         super().__init__(every)
         if not isinstance(horizon_every, int) or isinstance(horizon_every, bool) or horizon_every < 1:
-            from gradmedic._errors import bad_argument
-
             raise bad_argument("horizon_every", "a positive int (measure the horizon at every k-th measured step)",
                                horizon_every)
         self.horizon = horizon

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from gradmedic._errors import bad_argument
+from gradmedic.architecture import SATURATING_TYPES
 from gradmedic.remedies._weights import writable_weight
-from gradmedic.remedies.init import _gain_name, following_activations
+from gradmedic.remedies.init import following_activations, gain_name
 
 __all__ = ["critical_", "critical_scale", "gradient_gain"]
 
@@ -83,7 +84,6 @@ def critical_scale(act: nn.Module | None, depth: int, q0: float = 1.0, cap: floa
     return value if cap is None else min(value, cap)
 
 
-_SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 
 
 def critical_(model: nn.Module, inputs: Any = None, depth: int | None = None,
@@ -116,10 +116,10 @@ def critical_(model: nn.Module, inputs: Any = None, depth: int | None = None,
             sigma2 = 1.0  # the output layer (or a linear one): variance-preserving
         else:
             if type(act) not in cache:
-                textbook = nn.init.calculate_gain(*_gain_name(act)) ** 2
+                textbook = nn.init.calculate_gain(*gain_name(act)) ** 2
                 if sigmoid:  # the equivalent tanh net, whose input is x/2
                     cache[type(act)] = critical_scale(nn.Tanh(), depth, q0 / 4, cap=(5 / 3) ** 2)
-                elif isinstance(act, _SATURATING):  # at most the textbook gain: a shallow net needs no more
+                elif isinstance(act, SATURATING_TYPES):  # at most the textbook gain: a shallow net needs no more
                     cache[type(act)] = critical_scale(act, depth, q0, cap=max(textbook, 1.0))
                 else:
                     cache[type(act)] = critical_scale(act, depth, q0)
@@ -130,7 +130,8 @@ def critical_(model: nn.Module, inputs: Any = None, depth: int | None = None,
             sigma2 *= 4.0  # a tanh-equivalent net's weights are W/4 on h/2: a non-sigmoid consumer sees 2x
         name = type(act).__name__ if act is not None else "linear"
         scales[name] = sigma2  # the last layer before this activation: a hidden one, for sigmoid the 16x value
-        kind = distribution if distribution != "auto" else "orthogonal" if isinstance(act, _SATURATING) else "normal"
+        saturating = isinstance(act, SATURATING_TYPES)
+        kind = distribution if distribution != "auto" else "orthogonal" if saturating else "normal"
         with writable_weight(layer) as weight:
             _draw(weight, sigma2, kind)
         if layer.bias is not None:

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from gradmedic.architecture import NORM_TYPES
+
 __all__ = ["freshness"]
 
 # Largest singular value over the Marchenko-Pastur edge. i.i.d. draws sit at or below 1 (finite-size
@@ -45,7 +47,6 @@ UNIFORM_KURTOSIS = 2.1
 # error, which scales as sqrt(0.8 / N): over 5000 fresh draws the largest excess was 3.8 of those units at
 # N = 64 and 2.8 at N = 4096; 5 units plus 1% stays clear of every fresh draw.
 EDGE_SLACK = 5.0
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def _matrices(model: nn.Module):
@@ -112,7 +113,7 @@ def freshness(model: nn.Module) -> tuple[bool | None, str]:
     """(True, why) when the weights look freshly initialised, (False, why) when they look trained,
     (None, why) when there is nothing to tell from."""
     for name, module in model.named_modules():
-        if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+        if isinstance(module, NORM_TYPES) and getattr(module, "weight", None) is not None:
             w, b = module.weight.detach(), module.bias
             if not bool((w == 1).all()) or (b is not None and not bool((b.detach() == 0).all())):
                 return False, f"normalisation layer '{name}' has moved from its initial weight 1 and bias 0"

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import forward_with_hooks, run_forward
-from gradmedic.architecture import parametrization_parts
+from gradmedic.architecture import NORM_TYPES, parametrization_parts
 from gradmedic.remedies._weights import writable_weight
 
 __all__ = ["chrono_bias_", "fixup_", "following_activations", "forget_gate_bias_", "he_", "identity_recurrent_",
@@ -48,7 +48,7 @@ _GAIN_NAME: tuple[tuple[type[nn.Module], str], ...] = (
 )
 
 
-def _gain_name(module: nn.Module | None) -> tuple[str, float | None]:
+def gain_name(module: nn.Module | None) -> tuple[str, float | None]:
     if module is None:
         return "linear", None
     for kind, name in _GAIN_NAME:
@@ -107,7 +107,7 @@ def forward_order(model: nn.Module, inputs: Any) -> tuple[list[nn.Module], dict[
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
         watch.inside_leaf -= 1
-        if _gain_name(module)[0] != "linear" and isinstance(output, torch.Tensor):
+        if gain_name(module)[0] != "linear" and isinstance(output, torch.Tensor):
             outputs[len(order)] = output.detach()
         order.append(module)
 
@@ -154,9 +154,9 @@ def following_positions(order: list[nn.Module]) -> dict[nn.Module, int | None]:
         nxt = None
         for j in range(i + 1, len(order)):
             later = order[j]
-            if isinstance(later, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Dropout)):
+            if isinstance(later, (*NORM_TYPES, nn.Dropout)):
                 continue
-            nxt = j if _gain_name(later)[0] != "linear" else None
+            nxt = j if gain_name(later)[0] != "linear" else None
             break
         result[module] = nxt
     return result
@@ -172,7 +172,7 @@ def he_(model: nn.Module, inputs: Any = None, mode: str = "fan_in") -> nn.Module
         raise bad_argument("mode", '"fan_in" or "fan_out"', mode)
     follows = following_activations(model, inputs)
     for module in _weighted(model):
-        name, slope = _gain_name(follows.get(module))
+        name, slope = gain_name(follows.get(module))
         with writable_weight(module) as weight:
             if name in ("relu", "leaky_relu"):
                 nn.init.kaiming_normal_(weight, a=slope or 0.0, mode=mode, nonlinearity=name)
@@ -190,7 +190,7 @@ def xavier_(model: nn.Module, inputs: Any = None, uniform: bool = True) -> nn.Mo
     """Xavier/Glorot init with the gain of the following activation; biases to zero."""
     follows = following_activations(model, inputs)
     for module in _weighted(model):
-        name, slope = _gain_name(follows.get(module))
+        name, slope = gain_name(follows.get(module))
         gain = nn.init.calculate_gain(name, slope)
         with writable_weight(module) as weight:
             (nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_)(weight, gain=gain)
@@ -215,7 +215,7 @@ def orthogonal_(model: nn.Module, gain: float | None = None, inputs: Any = None)
     """Orthogonal weights (each recurrent gate block separately); biases to zero."""
     follows = following_activations(model, inputs)
     for module in _weighted(model):
-        g = gain if gain is not None else nn.init.calculate_gain(*_gain_name(follows.get(module)))
+        g = gain if gain is not None else nn.init.calculate_gain(*gain_name(follows.get(module)))
         with writable_weight(module) as weight:
             nn.init.orthogonal_(weight, gain=g)
         if module.bias is not None:

@@ -179,7 +179,7 @@ class RestartOnVanishing:
         self.streak = self.streak + 1 if vanishing else 0
         if self.streak < self.patience:
             return False
-        relu = bool(report.context.get("relu")) and not report.context.get("saturating")
+        relu = report.context.relu and not report.context.saturating
         try:
             (he_ if relu else xavier_)(self.model, self.inputs)
         except Exception as error:

@@ -22,6 +22,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import forward_with_hooks
+from gradmedic.architecture import SATURATING_TYPES
 from gradmedic.remedies.init import following_activations
 
 __all__ = ["ACTIVATIONS", "LayerScale", "Residual", "add_normalization", "add_residual", "swap_activation"]
@@ -30,7 +31,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU,
     "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
 }
-_SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 
 
 def _target(model: nn.Module, inplace: bool) -> nn.Module:
@@ -46,7 +46,7 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
         setattr(parent, name, new)
 
 
-def swap_activation(model: nn.Module, to: str = "relu", replace: tuple[type[nn.Module], ...] = _SATURATING,
+def swap_activation(model: nn.Module, to: str = "relu", replace: tuple[type[nn.Module], ...] = SATURATING_TYPES,
                     inplace: bool = False) -> nn.Module:
     """Replace every activation module of the types in ``replace`` with a fresh ``to`` activation."""
     if to not in ACTIVATIONS:

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._inputs import optimizer_defaults, rebuild_optimizer
+from gradmedic.check import check
 from gradmedic.diagnosis import REMEDIES, Finding, Report
 from gradmedic.remedies.actions import ACTIONS, Patient
 from gradmedic.remedies.freshness import freshness
@@ -161,44 +163,74 @@ def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = N
     if bad:
         raise bad_argument("model", "a model whose parameters are floating point", bad[0],
                            "treat re-initialises weights, which needs float parameters.")
+    check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
+    course = _Course(inputs, targets, loss_fn, data, optimizer, verify_steps, seed, check_steps)
     with _caller_rng_kept(seed, model):
-        return _treat(model, report, inputs, targets, loss_fn, trained, verify_steps, data, optimizer, max_remedies,
-                      seed)
+        return _treat(model, report, course, trained, max_remedies)
 
 
-def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn: Callable | None,
-           trained: bool | None, verify_steps: int, data: Iterable | None, optimizer: torch.optim.Optimizer | None,
-           max_remedies: int, seed: int) -> Treatment:
-    from gradmedic.check import check  # the diagnosis stage's entry point, used to re-check each trial
+@dataclass
+class _Course:
+    """What every trial of one ``treat`` call is judged with: the batch (or data), the loss, the caller's optimizer,
+    how many steps the report's check trained (a trial is re-checked the same way) and how many prove a remedy."""
 
-    if trained is None:
-        fresh, reason = freshness(model)
-        is_trained = fresh is not True
-        reason = f"inferred: {reason}" + ("" if fresh is not None else "; taking the safe side")
-    else:
-        is_trained, reason = trained, "declared by the caller"
+    inputs: Any
+    targets: Any
+    loss_fn: Callable | None
+    data: Iterable | None
+    optimizer: torch.optim.Optimizer | None
+    verify_steps: int
+    seed: int
+    check_steps: int
+    treatment: Treatment | None = None
+
+    def recheck(self, trial: nn.Module) -> Report:
+        """The trial checked as the report was made (the caller's optimizer rebuilt over the trial's parameters)."""
+        optimizer = rebuild_optimizer(self.optimizer, trial.parameters()) if self.optimizer is not None else None
+        return check(trial, self.inputs, targets=self.targets, loss_fn=self.loss_fn, steps=self.check_steps,
+                     optimizer=optimizer)
+
+    def curve(self, candidate: nn.Module, stage: str) -> Evidence:
+        """``verify_steps`` training steps of a copy of ``candidate`` with the treatment's recipe."""
+        treatment = self.treatment
+        assert treatment is not None
+        return loss_curve(candidate, stage, self.inputs, self.targets, self.loss_fn, self.data, self.verify_steps,
+                          self.seed, lambda m: treatment.optimizer(m.parameters()), treatment.clip,
+                          treatment.schedule)
+
+
+def _weights_trained(model: nn.Module, trained: bool | None) -> tuple[bool, str]:
+    """Whether to treat the weights as trained, and why: the caller's word, else inferred (trained when unsure)."""
+    if trained is not None:
+        return trained, "declared by the caller"
+    fresh, reason = freshness(model)
+    return fresh is not True, f"inferred: {reason}" + ("" if fresh is not None else "; taking the safe side")
+
+
+def _take_optimizer(treatment: Treatment, optimizer: torch.optim.Optimizer | None) -> None:
+    """The caller's optimizer class and hyperparameters become the recipe's (proven with them, handed back)."""
+    if optimizer is None:
+        return
+    defaults = optimizer_defaults(optimizer)
+    treatment.optimizer_class, treatment.optimizer_defaults = type(optimizer), defaults
+    lr = defaults.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        treatment.lr = float(defaults.pop("lr"))  # the recipe's learning rate from now on
+    # else: no learning rate among its arguments, or a tensor one, kept as the caller's (not the recipe's)
+
+
+def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | None, max_remedies: int) -> Treatment:
+    is_trained, reason = _weights_trained(model, trained)
     work = copy.deepcopy(model)  # every trial is a further copy: the caller's model is never touched
-    treatment = Treatment(model=work, trained=is_trained, trained_reason=reason)
-    if optimizer is not None:  # proven with the caller's optimizer, and handed back as the recipe's
-        accepted = inspect.signature(type(optimizer)).parameters
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        treatment.optimizer_class, treatment.optimizer_defaults = type(optimizer), defaults
-        lr = defaults.get("lr")
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-            treatment.lr = float(defaults.pop("lr"))  # the recipe's learning rate from now on
-        # else: no learning rate among its arguments, or a tensor one, kept as the caller's (not the recipe's)
-
-    def curve(candidate: nn.Module, stage: str) -> Evidence:
-        return loss_curve(candidate, stage, inputs, targets, loss_fn, data, verify_steps, seed,
-                          lambda m: treatment.optimizer(m.parameters()), treatment.clip, treatment.schedule)
-
-    if verify_steps and inputs is not None and not loss_comparable(model, inputs, targets, loss_fn, data):
+    treatment = course.treatment = Treatment(model=work, trained=is_trained, trained_reason=reason)
+    _take_optimizer(treatment, course.optimizer)
+    if course.verify_steps and course.inputs is not None and \
+            not loss_comparable(model, course.inputs, course.targets, course.loss_fn, course.data):
         treatment.skipped.append(("verify", "no loss to compare (no targets, loss_fn or .loss): each remedy was kept "
                                             "on the re-checked gradient profile alone"))
-        verify_steps = 0
-    check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
-    if verify_steps:
-        treatment.evidence.append(curve(work, "untreated"))
+        course.verify_steps = 0
+    if course.verify_steps:
+        treatment.evidence.append(course.curve(work, "untreated"))
         treatment.evidence[0].kept = True
     current, given_up, done = report, set(), 0
     while done < max_remedies:
@@ -206,32 +238,11 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
         if not pending:
             break
         finding = pending[0]
-        for rid in finding.remedies:  # model-side remedies that are changes to the model's own code
-            if REMEDIES[rid].acts_on == "model" and rid not in ACTIONS and rid not in dict(treatment.advice):
-                treatment.advice.append((rid, f"for {_why(finding)}: a change to the model's code, "
-                                              f"{REMEDIES[rid].description}"))
-        best: _Trial | None = None  # the first trial that clears the finding, else the one that helps most
-        passed: list[_Trial] = []
-        for rid in _candidates(finding):
-            trial = _try(rid, finding, work, current, treatment, inputs, done, seed, curve, verify_steps,
-                         lambda m: check(m, inputs, targets=targets, loss_fn=loss_fn, steps=check_steps,
-                                         optimizer=_optimizer_for(optimizer, m)))
-            if trial is None:
-                continue
-            if trial.clears or best is None or _burden(trial.report) < _burden(best.report):
-                if best is not None:
-                    passed.append(best)
-                best = trial
-            else:
-                passed.append(trial)
-            if trial.clears:
-                break
-        for other in passed:
-            treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-checked, "
-                                                 f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
-                                                 f"warning(s) remained"))
-        accepted = best is not None
-        if best is not None:
+        _advise(treatment, finding)
+        best = _best_trial(finding, work, current, treatment, course, done)
+        if best is None:
+            given_up.add(finding.kind)
+        else:
             work = best.model
             treatment.applied.append((best.rid, best.what, _why(finding)))
             treatment.redrawn[best.rid] = best.changed
@@ -239,12 +250,9 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
                 best.evidence.kept = True
             if best.report is not None:
                 current = treatment.report = best.report
-        if not accepted:
-            given_up.add(finding.kind)
-        else:
             done += 1
-        if inputs is None:
-            if accepted:
+        if course.inputs is None:
+            if best is not None:
                 treatment.skipped.append(("check", "not re-checked: pass inputs= to check each remedy and go on"))
             break
     treatment.model = work
@@ -252,12 +260,36 @@ def _treat(model: nn.Module, report: Report, inputs: Any, targets: Any, loss_fn:
     return treatment
 
 
-def _optimizer_for(optimizer: torch.optim.Optimizer | None, trial: nn.Module) -> torch.optim.Optimizer | None:
-    """The user's optimizer class and hyperparameters, fresh, over the trial's parameters (or None)."""
-    if optimizer is None:
-        return None
-    accepted = inspect.signature(type(optimizer)).parameters
-    return type(optimizer)(trial.parameters(), **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+def _advise(treatment: Treatment, finding: Finding) -> None:
+    """The finding's model-side remedies that no action can carry out: changes to the model's own code."""
+    for rid in finding.remedies:
+        if REMEDIES[rid].acts_on == "model" and rid not in ACTIONS and rid not in dict(treatment.advice):
+            treatment.advice.append((rid, f"for {_why(finding)}: a change to the model's code, "
+                                          f"{REMEDIES[rid].description}"))
+
+
+def _best_trial(finding: Finding, work: nn.Module, current: Report, treatment: Treatment, course: _Course,
+                done: int) -> _Trial | None:
+    """The first trial that clears the finding, else the one that helps most; the others are recorded as tried."""
+    best: _Trial | None = None
+    passed: list[_Trial] = []
+    for rid in _candidates(finding):
+        trial = _try(rid, finding, work, current, treatment, course, done)
+        if trial is None:
+            continue
+        if trial.clears or best is None or _burden(trial.report) < _burden(best.report):
+            if best is not None:
+                passed.append(best)
+            best = trial
+        else:
+            passed.append(trial)
+        if trial.clears:
+            break
+    for other in passed:
+        treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-checked, "
+                                             f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
+                                             f"warning(s) remained"))
+    return best
 
 
 @dataclass
@@ -271,11 +303,10 @@ class _Trial:
     clears: bool  # the finding treated is gone (or down to info)
 
 
-def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment: Treatment, inputs: Any,
-         done: int, seed: int, curve: Callable[[nn.Module, str], Evidence], verify_steps: int,
-         recheck: Callable[[nn.Module], Report]) -> _Trial | None:
+def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment: Treatment, course: _Course,
+         done: int) -> _Trial | None:
     """Apply one remedy to a copy; None (with the reason recorded) when it cannot apply or does not help."""
-    act = ACTIONS[rid]
+    act, inputs, verify_steps = ACTIONS[rid], course.inputs, course.verify_steps
     if any(rid == a for a, _ in treatment.advice):
         return None
     if treatment.trained and not act.keeps_function:
@@ -287,8 +318,8 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
         return None
     model = copy.deepcopy(work)
     before = {id(p): p.detach().clone() for p in model.parameters()}
-    patient = Patient(model, inputs, dict(current.context), treatment.trained, treatment)
-    torch.manual_seed(seed + done)
+    patient = Patient(model, inputs, current.context, treatment.trained, treatment)
+    torch.manual_seed(course.seed + done)
     try:
         what = act.apply(patient)
     except GradmedicError as why:
@@ -300,7 +331,7 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
         what += f"; {'changed' if treatment.trained else 're-drew or rescaled'} {changed} existing parameter tensor(s)"
     after, clears = None, True
     if inputs is not None:
-        after = recheck(model)
+        after = course.recheck(model)
         if _burden(after) >= _burden(current):
             treatment.skipped.append((rid, f"re-checked: {_burden(after)[0]} error(s), {_burden(after)[1]} warning(s), "
                                            "no better than before"))
@@ -308,7 +339,7 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
         clears = not any(f.kind == finding.kind and f.severity != "info" for f in after.findings)
     evidence = None
     if verify_steps:
-        evidence = curve(model, rid)
+        evidence = course.curve(model, rid)
         treatment.evidence.append(evidence)
         reference = next(e for e in reversed(treatment.evidence[:-1]) if e.kept)
         if not better(evidence, reference):

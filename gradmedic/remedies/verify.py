@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, first_line
+from gradmedic._inputs import forward_loss, run_forward, split_inputs
 
 __all__ = ["VERIFY_MARGIN", "Evidence", "better", "loss_comparable", "loss_curve"]
 
@@ -59,8 +60,6 @@ def loss_comparable(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callab
                     data: Iterable | None) -> bool:
     """Is there a training objective (a loss function, targets, or a ``.loss`` in the outputs)? Without one
     the check falls back to a random projection of the outputs, whose value says nothing about learning."""
-    from gradmedic._inputs import run_forward
-
     if loss_fn is not None or targets is not None:
         return True
     if data is not None:
@@ -88,9 +87,6 @@ def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn:
                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], clip: Callable | None = None,
                schedule: Callable | None = None) -> Evidence:
     """Train a copy of ``model`` for ``steps`` steps; the model itself is not touched."""
-    from gradmedic._inputs import split_inputs
-    from gradmedic.check import _forward_loss
-
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(seed)
@@ -100,7 +96,7 @@ def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn:
     for x, y in _batches(inputs, targets, data, steps):
         args, kwargs = split_inputs(x)
         try:
-            loss, _ = _forward_loss(work, args, kwargs, y, loss_fn)
+            loss, _ = forward_loss(work, args, kwargs, y, loss_fn)
         except GradmedicError as error:
             raise GradmedicError(f"Verification could not train the {stage} copy: {first_line(error)}") from error
         if not torch.isfinite(loss):

@@ -62,7 +62,7 @@ class Page:
 
     def figure(self, fig, alt: str) -> None:
         """Embed a matplotlib figure as a PNG and close it (figures hold memory until closed)."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional: the report extra
 
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)

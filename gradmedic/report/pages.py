@@ -9,6 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from gradmedic.architecture import block_index
+from gradmedic.diagnosis import REMEDIES
+from gradmedic.lab.claims import fmt, group_results, judge
+from gradmedic.lab.suites import SUITES
+from gradmedic.remedies.treat import trial_order
 from gradmedic.report import plots
 from gradmedic.report.html import Page
 
@@ -16,8 +21,6 @@ __all__ = ["report_page", "suite_page"]
 
 
 def _num(value: Any) -> str:
-    from gradmedic.lab.claims import fmt
-
     return fmt(value) if isinstance(value, (int, float)) or value is None else str(value)
 
 
@@ -33,9 +36,6 @@ def _median_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | N
 def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]],
                description: str = "", wall_s: float | None = None) -> Page:
     """A lab suite: the claims table, then one section per experiment."""
-    from gradmedic.lab.claims import group_results, judge
-    from gradmedic.lab.suites import SUITES
-
     page = Page(f"gradmedic lab: {suite_name}")
     if description:
         page.paragraph(description)
@@ -147,9 +147,6 @@ def _action(remedies: list[str]) -> str:
     """The remedy ``gm.treat`` tries first for this finding as an instruction (its order puts the least invasive model
     change first, so it may not be the diagnosis's top-ranked one), then the other ids to try; a finding with only
     training-side remedies gets its top-ranked one, which treat puts in the training recipe."""
-    from gradmedic.diagnosis import REMEDIES
-    from gradmedic.remedies.treat import trial_order
-
     if not remedies:
         return "No remedy applies: what was found says what to look for."  # no_gradient: a cut or an unused layer
     tried = trial_order(remedies)
@@ -174,8 +171,6 @@ def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
     """Last recorded ``metric`` of each layer inside a repeated block (a ``block`` in the architecture
     table's roles), one line per role and position in the block (``h.*.attn.c_attn``):
     label -> (block indices, values). Empty for a model without repeated blocks."""
-    from gradmedic.architecture import block_index
-
     roles = trace.meta.get("roles", {})
     groups: dict[tuple[str, str], dict[int, float]] = {}
     for layer, value in trace.last(metric).items():

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gradmedic._errors import GradmedicError
+
 __all__ = ["gradient_heatmap", "layer_bars", "loss_curves", "role_profile", "time_curves"]
 
 _MAX_LABELS = 40  # layer names shown on an axis; beyond that every k-th
@@ -22,14 +24,12 @@ PLOT_LIMIT = 1e100
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # optional: the report extra
     except ImportError:
-        from gradmedic._errors import GradmedicError
-
         raise GradmedicError("Reports need matplotlib: pip install 'gradmedic[report]'") from None
 
     matplotlib.use("Agg", force=False)  # no display needed; keeps working in CI and over ssh
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: the report extra
 
     return plt
 
@@ -90,7 +90,7 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     """Layers (rows, input at the top) x steps (columns), colour = log10 of the gradient norm. A gradient of
     exactly zero has no logarithm: it is drawn black (and said so in the title), so that it does not read as the
     blank of a step that was not measured."""
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import ListedColormap  # optional: the report extra
 
     plt = _pyplot()
     raw = np.asarray(values, dtype=float).T  # (layers, steps)
@@ -194,7 +194,7 @@ def role_profile(lines: Mapping[str, tuple[Sequence[int], Sequence[float | None]
         ax.plot(list(blocks), _values(values, positive=True), label=label, linewidth=1.4,
                 marker=markers[i % len(markers)], markersize=3)
     ax.set_yscale("log")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional: the report extra
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # block indices: no 0.5 between blocks
     _finish(ax, "block (input → output)", quantity, title or "Gradient per role across blocks", legend=False)

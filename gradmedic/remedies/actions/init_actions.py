@@ -11,7 +11,7 @@ from torch import nn
 from gradmedic._errors import GradmedicError
 from gradmedic._inputs import forward_with_hooks
 from gradmedic.remedies import init as inits
-from gradmedic.remedies.actions import Patient, action
+from gradmedic.remedies.actions._registry import Patient, action
 from gradmedic.remedies.critical import critical_
 from gradmedic.remedies.restart import recycle_
 
@@ -21,7 +21,7 @@ _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 def _critical(patient: Patient, distribution: str, label: str) -> str:
     if not any(isinstance(m, _WEIGHTED) for m in patient.model.modules()):
         raise GradmedicError("no Linear/Conv weights to initialise")
-    depth = int(patient.context.get("depth") or 0) or None
+    depth = patient.context.depth or None
     scales = critical_(patient.model, patient.inputs, depth=depth, distribution=distribution)
     shown = ", ".join(f"{v:.2f} before {k}" for k, v in scales.items() if k != "linear")
     biases = "biases centring the sigmoid outputs" if "Sigmoid" in scales else "biases 0"

@@ -5,13 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from gradmedic._errors import GradmedicError
+from gradmedic.architecture import NORM_TYPES
 from gradmedic.remedies import surgery
-from gradmedic.remedies.actions import Patient, action
+from gradmedic.remedies.actions._registry import Patient, action
 from gradmedic.remedies.actions.init_actions import CHRONO_MIN_LENGTH, sequence_length
 from gradmedic.remedies.critical import critical_
 from gradmedic.remedies.init import chrono_bias_
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def _count(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> int:
@@ -20,12 +19,12 @@ def _count(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> int:
 
 @action("add_normalization", "insert")
 def add_normalization(patient: Patient) -> str:
-    if patient.context.get("normalized"):
+    if patient.context.normalized:
         raise GradmedicError("the model is normalised already")
     kind = "layer" if _count(patient.model, (nn.RNNBase, nn.MultiheadAttention)) else "batch"
-    before = _count(patient.model, _NORMS)
+    before = _count(patient.model, NORM_TYPES)
     patient.model = surgery.add_normalization(patient.model, kind=kind, inputs=patient.inputs, inplace=True)
-    added = _count(patient.model, _NORMS) - before
+    added = _count(patient.model, NORM_TYPES) - before
     return f"inserted {added} {'BatchNorm' if kind == 'batch' else 'LayerNorm'} layers after Linear/Conv layers"
 
 
@@ -34,7 +33,7 @@ def swap_activation(patient: Patient) -> str:
     saturating = _count(patient.model, surgery._SATURATING)
     if saturating:
         patient.model = surgery.swap_activation(patient.model, to="relu", inplace=True)
-        critical_(patient.model, patient.inputs, depth=int(patient.context.get("depth") or 0) or None)
+        critical_(patient.model, patient.inputs, depth=patient.context.depth or None)
         return f"replaced {saturating} saturating activations with ReLU, with He init for them"
     relus = _count(patient.model, (nn.ReLU,))
     if relus:

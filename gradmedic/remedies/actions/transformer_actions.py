@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError
-from gradmedic.remedies.actions import Patient, action
+from gradmedic.remedies.actions._registry import Patient, action
 from gradmedic.remedies.surgery import LayerScale
 
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)

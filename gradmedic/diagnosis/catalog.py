@@ -1,16 +1,12 @@
-"""REMEDIES (ids with one-line descriptions) and ``prescribe``: a finding's kind + the model -> ranked ids.
-
-The ranking follows what the field's experiments show first-hand (../shared/CATALOG.md and the lab):
-for saturating activations, normalisation and a non-saturating activation beat re-initialising; for a
-deep plain ReLU net, the right init comes first and a skip path next; for a tanh RNN, gates beat init.
-"""
+"""REMEDIES: the one catalog of remedies. Each is said once: its id, a one-line description, the paper, and
+whether it acts on the model (``treat`` changes a copy) or on the training recipe. The rules rank these ids
+(``gradmedic.diagnosis.rules``); ``treat``'s actions register under them (``gradmedic.remedies.actions``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-__all__ = ["REMEDIES", "Remedy", "prescribe"]
+__all__ = ["REMEDIES", "Remedy"]
 
 
 @dataclass(frozen=True)
@@ -84,82 +80,3 @@ _ALL = (
 )
 
 REMEDIES: dict[str, Remedy] = {r.id: r for r in _ALL}
-
-
-def prescribe(kind: str, context: dict[str, Any]) -> list[str]:
-    """Ranked remedy ids for one kind of finding, given what the model is made of.
-
-    ``context`` keys read: ``saturating`` (sigmoid/tanh-like activations present), ``relu`` (ReLU family),
-    ``normalized`` (BatchNorm/LayerNorm/GroupNorm present), ``residual`` (user blocks with skips are not
-    detectable in general, so only known torch residual users count), ``rnn`` / ``lstm`` / ``gru``, ``depth``
-    (number of parameterised layers on the main path), ``low_precision``, ``model_kind``
-    (``architecture.model_kind``: "transformer", "recurrent", "convolutional", "mlp") and ``norm_placement``
-    ("pre" or "post": where a block's first norm runs, read from the forward order).
-
-    For transformers the known fixes of depth come first (CATALOG.md; the papers are in REMEDIES): a post-LN
-    stack is fixed first by moving to pre-LN (Xiong et al. 2020), then by warmup, which post-LN cannot do
-    without (Liu et al. 2020), then by DeepNorm's residual scaling (Wang et al. 2022); a pre-LN stack by
-    warmup and LayerScale (Touvron et al. 2021); exploding attention by warmup, clipping and QK-norm
-    (Dehghani et al. 2023).
-    """
-    sat, relu, norm = context.get("saturating"), context.get("relu"), context.get("normalized")
-    deep = context.get("depth", 0) >= 10
-    ids: list[str]
-    if kind == "vanishing_gradients":
-        if sat:
-            ids = ["add_normalization", "swap_activation", "xavier_init", "add_residual", "adaptive_optimizer"]
-        else:
-            ids = ["he_init", "add_normalization", "add_residual", "lsuv_init", "adaptive_optimizer"]
-        if deep and not sat:
-            ids.remove("add_residual")
-            ids.insert(1, "add_residual")
-        if norm:
-            ids.remove("add_normalization")
-            ids.append("add_normalization")
-    elif kind == "exploding_gradients":
-        ids = ["clip_grad_norm", "he_init" if relu else "xavier_init", "add_normalization", "lower_learning_rate",
-               "agc", "autoclip"]
-    elif kind == "saturated_units":
-        ids = ["swap_activation", "add_normalization", "xavier_init", "lsuv_init", "recycle_dormant"]
-    elif kind == "dead_units":
-        ids = ["recycle_dormant", "he_init", "swap_activation", "add_normalization", "lower_learning_rate"]
-    elif kind == "nonfinite":
-        ids = ["numerical_guard", "gradcheck", "lower_learning_rate", "clip_grad_norm"]
-        if context.get("low_precision"):
-            ids.insert(1, "loss_scaling")
-    elif kind == "vanishing_through_time":
-        if context.get("lstm"):
-            ids = ["forget_gate_bias", "orthogonal_init", "clip_grad_norm"]
-        elif context.get("gru"):
-            ids = ["orthogonal_init", "clip_grad_norm"]
-        else:
-            ids = ["gated_recurrence", "identity_recurrent_init", "orthogonal_init"]
-    elif kind == "exploding_through_time":
-        ids = ["clip_grad_norm", "orthogonal_init", "gated_recurrence" if context.get("rnn") else "lower_learning_rate"]
-    elif kind == "gradient_underflow":
-        ids = ["loss_scaling", "higher_precision"]
-    elif kind == "stalled_updates":
-        ids = ["adaptive_optimizer", "raise_learning_rate", "lr_warm_restarts", "add_normalization"]
-    elif kind == "no_gradient":
-        ids = []  # a graph cut or an unused module: the message says what to look for; no remedy applies
-    else:
-        raise ValueError(f"Argument kind should be one of the finding kinds, but given {kind!r}.")
-    if context.get("model_kind") == "transformer":
-        ids = _TRANSFORMER_FIRST.get((kind, context.get("norm_placement")), _TRANSFORMER_FIRST.get((kind, None), [])) \
-            + [i for i in ids if i not in _TRANSFORMER_HAS]
-    return list(dict.fromkeys(ids))
-
-
-# a transformer has residual blocks and norms already: adding them is no remedy
-_TRANSFORMER_HAS = ("add_residual", "add_normalization")
-
-# (kind, norm placement) -> the transformer remedies ranked before the general ones
-_TRANSFORMER_FIRST: dict[tuple[str, str | None], list[str]] = {
-    ("vanishing_gradients", "post"): ["pre_ln", "lr_warmup", "deepnorm", "layerscale"],
-    ("vanishing_gradients", "pre"): ["lr_warmup", "layerscale", "deepnorm"],
-    ("vanishing_gradients", None): ["pre_ln", "lr_warmup", "deepnorm", "layerscale"],
-    ("exploding_gradients", "post"): ["lr_warmup", "pre_ln", "clip_grad_norm", "deepnorm", "qk_norm"],
-    ("exploding_gradients", None): ["lr_warmup", "clip_grad_norm", "qk_norm", "layerscale"],
-    ("nonfinite", None): ["numerical_guard", "lr_warmup", "qk_norm"],
-    ("stalled_updates", None): ["lr_warmup"],
-}

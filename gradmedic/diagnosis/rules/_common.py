@@ -1,13 +1,16 @@
-"""What the rules share: reading a metric at its latest step, depth order, severity, making a Finding."""
+"""What the rules share: reading a metric at its latest and first steps, depth order, severity, a per-layer share
+rule, and making a Finding (with its remedies ranked by the registry)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
+from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
-from gradmedic.diagnosis.prescriptions import prescribe
+from gradmedic.diagnosis.rules._registry import prescribe
 from gradmedic.trace import Trace
 
 
@@ -75,8 +78,47 @@ def severity_of(value: float, warning: float, error: float, below: bool = True,
     return None
 
 
-def finding(kind: str, severity: str, layers: list[str], message: str, evidence: dict, ctx: dict) -> Finding:
+def finding(kind: str, severity: str, layers: list[str], message: str, evidence: dict, ctx: Context) -> Finding:
     return Finding(kind=kind, severity=severity, layers=layers, message=message, evidence=evidence,
                    remedies=prescribe(kind, ctx))
 
 
+# --- the rules ---------------------------------------------------------------------------------------
+def per_layer_share(trace: Trace, metric: str, kind: str, info: float, warning: float, error: float,
+                     describe: Callable[[str, float], str], ctx: Context,
+                     keep: Callable[[str, float], bool] | None = None) -> list[Finding]:
+    measured = latest(trace, metric)
+    if measured is None:
+        return []
+    step, values = measured
+    if keep is not None:
+        values = {k: v for k, v in values.items() if keep(k, v)}
+    layers = depth_order(trace, step, [k for k, v in values.items() if v >= info])
+    if not layers:
+        return []
+    worst = max(values[k] for k in layers)
+    severity = severity_of(worst, warning, error, below=False, info=info)
+    assert severity is not None
+    flagged = [k for k in layers if values[k] >= (warning if severity != "info" else info)]
+    evidence = {"step": step, **{f"{metric}[{k}]": values[k] for k in flagged}}
+    first = first_measured(trace, metric)
+    if first is not None and first[0] < step:
+        evidence["at_first_step"] = {k: first[1].get(k) for k in flagged}
+    return [finding(kind, severity, flagged, describe(flagged[0], values[flagged[0]]) +
+                     (f" ({len(flagged) - 1} more layer(s))" if len(flagged) > 1 else ""), evidence, ctx)]
+
+
+def first_measured(trace: Trace, metric: str) -> tuple[int, dict[str, float]] | None:
+    """The first step at which any layer has ``metric``, and each layer's own first value: a layer that did not
+    run at that step (an expert no token was routed to, a branch taken later) is compared with itself, not
+    with nothing."""
+    column = trace.metric(metric)
+    rows = np.flatnonzero(~np.all(np.isnan(column), axis=1))
+    if rows.size == 0:
+        return None
+    first = {}
+    for j, k in enumerate(trace.layers):
+        measured = np.flatnonzero(~np.isnan(column[:, j]))
+        if measured.size:
+            first[k] = float(column[measured[0], j])
+    return int(trace.steps[rows[0]]), first

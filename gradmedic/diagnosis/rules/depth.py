@@ -18,11 +18,16 @@ import math
 
 import numpy as np
 
-from gradmedic.diagnosis._common import depth_order, finding, latest, plain_blocks, severity_of
+from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import SEVERITIES, Finding
+from gradmedic.diagnosis.rules._common import depth_order, finding, latest, plain_blocks, severity_of
+from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.trace import Trace
 
 __all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
+
+# a network this deep (parameterised layers) is where a skip path, not only the init, decides (He et al. 2016)
+DEEP = 10
 
 # --- depth profile ---------------------------------------------------------------------------------
 # A layer whose gradient (as backward signal RMS *and* as grad/weight, the speed it learns at) is 100x
@@ -140,7 +145,7 @@ def _stack(block: str) -> str:
     return ".".join(parts[:first])
 
 
-def zero_gradient(trace: Trace, ctx: dict) -> list[Finding]:
+def zero_gradient(trace: Trace, ctx: Context) -> list[Finding]:
     """Every measured layer's gradient is exactly zero: nothing can learn. In 16 bits (a half model or
     autocast) that is underflow (a tiny loss); in float32 a loss that does not depend on the outputs."""
     measured = latest(trace, "grad_norm")
@@ -149,8 +154,8 @@ def zero_gradient(trace: Trace, ctx: dict) -> list[Finding]:
     step, norms = measured
     layers = depth_order(trace, step, list(norms))
     evidence = {"step": step, "layers": len(layers), "zero_everywhere": True}
-    if ctx.get("low_precision"):
-        how = "under autocast" if ctx.get("autocast") else "in 16 bits"
+    if ctx.low_precision:
+        how = "under autocast" if ctx.autocast else "in 16 bits"
         return [finding("gradient_underflow", "error", layers,
                         f"Every gradient is exactly zero {how}: the backward underflowed to zero before it reached "
                         f"any parameter ({len(layers)} layers); scale the loss up.", evidence, ctx)]
@@ -159,7 +164,7 @@ def zero_gradient(trace: Trace, ctx: dict) -> list[Finding]:
                     "parameter (a loss multiplied by 0, detached outputs, or a constant).", evidence, ctx)]
 
 
-def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
+def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     zero = zero_gradient(trace, ctx)
     if zero:
         return [f for f in zero if f.kind == "vanishing_gradients"]
@@ -183,7 +188,7 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     gains = np.diff(np.log10(np.maximum(both, 1e-300)))
     drop_at = layers[int(np.argmax(gains))] if len(gains) else layers[0]
     # the activation modules by name; functional ones (torch.tanh in a forward) are not modules, and go unnamed
-    acts = ", ".join(ctx.get("activations", []))
+    acts = ", ".join(ctx.activations)
     acts = f" of {acts} activations" if acts else ""
     if unit == "blocks":
         stream = "at the output of block" if plain_blocks(trace) else "on the residual stream at the output of"
@@ -201,14 +206,14 @@ def vanishing_gradients(trace: Trace, ctx: dict) -> list[Finding]:
                       "profile": unit}, ctx)]
 
 
-def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
+def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     found = []
     profile = _profile(trace)
     if profile is not None:
         step, layers, b, g, unit, reference = profile
         stream = unit == "blocks" and not plain_blocks(trace)
         both = np.minimum(b, g)
-        warning = EXPLODING_BATCHNORM_WARNING if ctx.get("batchnorm") else (
+        warning = EXPLODING_BATCHNORM_WARNING if ctx.batchnorm else (
             EXPLODING_STREAM_WARNING if stream else EXPLODING_WARNING)
         # growing toward the input: a layer among the deepest, which set the scale, is above it only where the
         # gradient falls steeply toward the input within them (a vanishing net's last layer read "exploding")
@@ -224,7 +229,7 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
                                   {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
                                    "worst_ratio": worst}, ctx))
     measured = latest(trace, "grad_to_weight")
-    if measured is not None and not ctx.get("normalized"):
+    if measured is not None and not ctx.normalized:
         # the absolute rule catches a forward signal that explodes; normalisation layers rescale the
         # forward at every block, so with them it reads only small-by-design weights (0.02-std transformer
         # init, LayerScale gammas) and is not applied
@@ -264,3 +269,36 @@ def exploding_gradients(trace: Trace, ctx: dict) -> list[Finding]:
     return found
 
 
+# --- remedies, ranked --------------------------------------------------------------------------------
+# For saturating activations normalisation and a non-saturating activation beat re-initialising; for a deep plain
+# ReLU net the right init comes first and a skip path next (the lab's depth experiments; CATALOG.md). On a
+# transformer the known fixes of depth come first: a post-LN stack is fixed first by moving to pre-LN (Xiong et al.
+# 2020), then by warmup, which post-LN cannot do without (Liu et al. 2020), then by DeepNorm's residual scaling (Wang
+# et al. 2022); a pre-LN stack by warmup and LayerScale (Touvron et al. 2021); exploding attention by warmup,
+# clipping and QK-norm (Dehghani et al. 2023).
+def rank_vanishing(ctx: Context) -> list[str]:
+    if ctx.saturating:
+        ids = ["add_normalization", "swap_activation", "xavier_init", "add_residual", "adaptive_optimizer"]
+    else:
+        ids = ["he_init", "add_normalization", "add_residual", "lsuv_init", "adaptive_optimizer"]
+    if ctx.depth >= DEEP and not ctx.saturating:
+        ids.remove("add_residual")
+        ids.insert(1, "add_residual")
+    if ctx.normalized:
+        ids.remove("add_normalization")
+        ids.append("add_normalization")
+    return ids
+
+
+def rank_exploding(ctx: Context) -> list[str]:
+    return ["clip_grad_norm", "he_init" if ctx.relu else "xavier_init", "add_normalization", "lower_learning_rate",
+            "agc", "autoclip"]
+
+
+register(Rule("vanishing_gradients", vanishing_gradients, rank_vanishing, {
+    "post": ("pre_ln", "lr_warmup", "deepnorm", "layerscale"),
+    "pre": ("lr_warmup", "layerscale", "deepnorm"),
+    None: ("pre_ln", "lr_warmup", "deepnorm", "layerscale")}))
+register(Rule("exploding_gradients", exploding_gradients, rank_exploding, {
+    "post": ("lr_warmup", "pre_ln", "clip_grad_norm", "deepnorm", "qk_norm"),
+    None: ("lr_warmup", "clip_grad_norm", "qk_norm", "layerscale")}))

@@ -1,0 +1,118 @@
+"""The rules of numbers: a NaN/Inf and where it was born, and gradients that flushed to zero in 16 bits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradmedic.diagnosis.context import Context
+from gradmedic.diagnosis.findings import Finding
+from gradmedic.diagnosis.rules._common import depth_order, finding, per_layer_share
+from gradmedic.diagnosis.rules._registry import Rule, register
+from gradmedic.diagnosis.rules.depth import zero_gradient
+from gradmedic.trace import Trace
+
+__all__ = ["gradient_underflow", "nonfinite"]
+
+# --- precision -------------------------------------------------------------------------------------
+# Share of a float16/bfloat16 layer's gradient entries that are exactly zero. Half of them gone is
+# underflow (Micikevicius et al. 2018 show most activation gradients of an fp16 SSD below 2^-24);
+# 99% means the layer gets no gradient at all.
+UNDERFLOW_WARNING = 0.5
+UNDERFLOW_ERROR = 0.99
+
+
+
+def nonfinite(trace: Trace, ctx: Context) -> list[Finding]:
+    """The first step at which anything was NaN or infinite: the loss (recorded at every step), a layer's gradient
+    at a measured step, or an output the NaN/Inf probe saw (which also names the module it was born in). Everything
+    after that step is poisoned, so the first one is what to look at."""
+    events = sorted((e for e in trace.events if e.get("kind") == "nonfinite"), key=lambda e: e["step"])
+    loss = _first_nonfinite_loss(trace)
+    grad = _first_nonfinite_gradient(trace)
+    firsts = [s for s in (loss[0] if loss else None, grad[0] if grad else None, events[0]["step"] if events else None)
+              if s is not None]
+    if not firsts:
+        return []
+    first_step = min(firsts)
+    evidence: dict = {"step": first_step}
+    said_loss = ""
+    if loss is not None:
+        evidence.update(loss_step=loss[0], loss_value=loss[1], nonfinite_losses=loss[2])
+        if loss[0] == first_step:
+            said_loss = f"The loss is {loss[1]} from step {loss[0]} ({loss[2]} non-finite loss(es) recorded). "
+    if events:
+        at = [e for e in events if e["step"] == events[0]["step"]]
+        first = next((e for e in at if e["phase"] == "forward"), at[0])
+        where = "output" if first["phase"] == "forward" else "output's gradient (in the backward pass)"
+        evidence.update(phase=first["phase"], value=first["value"], events=len(events), probe_step=first["step"])
+        return [finding("nonfinite", "error", [first["module"]],
+                        f"{said_loss}The first {first['value'].upper()} the NaN/Inf probe saw is in the {where} of "
+                        f"'{first['module']}' at step {first['step']}; everything after it is poisoned.",
+                        evidence, ctx)]
+    if grad is not None and grad[0] == first_step:
+        return [finding("nonfinite", "error", grad[1], f"{said_loss}The gradient of '{grad[1][0]}' is not finite at "
+                        f"step {grad[0]}.", {**evidence, "gradient_step": grad[0]}, ctx)]
+    layers = grad[1] if grad is not None else []
+    return [finding("nonfinite", "error", layers, f"{said_loss}No probe was measuring at that step to say which "
+                    "module made it: the NaN/Inf probe looks at the next step it runs (preset='full' or every=1 "
+                    "looks at every step).", evidence, ctx)]
+
+
+def _first_nonfinite_loss(trace: Trace) -> tuple[int, str, int] | None:
+    """(the first step whose loss is NaN or infinite, "NaN"/"inf"/"-inf", how many such steps), or None."""
+    if "loss" not in trace.scalar_names:
+        return None
+    steps, values = trace.scalar("loss")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size == 0:
+        return None
+    first = bad[np.argmin(steps[bad])]
+    return int(steps[first]), str(float(values[first])).replace("nan", "NaN"), int(bad.size)
+
+
+def _first_nonfinite_gradient(trace: Trace) -> tuple[int, list[str]] | None:
+    """(the first measured step at which some layer's gradient norm is not finite, those layers), or None."""
+    if "grad_norm" not in trace.metrics:
+        return None
+    grads = trace.metric("grad_norm")
+    # NaN in the grid means "not measured", and a NaN gradient norm is stored as NaN too: a layer whose weight norm
+    # was measured at the step (the probe writes both together) but whose gradient norm is NaN had a NaN gradient
+    measured = ~np.isnan(trace.metric("weight_norm")) if "weight_norm" in trace.metrics else np.zeros_like(grads, bool)
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(grads) | (measured & np.isnan(grads))
+    rows = np.flatnonzero(bad.any(axis=1))
+    if rows.size == 0:
+        return None
+    s = int(rows[0])
+    layers = [layer for j, layer in enumerate(trace.layers) if bad[s, j]]
+    return int(trace.steps[s]), depth_order(trace, int(trace.steps[s]), layers)
+
+
+def gradient_underflow(trace: Trace, ctx: Context) -> list[Finding]:
+    """Exact zeros in the gradients of a model whose backward runs in 16 bits (half weights, or autocast).
+    Zeros that are structure (an embedding's unused rows) are not counted (probes.gradients)."""
+    if not ctx.low_precision:
+        return []
+    zero = [f for f in zero_gradient(trace, ctx) if f.kind == "gradient_underflow"]
+    if zero:
+        return zero
+    dtype = "autocast" if ctx.autocast else trace.meta.get("dtype")
+    return per_layer_share(trace, "grad_zero_frac", "gradient_underflow", UNDERFLOW_WARNING, UNDERFLOW_WARNING,
+                            UNDERFLOW_ERROR, lambda k, v: f"{100 * v:.0f}% of the {dtype} "
+                            f"gradient entries of '{k}' are exactly zero: they flushed to zero", ctx)
+
+
+# --- remedies, ranked --------------------------------------------------------------------------------
+def rank_nonfinite(ctx: Context) -> list[str]:
+    ids = ["numerical_guard", "gradcheck", "lower_learning_rate", "clip_grad_norm"]
+    if ctx.low_precision:
+        ids.insert(1, "loss_scaling")
+    return ids
+
+
+def rank_underflow(ctx: Context) -> list[str]:
+    return ["loss_scaling", "higher_precision"]
+
+
+register(Rule("nonfinite", nonfinite, rank_nonfinite, {None: ("numerical_guard", "lr_warmup", "qk_norm")}))
+register(Rule("gradient_underflow", gradient_underflow, rank_underflow))

@@ -1,0 +1,209 @@
+"""The rules of what moves: layers no gradient reaches (cut off from the loss, unused, exactly zero) and layers the
+optimizer barely moves (stalled updates)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradmedic.diagnosis.context import Context
+from gradmedic.diagnosis.findings import Finding
+from gradmedic.diagnosis.rules._common import depth_order, finding, severity_of
+from gradmedic.diagnosis.rules._registry import Rule, register
+from gradmedic.trace import Trace
+
+__all__ = ["no_gradient", "stalled_updates"]
+
+# --- training ----------------------------------------------------------------------------------------
+# Update/weight per step. ~1e-3 is the usual healthy value (Karpathy's rule of thumb; Adam at 1e-3 on
+# unit-scale weights); two orders below it a layer barely moves, four orders below it stands still.
+STALLED_WARNING = 1e-5
+STALLED_ERROR = 1e-7
+
+# A gradient of exactly zero at one step can be by design at init (a zero-initialised layer after it: LoRA's B,
+# a zero-init residual's last BatchNorm gamma, ReZero, adaLN-Zero), and the first update ends it. Exactly zero at
+# every one of at least this many measured steps, with updates in between, is structure: the loss does not
+# depend on the layer at these inputs (attention over one position gives its query and key none).
+ZERO_GRADIENT_STEPS = 2
+
+
+def _frozen(trace: Trace) -> set[str]:
+    """Layers whose parameters were all frozen after the Monitor was built (at its last flush): not meant to move."""
+    return set(trace.meta.get("frozen", ()))
+
+
+def _without_gradient(trace: Trace) -> tuple[list[str], int]:
+    """Layers with trainable parameters that had no gradient (``p.grad`` None: not a zero gradient) at every
+    step the gradient probe ran, and how many steps that was; ``([], 0)`` when it never ran."""
+    if "grad_norm" not in trace.metrics:
+        return [], 0
+    grads = trace.metric("grad_norm")
+    ran = ~np.all(np.isnan(grads), axis=1)  # steps at which some layer had a gradient
+    if not ran.any():
+        return [], 0
+    # a layer nothing was measured for at all is in the model's parameters (meta), not in the trace's layers; one
+    # frozen after the Monitor was built (meta "frozen", at the last flush) is not meant to get a gradient
+    column = {layer: j for j, layer in enumerate(trace.layers)}
+    frozen = _frozen(trace)
+    never = [layer for layer, size in trace.meta.get("params", {}).items()
+             if size and layer not in frozen and (layer not in column or np.isnan(grads[ran, column[layer]]).all())]
+    return never, int(ran.sum())
+
+
+def _zero_gradient(trace: Trace) -> list[str]:
+    """Layers whose gradient was exactly zero (not None) at every step it was measured, at ZERO_GRADIENT_STEPS
+    steps at least; none when every measured layer's was zero (``depth.zero_gradient``'s case)."""
+    if "grad_norm" not in trace.metrics:
+        return []
+    grads = trace.metric("grad_norm")
+    measured = ~np.isnan(grads)
+    zero = (measured.sum(axis=0) >= ZERO_GRADIENT_STEPS) & np.all(~measured | (grads == 0), axis=0)
+    layers = [layer for j, layer in enumerate(trace.layers) if zero[j] and layer]
+    if len(layers) == int(measured.any(axis=0).sum()):
+        return []
+    frozen = _frozen(trace)
+    return [layer for layer in layers if layer not in frozen]
+
+
+def _ran_in_forward(trace: Trace) -> set[str] | None:
+    """Layers that ran in some measured forward (``forward_index``), None when no forward was measured."""
+    if "forward_index" not in trace.metrics:
+        return None
+    order = trace.metric("forward_index")
+    measured = ~np.all(np.isnan(order), axis=1)
+    if not measured.any():
+        return None
+    return {layer for j, layer in enumerate(trace.layers) if not np.isnan(order[measured, j]).all()}
+
+
+def _output_reached(trace: Trace) -> set[str]:
+    """Layers whose output got a gradient at some measured step (a finite, positive ``backward_norm``)."""
+    if "backward_norm" not in trace.metrics:
+        return set()
+    signal = trace.metric("backward_norm")
+    with np.errstate(invalid="ignore"):
+        hit = np.any(np.isfinite(signal) & (signal > 0), axis=0)
+    return {layer for j, layer in enumerate(trace.layers) if hit[j]}
+
+
+def _and_more(layers: list[str]) -> str:
+    """" (and 3 more layers)" after the first layer's name, so a message does not read as if one layer alone."""
+    more = len(layers) - 1
+    return f" (and {more} more layer{'s' * (more != 1)})" if more else ""
+
+
+def no_gradient(trace: Trace, ctx: Context) -> list[Finding]:
+    """Trainable layers no gradient reached at any measured step. One that ran in the forward is cut off from
+    the loss (its output detached, computed under ``torch.no_grad``, or not used): a warning, since its
+    parameters were meant to train or should be frozen. One that did not run is unused, or a branch or an
+    expert not taken in the measured steps: information, since it costs nothing but memory (and DDP's
+    ``find_unused_parameters``). Neither is a learning-rate problem, which is how its zero updates would
+    otherwise read (stalled_updates). Under ``gm.check``'s stand-in loss, which reads the model's first output
+    alone, a layer that feeds only the other outputs (BERT's pooler) gets none by construction: information, where
+    the model returned several. One whose output gets a gradient while the parameters it owns itself get none
+    does not use them in its forward (a parameter for some modes only): information. A layer frozen after the
+    Monitor was built (``meta["frozen"]``) is left out."""
+    never, steps = _without_gradient(trace)
+    # in 16 bits a zero gradient can be underflow: gradient_underflow reads those
+    zero = [] if ctx.low_precision else _zero_gradient(trace)
+    if not never and not zero:
+        return []
+    ran = _ran_in_forward(trace)
+    at = int(trace.steps[-1])
+    reached = _output_reached(trace)
+    # a layer whose output does get a gradient but whose own parameters do not: the forward does not use them
+    # (XLNet's mask_emb, used only with target_mapping; an output bias no longer tied to the decoder's)
+    unused = depth_order(trace, at, [k for k in never if k in reached])
+    cut = depth_order(trace, at, [k for k in never if ran is not None and k in ran and k not in reached])
+    idle = depth_order(trace, at, [k for k in never if (ran is None or k not in ran) and k not in reached])
+    measured = f"{steps} measured step{'s' * (steps != 1)}"
+    stand_in = (trace.meta.get("check") or {}).get("loss_from") == "projection_of_first"
+    found = []
+    if cut:
+        evidence = {"steps": steps, "layers": len(cut), "ran_in_forward": 1}
+        if stand_in:
+            found.append(finding("no_gradient", "info", cut,
+                                 f"'{cut[0]}'{_and_more(cut)} runs in the forward but gets no gradient from "
+                                 "gm.check's stand-in loss, which reads only the model's first output: it feeds "
+                                 "another output, or none; pass loss_fn (or targets) to check it with your own loss.",
+                                 evidence, ctx))
+        else:
+            found.append(finding("no_gradient", "warning", cut,
+                                 f"'{cut[0]}'{_and_more(cut)} runs in the forward but no gradient reaches it "
+                                 f"({measured}): its output does not reach the loss (detached, computed under "
+                                 "torch.no_grad, or not used); freeze it with requires_grad_(False) if that is meant.",
+                                 evidence, ctx))
+    if zero:
+        zero = depth_order(trace, at, zero)
+        steps_zero = int(np.sum(~np.isnan(trace.metric("grad_norm")[:, trace.layers.index(zero[0])])))
+        found.append(finding("no_gradient", "warning", zero,
+                             f"'{zero[0]}'{_and_more(zero)} gets a gradient of exactly zero at every measured step "
+                             f"({steps_zero}): the loss does not depend on what it computes at these inputs "
+                             "(attention over a single position gives its query and key none; so does an output "
+                             "of which only other positions are read, or units all dead); its parameters cannot "
+                             "learn from this data.", {"steps": steps_zero, "layers": len(zero), "exactly_zero": 1},
+                             ctx))
+    if unused:
+        found.append(finding("no_gradient", "info", unused,
+                             f"'{unused[0]}'{_and_more(unused)} gets a gradient at its output, but none reaches the "
+                             f"parameters it owns itself ({measured}): its forward does not use them (a parameter "
+                             "used only in some modes or with some inputs); freeze or remove them if they are not "
+                             "meant to train.",
+                             {"steps": steps, "layers": len(unused), "output_reached": 1}, ctx))
+    if idle:
+        what = "does not run in the forward and " if ran is not None else ""
+        found.append(finding("no_gradient", "info", idle,
+                             f"'{idle[0]}'{_and_more(idle)} {what}gets no gradient ({measured}): an unused module, "
+                             "or a branch or expert not taken; freeze or remove it if it is not meant to train (DDP "
+                             "needs find_unused_parameters=True for it).",
+                             {"steps": steps, "layers": len(idle),
+                              **({"ran_in_forward": 0} if ran is not None else {})}, ctx))
+    return found
+
+
+def stalled_updates(trace: Trace, ctx: Context) -> list[Finding]:
+    if "update_to_weight" not in trace.metrics:
+        return []
+    column = trace.metric("update_to_weight")
+    grads = trace.metric("grad_norm") if "grad_norm" in trace.metrics else None
+    # steps at which the gradient probe ran (some layer has a gradient norm)
+    ran = None if grads is None else ~np.all(np.isnan(grads), axis=1)
+    # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule; nor is
+    # a layer the user froze
+    never = set(_without_gradient(trace)[0]) | set(_zero_gradient(trace)) | _frozen(trace)
+    medians = {}
+    for j, layer in enumerate(trace.layers):
+        if layer in never:
+            continue
+        values = column[:, j][~np.isnan(column[:, j])]
+        if ran is not None and np.isnan(grads[ran, j]).any() and (values > 0).any():  # type: ignore[index]
+            # the layer had no gradient at some steps (an expert no token was routed to, a branch taken only
+            # sometimes): an optimizer leaves a parameter without a gradient exactly as it is, so those zero
+            # updates say nothing about its learning rate; the steps that moved it do
+            values = values[values > 0]
+        if values.size:
+            medians[layer] = float(np.median(values))
+    if not medians:
+        return []
+    step = int(trace.steps[-1])
+    stalled = depth_order(trace, step, [k for k, v in medians.items() if v < STALLED_WARNING])
+    if not stalled:
+        return []
+    worst = min(medians[k] for k in stalled)
+    severity = severity_of(worst, STALLED_WARNING, STALLED_ERROR)
+    assert severity is not None
+    return [finding("stalled_updates", severity, stalled,
+                     f"Each step changes '{stalled[0]}' by {medians[stalled[0]]:.1e} of its size (healthy is about "
+                     "1e-3): it is not learning.", {f"update_to_weight[{k}]": medians[k] for k in stalled}, ctx)]
+
+
+# --- remedies, ranked --------------------------------------------------------------------------------
+def rank_stalled(ctx: Context) -> list[str]:
+    return ["adaptive_optimizer", "raise_learning_rate", "lr_warm_restarts", "add_normalization"]
+
+
+def rank_no_gradient(ctx: Context) -> list[str]:
+    return []  # a graph cut or an unused module: the message says what to look for; no remedy applies
+
+
+register(Rule("stalled_updates", stalled_updates, rank_stalled, {None: ("lr_warmup",)}))
+register(Rule("no_gradient", no_gradient, rank_no_gradient))
