@@ -112,7 +112,7 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter],
                     for p, g in zip(params, found, strict=True)]
         loss.backward()
         return [p.grad for p in params]
-    except RuntimeError as error:
+    except Exception as error:  # a custom autograd Function's backward may raise anything (ValueError, ...)
         raise _backward_failed(error) from error
 
 
@@ -157,7 +157,7 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
             loss, how = forward_loss(work, args, kwargs, targets, loss_fn)
             try:
                 loss.backward()
-            except RuntimeError as error:
+            except Exception as error:  # not only RuntimeError: a custom backward raises what it likes
                 raise _backward_failed(error) from error
             monitor.step(loss)
             bar.advance()

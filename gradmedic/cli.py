@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gradmedic._verdict import broken_pipe, reader_gone, run_command, with_verdict
+
 __all__ = ["main"]
 
 # Width given to tables when the output is not a terminal (a pipe, a file, CI logs): wide enough for
@@ -34,7 +36,9 @@ def _console(stderr: bool = False):
 
     stream = sys.stderr if stderr else sys.stdout
     piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+    console = Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
+    console.on_broken_pipe = broken_pipe  # rich's own exits with status 1; the command keeps its own
+    return console
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -202,7 +206,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> int:
-    print(f"gradmedic: error: {message}", file=sys.stderr)
+    from gradmedic._terminal import printable  # a message may quote a name from the user's model or a file
+
+    print(f"gradmedic: error: {printable(message, newlines=False)}", file=sys.stderr)
     return 2
 
 
@@ -231,7 +237,9 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     if path.is_dir():
         raise GradmedicError(f"{path_text} is a folder: give a Python file and a function, FILE.py:FUNCTION")
     if not path.is_file():
-        raise GradmedicError(f"no such file: {path_text}")
+        from gradmedic._paths import not_a_file
+
+        raise GradmedicError(not_a_file(path_text, "give a Python file and a function, FILE.py:FUNCTION"))
     module_name = f"gradmedic_user_{abs(hash(str(path.resolve())))}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
@@ -277,21 +285,25 @@ def _check(args: argparse.Namespace) -> int:
             return _fail(str(error))
         except OSError as error:
             return _fail(_cannot_write(args.report, error))
-    if args.json:
-        print(report.to_json())
-    else:
-        report.render(_console())
-        if args.report:
-            print(f"Report written to {args.report}")
-    if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
-        print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+    code = 0
     if args.fail_on is not None:
         from gradmedic.diagnosis import SEVERITIES
 
         threshold = SEVERITIES.index(args.fail_on)
-        if any(f.rank >= threshold for f in report.findings):
-            return 1
-    return 0
+        code = 1 if any(f.rank >= threshold for f in report.findings) else 0
+    try:
+        if args.json:
+            print(report.to_json())
+        else:
+            report.render(_console())
+            if args.report:
+                print(f"Report written to {args.report}")
+        if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
+            print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (| head): the verdict is still the exit status
+        return reader_gone(code)
+    return code
 
 
 @contextlib.contextmanager
@@ -420,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return args.run(args)
+        if argv is None and args.run is _check:  # the command itself: no verdict, no pass (gradmedic._verdict)
+            return with_verdict(lambda: run_command(args.run, args), f"gradmedic check {args.target}")
+        return run_command(args.run, args)
     except KeyboardInterrupt:  # Ctrl-C anywhere, start-up included: one line, the shell's 130
         print("gradmedic: interrupted", file=sys.stderr)
         return 130

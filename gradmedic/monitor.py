@@ -31,15 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradmedic._budget import check_flush_every
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._distributed import RankCombiner, active
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
+from gradmedic._lifecycle import ParameterWatch, follow, release_when_dropped, weak_callback
 from gradmedic._live import LiveFindings
 from gradmedic._run_scalars import RunScalars
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk
+from gradmedic.probes.base import Chunk, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
@@ -105,8 +107,10 @@ class Monitor:
         self.layers = LayerIndex(model)  # wrappers (compile, DDP, FSDP) looked through
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
         self._warned: set[str] = set()
+        check_flush_every(flush_every, len(self.layers), [len(p.metrics) for p in self.probes],
+                          buffer_dtype(self.layers.device))  # before the buffers are made: one line, not torch's
         for probe in self.probes:
-            probe.on_failure = self._on_failure
+            probe.on_failure = weak_callback(self._on_failure)  # hooks hold probes: never the Monitor
             probe.attach(self.layers, flush_every + 1)
         self._run = RunScalars(self._warn)  # loss, learning rate and loss scale at every step
         self.scaler = scaler
@@ -122,6 +126,9 @@ class Monitor:
         self._closed = False
         self._paused = False  # inside paused(): no hook on the model
         self._watch_new_modules()
+        # parameters replaced later are followed (gradmedic._lifecycle); not under torch.distributed
+        self._params_watch = ParameterWatch(self.layers) if self._combiner is None else None
+        self._finaliser = release_when_dropped(self)  # dropped without close(): the hooks come off
         self._arm(0)
 
     def _rank_combiner(self, distributed: bool | None, rank_files: bool) -> Any:
@@ -163,6 +170,7 @@ class Monitor:
         """Record this training step; call after ``loss.backward()``. ``loss`` is optional."""
         if self._closed:
             raise GradmedicError("Monitor.step() was called after close(); create a new Monitor to go on.")
+        self._follow_parameters()
         step = self._step
         for probe in self.probes:
             if id(probe) in self._recorded:
@@ -194,6 +202,7 @@ class Monitor:
         """
         if self._closed:
             return
+        self._follow_parameters()
         step = self._step
         for probe in self.probes:
             if probe.uses_hooks or id(probe) in self._prepared:
@@ -294,6 +303,16 @@ class Monitor:
         self._since_flush = 0
         if "run" in chunks and not self._closed:
             self._look_for_nans(chunks["run"])
+        try:
+            follow(self)  # every buffer is empty now: parameters replaced since are taken up
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("parameters", error, what="following replaced parameters", consequence="they are not measured")
+
+    def _follow_parameters(self) -> None:
+        """Parameters were registered on a watched module since the last look: flush (which follows them) before
+        measuring this step with the old ones. One attribute read per step otherwise."""
+        if self._params_watch is not None and self._params_watch.changed:
+            self.flush()
 
     def _look_for_nans(self, run: Chunk) -> None:
         """A non-finite loss since the last flush: the NaN/Inf probe measures the next step too, off its schedule,
@@ -353,6 +372,7 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        self._finaliser.detach()
         try:
             self.flush()
         finally:  # whatever failed above, no hook of ours stays on the model
@@ -364,6 +384,8 @@ class Monitor:
                     self._warn(probe.name, error)
                     probe.remove_hooks()
             self._unwatch_new_modules()
+            if self._params_watch is not None:
+                self._params_watch.remove()
         if self.sink is not None and self._writes:
             self._to_sink(self._findings_to_sink)
 

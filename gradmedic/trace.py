@@ -21,6 +21,7 @@ import numpy as np
 from gradmedic._display import html_of
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._files import write_atomic
+from gradmedic._terminal import printable
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic._trace_meta import TraceMeta
 from gradmedic.probes.base import Chunk
@@ -195,7 +196,10 @@ class Trace:
         return frame.dropna(how="all")
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write step, layer and one column per metric; rows with nothing measured are left out."""
+        """Write step, layer and one column per metric; rows with nothing measured are left out. A layer name that a
+        spreadsheet would run as a formula (``=...``) is written after a ``'`` (gradmedic._terminal.csv_cell)."""
+        from gradmedic._terminal import csv_cell
+
         steps, layers, metrics, values = self._materialise()
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -205,7 +209,7 @@ class Trace:
                 row = values[s, j]
                 if np.all(np.isnan(row)):
                     continue
-                writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
+                writer.writerow([int(step), csv_cell(layer), *("" if math.isnan(v) else repr(float(v)) for v in row)])
         return write_atomic(path, buffer.getvalue().encode())
 
     def save(self, path: str | os.PathLike) -> Path | None:
@@ -276,7 +280,9 @@ class Trace:
             if all(c == "" for c in cells):
                 continue
             # names come from the user's code (or a file): Text, never markup or emoji codes
-            table.add_row(Text(layer or "(model)"), Text(str(types.get(layer, ""))), *cells)
+            # and are shown with their control characters escaped (gradmedic._terminal)
+            table.add_row(Text(printable(layer, newlines=False) or "(model)"),
+                          Text(printable(str(types.get(layer, "")), newlines=False)), *cells)
         return table
 
     def summary(self) -> str:
@@ -286,15 +292,16 @@ class Trace:
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps
         span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
-        console.print(Text(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}"))
+        model = printable(str(self.meta.get("model", "a model")), newlines=False)
+        console.print(Text(f"gradmedic trace of {model}: {len(steps)} measured {span}"))
         if "loss" in self.scalar_names:
             loss_steps, loss = self.scalar("loss")
             console.print(f"loss {loss[0]:.4g} at step {loss_steps[0]} -> {loss[-1]:.4g} at step {loss_steps[-1]}")
         console.print(self.table())
         for e in self.events[:10]:
             if e.get("kind") == "nonfinite":
-                console.print(Text(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
-                                   f"{e['module']!r}"))
+                console.print(Text(printable(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
+                                             f"{e['module']!r}", newlines=False)))
         return console.file.getvalue()
 
     def __str__(self) -> str:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gradmedic._display import html_of
+from gradmedic._terminal import printable
 from gradmedic.diagnosis.catalog import REMEDIES
 from gradmedic.diagnosis.context import Context
 from gradmedic.trace import Trace
@@ -117,7 +118,8 @@ class Report:
             cells = [_fmt(row.get("backward_norm")), _fmt(row.get("grad_to_weight")),
                      _pct(row.get("saturated_frac")), _pct(row.get("dead_frac"))]
             # names come from the user's code: Text, never markup ("[/]" or "[red]" in a name is data)
-            table.add_row(Text(row["layer"] or "(model)"), Text(row["type"]), *cells,
+            table.add_row(Text(printable(row["layer"], newlines=False) or "(model)"),
+                          Text(printable(row["type"], newlines=False)), *cells,
                           ", ".join(where.get(row["layer"], [])))
         return table
 
@@ -148,7 +150,8 @@ class Report:
             console.print("[green]No findings: gradients flow.[/]")
         colour = {"info": "cyan", "warning": "yellow", "error": "red"}
         for f in self.findings:
-            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), f" {f.kind}: {f.message}"))
+            # a message names layers, which come from the user's code or a file: control characters escaped
+            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), printable(f" {f.kind}: {f.message}")))
             if f.remedies:
                 fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
                 console.print(Text(f"    remedies: {fixes}"))

@@ -131,9 +131,14 @@ def report_page(report, title: str = "gradmedic report", figures: bool = True) -
         columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
                    if any(c in r for r in layer_rows)]
         page.heading("Per layer (last recorded step)")
+        shown = layer_rows[:TABLE_ROWS]
         page.table(("layer", "type", *columns),
-                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in layer_rows],
+                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in shown],
                    folded=f"{len(layer_rows)} layers: show the table")
+        if len(layer_rows) > len(shown):
+            left = len(layer_rows) - len(shown)
+            page.paragraph(f"The first {len(shown)} of {len(layer_rows)} layers are shown ({left} left out); "
+                           "Trace.to_csv() writes every one.", muted=True)
     return page
 
 
@@ -161,6 +166,11 @@ def _action(remedies: list[str]) -> str:
 
 
 _MAX_BARS = 60  # beyond this many layers a bar per layer is a comb: the per-role profile reads better
+# What a page can show, and so what a report draws, whatever the trace declares (a 0.94 MiB trace of 50,000 layers took
+# 54-184 s and 800 MiB: one matplotlib bar each). A 7.5-inch figure at 90 dpi is 675 px wide: 200 bars of 3 px.
+DRAWN_BARS = 200
+DRAWN_LINES = 20  # lines in one figure: a legend of more is unreadable, and the markers and colours repeat at 10
+TABLE_ROWS = 2000  # rows of the folded per-layer table; Trace.to_csv() has every layer
 _NOT_PROFILED = frozenset({"block", "activation", "embedding", "other"})
 
 
@@ -189,6 +199,19 @@ def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
     return lines
 
 
+def _bars_drawn(values: np.ndarray) -> np.ndarray:
+    """Indices of the layers given a bar: all of them up to DRAWN_BARS; beyond, evenly spaced through the depth, with
+    the smallest and the largest positive value always among them (where a vanishing or an explosion shows)."""
+    n = len(values)
+    if n <= DRAWN_BARS:
+        return np.arange(n)
+    picked = set(np.linspace(0, n - 1, DRAWN_BARS - 2).round().astype(int).tolist())
+    positive = np.where(values > 0, values, np.nan)
+    if np.isfinite(positive).any():
+        picked |= {int(np.nanargmin(positive)), int(np.nanargmax(positive))}
+    return np.asarray(sorted(picked))
+
+
 def trace_figures(page: Page, trace) -> None:
     """The figures of one trace (the report page's, and a notebook's display of a Trace)."""
     page.heading("Figures")
@@ -197,6 +220,10 @@ def trace_figures(page: Page, trace) -> None:
     quantity = "|dL/dW|" if metric == "grad_norm" else "|dL/d output|"
     if metric is not None:
         lines = role_lines(trace, metric)
+        if len(lines) > DRAWN_LINES:
+            page.paragraph(f"{len(lines)} roles across blocks: the first {DRAWN_LINES} are drawn "
+                           f"({len(lines) - DRAWN_LINES} left out).", muted=True)
+            lines = dict(list(lines.items())[:DRAWN_LINES])
         if lines:
             page.figure(plots.role_profile(lines, title="Gradient per role across blocks, last recorded step",
                                            quantity=quantity), "per-role depth profile")
@@ -210,16 +237,26 @@ def trace_figures(page: Page, trace) -> None:
             page.figure(plots.gradient_heatmap(steps, layers, values, title="Gradient flow: layer x step",
                                                quantity=quantity), "gradient heatmap")
         if not lines or len(layers) <= _MAX_BARS:
-            page.figure(plots.layer_bars(layers, {f"step {int(steps[-1])}": list(values[-1])},
-                                         title="Gradient per layer, last recorded step", quantity=quantity),
+            picked = _bars_drawn(values[-1])
+            title = "Gradient per layer, last recorded step"
+            if len(picked) < len(layers):
+                title += (f" ({len(picked)} of {len(layers)} layers: evenly spaced, with the smallest and largest; "
+                          f"{len(layers) - len(picked)} left out)")
+            last = {f"step {int(steps[-1])}": list(values[-1][picked])}
+            page.figure(plots.layer_bars([layers[i] for i in picked], last, title=title, quantity=quantity),
                         "per-layer gradient bars")
     if "time_grad_rms" in trace.series_names:
         curves = {}
-        for layer, (steps, values) in trace.series("time_grad_rms").items():
+        series = trace.series("time_grad_rms")
+        for layer, (steps, values) in series.items():
             curves[f"{layer}, step {int(steps[0])}"] = list(values[0])
             if len(steps) > 1:
                 curves[f"{layer}, step {int(steps[-1])}"] = list(values[-1])
-        page.figure(plots.time_curves(curves, title="Gradient through time"), "per-time-step gradient")
+        title = "Gradient through time"
+        if len(curves) > DRAWN_LINES:
+            title += f" ({DRAWN_LINES} of {len(curves)} curves; {len(curves) - DRAWN_LINES} left out)"
+            curves = dict(list(curves.items())[:DRAWN_LINES])
+        page.figure(plots.time_curves(curves, title=title), "per-time-step gradient")
     if "loss" in trace.scalar_names:
         steps, loss = trace.scalar("loss")
         if len(steps) > 1:

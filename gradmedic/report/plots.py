@@ -16,6 +16,10 @@ from gradmedic._errors import GradmedicError
 __all__ = ["gradient_heatmap", "layer_bars", "loss_curves", "role_profile", "time_curves"]
 
 _MAX_LABELS = 40  # layer names shown on an axis; beyond that every k-th
+# the largest magnitude drawn (and 1 / it the smallest positive one): a value beyond is drawn at the limit. matplotlib
+# pads a log axis by a share of its decades and its tick locator rounds them, so 1e308 (a float64 trace read from a
+# file) overflowed to inf inside matplotlib (OverflowError). No model trains in a dtype past float32's 3.4e38.
+PLOT_LIMIT = 1e100
 
 
 def _pyplot():
@@ -60,6 +64,10 @@ def _short(name: str, width: int = 28) -> str:
 def _values(seq, positive: bool = False) -> np.ndarray:
     """Floats with None as NaN; with ``positive``, zeros and negatives too (they have no place on a log axis)."""
     y = np.array([np.nan if v is None else v for v in seq], dtype=float)
+    finite = np.isfinite(y)
+    tiny = finite & (y != 0) & (np.abs(y) < 1 / PLOT_LIMIT)
+    y = np.where(finite, np.clip(y, -PLOT_LIMIT, PLOT_LIMIT), y)  # PLOT_LIMIT: drawn at the limit
+    y = np.where(tiny, np.sign(y) / PLOT_LIMIT, y)
     return np.where(y > 0, y, np.nan) if positive else y
 
 
