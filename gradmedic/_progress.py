@@ -25,7 +25,7 @@ _busy = False  # a bar (ours) is up in this process
 
 def _console() -> Any:
     """The console bars draw on (stdout, as the results); tests replace it with a forced terminal."""
-    from gradmedic._rich import Console
+    from gradmedic._rich import Console  # rich on first use: `import gradmedic` stays light
 
     return Console()
 
@@ -54,6 +54,7 @@ class Step:
         global _busy
         if self._bar is not None or self._console is None or _busy or time.monotonic() - self._start < DELAY_S:
             return
+        # rich on first use: `import gradmedic` stays light
         from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = [TextColumn("{task.description}"), BarColumn()]

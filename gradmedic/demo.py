@@ -25,6 +25,7 @@ from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, Table, Text
 from gradmedic.lab.tasks import digits
 from gradmedic.monitor import Monitor
 from gradmedic.report import plots, report_page, write_page
+from gradmedic.report.notebook import evidence_outcome
 
 __all__ = ["DemoResult", "run_demo", "sick_model"]
 
@@ -175,8 +176,6 @@ def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) ->
     page.heading("Treatment")
     page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])
     if result.treatment.evidence:
-        from gradmedic.report.notebook import evidence_outcome
-
         page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "outcome"),
                    [(e.stage, f"{e.score:.3f}", evidence_outcome(e)) for e in result.treatment.evidence])
     if result.treatment.recipe:

@@ -21,7 +21,7 @@ import numpy as np
 from gradmedic._display import html_of
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._files import write_atomic
-from gradmedic._terminal import printable
+from gradmedic._terminal import csv_cell, printable
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic._trace_meta import TraceMeta
 from gradmedic.probes.base import Chunk
@@ -198,7 +198,6 @@ class Trace:
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write step, layer and one column per metric; rows with nothing measured are left out. A layer name that a
         spreadsheet would run as a formula (``=...``) is written after a ``'`` (gradmedic._terminal.csv_cell)."""
-        from gradmedic._terminal import csv_cell
 
         steps, layers, metrics, values = self._materialise()
         buffer = io.StringIO()

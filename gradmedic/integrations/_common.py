@@ -121,7 +121,7 @@ def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool,
             if report:
                 report = _write_report(result, out / REPORT_NAME)
     if verbose:
-        from gradmedic._rich import Console
+        from gradmedic._rich import Console  # rich on first use: `import gradmedic` stays light
 
         console = Console()
         console.print()  # off the line the Trainer's progress bar ended on

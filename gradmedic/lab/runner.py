@@ -255,6 +255,7 @@ class _Bar:
         self.progress = None
         if enabled:
             # rich on first use: `import gradmedic` stays light
+            # rich on first use: `import gradmedic` stays light
             from gradmedic._rich import BarColumn, Console, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn(f"[bold]{suite.name}[/]"), BarColumn(), MofNCompleteColumn(),

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradmedic._errors import GradmedicError
 from gradmedic.diagnosis import diagnose
 from gradmedic.report import plots
 from gradmedic.report.html import Page, write_page
@@ -108,8 +109,6 @@ def compare_page(labels: Sequence[str], traces: Sequence[Any], reports: Sequence
 def compare_files(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:
     """Load each trace, diagnose it, write the comparison page; a ``GradmedicError`` names a file that is not
     a trace."""
-    from gradmedic._errors import GradmedicError
-
     files = [Path(p) for p in paths]
     for f in files:
         if not f.is_file():

@@ -13,7 +13,10 @@ import html
 from typing import Any
 
 from gradmedic._display import register_html
+from gradmedic._errors import GradmedicError
+from gradmedic.diagnosis import REMEDIES
 from gradmedic.report.html import Page
+from gradmedic.report.pages import report_page, trace_figures
 
 __all__ = ["evidence_outcome", "finding_html", "report_html", "trace_html", "treatment_html"]
 
@@ -40,8 +43,6 @@ def fragment(page: Page) -> str:
 
 def _figures(page: Page, draw: Any) -> None:
     """Figures when matplotlib is there; one line saying how to get them when it is not."""
-    from gradmedic._errors import GradmedicError
-
     try:
         draw()
     except GradmedicError as error:  # the one-line "pip install 'gradmedic[report]'"
@@ -56,9 +57,6 @@ def _verdict(report: Any) -> tuple[str, str]:
 
 def report_html(report: Any) -> str:
     """The report page inline: the verdict, the findings with what to do, the figures, the folded layer table."""
-    from gradmedic._errors import GradmedicError
-    from gradmedic.report.pages import report_page
-
     try:
         page = report_page(report)
     except GradmedicError as error:  # no matplotlib: the same page without its figures, and how to get them
@@ -71,8 +69,6 @@ def report_html(report: Any) -> str:
 
 def finding_html(finding: Any) -> str:
     """One finding: severity, kind, where, the message, the remedies with their descriptions, the evidence."""
-    from gradmedic.diagnosis import REMEDIES
-
     page = Page(f"{finding.severity}: {finding.kind}")
     where = ", ".join(x or "(model)" for x in finding.layers[:8])
     more = f" and {len(finding.layers) - 8} more" if len(finding.layers) > 8 else ""
@@ -87,8 +83,6 @@ def finding_html(finding: Any) -> str:
 
 def trace_html(trace: Any) -> str:
     """A trace without its diagnosis (``gm.diagnose(trace)`` gives that): span, loss, figures, layer table."""
-    from gradmedic.report.pages import trace_figures
-
     model = trace.meta.get("model", "a model")
     steps = trace.steps
     page = Page(f"gradmedic trace of {model}")
@@ -109,8 +103,6 @@ def trace_html(trace: Any) -> str:
 
 def treatment_html(treatment: Any) -> str:
     """What treat did, what it advises for training, what it tried and did not keep, and the verification runs."""
-    from gradmedic.diagnosis import REMEDIES
-
     page = Page("gradmedic treatment")
     page.paragraph(f"Weights treated as {'trained' if treatment.trained else 'fresh'} ({treatment.trained_reason}).",
                    muted=True)
