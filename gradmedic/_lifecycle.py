@@ -27,7 +27,7 @@ from torch import nn
 from gradmedic._errors import GradmedicWarning
 from gradmedic.architecture import own_parameters
 
-__all__ = ["ParameterWatch", "release_when_dropped", "weak_callback"]
+__all__ = ["NewModuleWatch", "ParameterWatch", "release_when_dropped", "weak_callback"]
 
 
 def weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
@@ -136,3 +136,43 @@ def follow(monitor: Any) -> None:
             probe.fail(error)
     monitor._trace.meta["params"] = {name: sum(p.numel() for p in ps)
                                      for name, ps in zip(layers.names, now, strict=True) if ps}
+
+
+class NewModuleWatch:
+    """Warn once when a submodule is added to (or replaced in) the model while the Monitor is open: the probes index
+    the model once, so the new module is not measured, and silence would hide the gap. torch calls a global
+    registration hook for every module assignment: no cost per step. The hook holds the Monitor weakly."""
+
+    def __init__(self, monitor: Any):
+        this = weakref.ref(monitor)
+
+        def on_register(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+            target = this()
+            if target is None or target._closed or module is None:
+                return
+            try:
+                _said_new_module(target, parent, name, module)
+            except Exception:  # noqa: BLE001,S110 - a warning is not worth breaking the user's code
+                pass
+
+        register = getattr(nn.modules.module, "register_module_module_registration_hook", None)
+        self._hook = register(on_register) if register is not None else None
+        if self._hook is not None:  # a Monitor dropped without close() takes its hook along
+            weakref.finalize(monitor, self._hook.remove)
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _said_new_module(monitor: Any, parent: nn.Module, name: str, module: nn.Module) -> None:
+    layers = monitor.layers
+    if id(parent) not in layers.row or id(module) in layers.row or "new module" in monitor._warned:
+        return
+    monitor._warned.add("new module")
+    parent_name = layers.names[layers.row[id(parent)]]
+    qualified = f"{parent_name}.{name}" if parent_name else name
+    warnings.warn(f"gradmedic: module {qualified!r} ({type(module).__name__}) was added to the model after the "
+                  "Monitor was created and is not measured; create the Monitor after changing the model "
+                  "(monitor.close(), then gm.Monitor(model, ...)).", GradmedicWarning, stacklevel=4)

@@ -6,14 +6,17 @@ and numbers of a growing problem change from flush to flush; saying it again at 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from gradmedic._errors import GradmedicFindingWarning
 from gradmedic.diagnosis import SEVERITIES, Finding, Report, diagnose
+from gradmedic.probes import Chunk, Probe
 from gradmedic.trace import Trace
 
-__all__ = ["LiveFindings"]
+__all__ = ["LiveFindings", "ask_where_nans_come_from"]
 
 # What is said live: warnings and errors. An info finding is a note for the end-of-run report, not an interruption.
 SAID_FROM = "warning"
@@ -44,3 +47,14 @@ class LiveFindings:
             if self.on_finding is not None:
                 self.on_finding(f)
         return fresh
+
+
+def ask_where_nans_come_from(run: Chunk, probes: Sequence[Probe], next_step: int) -> None:
+    """A non-finite loss since the last flush (read on the host, where the flush brought the losses): the NaN/Inf
+    probe measures ``next_step`` too, off its schedule, so that the finding names the module that makes the NaN
+    without waiting for the probe's period."""
+    losses = run.scalars.get("loss")
+    if losses is not None and not np.all(np.isfinite(losses[1])):
+        for probe in probes:
+            if probe.name == "nonfinite":
+                probe.also_at(next_step)

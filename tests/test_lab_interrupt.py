@@ -173,7 +173,7 @@ def test_a_second_lab_run_on_the_same_database_is_refused_in_one_line(tmp_path):
 
 
 def test_results_and_claim_rows_do_not_depend_on_completion_order(tmp_path):
-    from gradmedic.cli import _in_suite_order
+    from gradmedic._cli_commands import in_suite_order as _in_suite_order
     from gradmedic.lab.suites import get_suite
 
     suite = get_suite("smoke")

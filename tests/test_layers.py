@@ -26,14 +26,15 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("trace", ("gradmedic._trace_file", "gradmedic._trace_meta", "gradmedic.trace")),
     ("diagnosis", ("gradmedic.diagnosis",)),
     ("monitor", ("gradmedic._sinks", "gradmedic._distributed", "gradmedic._run_scalars", "gradmedic._live",
-                 "gradmedic._budget", "gradmedic._lifecycle", "gradmedic.monitor")),
+                 "gradmedic._arguments", "gradmedic._budget", "gradmedic._lifecycle", "gradmedic.monitor")),
     ("check", ("gradmedic.check",)),
     ("remedies", ("gradmedic.remedies",)),
     ("lab", ("gradmedic.lab",)),
     ("report", ("gradmedic.report",)),
     ("api", ("gradmedic",)),
     ("integrations", ("gradmedic.integrations",)),
-    ("entry", ("gradmedic.cli", "gradmedic._cli", "gradmedic.demo", "gradmedic.__main__")),
+    ("entry", ("gradmedic.cli", "gradmedic._cli_common", "gradmedic._cli_commands", "gradmedic.demo",
+               "gradmedic.__main__")),
 ]
 
 
