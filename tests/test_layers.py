@@ -143,3 +143,27 @@ def test_no_private_name_is_imported_from_another_module():
                             if a.name.startswith("_") and not a.name.endswith("__")
                             and f"{node.module}.{a.name}" not in modules]
     assert not private, "private names imported across modules:\n" + "\n".join(private)
+
+
+def test_no_private_attribute_of_another_module_is_read():
+    """``module._name`` across modules is a private import by another road (``surgery._SATURATING`` outlived its
+    move to architecture.py that way, and broke only when called)."""
+    modules = _modules()
+    found = []
+    for name, (path, _) in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradmedic"):
+                for a in node.names:
+                    if f"{node.module}.{a.name}" in modules:
+                        aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in modules and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.endswith("__"):
+                found.append(f"{name}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
+    assert not found, "private names read from another module:\n" + "\n".join(found)

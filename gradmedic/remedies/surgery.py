@@ -39,7 +39,7 @@ def _target(model: nn.Module, inplace: bool) -> nn.Module:
     return model if inplace else copy.deepcopy(model)
 
 
-def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is a child (slots collected first: ``new`` may contain ``old``)."""
     slots = [(parent, name) for parent in root.modules() for name, child in parent.named_children() if child is old]
     for parent, name in slots:
@@ -57,7 +57,7 @@ def swap_activation(model: nn.Module, to: str = "relu", replace: tuple[type[nn.M
         raise GradmedicError(f"swap_activation found no {', '.join(t.__name__ for t in replace)} module to "
                              "replace; functional activations in forward() cannot be swapped.")
     for old in found:
-        _replace(model, old, ACTIVATIONS[to]())
+        replace_module(model, old, ACTIVATIONS[to]())
     return model
 
 
@@ -85,7 +85,7 @@ def add_normalization(model: nn.Module, kind: str = "batch", inputs: Any = None,
     for layer in targets:
         norm = _norm_for(layer, kind)
         weight = next(layer.parameters())
-        _replace(model, layer, nn.Sequential(layer, norm.to(weight.device, weight.dtype)))
+        replace_module(model, layer, nn.Sequential(layer, norm.to(weight.device, weight.dtype)))
     return model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from gradmedic._errors import GradmedicError
-from gradmedic.architecture import NORM_TYPES
+from gradmedic.architecture import NORM_TYPES, SATURATING_TYPES
 from gradmedic.remedies import surgery
 from gradmedic.remedies.actions._registry import Patient, action
 from gradmedic.remedies.actions.init_actions import CHRONO_MIN_LENGTH, sequence_length
@@ -30,7 +30,7 @@ def add_normalization(patient: Patient) -> str:
 
 @action("swap_activation", "replace")
 def swap_activation(patient: Patient) -> str:
-    saturating = _count(patient.model, surgery._SATURATING)
+    saturating = _count(patient.model, SATURATING_TYPES)
     if saturating:
         patient.model = surgery.swap_activation(patient.model, to="relu", inplace=True)
         critical_(patient.model, patient.inputs, depth=patient.context.depth or None)
@@ -59,7 +59,7 @@ def gated_recurrence(patient: Patient) -> str:
         gru = nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
                      dropout=rnn.dropout, bidirectional=rnn.bidirectional)
         weight = next(rnn.parameters())
-        surgery._replace(patient.model, rnn, gru.to(weight.device, weight.dtype))
+        surgery.replace_module(patient.model, rnn, gru.to(weight.device, weight.dtype))
     length = sequence_length(patient.model, patient.inputs)
     chrono = length is not None and length >= CHRONO_MIN_LENGTH
     if chrono:
