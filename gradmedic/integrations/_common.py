@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmedic._errors import GradmedicError
+from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._progress import progress
 from gradmedic._sinks import Sink, as_sink
+from gradmedic.diagnosis import SEVERITIES
 from gradmedic.report import report_page, write_page
 
 __all__ = ["EndOfBackward", "OffsetSink", "finish_run"]
@@ -21,6 +22,51 @@ __all__ = ["EndOfBackward", "OffsetSink", "finish_run"]
 TRACE_NAME = "gradmedic.gmtrace"
 REPORT_NAME = "gradmedic-report.html"
 TABLE_NAME = "gradmedic.txt"  # the per-layer table and the findings, as print(report) shows them
+
+
+class StopSwitch:
+    """The callbacks' ``stop_on``: the Monitor's ``on_finding`` trips it when a finding said live is at least that
+    severe, and the callback stops training through the framework's own control (``should_training_stop``,
+    ``trainer.should_stop``). A user's own ``on_finding`` is called too."""
+
+    LEVELS = ("warning", "error")
+
+    def __init__(self, stop_on: str | None, on_finding: Callable[[Any], Any] | None = None):
+        if stop_on is not None and stop_on not in self.LEVELS:
+            raise bad_argument("stop_on", f"None or one of {self.LEVELS}", stop_on)
+        if on_finding is not None and not callable(on_finding):
+            raise bad_argument("on_finding", "a callable taking a Finding, or None", on_finding)
+        self.stop_on = stop_on
+        self.user = on_finding
+        self.tripped: Any = None  # the finding that stopped the run
+
+    def __call__(self, finding: Any) -> None:
+        if self.user is not None:
+            self.user(finding)
+        if self.stop_on is not None and self.tripped is None and \
+                SEVERITIES.index(finding.severity) >= SEVERITIES.index(self.stop_on):
+            self.tripped = finding
+
+
+# A run shorter than this many steps is measured more often than the default preset would: the callbacks know
+# max_steps, and the default periods (gradients every 20 steps, activations every 100, a flush every 100) gave a
+# 30-step run 2 points per layer and its findings 55-100 steps after a failure (issue 26).
+SHORT_RUN = 2000
+# Measurements a short run gets at least, spread evenly over it; and findings said at least this many times.
+SHORT_RUN_POINTS = 40
+SHORT_RUN_FLUSHES = 10
+
+
+def cadence(max_steps: int | None, monitor_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Monitor's arguments for a run of ``max_steps``: what the user gave stays; a short run with the default
+    schedule gets every probe at least SHORT_RUN_POINTS times and SHORT_RUN_FLUSHES flushes (live findings)."""
+    kwargs = dict(monitor_kwargs)
+    if not max_steps or max_steps <= 0 or max_steps >= SHORT_RUN:
+        return kwargs
+    if "every" not in kwargs and "probes" not in kwargs and kwargs.get("preset", "standard") == "standard":
+        kwargs["every"] = max(1, max_steps // SHORT_RUN_POINTS)
+    kwargs.setdefault("flush_every", max(1, min(100, max_steps // SHORT_RUN_FLUSHES)))
+    return kwargs
 
 
 class EndOfBackward:

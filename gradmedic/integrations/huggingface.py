@@ -31,7 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 import gradmedic as gm
-from gradmedic.integrations._common import EndOfBackward, finish_run, offset_sink
+from gradmedic.integrations._common import EndOfBackward, StopSwitch, cadence, finish_run, offset_sink
 from gradmedic.integrations.tensorboard import summary_writer
 
 __all__ = ["GradmedicCallback"]
@@ -39,9 +39,13 @@ __all__ = ["GradmedicCallback"]
 
 class GradmedicCallback(TrainerCallback):
     """Watch gradients through ``Trainer.train()``; ``monitor_kwargs`` go to ``gm.Monitor`` (``preset``,
-    ``every``, ``probes``, ``flush_every``)."""
+    ``every``, ``probes``, ``flush_every``, ``on_finding``). Findings are said while it trains; ``stop_on="error"``
+    (or ``"warning"``) stops training at the first such finding, through ``control.should_training_stop``. A run of
+    fewer than ``_common.SHORT_RUN`` steps is measured more often (from ``max_steps``)."""
 
-    def __init__(self, *, report: bool = False, log_to: Any = "auto", verbose: bool = True, **monitor_kwargs: Any):
+    def __init__(self, *, report: bool = False, log_to: Any = "auto", verbose: bool = True, stop_on: str | None = None,
+                 **monitor_kwargs: Any):
+        self.stop = StopSwitch(stop_on, monitor_kwargs.pop("on_finding", None))
         self.report = report
         self.log_to = log_to
         self.verbose = verbose
@@ -57,7 +61,9 @@ class GradmedicCallback(TrainerCallback):
     # --- the run ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._close()
-        self.monitor = gm.Monitor(model, optimizer, log_to=self._sink(args, state), **self.monitor_kwargs)
+        self.stop.tripped = None
+        self.monitor = gm.Monitor(model, optimizer, log_to=self._sink(args, state), on_finding=self.stop,
+                                  **cadence(state.max_steps, self.monitor_kwargs))
         self._backward = EndOfBackward(self.monitor.layers.modules[0], self.monitor.record_gradients)
         self._loss_hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._arm()
@@ -96,6 +102,8 @@ class GradmedicCallback(TrainerCallback):
         self._losses = []
         self.monitor.step(loss)
         self._arm()
+        if self.stop.tripped is not None:
+            control.should_training_stop = True  # the Trainer ends the run after this step, as for max_steps
 
     def _arm(self) -> None:
         """End-of-backward hooks only on steps whose gradients are measured, and on the step before each: there

@@ -19,21 +19,26 @@ Automatic optimization with one optimizer. ``lightning`` is imported when this m
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 import gradmedic as gm
-from gradmedic.integrations._common import finish_run, offset_sink
+from gradmedic.integrations._common import StopSwitch, cadence, finish_run, offset_sink
 
 __all__ = ["GradmedicCallback"]
 
 
 class GradmedicCallback(Callback):
-    """Watch gradients through ``Trainer.fit``; ``monitor_kwargs`` go to ``gm.Monitor``."""
+    """Watch gradients through ``Trainer.fit``; ``monitor_kwargs`` go to ``gm.Monitor``. Findings are said while it
+    trains; ``stop_on="error"`` (or ``"warning"``) stops training at the first such finding (``trainer.should_stop``).
+    A run of fewer than ``_common.SHORT_RUN`` steps is measured more often (from ``trainer.max_steps``)."""
 
-    def __init__(self, *, report: bool = False, log_to: Any = "auto", verbose: bool = True, **monitor_kwargs: Any):
+    def __init__(self, *, report: bool = False, log_to: Any = "auto", verbose: bool = True, stop_on: str | None = None,
+                 **monitor_kwargs: Any):
+        self.stop = StopSwitch(stop_on, monitor_kwargs.pop("on_finding", None))
         self.report = report
         self.log_to = log_to
         self.verbose = verbose
@@ -50,8 +55,9 @@ class GradmedicCallback(Callback):
         if isinstance(log_to, str) and log_to == "auto":
             loggers = list(trainer.loggers)
             log_to = _LoggersSink(loggers) if loggers and trainer.is_global_zero else None
+        self.stop.tripped = None
         self.monitor = gm.Monitor(pl_module, optimizer, log_to=offset_sink(log_to, trainer.global_step),
-                                  **self.monitor_kwargs)
+                                  on_finding=self.stop, **cadence(_max_steps(trainer), self.monitor_kwargs))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.monitor is not None:
@@ -70,6 +76,8 @@ class GradmedicCallback(Callback):
             mean = torch.stack(self._losses).mean() if self._losses else None
             self._losses = []
             self.monitor.step(mean)
+            if self.stop.tripped is not None:
+                trainer.should_stop = True  # Lightning ends the fit after this batch
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.monitor is None:
@@ -99,3 +107,15 @@ class _LoggersSink:
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _max_steps(trainer: Any) -> int | None:
+    """The run's optimizer steps: ``max_steps`` when set, else Lightning's estimate from the epochs (None when it
+    cannot tell: an iterable without a length)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - an estimate is a nicety; the default schedule applies without it
+        return None
+    return int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) else None
