@@ -24,7 +24,7 @@ from gradmedic.diagnosis.rules._common import depth_order, finding, latest, plai
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.trace import Trace
 
-__all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
+__all__ = ["exploding_gradients", "off_path", "vanishing_gradients", "zero_gradient"]
 
 # a network this deep (parameterised layers) is where a skip path, not only the init, decides (He et al. 2016)
 DEEP = 10
@@ -58,9 +58,21 @@ EXPLODING_BATCHNORM_WARNING = 1e3
 # between (at 64 one SGD step at lr 1/64 replaces the layer wholesale).
 GRAD_TO_WEIGHT_EXPLODING = 64.0
 GRAD_TO_WEIGHT_EXPLODING_ERROR = 1e4  # no learning rate that suits any other layer can train this one
+# ... against a weight no smaller than this share of the model's typical weight per element (the median over its
+# layers of weight_norm / sqrt(parameters)): a layer small by design (an output head at gain 0.01, issue 28 class 4:
+# per element 56x below its peers, grad/weight 72 while the net trains to R^2 1.000) is not a forward that explodes,
+# which makes every layer's grad/weight huge. 0.1: a tenth of its peers is already far below any default init's
+# spread of scales (PyTorch's default Linear std 1/sqrt(3 fan_in) spans 3x between fan-ins of 8 and 64), and the
+# trainability grid's layers all share one scale, so the floor never applies there.
+WEIGHT_FLOOR = 0.1
 # The reference for a depth profile: the median over the deepest quarter of the layers, so that a small,
 # special head (a 16x10 classifier after global pooling) does not set the scale for everything else.
 REFERENCE_FRACTION = 0.25
+# ... and at least two layers, their geometric median (the median of the logs): one small-by-design output head
+# (issue 28 class 4: a regression net whose head has gain 0.01, 72x the others' grad/weight; a confident head
+# scaled x50) must not alone set the scale of a 3-layer net, whose layers before it read 100x "vanishing" (or
+# 22x "exploding") against it while the net trains to R^2 1.000 (benchmarks/handwritten_calibration.md).
+REFERENCE_MIN_LAYERS = 2
 # Over a run: the total gradient norm growing 1000x from its first measurement.
 RUN_GROWTH_WARNING = 1e3
 RUN_GROWTH_ERROR = 1e6
@@ -113,18 +125,61 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str,
             g[mine] = g[mine] / g_ref if g_ref > 0 else b[mine]
         g = np.where(np.isfinite(g), g, b)
         return step, blocks, b, g, "blocks", reference_blocks
-    gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v)}
+    off = off_path(trace)
+    gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v) and k not in off}
     layers = depth_order(trace, step, [k for k in bs if k in gw and bs[k] > 0])
     if len(layers) < 2:
         return None
     b = np.array([bs[k] for k in layers])
     g = np.array([gw[k] for k in layers])
-    deep = max(1, math.ceil(REFERENCE_FRACTION * len(layers)))
-    b, g = b / np.median(b[-deep:]), g / np.median(g[-deep:])
+    deep = min(len(layers), max(REFERENCE_MIN_LAYERS, math.ceil(REFERENCE_FRACTION * len(layers))))
+    b, g = b / _geometric_median(b[-deep:]), g / _geometric_median(g[-deep:])
     # an embedding's grad/weight is small by design (only the rows a batch uses get a gradient, and its
     # init is N(0, 1)): its signal alone says whether gradient reaches it
     embedding = np.array([roles.get(k) == "embedding" for k in layers])
     return step, layers, b, np.where(embedding, b, g), "layers", np.arange(len(layers)) >= len(layers) - deep
+
+
+def _floored(trace: Trace, gw: dict[str, float]) -> dict[str, float]:
+    """grad/weight with each weight norm raised to WEIGHT_FLOOR of the model's typical weight per element."""
+    grads, weights = latest(trace, "grad_norm"), latest(trace, "weight_norm")
+    params = trace.meta.get("params", {})
+    if grads is None or weights is None:
+        return gw
+    rms = {k: w / math.sqrt(params[k]) for k, w in weights[1].items() if params.get(k) and w > 0 and math.isfinite(w)}
+    if len(rms) < 2:
+        return gw
+    floor = WEIGHT_FLOOR * float(np.median(list(rms.values())))
+    out = dict(gw)
+    for k, r in rms.items():
+        if k in out and r < floor and grads[1].get(k, math.nan) > 0:
+            out[k] = grads[1][k] / (floor * math.sqrt(params[k]))
+    return out
+
+
+def _geometric_median(values: np.ndarray) -> float:
+    """The median of the logs: the median itself for an odd count, the geometric mean of the two middle values for
+    an even one (their arithmetic mean would let the larger of two decide)."""
+    return float(np.exp(np.median(np.log(values))))
+
+
+def off_path(trace: Trace) -> set[str]:
+    """Layers that are no point on the path the gradient takes through a plain (block-free) model, so neither in its
+    depth profile nor in its reference (issue 28): layers whose output reaches the loss only through a softmax
+    (``meta["scoring"]``: attention scores, small at init by design), layers the user's optimizer does not hold
+    (``meta["optimized"]``: a GAN's discriminator in the generator's step does not learn there, so it is not what
+    the generator's layers are compared with), and a module that owns parameters itself and also calls
+    parameterised children (BERT's LM head owning its zero bias beside its bias-free decoder): its own parameters
+    add to the output its children compute, they are no layer of the chain, and a zero-initialised one has a
+    grad/weight as large as it likes after a few steps."""
+    meta = trace.meta
+    owners = [k for k, n in meta.get("params", {}).items() if n]
+    containers = {k for k in owners if any(o != k and (k == "" or o.startswith(k + ".")) for o in owners)}
+    off = set(meta.get("scoring", ())) | containers
+    optimized = meta.get("optimized")
+    if optimized is not None:
+        off |= set(trace.layers) - set(optimized)
+    return off
 
 
 def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
@@ -235,7 +290,8 @@ def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:
         # init, LayerScale gammas) and is not applied
         step, gw = measured
         roles = trace.meta.get("roles", {})
-        gw = {k: v for k, v in gw.items() if roles.get(k) not in ("block", "norm")}
+        off = off_path(trace)
+        gw = {k: v for k, v in _floored(trace, gw).items() if roles.get(k) not in ("block", "norm") and k not in off}
         hot = [k for k in depth_order(trace, step, list(gw)) if gw[k] > GRAD_TO_WEIGHT_EXPLODING]
         if hot:
             top = max(gw[k] for k in hot)
