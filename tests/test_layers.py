@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gradmedic"
 # (``gradmedic/__init__.py``), on which the lab, the reports, the integrations and the CLI build.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gradmedic._errors", "gradmedic._tensors", "gradmedic._compile", "gradmedic._rich",
-              "gradmedic._inputs", "gradmedic._terminal", "gradmedic._files", "gradmedic._progress",
+              "gradmedic._inputs", "gradmedic._graph", "gradmedic._terminal", "gradmedic._files", "gradmedic._progress",
               "gradmedic.architecture")),
     ("probes", ("gradmedic.probes",)),
     ("trace", ("gradmedic._trace_file", "gradmedic._trace_meta", "gradmedic.trace")),
