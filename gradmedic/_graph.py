@@ -10,7 +10,9 @@ a layer to the loss change how those numbers read, and only the graph shows them
 - **layers that only score** (``scoring``): a layer whose output reaches the loss only through a softmax
   (additive/Bahdanau ``W``, ``U``, ``v``; the logits of any attention written by hand) sets how the values are
   mixed, not the values: its gradient is small at init by design (near-uniform attention), and it is no point on
-  the path the gradient takes to the layers before it.
+  the path the gradient takes to the layers before it;
+- **layers an attention reads at every position** (``attended``): an encoder RNN whose states a decoder attends
+  over gets its gradient at each step from the loss directly, so the horizon of its last output is not the model's.
 
 ``GraphReader`` records each module's output node during the forward (forward hooks, removed on exit) and reads the
 graph once, from the loss, in ``read`` (a walk over its nodes: no backward runs).
@@ -79,10 +81,29 @@ class GraphReader:
         return hook
 
     def read(self, loss: torch.Tensor) -> dict[str, list[str]]:
-        """{"matched": [...], "scoring": [...]}: module names, each list sorted; empty lists when nothing applies."""
+        """{"matched": [...], "scoring": [...], "attended": [...]}: module names, each list sorted; empty lists when
+        nothing applies."""
         if loss.grad_fn is None or not self.outputs:
-            return {"matched": [], "scoring": []}
-        return {"matched": sorted(self._matched(loss.grad_fn)), "scoring": sorted(self._scoring(loss.grad_fn))}
+            return {"matched": [], "scoring": [], "attended": []}
+        every = _reachable(loss.grad_fn, attention=False)
+        return {"matched": sorted(self._matched(loss.grad_fn)), "scoring": sorted(self._scoring(loss.grad_fn, every)),
+                "attended": sorted(self._attended(every))}
+
+    def _attended(self, every: set[Any]) -> set[str]:
+        """Modules whose output an attention mixes directly (the other operand of a product with a softmax: an
+        encoder's states that a decoder attends over), so the loss reads each of its positions, not only the last."""
+        found: set[str] = set()
+        for node in every:
+            if not _is(node, _MIXING):
+                continue
+            children = [n for n, _ in node.next_functions]
+            if not any(_softmax_behind(n) for n in children):
+                continue
+            for child in children:
+                while child is not None and child not in self.outputs and _is(child, _PASS):
+                    child = child.next_functions[0][0] if child.next_functions else None
+                found |= self.outputs.get(child, set())
+        return found
 
     def _matched(self, root: Any) -> set[str]:
         found: set[str] = set()
@@ -103,11 +124,10 @@ class GraphReader:
                 todo.extend(n for n, _ in node.next_functions)
         return found
 
-    def _scoring(self, root: Any) -> set[str]:
-        """Modules all of whose output nodes lie upstream of the loss only through a softmax: reachable from the
-        loss, but not when the walk stops at every softmax node."""
+    def _scoring(self, root: Any, every: set[Any]) -> set[str]:
+        """Modules all of whose output nodes lie upstream of the loss only through an attention's softmax: reachable
+        from the loss, but not when the walk stops at every such softmax."""
         direct = _reachable(root, attention=True)
-        every = _reachable(root, attention=False)
         by_module: dict[str, list[Any]] = {}
         for node, names in self.outputs.items():
             for name in names:

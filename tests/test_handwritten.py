@@ -30,7 +30,6 @@ C7 = "issue 28 class 7: a gradient tiny everywhere (grad/weight ~1e-7) with a fl
 C8 = "issue 28 class 8: a head's own zero-init bias sets the reference median after a few steps"
 C9 = "issue 28 class 9: check says 'No findings' where only training dynamics can tell (post-LN depth, no warmup)"
 KNOWN_WRONG: dict[tuple[str, str], str] = {
-    **{("LSTM seq2seq + Bahdanau attention, T=20", w): C3 for w in ("init", "steps")},
     **{("NeRF MLP (density head, volume rendering)", w): C2 + " (the parallel density head: not yet read)"
        for w in ("init", "steps")},
     **{("SICK 6: 60 of 64 ReLUs dead, 1-100 own stds below zero", w): C6 + " (94% measured, 48% read)"
