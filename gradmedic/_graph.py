@@ -12,7 +12,9 @@ a layer to the loss change how those numbers read, and only the graph shows them
   mixed, not the values: its gradient is small at init by design (near-uniform attention), and it is no point on
   the path the gradient takes to the layers before it;
 - **layers an attention reads at every position** (``attended``): an encoder RNN whose states a decoder attends
-  over gets its gradient at each step from the loss directly, so the horizon of its last output is not the model's.
+  over gets its gradient at each step from the loss directly, so the horizon of its last output is not the model's;
+- **parallel heads** (``branches``): where layers feed two or more heads (NeRF's density beside its colour
+  branch), the heads and their side branches are no points of one chain; the trunk that feeds every head is.
 
 ``GraphReader`` records each module's output node during the forward (forward hooks, removed on exit) and reads the
 graph once, from the loss, in ``read`` (a walk over its nodes: no backward runs).
@@ -58,6 +60,8 @@ class GraphReader:
         self.model = unwrap(model)
         self.outputs: dict[Any, set[str]] = {}
         self.handles: list = []
+        self.owners = {clean_name(n) for n, m in self.model.named_modules()
+                       if n and any(True for _ in m.parameters(recurse=False))}
 
     def __enter__(self) -> GraphReader:
         for name, module in self.model.named_modules():
@@ -81,13 +85,60 @@ class GraphReader:
         return hook
 
     def read(self, loss: torch.Tensor) -> dict[str, list[str]]:
-        """{"matched": [...], "scoring": [...], "attended": [...]}: module names, each list sorted; empty lists when
-        nothing applies."""
+        """{"matched": [...], "scoring": [...], "attended": [...], "branches": [...]}: module names, each list
+        sorted; empty lists when nothing applies."""
         if loss.grad_fn is None or not self.outputs:
-            return {"matched": [], "scoring": [], "attended": []}
+            return {"matched": [], "scoring": [], "attended": [], "branches": []}
         every = _reachable(loss.grad_fn, attention=False)
         return {"matched": sorted(self._matched(loss.grad_fn)), "scoring": sorted(self._scoring(loss.grad_fn, every)),
-                "attended": sorted(self._attended(every))}
+                "attended": sorted(self._attended(every)), "branches": sorted(self._branches(loss.grad_fn))}
+
+    def _branches(self, root: Any) -> set[str]:
+        """Where the parameterised layers feed parallel heads (two or more layers whose output reaches the loss
+        through no other parameterised layer: NeRF's density beside its colour branch), the layers that do not feed
+        every head: the heads and their side branches. Empty for one head, or where fewer than two layers feed every
+        head (independent towers: nothing to call the trunk). One pass over the graph, each node's set of layers at
+        or upstream of it held as the bits of an int."""
+        bit: dict[str, int] = {}
+        for names in self.outputs.values():
+            for name in names:
+                if name in self.owners:
+                    bit.setdefault(name, len(bit))
+        if len(bit) < 3:
+            return set()
+        memo: dict[Any, int] = {}
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if node is None or (node in memo and not done):
+                continue
+            children = [n for n, _ in node.next_functions if n is not None]
+            if not done:
+                stack.append((node, True))
+                stack.extend((n, False) for n in children if n not in memo)
+                continue
+            bits = 0
+            for n in children:
+                bits |= memo.get(n, 0)
+            for name in self.outputs.get(node, ()):
+                if name in bit:
+                    bits |= 1 << bit[name]
+            memo[node] = bits
+        below = {name: 0 for name in bit}  # the layers each one's output feeds
+        for node, names in self.outputs.items():
+            upstream = memo.get(node, 0)
+            for name in names:
+                if name not in bit:
+                    continue
+                for other, i in bit.items():
+                    if other != name and upstream >> i & 1:
+                        below[other] |= 1 << bit[name]
+        heads = {name for name in bit if not below[name]}
+        heads_bits = sum(1 << bit[h] for h in heads)
+        trunk = {name for name in bit if name not in heads and below[name] & heads_bits == heads_bits}
+        if len(heads) < 2 or len(trunk) < 2:
+            return set()
+        return set(bit) - trunk
 
     def _attended(self, every: set[Any]) -> set[str]:
         """Modules whose output an attention mixes directly (the other operand of a product with a softmax: an

@@ -37,13 +37,14 @@ class TraceMeta(MutableMapping):
     loss_matched: list[str] | None = None  # activations the loss cancels (sigmoid -> BCE: p - y at the logit)
     scoring: list[str] | None = None  # layers whose output reaches the loss only through a softmax
     attended: list[str] | None = None  # layers whose output an attention mixes (the loss reads every position)
+    branches: list[str] | None = None  # parallel heads and their side branches (layers that feed not every head)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     # the type each field must have when read from a file: a wrong one is refused in one line, not a crash later
     _KINDS = {"model": str, "preset": str, "modules": list, "types": dict, "params": dict, "roles": dict,
               "dtype": str, "device": str, "probes": list, "torch": str, "frozen": list, "check": dict,
               "distributed": dict, "optimized": list, "loss_matched": list, "scoring": list,
-              "attended": list}
+              "attended": list, "branches": list}
 
     @classmethod
     def of(cls, values: Mapping[str, Any] | None) -> TraceMeta:

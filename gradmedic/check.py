@@ -66,7 +66,9 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
         monitor, loss_from, graph = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
     meta = monitor.trace.meta
     meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default", "loss_from": loss_from}
-    meta["loss_matched"], meta["scoring"], meta["attended"] = graph["matched"], graph["scoring"], graph["attended"]
+    for key, read in (("loss_matched", "matched"), ("scoring", "scoring"), ("attended", "attended"),
+                      ("branches", "branches")):
+        meta[key] = graph[read]
     if optimizer is not None:
         meta["optimized"] = _optimized_layers(model, optimizer)
     return diagnose(monitor.trace)
