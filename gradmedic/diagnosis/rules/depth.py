@@ -297,11 +297,16 @@ def _stream_under_head(trace: Trace, step: int, blocks: list[str]) -> float | No
     head = [v for k, v in _floored(trace, ratio[1]).items()
             if k and k not in zero_init and order.get(k, -math.inf) > last and v > 0 and math.isfinite(v)
             and roles.get(k) not in ("norm", "block") and not any(k.startswith(b + ".") for b in blocks)]
-    # each block by its fastest-learning layer: a branch scaled by design (LayerScale 1e-6 in ConvNeXt: its layers
-    # read 3e-8) has a fast gamma, so a block learns slowly only when every one of its layers does
+    # each block by its fastest-learning layer, its norms included: a branch scaled by design (LayerScale 1e-6 in
+    # ConvNeXt: its layers read 3e-8; ReZero's 0; a zero-initialised last norm gamma) has a fast gamma (infinitely
+    # fast from zero), so a block learns slowly only when every one of its layers does
+    grads, weights = latest(trace, "grad_norm"), latest(trace, "weight_norm")
+    fast = dict(ratio[1])
+    for k, w in (weights[1] if weights and grads else {}).items():
+        if w == 0 and grads[1].get(k, 0) > 0:  # type: ignore[index]
+            fast[k] = math.inf  # a gate at zero that gets a gradient (ReZero's alpha): it moves from nothing
     stream = [max(members) for b in blocks if (members := [
-        v for k, v in ratio[1].items() if (k == b or k.startswith(b + ".")) and roles.get(k) != "norm"
-        and math.isfinite(v)])]
+        v for k, v in fast.items() if (k == b or k.startswith(b + ".")) and not math.isnan(v)])]
     if not head or not stream:
         return None
     return float(np.median(stream) / np.median(head))

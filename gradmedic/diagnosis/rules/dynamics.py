@@ -29,7 +29,8 @@ POST_LN_UNTESTED_BLOCKS = 12
 def untested_dynamics(trace: Trace, ctx: Context) -> list[Finding]:
     """Information where a gm.check (at init, or after its few steps) cannot tell whether the model trains."""
     check = trace.meta.get("check")
-    if check is None or ctx.norm_placement != "post" or ctx.blocks < POST_LN_UNTESTED_BLOCKS:
+    if (check is None or ctx.model_kind != "transformer" or ctx.norm_placement != "post"
+            or ctx.blocks < POST_LN_UNTESTED_BLOCKS):
         return []
     blocks = [k for k, r in trace.meta.get("roles", {}).items() if r == "block"]
     seen = f"after {check.get('steps', 0)} step(s)" if check.get("steps") else "at init"
