@@ -19,19 +19,9 @@ import gradmedic as gm
 from tests.handwritten import ENTRIES, STEPS, Entry, judge
 
 # (entry name, "init" or "steps") -> why gradmedic's verdict is wrong today (benchmarks/handwritten_corpus.md)
-C1 = "issue 28 class 1: saturation read without the loss that follows (BCE's gradient at the logit is p - y)"
-C2 = ("issue 28 class 2: layers that only score attention (Bahdanau W/U/v) or a parallel head (NeRF's density) "
-      "are read as points on the gradient's path")
-C3 = "issue 28 class 3: the encoder's last-output horizon is read though the loss reads every encoder state"
-C4 = "issue 28 class 4: a small-by-design output head alone sets the depth reference / the absolute grad/weight"
-C5 = "issue 28 class 5: layers no optimizer holds (the GAN's D) are read as stalled or set the depth reference"
+# classes 1-5 and 7-9 are fixed (CHANGELOG.md, issue 28); their entries pass unmarked
 C6 = "issue 28 class 6: the dead-unit margin widens as units die, so dead units are under-counted"
-C7 = "issue 28 class 7: a gradient tiny everywhere (grad/weight ~1e-7) with a flat profile is read as a warning or not"
-C8 = "issue 28 class 8: a head's own zero-init bias sets the reference median after a few steps"
-C9 = "issue 28 class 9: check says 'No findings' where only training dynamics can tell (post-LN depth, no warmup)"
 KNOWN_WRONG: dict[tuple[str, str], str] = {
-    **{("NeRF MLP (density head, volume rendering)", w): C2 + " (the parallel density head: not yet read)"
-       for w in ("init", "steps")},
     **{("SICK 6: 60 of 64 ReLUs dead, 1-100 own stds below zero", w): C6 + " (94% measured, 48% read)"
        for w in ("init", "steps")},
 }
