@@ -14,7 +14,7 @@ from torch import nn
 import gradmedic as gm
 from gradmedic._graph import GraphReader
 from gradmedic.diagnosis.findings import KINDS
-from gradmedic.diagnosis.rules.depth import off_path
+from gradmedic.diagnosis.rules._path import off_path
 from gradmedic.diagnosis.rules.dynamics import POST_LN_UNTESTED_BLOCKS
 
 

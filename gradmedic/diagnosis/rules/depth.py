@@ -20,11 +20,12 @@ import numpy as np
 
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import SEVERITIES, Finding
-from gradmedic.diagnosis.rules._common import depth_order, finding, first_measured, latest, plain_blocks, severity_of
+from gradmedic.diagnosis.rules._common import depth_order, finding, latest, plain_blocks, severity_of
+from gradmedic.diagnosis.rules._path import floored, off_path, stream_under_head
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.trace import Trace
 
-__all__ = ["exploding_gradients", "off_path", "vanishing_gradients", "zero_gradient"]
+__all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
 
 # a network this deep (parameterised layers) is where a skip path, not only the init, decides (He et al. 2016)
 DEEP = 10
@@ -79,7 +80,7 @@ REFERENCE_MIN_LAYERS = 2
 # gradients are tiny everywhere (the corpus's trained graph net: 2e-6 in every layer, yet 0.36 of its head's).
 # The corpus's 16-layer graph net at half its init scale reads 1.1e-6 at init and 1.2e-4 after 5 Adam steps and does
 # not train (1.41 -> 0.83 where its x1 twin reaches 0.13); every healthy entry with blocks reads 0.018 (the x1 twin
-# at init) to 0.58, at init and after 5 steps (tests/handwritten.py; the numbers are _stream_under_head's). 1e-3
+# at init) to 0.58, at init and after 5 steps (tests/handwritten.py; the numbers are _path.stream_under_head's). 1e-3
 # lies between (near their geometric mean, 1.5e-3): an error, since at the head's learning rate the stream needs
 # 1000x the steps.
 STREAM_UNDER_HEAD_ERROR = 1e-3
@@ -150,48 +151,10 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str,
     return step, layers, b, np.where(embedding, b, g), "layers", np.arange(len(layers)) >= len(layers) - deep
 
 
-def _floored(trace: Trace, gw: dict[str, float]) -> dict[str, float]:
-    """grad/weight with each weight norm raised to WEIGHT_FLOOR of the model's typical weight per element."""
-    grads, weights = latest(trace, "grad_norm"), latest(trace, "weight_norm")
-    params = trace.meta.get("params", {})
-    if grads is None or weights is None:
-        return gw
-    rms = {k: w / math.sqrt(params[k]) for k, w in weights[1].items() if params.get(k) and w > 0 and math.isfinite(w)}
-    if len(rms) < 2:
-        return gw
-    floor = WEIGHT_FLOOR * float(np.median(list(rms.values())))
-    out = dict(gw)
-    for k, r in rms.items():
-        if k in out and r < floor and grads[1].get(k, math.nan) > 0:
-            out[k] = grads[1][k] / (floor * math.sqrt(params[k]))
-    return out
-
-
 def _geometric_median(values: np.ndarray) -> float:
     """The median of the logs: the median itself for an odd count, the geometric mean of the two middle values for
     an even one (their arithmetic mean would let the larger of two decide)."""
     return float(np.exp(np.median(np.log(values))))
-
-
-def off_path(trace: Trace) -> set[str]:
-    """Layers that are no point on the path the gradient takes through a plain (block-free) model, so neither in its
-    depth profile nor in its reference (issue 28): layers whose output reaches the loss only through a softmax
-    (``meta["scoring"]``: attention scores, small at init by design), parallel heads and their side branches
-    (``meta["branches"]``: NeRF's density head and colour branch; the trunk feeding both is the chain), layers
-    the user's optimizer does not hold
-    (``meta["optimized"]``: a GAN's discriminator in the generator's step does not learn there, so it is not what
-    the generator's layers are compared with), and a module that owns parameters itself and also calls
-    parameterised children (BERT's LM head owning its zero bias beside its bias-free decoder): its own parameters
-    add to the output its children compute, they are no layer of the chain, and a zero-initialised one has a
-    grad/weight as large as it likes after a few steps."""
-    meta = trace.meta
-    owners = [k for k, n in meta.get("params", {}).items() if n]
-    containers = {k for k in owners if any(o != k and (k == "" or o.startswith(k + ".")) for o in owners)}
-    off = set(meta.get("scoring", ())) | set(meta.get("branches", ())) | containers
-    optimized = meta.get("optimized")
-    if optimized is not None:
-        off |= set(trace.layers) - set(optimized)
-    return off
 
 
 def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
@@ -245,7 +208,7 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     # trainability grid (BENCHMARKS.md) separates trainable from untrainable cells by 20x on this measure
     both = np.sqrt(b * g)
     hit = [k for k, v in zip(layers, both, strict=True) if v < VANISHING_WARNING]
-    under_head = _stream_under_head(trace, step, layers) if unit == "blocks" else None
+    under_head = stream_under_head(trace, layers, WEIGHT_FLOOR) if unit == "blocks" else None
     if under_head is not None and under_head < STREAM_UNDER_HEAD_ERROR:
         # the whole stream learns far slower than its head: every block hardly learns, flat or not
         hit = hit or list(layers)
@@ -281,37 +244,6 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     return [finding("vanishing_gradients", severity, hit, message, evidence, ctx)]
 
 
-def _stream_under_head(trace: Trace, step: int, blocks: list[str]) -> float | None:
-    """The median over the blocks of their largest grad/weight, over the head's median (STREAM_UNDER_HEAD_ERROR);
-    None without a head."""
-    ratio = latest(trace, "grad_to_weight")
-    if ratio is None or "forward_index" not in trace.metrics:
-        return None
-    order = trace.last("forward_index")
-    last = max((order.get(k, -math.inf) for k in blocks), default=-math.inf)
-    roles = trace.meta.get("roles", {})
-    # the head's grad/weight against a floored weight (WEIGHT_FLOOR), and not of a zero-initialised layer (a
-    # diffusion U-Net's output conv, grown from zero for a few steps, has grad/weight 59 by design)
-    first = first_measured(trace, "weight_norm")
-    zero_init = {k for k, w in (first[1] if first else {}).items() if w == 0}
-    head = [v for k, v in _floored(trace, ratio[1]).items()
-            if k and k not in zero_init and order.get(k, -math.inf) > last and v > 0 and math.isfinite(v)
-            and roles.get(k) not in ("norm", "block") and not any(k.startswith(b + ".") for b in blocks)]
-    # each block by its fastest-learning layer, its norms included: a branch scaled by design (LayerScale 1e-6 in
-    # ConvNeXt: its layers read 3e-8; ReZero's 0; a zero-initialised last norm gamma) has a fast gamma (infinitely
-    # fast from zero), so a block learns slowly only when every one of its layers does
-    grads, weights = latest(trace, "grad_norm"), latest(trace, "weight_norm")
-    fast = dict(ratio[1])
-    for k, w in (weights[1] if weights and grads else {}).items():
-        if w == 0 and grads[1].get(k, 0) > 0:  # type: ignore[index]
-            fast[k] = math.inf  # a gate at zero that gets a gradient (ReZero's alpha): it moves from nothing
-    stream = [max(members) for b in blocks if (members := [
-        v for k, v in fast.items() if (k == b or k.startswith(b + ".")) and not math.isnan(v)])]
-    if not head or not stream:
-        return None
-    return float(np.median(stream) / np.median(head))
-
-
 def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     found = []
     profile = _profile(trace)
@@ -342,7 +274,8 @@ def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:
         step, gw = measured
         roles = trace.meta.get("roles", {})
         off = off_path(trace)
-        gw = {k: v for k, v in _floored(trace, gw).items() if roles.get(k) not in ("block", "norm") and k not in off}
+        gw = {k: v for k, v in floored(trace, gw, WEIGHT_FLOOR).items()
+              if roles.get(k) not in ("block", "norm") and k not in off}
         hot = [k for k in depth_order(trace, step, list(gw)) if gw[k] > GRAD_TO_WEIGHT_EXPLODING]
         if hot:
             top = max(gw[k] for k in hot)
