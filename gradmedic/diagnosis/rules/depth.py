@@ -61,7 +61,7 @@ GRAD_TO_WEIGHT_EXPLODING = 64.0
 GRAD_TO_WEIGHT_EXPLODING_ERROR = 1e4  # no learning rate that suits any other layer can train this one
 # ... against a weight no smaller than this share of the model's typical weight per element (the median over its
 # layers of weight_norm / sqrt(parameters)): a layer small by design (an output head at gain 0.01, issue 28 class 4:
-# per element 56x below its peers, grad/weight 72 while the net trains to R^2 1.000) is not a forward that explodes,
+# per element 59x below its peers, grad/weight 72 while the net trains to R^2 1.000) is not a forward that explodes,
 # which makes every layer's grad/weight huge. 0.1: a tenth of its peers is already far below any default init's
 # spread of scales (PyTorch's default Linear std 1/sqrt(3 fan_in) spans 3x between fan-ins of 8 and 64), and the
 # trainability grid's layers all share one scale, so the floor never applies there.
@@ -209,15 +209,17 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     both = np.sqrt(b * g)
     hit = [k for k, v in zip(layers, both, strict=True) if v < VANISHING_WARNING]
     under_head = stream_under_head(trace, layers, WEIGHT_FLOOR) if unit == "blocks" else None
-    if under_head is not None and under_head < STREAM_UNDER_HEAD_ERROR:
-        # the whole stream learns far slower than its head: every block hardly learns, flat or not
-        hit = hit or list(layers)
+    if under_head is not None and under_head >= STREAM_UNDER_HEAD_ERROR:
+        under_head = None
+    flat = not hit and under_head is not None
+    if flat:
+        # the whole stream learns far slower than its head: every block hardly learns, though the profile is flat
+        hit = list(layers)
     if not hit:
         return []
     worst = float(both.min())
-    severity = severity_of(worst, VANISHING_WARNING, VANISHING_ERROR) or "warning"
-    if under_head is not None and under_head < STREAM_UNDER_HEAD_ERROR:
-        severity = "error"
+    severity = "error" if under_head is not None else severity_of(worst, VANISHING_WARNING, VANISHING_ERROR)
+    assert severity is not None
     # the layer the gradient falls most into on its way back from the loss: gains[i] is how much larger layer i+1's
     # is than layer i's (the profile runs input first), so the steepest fall backward lands at i = argmax
     gains = np.diff(np.log10(np.maximum(both, 1e-300)))
@@ -237,10 +239,12 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
                    f"{len(layers) - 1} layers{acts}; {len(hit)} layer(s) hardly learn.")
     evidence = {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]), "worst_ratio": worst,
                 "steepest_drop_into": drop_at, "depth": len(layers), "profile": unit}
-    if under_head is not None and under_head < STREAM_UNDER_HEAD_ERROR:
+    if under_head is not None:
         evidence["stream_over_head_grad_weight"] = under_head
-        message += (f" The blocks learn {under_head:.1e} as fast as the head after them: the gradient is tiny all "
-                    "along the stream.")
+        tiny = (f"the blocks learn {under_head:.1e} as fast as the head after them: the gradient is tiny all along "
+                "the stream")
+        message = (f"From '{hit[0]}' on, {tiny}, though it is flat through the {len(layers)} blocks; they hardly learn."
+                   if flat else f"{message} And {tiny}.")
     return [finding("vanishing_gradients", severity, hit, message, evidence, ctx)]
 
 
