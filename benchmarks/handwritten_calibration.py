@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
-from gradmedic.diagnosis.depth import _profile  # noqa: E402
+from gradmedic.diagnosis.rules.depth import _profile  # noqa: E402
 from tests.handwritten import ENTRIES, STEPS  # noqa: E402
 
 
