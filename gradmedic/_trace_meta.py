@@ -32,12 +32,19 @@ class TraceMeta(MutableMapping):
     frozen: list[str] | None = None  # layers whose parameters were all frozen after the Monitor was built
     check: dict[str, Any] | None = None  # how gm.check made it: steps, the loss, ...; None for a training run
     distributed: dict[str, Any] | None = None  # ranks and how their numbers were combined
+    # what gm.check read from the loss's graph and the optimizer (issue 28; absent from a Monitor's run):
+    optimized: list[str] | None = None  # layers the user's optimizer holds parameters of (None: every layer)
+    loss_matched: list[str] | None = None  # activations the loss cancels (sigmoid -> BCE: p - y at the logit)
+    scoring: list[str] | None = None  # layers whose output reaches the loss only through a softmax
+    attended: list[str] | None = None  # layers whose output an attention mixes (the loss reads every position)
+    branches: list[str] | None = None  # parallel heads and their side branches (layers that feed not every head)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     # the type each field must have when read from a file: a wrong one is refused in one line, not a crash later
     _KINDS = {"model": str, "preset": str, "modules": list, "types": dict, "params": dict, "roles": dict,
               "dtype": str, "device": str, "probes": list, "torch": str, "frozen": list, "check": dict,
-              "distributed": dict}
+              "distributed": dict, "optimized": list, "loss_matched": list, "scoring": list,
+              "attended": list, "branches": list}
 
     @classmethod
     def of(cls, values: Mapping[str, Any] | None) -> TraceMeta:

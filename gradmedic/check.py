@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
+from gradmedic._graph import GraphReader
 from gradmedic._inputs import forward_loss, rebuild_optimizer, split_inputs
 from gradmedic._progress import progress
+from gradmedic.architecture import clean_name, unwrap
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.probes import SignalProbe, build_probes
@@ -59,12 +61,26 @@ def check(model: nn.Module, inputs: Any, targets: Any = None, loss_fn: Callable 
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     if steps:
         with torch.random.fork_rng(devices=devices):
-            monitor, loss_from = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps, _probes())
+            monitor, loss_from, graph = _check_a_copy(model, args, kwargs, targets, loss_fn, optimizer, steps,
+                                                      _probes())
     else:
-        monitor, loss_from = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
-    monitor.trace.meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default",
-                                   "loss_from": loss_from}
+        monitor, loss_from, graph = _check_in_place(model, args, kwargs, targets, loss_fn, devices)
+    meta = monitor.trace.meta
+    meta["check"] = {"steps": steps, "loss": "given" if loss_fn else "default", "loss_from": loss_from}
+    for key, read in (("loss_matched", "matched"), ("scoring", "scoring"), ("attended", "attended"),
+                      ("branches", "branches")):
+        meta[key] = graph[read]
+    if optimizer is not None:
+        meta["optimized"] = _optimized_layers(model, optimizer)
     return diagnose(monitor.trace)
+
+
+def _optimized_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The modules (as the trace names them) that own a parameter the user's optimizer holds: the others do not
+    move at its steps, by design (a GAN's discriminator in the generator's step)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return sorted(clean_name(name) for name, module in unwrap(model).named_modules()
+                  if any(id(p) in held for p in module.parameters(recurse=False)))
 
 
 def _probes() -> list:
@@ -72,20 +88,22 @@ def _probes() -> list:
 
 
 def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
-                    devices: list[int]) -> tuple[Monitor, str]:
+                    devices: list[int]) -> tuple[Monitor, str, dict[str, list[str]]]:
     """One forward and backward on the user's own model, with everything it had put back after."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = _ModelState(model)
     try:
         with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
-            loss, how = forward_loss(model, args, kwargs, targets, loss_fn)
+            with GraphReader(model) as reader:
+                loss, how = forward_loss(model, args, kwargs, targets, loss_fn)
+            graph = reader.read(loss)
             extra = [t for probe in monitor.probes for t in probe.gradient_inputs()]
             for p, g in zip(params, _gradients(loss, params, extra), strict=True):
                 p.grad = g  # lent to the probes (they read .grad) until the state is restored below
             monitor.step(loss.detach())
     finally:
         state.restore()
-    return monitor, how
+    return monitor, how, graph
 
 
 def _gradients(loss: torch.Tensor, params: list[nn.Parameter],
@@ -137,7 +155,8 @@ def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:
 
 
 def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,
-                  optimizer: torch.optim.Optimizer | None, steps: int, probes: list) -> tuple[Monitor, str]:
+                  optimizer: torch.optim.Optimizer | None, steps: int,
+                  probes: list) -> tuple[Monitor, str, dict[str, list[str]]]:
     """``steps`` optimizer steps change the weights: those run on a deep copy."""
     try:
         work = copy.deepcopy(model)
@@ -148,20 +167,23 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
     for p in work.parameters():
         p.grad = None
     opt = _optimizer_for(work, model, optimizer)
-    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor, \
+    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor, GraphReader(work) as reader, \
             progress("gm.check: training steps", steps + 1) as bar:
         for step in range(steps + 1):
             if step:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            reader.clear()
             loss, how = forward_loss(work, args, kwargs, targets, loss_fn)
+            if step == steps:  # the graph of the last step: the one whose numbers the trace ends with
+                graph = reader.read(loss)
             try:
                 loss.backward()
             except Exception as error:  # not only RuntimeError: a custom backward raises what it likes
                 raise _backward_failed(error) from error
             monitor.step(loss)
             bar.advance()
-    return monitor, how
+    return monitor, how, graph
 
 
 class _ModelState:

@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gradmedic"
 # (which name the stages they read directly), and imports the report stage's notebook drawings.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gradmedic._errors", "gradmedic._tensors", "gradmedic._compile", "gradmedic._rich",
-              "gradmedic._inputs", "gradmedic._terminal", "gradmedic._files", "gradmedic._progress",
+              "gradmedic._inputs", "gradmedic._graph", "gradmedic._terminal", "gradmedic._files", "gradmedic._progress",
               "gradmedic._display", "gradmedic._startup", "gradmedic._paths", "gradmedic._verdict",
               "gradmedic.architecture")),
     ("probes", ("gradmedic.probes",)),

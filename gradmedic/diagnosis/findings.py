@@ -27,6 +27,7 @@ KINDS: tuple[str, ...] = (
     "gradient_underflow",
     "stalled_updates",
     "no_gradient",
+    "untested_dynamics",
 )
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")

@@ -7,6 +7,7 @@ constants, each with where its number comes from) and its remedy ranking, regist
 - ``time.py``: vanishing_through_time, exploding_through_time
 - ``precision.py``: nonfinite, gradient_underflow
 - ``updates.py``: stalled_updates, no_gradient
+- ``dynamics.py``: untested_dynamics (what one look at init cannot show: a deep post-LN stack without warmup)
 
 Depth profiles are read at the latest step that measured them, with layers in the order they first ran in the
 forward (``forward_index``), so a model defined in one order and called in another is read in depth order. The
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from gradmedic.diagnosis.context import Context, context_of
 from gradmedic.diagnosis.findings import KINDS, Finding
-from gradmedic.diagnosis.rules import depth, precision, time, units, updates  # noqa: F401  (each registers its rules)
+from gradmedic.diagnosis.rules import depth, dynamics, precision, time, units, updates  # noqa: F401  (each registers its rules)
 from gradmedic.diagnosis.rules._registry import RULES, Rule, prescribe, register
 from gradmedic.trace import Trace
 

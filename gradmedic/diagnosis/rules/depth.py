@@ -21,6 +21,7 @@ import numpy as np
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import SEVERITIES, Finding
 from gradmedic.diagnosis.rules._common import depth_order, finding, latest, plain_blocks, severity_of
+from gradmedic.diagnosis.rules._path import floored, off_path, stream_under_head
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.trace import Trace
 
@@ -58,9 +59,31 @@ EXPLODING_BATCHNORM_WARNING = 1e3
 # between (at 64 one SGD step at lr 1/64 replaces the layer wholesale).
 GRAD_TO_WEIGHT_EXPLODING = 64.0
 GRAD_TO_WEIGHT_EXPLODING_ERROR = 1e4  # no learning rate that suits any other layer can train this one
+# ... against a weight no smaller than this share of the model's typical weight per element (the median over its
+# layers of weight_norm / sqrt(parameters)): a layer small by design (an output head at gain 0.01, issue 28 class 4:
+# per element 59x below its peers, grad/weight 72 while the net trains to R^2 1.000) is not a forward that explodes,
+# which makes every layer's grad/weight huge. 0.1: a tenth of its peers is already far below any default init's
+# spread of scales (PyTorch's default Linear std 1/sqrt(3 fan_in) spans 3x between fan-ins of 8 and 64), and the
+# trainability grid's layers all share one scale, so the floor never applies there.
+WEIGHT_FLOOR = 0.1
 # The reference for a depth profile: the median over the deepest quarter of the layers, so that a small,
 # special head (a 16x10 classifier after global pooling) does not set the scale for everything else.
 REFERENCE_FRACTION = 0.25
+# ... and at least two layers, their geometric median (the median of the logs): one small-by-design output head
+# (issue 28 class 4: a regression net whose head has gain 0.01, 72x the others' grad/weight; a confident head
+# scaled x50) must not alone set the scale of a 3-layer net, whose layers before it read 100x "vanishing" (or
+# 22x "exploding") against it while the net trains to R^2 1.000 (benchmarks/handwritten_calibration.md).
+REFERENCE_MIN_LAYERS = 2
+# The residual stream's grad/weight (the median over its blocks of each one's fastest layer) against the head's (the
+# layers that run after the last block, outside every block): a gradient tiny everywhere has a flat profile, which
+# the profile above cannot see (issue 28 class 7). Relative to the head, not absolute, since a converged model's
+# gradients are tiny everywhere (the corpus's trained graph net: 2e-6 in every layer, yet 0.36 of its head's).
+# The corpus's 16-layer graph net at half its init scale reads 1.1e-6 at init and 1.2e-4 after 5 Adam steps and does
+# not train (1.41 -> 0.83 where its x1 twin reaches 0.13); every healthy entry with blocks reads 0.018 (the x1 twin
+# at init) to 0.58, at init and after 5 steps (tests/handwritten.py; the numbers are _path.stream_under_head's). 1e-3
+# lies between (near their geometric mean, 1.5e-3): an error, since at the head's learning rate the stream needs
+# 1000x the steps.
+STREAM_UNDER_HEAD_ERROR = 1e-3
 # Over a run: the total gradient norm growing 1000x from its first measurement.
 RUN_GROWTH_WARNING = 1e3
 RUN_GROWTH_ERROR = 1e6
@@ -113,18 +136,25 @@ def _profile(trace: Trace) -> tuple[int, list[str], np.ndarray, np.ndarray, str,
             g[mine] = g[mine] / g_ref if g_ref > 0 else b[mine]
         g = np.where(np.isfinite(g), g, b)
         return step, blocks, b, g, "blocks", reference_blocks
-    gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v)}
+    off = off_path(trace)
+    gw = {k: v for k, v in ratio[1].items() if v > 0 and math.isfinite(v) and k not in off}
     layers = depth_order(trace, step, [k for k in bs if k in gw and bs[k] > 0])
     if len(layers) < 2:
         return None
     b = np.array([bs[k] for k in layers])
     g = np.array([gw[k] for k in layers])
-    deep = max(1, math.ceil(REFERENCE_FRACTION * len(layers)))
-    b, g = b / np.median(b[-deep:]), g / np.median(g[-deep:])
+    deep = min(len(layers), max(REFERENCE_MIN_LAYERS, math.ceil(REFERENCE_FRACTION * len(layers))))
+    b, g = b / _geometric_median(b[-deep:]), g / _geometric_median(g[-deep:])
     # an embedding's grad/weight is small by design (only the rows a batch uses get a gradient, and its
     # init is N(0, 1)): its signal alone says whether gradient reaches it
     embedding = np.array([roles.get(k) == "embedding" for k in layers])
     return step, layers, b, np.where(embedding, b, g), "layers", np.arange(len(layers)) >= len(layers) - deep
+
+
+def _geometric_median(values: np.ndarray) -> float:
+    """The median of the logs: the median itself for an odd count, the geometric mean of the two middle values for
+    an even one (their arithmetic mean would let the larger of two decide)."""
+    return float(np.exp(np.median(np.log(values))))
 
 
 def _block_sums(blocks: list[str], per_layer: dict[str, float]) -> dict[str, float]:
@@ -178,10 +208,17 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     # trainability grid (BENCHMARKS.md) separates trainable from untrainable cells by 20x on this measure
     both = np.sqrt(b * g)
     hit = [k for k, v in zip(layers, both, strict=True) if v < VANISHING_WARNING]
+    under_head = stream_under_head(trace, layers, WEIGHT_FLOOR) if unit == "blocks" else None
+    if under_head is not None and under_head >= STREAM_UNDER_HEAD_ERROR:
+        under_head = None
+    flat = not hit and under_head is not None
+    if flat:
+        # the whole stream learns far slower than its head: every block hardly learns, though the profile is flat
+        hit = list(layers)
     if not hit:
         return []
     worst = float(both.min())
-    severity = severity_of(worst, VANISHING_WARNING, VANISHING_ERROR)
+    severity = "error" if under_head is not None else severity_of(worst, VANISHING_WARNING, VANISHING_ERROR)
     assert severity is not None
     # the layer the gradient falls most into on its way back from the loss: gains[i] is how much larger layer i+1's
     # is than layer i's (the profile runs input first), so the steepest fall backward lands at i = argmax
@@ -200,10 +237,15 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
         message = (f"The gradient reaching '{hit[0]}' is {b[layers.index(hit[0])]:.1e} of that at the deepest "
                    f"layers and it learns {g[layers.index(hit[0])]:.1e} as fast: it vanishes through "
                    f"{len(layers) - 1} layers{acts}; {len(hit)} layer(s) hardly learn.{_sigmoid_slope(trace, ctx)}")
-    return [finding("vanishing_gradients", severity, hit, message,
-                     {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
-                      "worst_ratio": worst, "steepest_drop_into": drop_at, "depth": len(layers),
-                      "profile": unit}, ctx)]
+    evidence = {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]), "worst_ratio": worst,
+                "steepest_drop_into": drop_at, "depth": len(layers), "profile": unit}
+    if under_head is not None:
+        evidence["stream_over_head_grad_weight"] = under_head
+        tiny = (f"the blocks learn {under_head:.1e} as fast as the head after them: the gradient is tiny all along "
+                "the stream")
+        message = (f"From '{hit[0]}' on, {tiny}, though it is flat through the {len(layers)} blocks; they hardly learn."
+                   if flat else f"{message} And {tiny}.")
+    return [finding("vanishing_gradients", severity, hit, message, evidence, ctx)]
 
 
 SIGMOID_MAX_SLOPE = 0.25  # sigma'(x) = sigma(x)(1 - sigma(x)) <= 1/4, at x = 0
@@ -251,7 +293,9 @@ def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:
         # init, LayerScale gammas) and is not applied
         step, gw = measured
         roles = trace.meta.get("roles", {})
-        gw = {k: v for k, v in gw.items() if roles.get(k) not in ("block", "norm")}
+        off = off_path(trace)
+        gw = {k: v for k, v in floored(trace, gw, WEIGHT_FLOOR).items()
+              if roles.get(k) not in ("block", "norm") and k not in off}
         hot = [k for k in depth_order(trace, step, list(gw)) if gw[k] > GRAD_TO_WEIGHT_EXPLODING]
         if hot:
             top = max(gw[k] for k in hot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
@@ -41,9 +42,35 @@ DIED_IN_TRAINING_WARNING = 0.1
 
 
 def saturated_units(trace: Trace, ctx: Context) -> list[Finding]:
-    return per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_WARNING,
+    # an activation the loss cancels (a sigmoid read by a binary cross-entropy: the gradient at its logit is
+    # p - y, sigmoid' divides out; gm.check reads it from the loss's graph, meta["loss_matched"]) is saturated
+    # because it is confident: when it is right the gradient is small because the error is, and when it is wrong
+    # the full error passes (the corpus's confident head: mean |dL/dlogit| x N 0.90 on its saturated wrong
+    # outputs, 240x its MSE twin's). Information, never a warning.
+    # Likewise a tanh inside an attention's scoring (meta["scoring"]: its output reaches the loss only through a
+    # softmax): it saturates as the attention sharpens, as a trained additive attention's does (the corpus's GRU
+    # seq2seq, trained to 0.73 held-out accuracy, reads 30%+ there): the values the attention mixes pass by it.
+    matched = set(trace.meta.get("loss_matched", ()))
+    scoring = set(trace.meta.get("scoring", ())) - matched
+    found = per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_WARNING,
                             SATURATED_ERROR, lambda k, v: f"{100 * v:.0f}% of the activations at '{k}' are saturated "
-                            "(derivative below 5% of its peak), so little gradient passes through it", ctx)
+                            "(derivative below 5% of its peak), so little gradient passes through it", ctx,
+                            keep=lambda k, v: k not in matched and k not in scoring)
+    if matched:
+        cancelled = per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_INFO,
+                                    SATURATED_INFO, lambda k, v: f"{100 * v:.0f}% of the outputs of '{k}' are "
+                                    "saturated, but the loss that reads them cancels its derivative (the gradient at "
+                                    "the logit is p - target): they are confident, and no gradient is lost there",
+                                    ctx, keep=lambda k, v: k in matched)
+        found += [replace(f, severity="info", evidence={**f.evidence, "loss_cancels": True}) for f in cancelled]
+    if scoring:
+        scores = per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_INFO,
+                                 SATURATED_INFO, lambda k, v: f"{100 * v:.0f}% of the activations at '{k}' are "
+                                 "saturated, but they only score an attention (its output reaches the loss through a "
+                                 "softmax alone): a sharp attention saturates them, and the values it mixes pass by",
+                                 ctx, keep=lambda k, v: k in scoring)
+        found += [replace(f, severity="info", evidence={**f.evidence, "scores_attention": True}) for f in scores]
+    return found
 
 
 def dead_units(trace: Trace, ctx: Context) -> list[Finding]:

@@ -170,6 +170,10 @@ def stalled_updates(trace: Trace, ctx: Context) -> list[Finding]:
     # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule; nor is
     # a layer the user froze
     never = set(_without_gradient(trace)[0]) | set(_zero_gradient(trace)) | _frozen(trace)
+    # nor one the optimizer does not hold (gm.check's optimizer: a GAN's generator step leaves D as it is, by design)
+    optimized = trace.meta.get("optimized")
+    if optimized is not None:
+        never |= set(trace.layers) - set(optimized)
     medians = {}
     for j, layer in enumerate(trace.layers):
         if layer in never:
