@@ -1,0 +1,126 @@
+"""Adam's second moment against its epsilon, per layer: where the gradient's RMS nears eps, updates collapse.
+
+Adam steps by m_hat / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^t) (Kingma & Ba 2015). While sqrt(v_hat) >> eps
+the step is about lr per entry whatever the gradient's scale; where sqrt(v_hat) falls to eps and below, eps takes over
+and the step shrinks with the gradient, as plain SGD at lr / eps would take it (Wortsman et al. 2023, sec. 3.4: the
+update RMS falls as the gradient RMS nears eps, and a smaller eps restores it). Per layer, over the entries of its
+weight matrices (2-D and more: linear, conv, embedding; as Wortsman et al. read them) that ever had a gradient
+(v > 0; an entry with v = 0 never moves):
+
+- ``adam_eps_share``: the share of entries whose sqrt(v_hat) is below eps (eps more than half of their step);
+- ``adam_rms_to_eps``: the geometric mean of sqrt(v_hat) / eps over them, the typical entry's margin (it drifts
+  geometrically as the gradients shrink, so the rules forecast it: ``rules/_trend.py``).
+
+A tensor larger than ``SAMPLE`` entries is read on a fixed sample of them (``probes._samples.sample_view``, the
+gradient probe's spread contiguous blocks): both statistics are means, estimated within ~1% from 4096 entries.
+The state is read where the optimizer keeps it; nothing leaves the device before the flush.
+
+The probe needs the optimizer: ``bind(optimizer)``; until bound it waits for the first ``optimizer.step()`` of an
+optimizer that holds one of the model's parameters (a global step hook, removed once it has bound). Optimizers
+without ``exp_avg_sq`` (SGD, Adagrad) have nothing to read: the probe writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from gradmedic.probes._samples import sample_view
+from gradmedic.probes.base import LayerIndex, Probe
+
+__all__ = ["AdamStateProbe"]
+
+SAMPLE = 4096  # entries read per tensor (see the module docstring)
+
+
+class AdamStateProbe(Probe):
+    name = "adam"
+    metrics = ("adam_eps_share", "adam_rms_to_eps")
+
+    def __init__(self, every: int = 1):
+        super().__init__(every)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._waiting: Any = None  # the global step hook, until bound
+
+    def attach(self, layers: LayerIndex, capacity: int) -> None:
+        super().attach(layers, capacity)
+        # the weight matrices (see the module docstring) and their layers' rows, in a fixed order; the index tensors
+        # of the usual layout (every one of them has a state) are made now, not at the first step that has a state
+        self._weights = [(p, row) for row, ps in enumerate(layers.params) for p in ps if p.dim() >= 2]
+        self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout(tuple(row for _, row in self._weights))
+        self._groups: dict[int, dict[str, Any]] = {}
+        if self.optimizer is not None:
+            self.bind(self.optimizer)
+        elif self._waiting is None:
+            self._waiting = register_optimizer_step_post_hook(self.guard(self._on_first_step))
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Read this optimizer's state (the Monitor's ``optimizer``, where it has one)."""
+        self.optimizer = optimizer
+        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        if self._waiting is not None:
+            self._waiting.remove()
+            self._waiting = None
+
+    def _on_first_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        ours = {id(p) for p, _ in self._weights}
+        if any(id(q) in ours for group in optimizer.param_groups for q in group["params"]):
+            self.bind(optimizer)
+
+    def _layout(self, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row of each tensor read, the distinct rows sorted) as index tensors, made once per layout."""
+        cached = self._layouts.get(rows)
+        if cached is None:
+            cached = self._layouts[rows] = (self.host_tensor(rows, torch.long),
+                                            self.host_tensor(sorted(set(rows)), torch.long))
+        return cached
+
+    def collect(self, step: int) -> None:
+        if self.optimizer is None:
+            return
+        rows, below, logs, counts = [], [], [], []
+        for p, row in self._weights:
+            group = self._groups.get(id(p))
+            state = self.optimizer.state.get(p)
+            if group is None or not state or "exp_avg_sq" not in state or "step" not in state:
+                continue
+            eps, betas = group.get("eps"), group.get("betas")
+            if not isinstance(eps, float) or eps <= 0 or not isinstance(betas, (tuple, list)):
+                continue
+            whole = state["exp_avg_sq"]
+            v = sample_view(whole, SAMPLE)
+            scale = whole.numel() / max(v.numel(), 1)  # a sample stands for its tensor
+            # v_hat < eps^2 <=> v < eps^2 (1 - beta2^t): the bias correction is computed where ``step`` lives (a CPU
+            # tensor, a device one under capturable/fused Adam, or a number); a 0-d CPU tensor acts as a scalar on
+            # any device
+            correction = 1 - betas[1] ** state["step"]
+            floor = eps * eps * correction
+            log_floor = (correction.log() if isinstance(correction, torch.Tensor) else math.log(correction)) \
+                + 2 * math.log(eps)
+            seen = v > 0
+            # log(sqrt(v_hat) / eps) = (log v - log floor) / 2, over the entries that ever had a gradient
+            log_ratio = torch.where(seen, v, 1.0).log().sub(log_floor).mul(0.5)
+            rows.append(row)
+            below.append(((v < floor) & seen).sum().to(self.dtype) * scale)
+            logs.append(torch.where(seen, log_ratio, 0.0).sum().to(self.dtype) * scale)
+            counts.append(seen.sum().to(self.dtype) * scale)
+        if not rows:
+            return
+        index, present = self._layout(tuple(rows))
+        per_row = torch.zeros(3, len(self.layers), dtype=self.dtype, device=self.device)  # type: ignore[arg-type]
+        per_row.index_add_(1, index, torch.stack([torch.stack(below), torch.stack(logs), torch.stack(counts)]))
+        below_n, log_sum, n = per_row.index_select(1, present)
+        n = torch.where(n > 0, n, torch.nan)
+        slot = self.buffer.open(step)
+        self.buffer.write_columns(slot, present, ("adam_eps_share", "adam_rms_to_eps"),
+                                  (below_n / n, (log_sum / n).exp()))
+
+    def detach(self) -> None:
+        super().detach()
+        if self._waiting is not None:
+            self._waiting.remove()
+            self._waiting = None
