@@ -7,6 +7,9 @@ constants, each with where its number comes from) and its remedy ranking, regist
 - ``time.py``: vanishing_through_time, exploding_through_time
 - ``precision.py``: nonfinite, gradient_underflow
 - ``updates.py``: stalled_updates, no_gradient
+- ``training.py``: loss_spike, divergence, output_logit_drift, and the jump of the total gradient norm that
+  ``exploding_gradients`` reports (the run's scalars and trends)
+- ``optimizer.py``: adam_epsilon, update_too_large, loss_scale_collapse (the optimizer's state)
 
 Depth profiles are read at the latest step that measured them, with layers in the order they first ran in the
 forward (``forward_index``), so a model defined in one order and called in another is read in depth order. The
@@ -19,7 +22,15 @@ from __future__ import annotations
 
 from gradmedic.diagnosis.context import Context, context_of
 from gradmedic.diagnosis.findings import KINDS, Finding
-from gradmedic.diagnosis.rules import depth, precision, time, units, updates  # noqa: F401  (each registers its rules)
+from gradmedic.diagnosis.rules import (  # noqa: F401  (each registers its rules)
+    depth,
+    optimizer,
+    precision,
+    time,
+    training,
+    units,
+    updates,
+)
 from gradmedic.diagnosis.rules._registry import RULES, Rule, prescribe, register
 from gradmedic.trace import Trace
 
