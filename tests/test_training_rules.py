@@ -104,7 +104,10 @@ def _norms(values):
 
 FLAT = _noisy(1.0, len(STEPS), sd=0.1)
 JUMP = FLAT.copy()
-JUMP[8] = 20.0  # a recurrence passes radius 1: x20, then falls back
+JUMP[8:] *= 6.0
+JUMP[8] = 20.0  # a recurrence passes radius 1: x20, then falls back to 6x where it was
+ONE_BATCH = FLAT.copy()
+ONE_BATCH[8] = 20.0  # one hard batch: every later measurement back where it was
 LATE_RISE = np.concatenate([FLAT[:10], FLAT[10:] * 1.15 ** np.arange(10)])  # Defazio 2025: a slow rise late in a run
 
 
@@ -113,17 +116,25 @@ LATE_RISE = np.concatenate([FLAT[:10], FLAT[10:] * 1.15 ** np.arange(10)])  # De
     (JUMP, np.full(400, 1.0), [("exploding_gradients", "warning")]),
     (JUMP, np.linspace(2.0, 0.2, 400), [("exploding_gradients", "info")]),  # the loss falls meanwhile: learning
     (JUMP * np.where(np.arange(len(STEPS)) == 8, 100, 1), np.full(400, 1.0), [("exploding_gradients", "error")]),
+    (ONE_BATCH, np.full(400, 1.0), [("exploding_gradients", "info")]),
+    (ONE_BATCH * np.where(np.arange(len(STEPS)) == 8, 30, 1), np.full(400, 1.0), [("exploding_gradients", "warning")]),
+    (ONE_BATCH[:9], np.full(161, 1.0), [("exploding_gradients", "warning")]),  # at the last measurement: not yet known
     (LATE_RISE, np.linspace(2.0, 0.2, 400), []),
     (FLAT[::-1] * np.linspace(3, 0.3, len(STEPS)), np.linspace(2.0, 0.2, 400), []),  # falls as the loss falls
-], ids=["flat", "jump", "jump_while_learning", "jump_2000x", "late_rise_weight_decay", "falling"])
+], ids=["flat", "jump", "jump_while_learning", "jump_2000x", "one_batch", "one_batch_600x", "one_batch_last",
+        "late_rise_weight_decay", "falling"])
 def test_gradient_jump(norms, loss, want):
-    assert _kinds(training.gradient_jump(_trace(loss, _norms(norms), steps=STEPS), Context())) == want
+    trace = _trace(loss, _norms(norms), steps=STEPS[:len(norms)])
+    assert _kinds(training.gradient_jump(trace, Context())) == want
 
 
 def test_a_jump_that_fell_back_is_reported_in_the_exploding_gradients_rule():
-    report = gm.diagnose(_trace(np.full(400, 1.0), _norms(JUMP), steps=STEPS))
+    norms = FLAT.copy()
+    norms[8:10] = (20.0, 8.0)  # two measurements up, then back: not one batch, and nothing left at the end
+    report = gm.diagnose(_trace(np.full(400, 1.0), _norms(norms), steps=STEPS))
     found = report.of_kind("exploding_gradients")
-    assert found and found[0].evidence["fell_back"] and found[0].evidence["jump"] > 10
+    assert [f.severity for f in found] == ["warning"]
+    assert found[0].evidence["fell_back"] and found[0].evidence["jump"] > 10 and found[0].evidence["step"] == 160
     assert found[0].remedies[0] == "clip_grad_norm"
 
 

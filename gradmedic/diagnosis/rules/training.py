@@ -61,6 +61,11 @@ JUMP_MIN_HISTORY = 3
 # A jump while the loss falls by a fifth or more over the same stretch is learning, not failing: a recurrent net's
 # norm jumps x16 as its radius passes 1 and it learns to remember (the corpus's healthy_rnn_adam).
 JUMP_LOSS_FALLING = 0.8
+# One measurement up and every later one back within 2x of the median before it is one hard batch, as a loss spike that
+# recovers (information), unless it was two orders of magnitude: a near-zero loss makes single batches jump up to 27x
+# in the corpus's healthy runs (healthy_weight_decay_late_rise); an RNN's crossing of radius 1 does 660x (issue 26).
+JUMP_BACK = 2.0
+JUMP_ONE_BATCH = 100.0
 
 # --- output logits ------------------------------------------------------------------------------------------------
 # log Z = logsumexp(logits): 0 is what z-loss pins it to (PaLM, Chowdhery et al. 2022: 1e-4 log^2 Z); a classifier of
@@ -213,16 +218,20 @@ def gradient_jump(trace: Trace, ctx: Context) -> list[Finding]:
     if worst is None:
         return []
     ratio, k, falling = worst
-    back = bool(norms[-1] < JUMP_WARNING * np.median(norms[max(0, k - JUMP_WINDOW):k]))
-    severity = "info" if falling else ("error" if ratio >= JUMP_ERROR else "warning")
+    median = float(np.median(norms[max(0, k - JUMP_WINDOW):k]))
+    back = bool(norms[-1] < JUMP_WARNING * median)
+    later = norms[k + 1:]
+    one_batch = bool(later.size and np.all(later <= JUMP_BACK * median) and ratio < JUMP_ONE_BATCH)
+    severity = "info" if falling or one_batch else ("error" if ratio >= JUMP_ERROR else "warning")
     what = (f"The total gradient norm jumped {ratio:.0f}x its recent median at step {int(at[k])} "
             f"({norms[k]:.2e})")
     tail = ("; the loss was falling meanwhile, as when a net learns a new skill: likely benign" if falling else
+            "; every later measurement is back near where it was: one hard batch" if one_batch else
             "; it has fallen back since: a transient explosion (a recurrence whose radius passed 1, a bad batch, a "
             "learning-rate jump)" if back else "; it has stayed up")
     return [finding("exploding_gradients", severity, [], what + tail + ".",
                     {"step": int(at[k]), "jump": ratio, "norm": float(norms[k]), "fell_back": back,
-                     "loss_falling": falling}, ctx)]
+                     "loss_falling": falling, "one_batch": one_batch}, ctx)]
 
 
 def output_logit_drift(trace: Trace, ctx: Context) -> list[Finding]:
