@@ -139,3 +139,23 @@ def test_adam_probe_reads_nothing_from_sgd_and_writes_no_host_copy_between_flush
         has = "adam_eps_share" in trace.metrics and not np.isnan(trace.metric("adam_eps_share")).all()
         assert has == isinstance(opt, torch.optim.Adam)
         mon.close()
+
+
+def test_adam_probes_waiting_for_their_optimizer_never_break_its_step():
+    # each unbound probe waits on a global step hook: binding inside torch's loop over those hooks must not change them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitors = [gm.Monitor(model, probes=[AdamStateProbe()]) for _ in range(3)]
+    for _ in range(3):
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        for mon in monitors:
+            mon.step()
+        opt.zero_grad()
+    for mon in monitors:
+        assert not np.isnan(mon.trace.metric("adam_rms_to_eps")).all()
+        mon.close()
+    from torch.optim import optimizer as optim_module
+
+    assert not optim_module._global_optimizer_post_hooks  # every waiting hook removed

@@ -62,14 +62,20 @@ class AdamStateProbe(Probe):
         """Read this optimizer's state (the Monitor's ``optimizer``, where it has one)."""
         self.optimizer = optimizer
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        if self._waiting is not None:
-            self._waiting.remove()
-            self._waiting = None
 
     def _on_first_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # never removes the hook here: torch is iterating over the global hooks (a removal would break the user's
+        # optimizer.step() with "OrderedDict mutated during iteration"); the next collect removes it
+        if self.optimizer is not None:
+            return
         ours = {id(p) for p, _ in self._weights}
         if any(id(q) in ours for group in optimizer.param_groups for q in group["params"]):
             self.bind(optimizer)
+
+    def _stop_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting.remove()
+            self._waiting = None
 
     def _layout(self, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(row of each tensor read, the distinct rows sorted) as index tensors, made once per layout."""
@@ -82,6 +88,7 @@ class AdamStateProbe(Probe):
     def collect(self, step: int) -> None:
         if self.optimizer is None:
             return
+        self._stop_waiting()  # outside the optimizer's step: the global hook can go
         rows, below, logs, counts = [], [], [], []
         for p, row in self._weights:
             group = self._groups.get(id(p))
@@ -121,6 +128,4 @@ class AdamStateProbe(Probe):
 
     def detach(self) -> None:
         super().detach()
-        if self._waiting is not None:
-            self._waiting.remove()
-            self._waiting = None
+        self._stop_waiting()
