@@ -128,6 +128,17 @@ def test_gradient_jump(norms, loss, want):
     assert _kinds(training.gradient_jump(trace, Context())) == want
 
 
+def test_at_every_step_single_hard_batches_are_no_jump_and_a_held_one_is():
+    steps = np.arange(400)
+    norms = _noisy(1.0, 400, sd=0.1)
+    norms[::37] *= 25.0  # single batches near zero loss: 25x, one step each
+    loss = np.full(400, 0.01)
+    assert _kinds(training.gradient_jump(_trace(loss, _norms(norms), steps=steps), Context())) == []
+    norms[300:] *= 6.0  # a recurrence passes radius 1: the norm stays up
+    found = training.gradient_jump(_trace(loss, _norms(norms), steps=steps), Context())
+    assert _kinds(found) == [("exploding_gradients", "warning")] and 300 <= found[0].evidence["step"] < 300 + 3 * 20
+
+
 def test_a_jump_that_fell_back_is_reported_in_the_exploding_gradients_rule():
     norms = FLAT.copy()
     norms[8:10] = (20.0, 8.0)  # two measurements up, then back: not one batch, and nothing left at the end

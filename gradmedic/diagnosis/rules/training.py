@@ -51,12 +51,15 @@ DIVERGE_LOST = 10
 
 # --- a jump of the total gradient norm ---------------------------------------------------------------------------
 # Pascanu et al. 2013 (sec. 2.2): when a recurrence crosses a bifurcation (its spectral radius passes 1) the gradient
-# jumps by an order of magnitude or more, and falls back as soon as it has crossed. Read against the median of the
-# last JUMP_WINDOW measurements (robust to one earlier jump): 5x is beyond every healthy run of the issue-26 corpus at
-# the default cadence (at most 2.4x, where the loss was not falling), 1e3x is the run-growth rule's warning.
+# jumps by an order of magnitude or more, and falls back as soon as it has crossed. The norm of the last JUMP_SMOOTH
+# steps (their median: one measurement at the default cadence of 20, twenty at every step, where single batches jump
+# 5-27x in healthy runs near zero loss) against the median of the JUMP_SPAN steps before them (10 measurements at the
+# default cadence): 5x is beyond every healthy run of the issue-26 corpus (at most 2.4x where the loss was not
+# falling), 1e3x is the run-growth rule's warning.
 JUMP_WARNING = 5.0
 JUMP_ERROR = 1e3
-JUMP_WINDOW = 10
+JUMP_SMOOTH = 20
+JUMP_SPAN = 200
 JUMP_MIN_HISTORY = 3
 # A jump while the loss falls by a fifth or more over the same stretch is learning, not failing: a recurrent net's
 # norm jumps x16 as its radius passes 1 and it learns to remember (the corpus's healthy_rnn_adam).
@@ -203,22 +206,25 @@ def gradient_jump(trace: Trace, ctx: Context) -> list[Finding]:
     loss = _loss(trace)
     worst = None
     for k in range(JUMP_MIN_HISTORY, len(norms)):
-        before = norms[max(0, k - JUMP_WINDOW):k]
-        ratio = float(norms[k] / np.median(before))
+        lo = int(np.searchsorted(at, at[k] - JUMP_SPAN - JUMP_SMOOTH, "left"))
+        mid = int(np.searchsorted(at, at[k] - JUMP_SMOOTH, "right"))
+        if mid - lo < JUMP_MIN_HISTORY:
+            continue
+        before = float(np.median(norms[lo:mid]))
+        ratio = float(np.median(norms[mid:k + 1]) / before)
         if ratio < JUMP_WARNING or (worst is not None and ratio <= worst[0]):
             continue
         falling = False
         if loss is not None:  # the loss over the same stretch: from the window's first measurement to this one
             s, v = loss
-            then = v[(s >= at[max(0, k - JUMP_WINDOW)] - SMOOTH) & (s <= at[max(0, k - JUMP_WINDOW)])]
+            then = v[(s >= at[lo] - SMOOTH) & (s <= at[lo])]
             now = v[(s > at[k] - 2 * SMOOTH) & (s <= at[k])]
             then, now = then[np.isfinite(then)], now[np.isfinite(now)]
             falling = bool(then.size and now.size and np.median(now) <= JUMP_LOSS_FALLING * np.median(then))
-        worst = (ratio, k, falling)
+        worst = (ratio, k, falling, before)
     if worst is None:
         return []
-    ratio, k, falling = worst
-    median = float(np.median(norms[max(0, k - JUMP_WINDOW):k]))
+    ratio, k, falling, median = worst
     back = bool(norms[-1] < JUMP_WARNING * median)
     later = norms[k + 1:]
     one_batch = bool(later.size and np.all(later <= JUMP_BACK * median) and ratio < JUMP_ONE_BATCH)
