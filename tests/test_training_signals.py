@@ -143,6 +143,9 @@ def test_adam_probe_reads_nothing_from_sgd_and_writes_no_host_copy_between_flush
 
 def test_adam_probes_waiting_for_their_optimizer_never_break_its_step():
     # each unbound probe waits on a global step hook: binding inside torch's loop over those hooks must not change them
+    from torch.optim import optimizer as optim_module
+
+    hooks_before = set(optim_module._global_optimizer_post_hooks)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -156,6 +159,17 @@ def test_adam_probes_waiting_for_their_optimizer_never_break_its_step():
     for mon in monitors:
         assert not np.isnan(mon.trace.metric("adam_rms_to_eps")).all()
         mon.close()
-    from torch.optim import optimizer as optim_module
+    assert set(optim_module._global_optimizer_post_hooks) <= hooks_before  # every waiting hook removed
 
-    assert not optim_module._global_optimizer_post_hooks  # every waiting hook removed
+
+def test_a_monitor_dropped_unclosed_leaves_no_model_behind():
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    mon = gm.Monitor(model, probes=[AdamStateProbe()])  # waits for an optimizer on a global hook
+    alive = weakref.ref(mon.probes[0])
+    del mon, model
+    gc.collect()
+    assert alive() is None  # the hook holds the probe weakly
+    torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1).step()  # and does nothing afterwards

@@ -23,6 +23,7 @@ without ``exp_avg_sq`` (SGD, Adagrad) have nothing to read: the probe writes not
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -34,6 +35,22 @@ from gradmedic.probes.base import LayerIndex, Probe
 __all__ = ["AdamStateProbe"]
 
 SAMPLE = 4096  # entries read per tensor (see the module docstring)
+
+
+def _waiting_hook(probe: weakref.ref) -> Any:
+    """The global step hook of an unbound probe. It holds the probe weakly: a Monitor dropped without ``close()``
+    leaves a hook that does nothing, not the model; a bound probe's does nothing until the next collect removes it."""
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        target = probe()
+        if target is None or target.optimizer is not None or target.failed:
+            return
+        try:
+            target._offer(optimizer)
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            target.fail(error)
+
+    return hook
 
 
 class AdamStateProbe(Probe):
@@ -50,25 +67,25 @@ class AdamStateProbe(Probe):
         # the weight matrices (see the module docstring) and their layers' rows, in a fixed order; the index tensors
         # of the usual layout (every one of them has a state) are made now, not at the first step that has a state
         self._weights = [(p, row) for row, ps in enumerate(layers.params) for p in ps if p.dim() >= 2]
+        self._ids = {id(p) for ps in layers.params for p in ps}
         self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._layout(tuple(row for _, row in self._weights))
         self._groups: dict[int, dict[str, Any]] = {}
         if self.optimizer is not None:
             self.bind(self.optimizer)
         elif self._waiting is None:
-            self._waiting = register_optimizer_step_post_hook(self.guard(self._on_first_step))
+            self._waiting = register_optimizer_step_post_hook(_waiting_hook(weakref.ref(self)))
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Read this optimizer's state (the Monitor's ``optimizer``, where it has one)."""
         self.optimizer = optimizer
         self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
-    def _on_first_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # never removes the hook here: torch is iterating over the global hooks (a removal would break the user's
-        # optimizer.step() with "OrderedDict mutated during iteration"); the next collect removes it
-        if self.optimizer is not None:
-            return
-        ours = {id(p) for p, _ in self._weights}
+    def _offer(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer has stepped: bind it if it holds one of the model's weights. Called by the global step hook,
+        inside torch's loop over those hooks: it never removes the hook here (that would break the user's
+        ``optimizer.step()`` with "OrderedDict mutated during iteration"); the next collect does."""
+        ours = self._ids
         if any(id(q) in ours for group in optimizer.param_groups for q in group["params"]):
             self.bind(optimizer)
 
