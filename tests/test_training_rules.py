@@ -94,6 +94,13 @@ def test_divergence(loss, want):
     assert _kinds(training.divergence(_trace(loss), Context())) == want
 
 
+def test_a_nan_loss_kept_in_the_trace_counts_as_above_every_line():
+    # the Monitor keeps a NaN loss (issue 26, item 1): divergence reads it as +inf, the spike rule skips it
+    loss = np.concatenate([LEARNING[:150], np.full(12, np.nan)])
+    assert _kinds(training.divergence(_trace(loss), Context())) == [("divergence", "error")]
+    assert _kinds(training.loss_spike(_trace(loss), Context())) == []
+
+
 # --- jumps of the total gradient norm (exploding_gradients) --------------------------------------------------------
 STEPS = np.arange(0, 400, 20)
 
