@@ -173,3 +173,21 @@ def test_a_monitor_dropped_unclosed_leaves_no_model_behind():
     gc.collect()
     assert alive() is None  # the hook holds the probe weakly
     torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1).step()  # and does nothing afterwards
+
+
+def test_adam_state_of_a_large_tensor_is_read_on_a_sample_within_its_error():
+    # 96 x 80 = 7680 entries > SAMPLE: 4096 of them, in spread blocks, stand for the tensor (binomial error ~1% on a
+    # share near one half)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 96), nn.Tanh(), nn.Linear(96, 80), nn.Tanh(), nn.Linear(80, 3))
+    trace, grads = _train_adam(model, 1e-6, 4, bind=True)
+    g = [step["2.weight"] for step in grads]
+    v = sum((1 - 0.999) * 0.999 ** (3 - t) * g[t] ** 2 for t in range(4))
+    sqrt_v_hat = (v / (1 - 0.999 ** 4)).sqrt()
+    seen = v > 0
+    j = trace.layers.index("2")
+    assert 0.1 < float((sqrt_v_hat[seen] < 1e-6).double().mean()) < 0.9  # a share the sample must estimate
+    assert trace.metric("adam_eps_share")[-1, j] == pytest.approx(float((sqrt_v_hat[seen] < 1e-6).double().mean()),
+                                                                  abs=0.03)
+    assert trace.metric("adam_rms_to_eps")[-1, j] == pytest.approx(
+        math.exp(float((sqrt_v_hat[seen] / 1e-6).log().mean())), rel=0.1)

@@ -68,8 +68,9 @@ class AdamStateProbe(Probe):
         # of the usual layout (every one of them has a state) are made now, not at the first step that has a state
         self._weights = [(p, row) for row, ps in enumerate(layers.params) for p in ps if p.dim() >= 2]
         self._ids = {id(p) for ps in layers.params for p in ps}
-        self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._layout(tuple(row for _, row in self._weights))
+        self._layouts: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, ...]] = {}
+        # the usual layout: every weight read, its state shaped as the weight
+        self._layout(tuple(range(len(self._weights))), tuple(sample_view(p, SAMPLE).numel() for p, _ in self._weights))
         self._groups: dict[int, dict[str, Any]] = {}
         if self.optimizer is not None:
             self.bind(self.optimizer)
@@ -94,20 +95,24 @@ class AdamStateProbe(Probe):
             self._waiting.remove()
             self._waiting = None
 
-    def _layout(self, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row of each tensor read, the distinct rows sorted) as index tensors, made once per layout."""
-        cached = self._layouts.get(rows)
+    def _layout(self, read: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """For the weights ``read`` (indices into ``_weights``) and their states' sampled entries ``sizes``: their rows,
+        the distinct rows sorted, the sizes and numel / sample, as tensors made once per layout."""
+        cached = self._layouts.get((read, sizes))
         if cached is None:
-            cached = self._layouts[rows] = (self.host_tensor(rows, torch.long),
-                                            self.host_tensor(sorted(set(rows)), torch.long))
+            rows = [self._weights[i][1] for i in read]
+            scale = [self._weights[i][0].numel() / max(n, 1) for i, n in zip(read, sizes, strict=True)]
+            cached = self._layouts[read, sizes] = (
+                self.host_tensor(rows, torch.long), self.host_tensor(sorted(set(rows)), torch.long),
+                self.host_tensor(sizes, self.dtype), self.host_tensor(scale, self.dtype))
         return cached
 
     def collect(self, step: int) -> None:
         if self.optimizer is None:
             return
         self._stop_waiting()  # outside the optimizer's step: the global hook can go
-        rows, below, logs, counts = [], [], [], []
-        for p, row in self._weights:
+        read, sizes, below, logs, counts = [], [], [], [], []
+        for i, (p, _) in enumerate(self._weights):
             group = self._groups.get(id(p))
             state = self.optimizer.state.get(p)
             if group is None or not state or "exp_avg_sq" not in state or "step" not in state:
@@ -115,28 +120,27 @@ class AdamStateProbe(Probe):
             eps, betas = group.get("eps"), group.get("betas")
             if not isinstance(eps, float) or eps <= 0 or not isinstance(betas, (tuple, list)):
                 continue
-            whole = state["exp_avg_sq"]
-            v = sample_view(whole, SAMPLE)
-            scale = whole.numel() / max(v.numel(), 1)  # a sample stands for its tensor
+            v = sample_view(state["exp_avg_sq"], SAMPLE)
             # v_hat < eps^2 <=> v < eps^2 (1 - beta2^t): the bias correction is computed where ``step`` lives (a CPU
             # tensor, a device one under capturable/fused Adam, or a number); a 0-d CPU tensor acts as a scalar on
-            # any device
+            # any device, so nothing is copied from the host
             correction = 1 - betas[1] ** state["step"]
-            floor = eps * eps * correction
             log_floor = (correction.log() if isinstance(correction, torch.Tensor) else math.log(correction)) \
                 + 2 * math.log(eps)
-            seen = v > 0
-            # log(sqrt(v_hat) / eps) = (log v - log floor) / 2, over the entries that ever had a gradient
-            log_ratio = torch.where(seen, v, 1.0).log().sub(log_floor).mul(0.5)
-            rows.append(row)
-            below.append(((v < floor) & seen).sum().to(self.dtype) * scale)
-            logs.append(torch.where(seen, log_ratio, 0.0).sum().to(self.dtype) * scale)
-            counts.append(seen.sum().to(self.dtype) * scale)
-        if not rows:
+            seen = torch.count_nonzero(v)  # entries that ever had a gradient (v = 0: never moved)
+            read.append(i)
+            sizes.append(v.numel())
+            below.append((v < eps * eps * correction).sum())  # with the zeros, taken off below
+            # 2 log(sqrt(v_hat) / eps) = log v - log floor, summed over the entries with v > 0 (log 1 = 0 for the rest)
+            logs.append(torch.where(v > 0, v, 1.0).log().sum() - seen * log_floor)
+            counts.append(seen)
+        if not read:
             return
-        index, present = self._layout(tuple(rows))
+        index, present, numel, scale = self._layout(tuple(read), tuple(sizes))
+        below_seen = torch.stack(below).to(self.dtype) - (numel - torch.stack(counts).to(self.dtype))
+        sums = torch.stack([below_seen, torch.stack(logs).to(self.dtype) * 0.5, torch.stack(counts).to(self.dtype)])
         per_row = torch.zeros(3, len(self.layers), dtype=self.dtype, device=self.device)  # type: ignore[arg-type]
-        per_row.index_add_(1, index, torch.stack([torch.stack(below), torch.stack(logs), torch.stack(counts)]))
+        per_row.index_add_(1, index, sums * scale)  # a sample stands for its tensor: x numel / sample
         below_n, log_sum, n = per_row.index_select(1, present)
         n = torch.where(n > 0, n, torch.nan)
         slot = self.buffer.open(step)
