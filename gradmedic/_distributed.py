@@ -37,7 +37,7 @@ import torch.distributed as dist
 from gradmedic._errors import GradmedicWarning
 from gradmedic.probes.base import Chunk, LayerIndex
 
-__all__ = ["COMBINE", "RankCombiner", "active"]
+__all__ = ["COMBINE", "RankCombiner", "active", "combiner_for"]
 
 # How each metric is combined across ranks (see the module docstring). Metrics not listed (a custom
 # probe's) are averaged.
@@ -242,3 +242,18 @@ def _recompute_ratios(values: np.ndarray, stacked: np.ndarray, mi: dict[str, int
         total = np.sqrt(np.nansum(grad ** 2, axis=1))
         has_total = ~np.isnan(values[:, :, mi["total_grad_norm"]])
         values[:, :, mi["total_grad_norm"]] = np.where(has_total, total[:, None], np.nan)
+
+
+def combiner_for(layers: Any, model: Any, trace: Any, distributed: bool | None,
+                 rank_files: bool) -> RankCombiner | None:
+    """A RankCombiner when this process is one rank of several (and not told otherwise), else None; on ranks other
+    than 0 the trace writes nothing (or, with ``rank_files``, ``NAME.rankN.EXT``)."""
+    if distributed is False or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    if not active():
+        return None
+    combiner = RankCombiner(layers, type(model).__name__)
+    if combiner.rank != 0:
+        trace.rank_suffix = f".rank{combiner.rank}" if rank_files else ""
+    trace.meta["distributed"] = combiner.describe()
+    return combiner

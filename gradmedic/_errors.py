@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GradmedicError", "GradmedicWarning", "bad_argument", "first_line"]
+__all__ = ["GradmedicError", "GradmedicFindingWarning", "GradmedicWarning", "bad_argument", "first_line"]
 
 
 class GradmedicError(ValueError):
@@ -13,6 +13,10 @@ class GradmedicError(ValueError):
 
 class GradmedicWarning(UserWarning):
     """Something gradmedic could not do; the user's training is unaffected."""
+
+
+class GradmedicFindingWarning(GradmedicWarning):
+    """A finding about the user's run, said while it trains (once per finding; again only when it worsens)."""
 
 
 def _show(value: Any) -> str:

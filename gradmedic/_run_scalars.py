@@ -28,7 +28,7 @@ class RunScalars:
         self._host: list[tuple[int, int, float]] = []
         self._device: list[tuple[int, int, torch.Tensor]] = []
 
-    def record(self, step: int, loss: torch.Tensor | float | None, optimizer: Any) -> None:
+    def record(self, step: int, loss: torch.Tensor | float | None, optimizer: Any, scaler: Any = None) -> None:
         """Loss and learning rate of this step. A tensor (the loss; a learning rate kept as a tensor) is copied on
         the device, its first entry only, and read at the flush with the others (one copy per device): a copy, since
         the user's tensor may change in place after the step (a loss accumulator zeroed, a scheduler's ``fill_``
@@ -36,7 +36,7 @@ class RunScalars:
         device buffer would be a blocking host-to-device copy per step on CUDA."""
         try:
             lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
-            for col, value in enumerate((loss, lr)):
+            for col, value in enumerate((loss, lr, _scale_of(scaler))):
                 if isinstance(value, torch.Tensor):
                     value = value.detach()
                     if value.numel() == 1:
@@ -64,8 +64,8 @@ class RunScalars:
                            consequence="the values kept on that device were dropped")
         scalars = {}
         for j, name in enumerate(SCALARS):
-            # NaN means not recorded (a loss that is NaN shows in the NaN/Inf probe's events)
-            pairs = sorted((s, v) for s, col, v in host if col == j and not np.isnan(v))
+            # a loss that is NaN or infinite is kept: it is the first sign of a run gone bad (the nonfinite rule)
+            pairs = sorted((s, v) for s, col, v in host if col == j)
             if pairs:
                 scalars[name] = (np.asarray([s for s, _ in pairs], dtype=np.int64),
                                  np.asarray([v for _, v in pairs], dtype=np.float64))
@@ -73,3 +73,14 @@ class RunScalars:
             return None
         return Chunk(steps=np.zeros(0, dtype=np.int64), layers=[], metrics=[], values=np.zeros((0, 0, 0)),
                      scalars=scalars)
+
+
+def _scale_of(scaler: Any) -> torch.Tensor | float | None:
+    """A GradScaler's current scale, as its device tensor (``get_scale()`` would read it to the host: a sync per step
+    on CUDA); None without a scaler or when it is disabled."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return scaler.get_scale() if hasattr(scaler, "get_scale") else None

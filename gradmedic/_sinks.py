@@ -7,9 +7,11 @@ Two kinds are accepted:
   and ``add_text``): per-layer scalars under ``gradmedic/<metric>/<layer>``, run scalars under
   ``gradmedic/loss`` and ``gradmedic/lr``, the per-time-step curves of recurrent layers under
   ``gradmedic/time_grad_rms/<layer>/step_<s>`` (x axis: the time step), events and findings as text;
-- any callable taking ``(step, metrics)``, or shaped like ``wandb.log(data, step=...)`` and
-  ``mlflow.log_metrics(metrics, step=...)`` (called with the dict first and ``step=`` by keyword): the
-  same scalars as one dict per step.
+- a W&B run or its ``log`` (``log_to=wandb.log`` or ``log_to=run``): the same scalars on gradmedic's own
+  step axis, ``gradmedic/step`` (``WandbSink``: W&B drops rows logged to past steps, and a flush's steps are
+  past by the time it happens);
+- any callable taking ``(step, metrics)``, or shaped like ``mlflow.log_metrics(metrics, step=...)``
+  (called with the dict first and ``step=`` by keyword): the same scalars as one dict per step.
 
 No framework is imported here: a writer is used through its methods only.
 """
@@ -18,15 +20,17 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from gradmedic._errors import bad_argument
+from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic.probes.base import Chunk
 
-__all__ = ["CallableSink", "Sink", "WriterSink", "as_sink", "chunk_records", "findings_text", "tag"]
+__all__ = ["CallableSink", "Sink", "WandbSink", "WriterSink", "as_sink", "chunk_records", "findings_text", "tag"]
 
 PREFIX = "gradmedic"
 # bookkeeping columns that are not measurements (the order layers ran in)
@@ -70,6 +74,13 @@ class Sink:
 
     def flush(self) -> None:
         """Make what was written visible (a writer's file flush)."""
+
+    def tick(self) -> None:
+        """Called at every ``Monitor.step()`` (with no numbers: those come at flushes)."""
+
+    def close(self) -> None:
+        """Called once at ``Monitor.close()``, after the last flush and the findings."""
+        self.flush()
 
     def write(self, chunks: list[Chunk]) -> None:
         for step, values in chunk_records(chunks).items():
@@ -145,13 +156,85 @@ def _step_by_keyword(fn: Callable[..., Any]) -> bool:
     return "step" in names and names.index("step") > 0
 
 
+WANDB_STEP = f"{PREFIX}/step"
+
+
+class WandbSink(Sink):
+    """A W&B run: every gradmedic value on its own step axis, ``gradmedic/step``.
+
+    Why not ``run.log(values, step=s)``: W&B keeps one history row per step and drops anything logged to a
+    step below the run's current one. A flush delivers ``flush_every`` past steps at once, so with the
+    user's own ``wandb.log(..., step=s)`` every gradmedic value was dropped. So the values carry their step
+    as a key, ``gradmedic/*`` is plotted against it (``define_metric``), and each training step's row takes
+    one flushed record (``commit=False``: it joins the row the user is writing). A row takes one record, so
+    the records wait in a queue, drained one per ``Monitor.step()`` (the lag is about ``flush_every``
+    steps); when nobody else commits rows (gradmedic is the only logger), the sink commits its own, at most
+    one per training step. What is left at ``close()`` is written in rows of its own after the run's
+    current step. The findings go to the run's summary (``gradmedic/findings``).
+    """
+
+    def __init__(self, target: Any):
+        self.target = target  # a Run, its bound ``log``, or ``wandb.log`` taken before ``wandb.init()``
+        self.queue: deque[dict[str, float]] = deque()
+        self._run: Any = None
+        self._open_row: int | None = None  # the run's step when our last record joined its open row
+
+    def run(self) -> Any:
+        if self._run is None:
+            run = self.target if callable(getattr(self.target, "define_metric", None)) else None
+            run = run or getattr(self.target, "__self__", None) or getattr(sys.modules.get("wandb"), "run", None)
+            if run is None or not callable(getattr(run, "define_metric", None)):
+                raise GradmedicError("log_to=wandb.log: no W&B run is active; call wandb.init() before training")
+            run.define_metric(WANDB_STEP, hidden=True)
+            run.define_metric(f"{PREFIX}/*", step_metric=WANDB_STEP)
+            self._run = run
+        return self._run
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.queue.append({**values, WANDB_STEP: step})
+
+    def tick(self) -> None:
+        if self.queue:
+            self._put(self.queue.popleft())
+
+    def text(self, name: str, text: str, step: int) -> None:
+        if name == "findings":
+            self.run().summary[tag(name)] = text
+
+    def close(self) -> None:
+        while self.queue:
+            self._put(self.queue.popleft())
+
+    def _put(self, record: dict[str, float]) -> None:
+        run = self.run()
+        now = getattr(run, "_local_step", None)  # the step of the run's open row, read without a round trip
+        if not isinstance(now, int):  # a W&B without it: one row per record, as W&B's own docs log a metric
+            run.log(record)
+            return
+        if now == self._open_row:  # our last record still waits in the open row: nobody committed since
+            run.log({}, commit=True)
+            now = run._local_step
+        run.log(record, commit=False)
+        self._open_row = now
+
+
+def _is_wandb(log_to: Any) -> bool:
+    """A W&B run, its ``log``, or ``wandb.log`` itself (checked by module name: wandb is never imported)."""
+    owner = getattr(log_to, "__self__", log_to)
+    return any(type(x).__module__.startswith("wandb.") or getattr(x, "__module__", None) == "wandb"
+               for x in (log_to, owner))
+
+
 def as_sink(log_to: Any) -> Sink | None:
     """The sink for ``Monitor(log_to=...)``; a clear error for anything else."""
     if log_to is None or isinstance(log_to, Sink):
         return log_to
+    if _is_wandb(log_to) and (callable(log_to) or callable(getattr(log_to, "log", None))):
+        return WandbSink(log_to)
     if callable(getattr(log_to, "add_scalar", None)) and callable(getattr(log_to, "add_text", None)):
         return WriterSink(log_to)
     if callable(log_to):
         return CallableSink(log_to)
-    raise bad_argument("log_to", "a TensorBoard SummaryWriter, a callable (step, metrics) such as wandb.log, or None",
+    raise bad_argument("log_to", "a TensorBoard SummaryWriter, a W&B run or wandb.log, a callable (step, metrics), "
+                       "or None",
                        log_to)

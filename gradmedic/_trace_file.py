@@ -132,6 +132,10 @@ def _read_document(zf: zipfile.ZipFile) -> dict[str, Any]:
         _mapping(meta["params"], "meta.params", _is_int, "integers")
     if "frozen" in meta:
         _names(meta["frozen"], "meta.frozen")
+    if "roles" in meta:  # read by the depth rules and the report
+        _mapping(meta["roles"], "meta.roles", lambda v: isinstance(v, str), "strings")
+    if "check" in meta:  # written by gm.check, read by the rules and gm.treat
+        _check_meta(meta["check"])
     _names(_field(doc, "layers", list), "layers")
     _names(_field(doc, "metrics", list), "metrics")
     _names(doc.setdefault("scalars", []), "scalars")
@@ -141,6 +145,18 @@ def _read_document(zf: zipfile.ZipFile) -> dict[str, Any]:
     for i, event in enumerate(_field(doc, "events", list)):
         _check_event(i, event)
     return doc
+
+
+def _check_meta(check: Any) -> None:
+    """meta.check: {"steps": int >= 0, "loss": str, "loss_from": str}, each optional."""
+    if not isinstance(check, dict):
+        raise _Bad(f"meta.check should be an object, not {_kind(check)}")
+    steps = check.get("steps", 0)
+    if not _is_int(steps) or steps < 0:
+        raise _Bad(f"meta.check.steps should be a non-negative integer, not {_kind(steps)}")
+    for key in ("loss", "loss_from"):
+        if key in check and not isinstance(check[key], str):
+            raise _Bad(f"meta.check.{key} should be a string, not {_kind(check[key])}")
 
 
 def _check_depth(doc: Any) -> None:

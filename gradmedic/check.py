@@ -24,6 +24,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
 from gradmedic._inputs import forward_loss, rebuild_optimizer, split_inputs
+from gradmedic._progress import progress
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.probes import SignalProbe, build_probes
@@ -115,7 +116,7 @@ def _gradients(loss: torch.Tensor, params: list[nn.Parameter],
                     for p, g in zip(params, found, strict=True)]
         loss.backward()
         return [p.grad for p in params]
-    except RuntimeError as error:
+    except Exception as error:  # a custom autograd Function's backward may raise anything (ValueError, ...)
         raise _backward_failed(error) from error
 
 
@@ -151,7 +152,8 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
     for p in work.parameters():
         p.grad = None
     opt = _optimizer_for(work, model, optimizer)
-    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor:
+    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor, \
+            progress("gm.check: training steps", steps + 1) as bar:
         for step in range(steps + 1):
             if step:
                 opt.step()
@@ -159,9 +161,10 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
             loss, how = forward_loss(work, args, kwargs, targets, loss_fn)
             try:
                 loss.backward()
-            except RuntimeError as error:
+            except Exception as error:  # not only RuntimeError: a custom backward raises what it likes
                 raise _backward_failed(error) from error
             monitor.step(loss)
+            bar.advance()
     return monitor, how
 
 

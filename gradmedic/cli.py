@@ -11,178 +11,17 @@ import argparse
 import contextlib
 import importlib.util
 import inspect
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gradmedic import _cli_commands as commands
+from gradmedic._cli_common import cannot_write, fail, make_console
+from gradmedic._verdict import reader_gone, run_command, with_verdict
+
 __all__ = ["main"]
-
-# Width given to tables when the output is not a terminal (a pipe, a file, CI logs): wide enough for
-# every row on one line, so that `gradmedic check ... | cat` (or grep) shows whole layer names; rich
-# would otherwise assume 80 columns and cut GPT-2's names to `transfor…`. COLUMNS, when set, still wins.
-PIPE_WIDTH = 10_000
-
-
-def _console(stderr: bool = False):
-    """A rich Console: the terminal's width on a terminal, PIPE_WIDTH when piped."""
-    import os
-
-    from gradmedic._rich import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
-
-
-def _demo(args: argparse.Namespace) -> int:
-
-    from gradmedic._errors import GradmedicError
-    from gradmedic.demo import run_demo
-
-    try:
-        run_demo(steps=args.steps, depth=args.depth, seed=args.seed, html=args.report, console=_console())
-    except GradmedicError as error:
-        return _fail(str(error))
-    except OSError as error:
-        return _fail(_cannot_write(args.report, error))
-    return 0
-
-
-def _lab_list(args: argparse.Namespace) -> int:
-    from gradmedic._rich import Table
-    from gradmedic.lab.suites import SUITES
-
-    if args.json:
-        print(json.dumps({name: {"description": s.description, "runs": len(s.configs), "seeds": list(s.seeds),
-                                 "experiments": [e.name for e in s.experiments]} for name, s in SUITES.items()},
-                         indent=2))
-        return 0
-    table = Table(title="gradmedic lab suites", title_justify="left")
-    for header in ("suite", "runs", "experiments", "description"):
-        table.add_column(header)
-    for name, suite in SUITES.items():
-        table.add_row(name, str(len(suite.configs)), ", ".join(e.name for e in suite.experiments), suite.description)
-    _console().print(table)
-    return 0
-
-
-def _lab_run(args: argparse.Namespace) -> int:
-    import time
-
-    from gradmedic._errors import GradmedicError
-    from gradmedic.lab.claims import group_results, judge
-    from gradmedic.lab.runner import run_suite
-    from gradmedic.lab.store import Store
-    from gradmedic.lab.suites import get_suite
-
-    console = _console(stderr=args.json)
-    try:
-        suite = get_suite(args.suite)
-        store = Store(args.db)
-        start = time.perf_counter()
-        summary = run_suite(suite, store, workers=args.workers, progress=not args.no_progress,
-                            backend=args.backend, address=args.address)
-        elapsed = time.perf_counter() - start
-        rows = _in_suite_order(suite.configs, store.results(suite.name))
-    except GradmedicError as error:
-        return _fail(str(error))
-    except KeyboardInterrupt:
-        try:
-            done = f"{len(Store(args.db).finished(args.suite))} finished runs of {args.suite!r} are saved in {args.db}"
-        except (GradmedicError, KeyboardInterrupt):
-            done = "nothing was lost that had finished"
-        print(f"gradmedic: interrupted; {done}. Run the same command again to resume.", file=sys.stderr)
-        return 130
-    verdicts = judge(group_results(rows))
-    if args.json:
-        print(json.dumps({"suite": suite.name, "runs": summary.total, "skipped": summary.skipped,
-                          "finished": summary.finished, "failed": [list(f) for f in summary.failed],
-                          "seconds": round(elapsed, 1),
-                          "claims": [{**vars(v), "summary": v.summary} for v in verdicts]}, indent=2))
-    else:
-        from gradmedic._rich import Table, Text
-
-        table = Table(title=f"Claims ({suite.name}, {len(rows)} runs)", title_justify="left", show_lines=True)
-        for header in ("claim", "verdict", "measured"):
-            table.add_column(header, overflow="fold")
-        style = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
-        for v in verdicts:
-            table.add_row(Text(v.claim), Text(v.summary, style=style.get(v.verdict, "")), Text(v.evidence))
-        console.print(table)
-        console.print(Text(f"{summary.finished} runs finished, {summary.skipped} already in {args.db}, "
-                           f"{len(summary.failed)} failed; {elapsed:.0f} s. HTML: gradmedic report {args.db} -o "
-                           "report.html"))
-    for name, error in summary.failed:
-        print(f"gradmedic: run failed: {name}: {error}", file=sys.stderr)
-    return 1 if summary.failed else 0
-
-
-def _in_suite_order(configs: list[dict[str, Any]], results) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(config, result) rows in the suite's own order (stored order, by key, for runs the suite no longer
-    has), so that the claims' evidence reads the same however the runs were scheduled or finished."""
-    from gradmedic.lab.store import run_key
-
-    position = {run_key(c): i for i, c in enumerate(configs)}
-    rows = [(c, r) for _, c, r, _ in results]
-    return sorted(rows, key=lambda row: position.get(run_key(row[0]), len(position)))
-
-
-def _lab_publish(args: argparse.Namespace) -> int:
-    from gradmedic._errors import GradmedicError
-    from gradmedic.lab.publish import publish
-
-    try:
-        publish(args.db, args.suite, args.files)
-    except GradmedicError as error:
-        return _fail(str(error))
-    except OSError as error:
-        return _fail(_cannot_write(error.filename, error))
-    print(f"Claims of suite {args.suite!r} from {args.db} written to {', '.join(args.files)}")
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from gradmedic._errors import GradmedicError
-    from gradmedic.report import report_page, suite_page, write_page
-
-    source = Path(args.source)
-    try:
-        if not source.is_file():
-            raise GradmedicError(f"no such file: {args.source} (give a lab database or a .gmtrace file)")
-        with source.open("rb") as handle:
-            magic = handle.read(16)
-        if magic.startswith(b"SQLite format 3"):
-            from gradmedic.lab.store import Store
-            from gradmedic.lab.suites import SUITES
-
-            store = Store(source)
-            suites = store.suites()
-            if not suites:
-                raise GradmedicError(f"{args.source} has no lab results yet; run gradmedic lab run SUITE --db "
-                                     f"{args.source}")
-            name = args.suite or (suites[0] if len(suites) == 1 else None)
-            if name is None or name not in suites:
-                raise GradmedicError(f"{args.source} holds suites {', '.join(suites)}; choose one with --suite")
-            rows = _in_suite_order(SUITES[name].configs if name in SUITES else [], store.results(name))
-            wall = sum(w for _, _, _, w in store.results(name))
-            page = suite_page(name, rows, SUITES[name].description if name in SUITES else "", wall)
-        elif magic.startswith(b"PK"):
-            import gradmedic as gm
-
-            trace = gm.Trace.load(source)
-            page = report_page(gm.diagnose(trace), title=f"gradmedic report: {source.name}")
-        else:
-            raise GradmedicError(f"{args.source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
-        out = write_page(page, args.output)
-    except GradmedicError as error:
-        return _fail(str(error))
-    except OSError as error:
-        return _fail(_cannot_write(args.output, error))
-    print(f"Report written to {out}")
-    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,25 +29,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"gradmedic: error: {message} (see {self.prog} --help)\n")
-
-
-def _fail(message: str) -> int:
-    print(f"gradmedic: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _cannot_write(path: Any, error: OSError) -> str:
-    """One line saying why ``path`` could not be written: a file where a folder of its path should be ("File
-    exists" alone did not say which), else the system's reason."""
-    target = Path(str(path))
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"cannot write {path}: {parent} is a file, not a folder; choose another path"
-            break
-    if target.is_dir():
-        return f"cannot write {path}: it is a folder; give a file name"
-    return f"cannot write {path}: {error.strerror or error}"
 
 
 def _load_factory(spec: str) -> Callable[[], Any]:
@@ -222,7 +42,9 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     if path.is_dir():
         raise GradmedicError(f"{path_text} is a folder: give a Python file and a function, FILE.py:FUNCTION")
     if not path.is_file():
-        raise GradmedicError(f"no such file: {path_text}")
+        from gradmedic._paths import not_a_file
+
+        raise GradmedicError(not_a_file(path_text, "give a Python file and a function, FILE.py:FUNCTION"))
     module_name = f"gradmedic_user_{abs(hash(str(path.resolve())))}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
@@ -256,31 +78,37 @@ def _check(args: argparse.Namespace) -> int:
                 case["model"], report, inputs=case["inputs"], targets=case.get("targets"),
                 loss_fn=case.get("loss_fn"), optimizer=case.get("optimizer"), verify_steps=args.treat)
     except GradmedicError as error:
-        return _fail(str(error))
+        return fail(str(error))
     except SystemExit as error:  # from the user's model: a check that did not run must not pass
-        return _fail(f"the model of {args.target} called sys.exit({error.code!r}) during the check")
+        return fail(f"the model of {args.target} called sys.exit({error.code!r}) during the check")
     if args.report:
         from gradmedic.report import report_page, write_page
 
         try:
             write_page(report_page(report, title=f"gradmedic check: {args.target}"), args.report)
+        except GradmedicError as error:  # no matplotlib: one line saying pip install 'gradmedic[report]'
+            return fail(str(error))
         except OSError as error:
-            return _fail(_cannot_write(args.report, error))
-    if args.json:
-        print(report.to_json())
-    else:
-        report.render(_console())
-        if args.report:
-            print(f"Report written to {args.report}")
-    if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
-        print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+            return fail(cannot_write(args.report, error))
+    code = 0
     if args.fail_on is not None:
         from gradmedic.diagnosis import SEVERITIES
 
         threshold = SEVERITIES.index(args.fail_on)
-        if any(f.rank >= threshold for f in report.findings):
-            return 1
-    return 0
+        code = 1 if any(f.rank >= threshold for f in report.findings) else 0
+    try:
+        if args.json:
+            print(report.to_json())
+        else:
+            report.render(make_console())
+            if args.report:
+                print(f"Report written to {args.report}")
+        if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
+            print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (| head): the verdict is still the exit status
+        return reader_gone(code)
+    return code
 
 
 @contextlib.contextmanager
@@ -359,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--report", metavar="PATH", default="gradmedic-demo.html",
                       help="HTML report path (default gradmedic-demo.html)")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=commands.demo)
     check = sub.add_parser("check", help="diagnose a model built by FILE.py:FUNCTION")
     check.add_argument("target", metavar="FILE.py:FUNCTION",
-                       help="FUNCTION() returns a dict with model, inputs, and optionally targets, loss_fn")
+                       help="FUNCTION() returns a dict with model, inputs, and optionally targets, loss_fn, "
+                            "optimizer (used by --steps and --treat)")
     check.add_argument("--steps", type=_non_negative, default=0, help="optimizer steps after the first look")
     check.add_argument("--json", action="store_true", help="print the report as JSON (Report.to_json())")
     check.add_argument("--fail-on", choices=("warning", "error"), default=None,
@@ -376,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     lab_list = lab_sub.add_parser("list", help="the suites and their experiments")
     lab_list.add_argument("--json", action="store_true")
-    lab_list.set_defaults(run=_lab_list)
+    lab_list.set_defaults(run=commands.lab_list)
     lab_run = lab_sub.add_parser("run", help="run a suite (resumes: finished runs are skipped)")
     lab_run.add_argument("suite", metavar="SUITE", help="a suite name (gradmedic lab list)")
     lab_run.add_argument("--workers", type=_positive, default=None, help="worker processes (default: CPU cores)")
@@ -388,18 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "default: a local Ray instance")
     lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
     lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    lab_run.set_defaults(run=_lab_run)
-    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into README/BENCHMARKS from a database")
+    lab_run.set_defaults(run=commands.lab_run)
+    lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into BENCHMARKS.md from a database")
     lab_pub.add_argument("db", metavar="DB", help="a lab database")
     lab_pub.add_argument("--suite", default="quick", help="which suite's results (default quick)")
-    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["README.md", "BENCHMARKS.md"],
-                         help="Markdown files with a claims section (default README.md BENCHMARKS.md)")
-    lab_pub.set_defaults(run=_lab_publish)
-    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace")
-    report.add_argument("source", metavar="DB|TRACE", help="a lab database or a .gmtrace file")
+    lab_pub.add_argument("files", nargs="*", metavar="FILE.md", default=["BENCHMARKS.md"],
+                         help="Markdown files with a claims section (default BENCHMARKS.md)")
+    lab_pub.set_defaults(run=commands.lab_publish)
+    report = sub.add_parser("report", help="an HTML report of a lab database or a saved trace; two or more traces: "
+                                           "side by side, the findings that differ first")
+    report.add_argument("source", metavar="DB|TRACE", nargs="+", help="a lab database or .gmtrace file(s)")
     report.add_argument("-o", "--output", required=True, metavar="report.html")
     report.add_argument("--suite", help="which suite, when the database holds several")
-    report.set_defaults(run=_report)
+    report.set_defaults(run=commands.report)
     return parser
 
 
@@ -407,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return args.run(args)
+        if argv is None and args.run is _check:  # the command itself: no verdict, no pass (gradmedic._verdict)
+            return with_verdict(lambda: run_command(args.run, args), f"gradmedic check {args.target}")
+        return run_command(args.run, args)
     except KeyboardInterrupt:  # Ctrl-C anywhere, start-up included: one line, the shell's 130
         print("gradmedic: interrupted", file=sys.stderr)
         return 130

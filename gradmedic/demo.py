@@ -20,10 +20,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradmedic as gm
+from gradmedic._progress import held
 from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, Table, TextColumn, TimeElapsedColumn
 from gradmedic.lab.tasks import digits
 from gradmedic.monitor import Monitor
 from gradmedic.report import plots, report_page, write_page
+from gradmedic.report.notebook import evidence_outcome
 
 __all__ = ["DemoResult", "run_demo", "sick_model"]
 
@@ -89,7 +91,20 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, steps: int,
 
 
 def run_demo(steps: int = 300, depth: int = 10, seed: int = 0, html: str | Path | None = "gradmedic-demo.html",
-             console=None) -> DemoResult:
+             console=None, threads: int | None = 1) -> DemoResult:
+    """``threads``: torch's intra-op threads for the demo (restored after). One, as the lab pins its runs: the
+    numbers are then the same on every machine, and on a small net many threads cost more than they give
+    (torch's default took 2-4 min where one thread takes about half a minute)."""
+    before_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(steps, depth, seed, html, console)
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def _run_demo(steps: int, depth: int, seed: int, html: str | Path | None, console) -> DemoResult:
     task = digits(seed)
     model = sick_model(depth, seed=seed)
     batch = 64
@@ -130,12 +145,15 @@ class _progress:
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=self.console, transient=True)
         self.bar.start()
+        self.held = held()  # gm.treat's verification bars stay off while this one is up
+        self.held.__enter__()
         task = self.bar.add_task("", total=self.total)
         return lambda: self.bar.update(task, advance=1)
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.held.__exit__(None, None, None)
 
 
 def _print(console, result: DemoResult) -> None:
@@ -158,8 +176,8 @@ def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) ->
     page.heading("Treatment")
     page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])
     if result.treatment.evidence:
-        page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "kept"),
-                   [(e.stage, f"{e.score:.3f}", "yes" if e.kept else "no") for e in result.treatment.evidence])
+        page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "outcome"),
+                   [(e.stage, f"{e.score:.3f}", evidence_outcome(e)) for e in result.treatment.evidence])
     if result.treatment.recipe:
         page.paragraph("Training recipe: " + ", ".join(result.treatment.recipe))
     page.heading("Before and after")

@@ -23,24 +23,31 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradmedic._arguments import check_arguments
+from gradmedic._budget import check_flush_every
 from gradmedic._compile import EagerWhileArmed
-from gradmedic._distributed import RankCombiner, active
-from gradmedic._errors import GradmedicError, GradmedicWarning, bad_argument, first_line
+from gradmedic._distributed import combiner_for
+from gradmedic._errors import GradmedicError, GradmedicWarning, first_line
+from gradmedic._lifecycle import NewModuleWatch, ParameterWatch, follow, release_when_dropped, weak_callback
+from gradmedic._live import LiveFindings, ask_where_nans_come_from
 from gradmedic._run_scalars import RunScalars
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
-from gradmedic.probes import PRESETS, LayerIndex, Probe, build_probes
-from gradmedic.probes.base import Chunk
+from gradmedic.probes import LayerIndex, Probe, build_probes
+from gradmedic.probes.base import Chunk, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
+
+
+def _tick(sink: Any) -> None:
+    sink.tick()
 
 
 class Monitor:
@@ -52,6 +59,11 @@ class Monitor:
     with probe instances of your own. ``log_to``: a TensorBoard ``SummaryWriter`` or a callable
     ``(step, metrics)`` (``wandb.log`` and ``mlflow.log_metrics`` work as they are) that receives the
     numbers at each flush.
+
+    While it trains, each scheduled flush diagnoses the trace so far: a finding that is new or worse is said once
+    (a ``GradmedicFindingWarning``, a text to ``log_to``, and ``on_finding(finding)``); ``live=False`` keeps quiet
+    until ``diagnose()``. ``scaler``: a ``torch.amp.GradScaler``, whose scale is recorded at every step (a
+    collapsing scale is how float16 overflow shows).
 
     Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
     DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
@@ -65,25 +77,8 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  preset: str = "standard", every: int | None = None, probes: list[Probe] | None = None,
                  flush_every: int = 100, log_to: Any = None, distributed: bool | None = None,
-                 rank_files: bool = False):
-        if not isinstance(model, nn.Module):
-            raise bad_argument("model", "a torch.nn.Module", model)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise bad_argument("optimizer", "a torch.optim.Optimizer or None", optimizer)
-        if preset not in PRESETS:
-            raise bad_argument("preset", f"one of {sorted(PRESETS)}", preset)
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise bad_argument("every", "a positive int or None", every)
-        if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
-            raise bad_argument("flush_every", "a positive int (steps between device-to-host copies)", flush_every)
-        if probes is not None and not all(isinstance(p, Probe) for p in probes):
-            raise bad_argument("probes", "a list of gradmedic probe instances", probes)
-        if not any(True for _ in model.parameters()):
-            raise bad_argument("model", "a module with parameters", type(model).__name__,
-                               "There is no gradient to watch in a model without parameters.")
-        if distributed not in (None, True, False):
-            raise bad_argument("distributed", "None (combine across ranks when a process group is initialised),"
-                               " True or False", distributed)
+                 rank_files: bool = False, on_finding: Any = None, live: bool = True, scaler: Any = None):
+        check_arguments(model, optimizer, preset, every, flush_every, probes, distributed, on_finding)
         self.model = model
         self.optimizer = optimizer
         self.flush_every = flush_every
@@ -92,12 +87,16 @@ class Monitor:
         self.layers = LayerIndex(model)  # wrappers (compile, DDP, FSDP) looked through
         self.probes: list[Probe] = list(probes) if probes is not None else build_probes(preset, every)
         self._warned: set[str] = set()
+        check_flush_every(flush_every, len(self.layers), [len(p.metrics) for p in self.probes],
+                          buffer_dtype(self.layers.device))  # before the buffers are made: one line, not torch's
         for probe in self.probes:
-            probe.on_failure = self._on_failure
+            probe.on_failure = weak_callback(self._on_failure)  # hooks hold probes: never the Monitor
             probe.attach(self.layers, flush_every + 1)
-        self._run = RunScalars(self._warn)  # loss and learning rate at every step
+        self._run = RunScalars(self._warn)  # loss, learning rate and loss scale at every step
+        self.scaler = scaler
+        self._live = LiveFindings(on_finding) if live else None
         self._trace = Trace(self._meta())
-        self._combiner = self._rank_combiner(distributed, rank_files)
+        self._combiner = combiner_for(self.layers, self.model, self._trace, distributed, rank_files)
         self._step = 0
         self._since_flush = 0
         self._armed: list[Probe] = []
@@ -106,20 +105,11 @@ class Monitor:
         self._eager = EagerWhileArmed()  # compiled code runs eagerly while hooks are armed
         self._closed = False
         self._paused = False  # inside paused(): no hook on the model
-        self._watch_new_modules()
+        self._module_watch = NewModuleWatch(self)  # a module added later: said once, not measured
+        # parameters replaced later are followed (gradmedic._lifecycle); not under torch.distributed
+        self._params_watch = ParameterWatch(self.layers) if self._combiner is None else None
+        self._finaliser = release_when_dropped(self)  # dropped without close(): the hooks come off
         self._arm(0)
-
-    def _rank_combiner(self, distributed: bool | None, rank_files: bool) -> Any:
-        """A RankCombiner when this process is one rank of several (and not told otherwise), else None."""
-        if distributed is False or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return None
-        if not active():
-            return None
-        combiner = RankCombiner(self.layers, type(self.model).__name__)
-        if combiner.rank != 0:
-            self._trace.rank_suffix = f".rank{combiner.rank}" if rank_files else ""
-        self._trace.meta["distributed"] = combiner.describe()
-        return combiner
 
     def _meta(self) -> dict[str, Any]:
         layers = self.layers
@@ -148,6 +138,7 @@ class Monitor:
         """Record this training step; call after ``loss.backward()``. ``loss`` is optional."""
         if self._closed:
             raise GradmedicError("Monitor.step() was called after close(); create a new Monitor to go on.")
+        self._follow_parameters()
         step = self._step
         for probe in self.probes:
             if id(probe) in self._recorded:
@@ -156,7 +147,7 @@ class Monitor:
                 self._safely(probe, probe.collect, step)
         self._recorded.clear()
         self._disarm(keep=step + 1)
-        self._run.record(step, loss, self.optimizer)
+        self._run.record(step, loss, self.optimizer, self.scaler)
         for probe in self.probes:
             if id(probe) not in self._prepared:
                 self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
@@ -165,6 +156,9 @@ class Monitor:
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
+            self._say_findings()
+        if self.sink is not None and self._writes:
+            self._to_sink(_tick)
         self._arm(self._step)
 
     def record_gradients(self) -> None:
@@ -176,6 +170,7 @@ class Monitor:
         """
         if self._closed:
             return
+        self._follow_parameters()
         step = self._step
         for probe in self.probes:
             if probe.uses_hooks or id(probe) in self._prepared:
@@ -274,6 +269,31 @@ class Monitor:
         if self.sink is not None and chunks and self._writes:
             self._to_sink(lambda sink: sink.write(list(chunks.values())))
         self._since_flush = 0
+        if "run" in chunks and not self._closed:
+            ask_where_nans_come_from(chunks["run"], self.probes, self._step)
+        try:
+            follow(self)  # every buffer is empty now: parameters replaced since are taken up
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("parameters", error, what="following replaced parameters", consequence="they are not measured")
+
+    def _follow_parameters(self) -> None:
+        """Parameters were registered on a watched module since the last look: flush (which follows them) before
+        measuring this step with the old ones. One attribute read per step otherwise."""
+        if self._params_watch is not None and self._params_watch.changed:
+            self.flush()
+
+    def _say_findings(self) -> None:
+        """Diagnose the trace so far and say what is new or worse (``_live``); rank 0 only under torch.distributed.
+        A failure here costs the live findings (one warning), never the user's step."""
+        if self._live is None or not self._writes:
+            return
+        try:
+            fresh = self._live.update(self._trace, self._step - 1)
+            if fresh and self.sink is not None:
+                self._to_sink(lambda sink: sink.text("findings", findings_text(fresh), self._step - 1))
+        except Exception as error:  # noqa: BLE001 - a monitor must never break training
+            self._warn("live", error, what="diagnosing the run while it trains", consequence="findings are said "
+                       "only at the end (monitor.diagnose())")
 
     @property
     def _writes(self) -> bool:
@@ -311,6 +331,7 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        self._finaliser.detach()
         try:
             self.flush()
         finally:  # whatever failed above, no hook of ours stays on the model
@@ -321,13 +342,15 @@ class Monitor:
                 except Exception as error:  # noqa: BLE001
                     self._warn(probe.name, error)
                     probe.remove_hooks()
-            self._unwatch_new_modules()
+            self._module_watch.remove()
+            if self._params_watch is not None:
+                self._params_watch.remove()
         if self.sink is not None and self._writes:
             self._to_sink(self._findings_to_sink)
 
     def _findings_to_sink(self, sink: Any) -> None:
         sink.text("findings", findings_text(self.diagnose().findings), max(self._step - 1, 0))
-        sink.flush()
+        sink.close()
 
     def diagnose(self):
         """Findings about the run so far: the same as ``gm.diagnose(monitor.trace)``."""
@@ -371,39 +394,3 @@ class Monitor:
         what = what or f"the {key!r} probe"
         warnings.warn(f"gradmedic: {what} failed ({type(error).__name__}: {first_line(error)}) and {consequence}; "
                       "your training step is unaffected.", GradmedicWarning, stacklevel=3)
-
-    # --- modules added later --------------------------------------------------------------------
-    def _watch_new_modules(self) -> None:
-        """Warn once when a submodule is added to (or replaced in) the model while this Monitor is open.
-        torch calls a global registration hook for every module assignment: no cost per step."""
-        this = weakref.ref(self)
-
-        def on_register(parent: nn.Module, name: str, module: nn.Module | None) -> None:
-            monitor = this()
-            if monitor is None or monitor._closed or module is None:
-                return
-            try:
-                monitor._on_new_module(parent, name, module)
-            except Exception:  # noqa: BLE001,S110 - a warning is not worth breaking the user's code
-                pass
-
-        register = getattr(nn.modules.module, "register_module_module_registration_hook", None)
-        self._module_hook = register(on_register) if register is not None else None
-        if self._module_hook is not None:  # a Monitor dropped without close() takes its hook along
-            weakref.finalize(self, self._module_hook.remove)
-
-    def _on_new_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
-        layers = self.layers
-        if id(parent) not in layers.row or id(module) in layers.row or "new module" in self._warned:
-            return
-        self._warned.add("new module")
-        parent_name = layers.names[layers.row[id(parent)]]
-        qualified = f"{parent_name}.{name}" if parent_name else name
-        warnings.warn(f"gradmedic: module {qualified!r} ({type(module).__name__}) was added to the model after the "
-                      "Monitor was created and is not measured; create the Monitor after changing the model "
-                      "(monitor.close(), then gm.Monitor(model, ...)).", GradmedicWarning, stacklevel=4)
-
-    def _unwatch_new_modules(self) -> None:
-        if getattr(self, "_module_hook", None) is not None:
-            self._module_hook.remove()
-            self._module_hook = None

@@ -12,14 +12,16 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gradmedic._display import html_of
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._files import write_atomic
+from gradmedic._terminal import csv_cell, printable
 from gradmedic._trace_file import FORMAT, MAX_TRACE_BYTES, VERSION, read_trace
 from gradmedic._trace_meta import TraceMeta
 from gradmedic.probes.base import Chunk
@@ -194,7 +196,9 @@ class Trace:
         return frame.dropna(how="all")
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write step, layer and one column per metric; rows with nothing measured are left out."""
+        """Write step, layer and one column per metric; rows with nothing measured are left out. A layer name that a
+        spreadsheet would run as a formula (``=...``) is written after a ``'`` (gradmedic._terminal.csv_cell)."""
+
         steps, layers, metrics, values = self._materialise()
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -204,8 +208,8 @@ class Trace:
                 row = values[s, j]
                 if np.all(np.isnan(row)):
                     continue
-                writer.writerow([int(step), layer, *("" if math.isnan(v) else repr(float(v)) for v in row)])
-        return _write_atomic(Path(path), buffer.getvalue().encode())
+                writer.writerow([int(step), csv_cell(layer), *("" if math.isnan(v) else repr(float(v)) for v in row)])
+        return write_atomic(path, buffer.getvalue().encode())
 
     def save(self, path: str | os.PathLike) -> Path | None:
         """Save to ``path`` (conventionally ``.gmtrace``): a zip of .npy arrays and trace.json.
@@ -237,7 +241,7 @@ class Trace:
                 out = io.BytesIO()
                 np.save(out, np.ascontiguousarray(array), allow_pickle=False)
                 zf.writestr(name, out.getvalue())
-        return _write_atomic(Path(path), buffer.getvalue())
+        return write_atomic(path, buffer.getvalue())  # whole or not at all, fsynced, never through a link
 
     @classmethod
     def load(cls, path: str | os.PathLike, max_bytes: int = MAX_TRACE_BYTES) -> Trace:
@@ -275,7 +279,9 @@ class Trace:
             if all(c == "" for c in cells):
                 continue
             # names come from the user's code (or a file): Text, never markup or emoji codes
-            table.add_row(Text(layer or "(model)"), Text(str(types.get(layer, ""))), *cells)
+            # and are shown with their control characters escaped (gradmedic._terminal)
+            table.add_row(Text(printable(layer, newlines=False) or "(model)"),
+                          Text(printable(str(types.get(layer, "")), newlines=False)), *cells)
         return table
 
     def summary(self) -> str:
@@ -285,23 +291,29 @@ class Trace:
         console = Console(file=io.StringIO(), width=120, color_system=None)
         steps = self.steps
         span = f"steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else "no steps"
-        console.print(Text(f"gradmedic trace of {self.meta.get('model', 'a model')}: {len(steps)} measured {span}"))
+        model = printable(str(self.meta.get("model", "a model")), newlines=False)
+        console.print(Text(f"gradmedic trace of {model}: {len(steps)} measured {span}"))
         if "loss" in self.scalar_names:
             loss_steps, loss = self.scalar("loss")
             console.print(f"loss {loss[0]:.4g} at step {loss_steps[0]} -> {loss[-1]:.4g} at step {loss_steps[-1]}")
         console.print(self.table())
         for e in self.events[:10]:
             if e.get("kind") == "nonfinite":
-                console.print(Text(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
-                                   f"{e['module']!r}"))
+                console.print(Text(printable(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
+                                             f"{e['module']!r}", newlines=False)))
         return console.file.getvalue()
 
     def __str__(self) -> str:
         return self.summary()
 
     def __repr__(self) -> str:
-        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics={self.metrics}, "
-                f"events={len(self.events)})")
+        metrics = ", ".join(self.metrics[:6]) + (f" and {len(self.metrics) - 6} more" if len(self.metrics) > 6 else "")
+        return (f"Trace(steps={len(self.steps)}, layers={len(self.layers)}, metrics=[{metrics}], "
+                f"events={len(self.events)}, model={self.meta.get('model', '?')!r})")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: span, figures and the folded per-layer table (``gm.diagnose(trace)`` for the findings)."""
+        return html_of(self)  # drawn by the report stage (gradmedic.report.notebook registers it)
 
 
 def _fmt(value: float | None, metric: str) -> str:
@@ -320,14 +332,3 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -72,7 +72,7 @@ def test_orthogonal_is_judged_on_the_jacobian_condition_number():
 def test_restart_claim_needs_a_run_that_stalled():
     alive = {"no restart": [result(0.9)] * 3, "re-draw on vanishing": [result(0.9, redraws=[])] * 3}
     v = verdict("redraw", alive)
-    assert v.verdict == "inconclusive" and "nothing to rescue" in v.why
+    assert v.verdict == "not tested at this budget" and "nothing to rescue" in v.why
     dead = {"no restart": [result(2.3), result(2.3), result(0.9)],
             "re-draw on vanishing": [result(1.0, redraws=[5]), result(1.2, redraws=[5, 20]), result(0.9, redraws=[])]}
     assert verdict("redraw", dead).verdict == "supported"
@@ -94,3 +94,26 @@ def test_missing_experiments_and_labels():
                                         (float("inf"), "diverged"), (None, "n/a")])
 def test_number_format(value, text):
     assert fmt(value) == text
+
+
+@pytest.mark.parametrize(("seeds", "agreeing", "wording"), [
+    (1, True, "the seed agrees"), (1, False, "the seed disagrees"),
+    (3, True, "all 3 seeds agree"), (3, False, "none of 3 seeds agrees")])
+def test_how_many_seeds_agree_reads_as_english(seeds, agreeing, wording):
+    # he's loss within CLEAR of the "trains" cut-off (1.15), below it (agrees) or above it (disagrees)
+    he = [result(0.5 * BASE / 1.1 if agreeing else 1.3)] * seeds
+    v = verdict("init_relu", {"he": he, "glorot": [result(2.3)] * seeds})
+    assert v.verdict == "inconclusive" and v.why.startswith(wording + ", but"), v.why
+    assert "no 1 seeds" not in v.why
+
+
+def test_a_suite_too_small_to_test_claims_says_so_instead_of_a_verdict():
+    from gradmedic.lab.suites import SUITES
+
+    assert not SUITES["smoke"].tests_claims and SUITES["quick"].tests_claims and SUITES["full"].tests_claims
+    rows = [({"experiment": "init_relu", "label": label, "seed": 0}, result(2.3)) for label in ("he", "glorot")]
+    (v,) = judge(group_results(rows), tests_claims=False)
+    assert v.verdict == "not tested at this budget" and v.summary.startswith("not tested at this budget (")
+    assert "he loss 2.3" in v.evidence  # the numbers are still shown
+    (v,) = judge(group_results(rows))
+    assert v.verdict == "not supported"

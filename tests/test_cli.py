@@ -130,7 +130,8 @@ def test_lab_run_smoke_json_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert (doc["runs"], doc["finished"], doc["failed"]) == (54, 54, [])
-    assert {c["verdict"] for c in doc["claims"]} <= {"supported", "not supported", "inconclusive", "not run"}
+    # smoke's budgets only run the code paths: no claim gets a verdict from them (was: 10 of 19 "not supported")
+    assert {c["verdict"] for c in doc["claims"]} == {"not tested at this budget"}
     assert len(doc["claims"]) == 19  # every claim but the copy task's and the 100-layer transformer's (full only)
     assert all(c["summary"].startswith(c["verdict"]) for c in doc["claims"])
     again = json.loads(run("lab", "run", "smoke", "--db", str(db), "--json").stdout)

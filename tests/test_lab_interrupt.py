@@ -173,7 +173,7 @@ def test_a_second_lab_run_on_the_same_database_is_refused_in_one_line(tmp_path):
 
 
 def test_results_and_claim_rows_do_not_depend_on_completion_order(tmp_path):
-    from gradmedic.cli import _in_suite_order
+    from gradmedic._cli_commands import in_suite_order as _in_suite_order
     from gradmedic.lab.suites import get_suite
 
     suite = get_suite("smoke")
@@ -188,3 +188,33 @@ def test_results_and_claim_rows_do_not_depend_on_completion_order(tmp_path):
     assert rows_a == rows_b
     ordered = _in_suite_order(suite.configs, rows_b)
     assert [run_key(c) for c, _ in ordered] == [run_key(c) for c in configs]
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["parent", "process-group"])
+def test_sigterm_stops_at_once_and_says_what_was_kept(tmp_path, group):
+    """SIGTERM is what systemd, Kubernetes and SLURM send first (to the main process, or to all of them): it
+    stops the suite as Ctrl-C does, without waiting for runs in flight, and says what was kept."""
+    proc, db = _start(tmp_path)
+    family: dict[int, str] = {}
+    try:
+        _wait_for(lambda: _saved(db) >= 2 and len(_workers(proc)) == 2, what="the short runs")
+        family = children_of(proc.pid)
+        time.sleep(0.5)  # the long runs are in flight now
+        sent = time.time()
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.time() - sent
+    finally:
+        _stop(proc, family)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert err.count("\n") == 1 and "terminated (SIGTERM); 2 finished runs of 'stop' are saved" in err, err
+    assert "Traceback" not in err and out == ""
+    assert took < 15, took  # a long run takes minutes: it was not waited for
+    assert _saved(db) == 2
+    deadline = time.time() + 5
+    while _alive(family) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _alive(family) == []

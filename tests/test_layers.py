@@ -15,22 +15,26 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gradmedic"
 # import order follows it except where a stage *uses* a later one's reading: the Monitor delivers findings as it
 # runs, so it sits above diagnosis (diagnosis reads only the trace). A module may import from its own floor and
 # from any floor below; a name matches its longest prefix here. "gradmedic" alone is the package's public API
-# (``gradmedic/__init__.py``), on which the lab, the reports, the integrations and the CLI build.
+# (``gradmedic/__init__.py``), on which the integrations and the CLI build; it sits above the lab and the reports
+# (which name the stages they read directly), and imports the report stage's notebook drawings.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gradmedic._errors", "gradmedic._tensors", "gradmedic._compile", "gradmedic._rich",
               "gradmedic._inputs", "gradmedic._terminal", "gradmedic._files", "gradmedic._progress",
+              "gradmedic._display", "gradmedic._startup", "gradmedic._paths", "gradmedic._verdict",
               "gradmedic.architecture")),
     ("probes", ("gradmedic.probes",)),
     ("trace", ("gradmedic._trace_file", "gradmedic._trace_meta", "gradmedic.trace")),
     ("diagnosis", ("gradmedic.diagnosis",)),
-    ("monitor", ("gradmedic._sinks", "gradmedic._distributed", "gradmedic._run_scalars", "gradmedic.monitor")),
+    ("monitor", ("gradmedic._sinks", "gradmedic._distributed", "gradmedic._run_scalars", "gradmedic._live",
+                 "gradmedic._arguments", "gradmedic._budget", "gradmedic._lifecycle", "gradmedic.monitor")),
     ("check", ("gradmedic.check",)),
     ("remedies", ("gradmedic.remedies",)),
-    ("api", ("gradmedic",)),
     ("lab", ("gradmedic.lab",)),
-    ("report", ("gradmedic.report", "gradmedic._notebook")),
+    ("report", ("gradmedic.report",)),
+    ("api", ("gradmedic",)),
     ("integrations", ("gradmedic.integrations",)),
-    ("entry", ("gradmedic.cli", "gradmedic._cli", "gradmedic.demo", "gradmedic.__main__")),
+    ("entry", ("gradmedic.cli", "gradmedic._cli_common", "gradmedic._cli_commands", "gradmedic.demo",
+               "gradmedic.__main__")),
 ]
 
 

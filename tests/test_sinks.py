@@ -159,6 +159,7 @@ def test_import_gradmedic_imports_no_framework():
     # (gradmedic.integrations.huggingface and .lightning import their framework: they subclass its callback)
     code = ("import sys, gradmedic, gradmedic.integrations, gradmedic.integrations.tensorboard, gradmedic.report; "
             "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning', 'tensorboard', "
-            "'torch.utils.tensorboard', 'wandb', 'accelerate') if m in sys.modules))")
+            "'torch.utils.tensorboard', 'wandb', 'mlflow', 'accelerate', 'rich', 'nbformat', 'IPython') if m in "
+            "sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -8,6 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gradmedic._display import html_of
+from gradmedic._terminal import printable
 from gradmedic.diagnosis.catalog import REMEDIES
 from gradmedic.diagnosis.context import Context
 from gradmedic.trace import Trace
@@ -64,6 +66,15 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
 
+    def __repr__(self) -> str:
+        """One screen at most: a finding's evidence can hold hundreds of numbers (``.evidence`` has them all)."""
+        message = self.message if len(self.message) <= 100 else self.message[:99] + "…"
+        return (f"Finding(severity={self.severity!r}, kind={self.kind!r}, layers=[{_few(self.layers)}], "
+                f"remedies={self.remedies[:4]!r}, message={message!r})")
+
+    def _repr_html_(self) -> str:
+        return html_of(self)  # drawn by the report stage (gradmedic.report.notebook registers it)
+
 
 class Report:
     """The findings about one model or run, worst first, with the trace they were read from."""
@@ -114,17 +125,23 @@ class Report:
             cells = [_fmt(row.get("backward_norm")), _fmt(row.get("grad_to_weight")),
                      _pct(row.get("saturated_frac")), _pct(row.get("dead_frac"))]
             # names come from the user's code: Text, never markup ("[/]" or "[red]" in a name is data)
-            table.add_row(Text(row["layer"] or "(model)"), Text(row["type"]), *cells,
+            table.add_row(Text(printable(row["layer"], newlines=False) or "(model)"),
+                          Text(printable(row["type"], newlines=False)), *cells,
                           ", ".join(where.get(row["layer"], [])))
         return table
 
-    def render(self, console=None, fit_table: bool = False) -> None:
+    def render(self, console=None, fit_table: bool = False, table: bool = True) -> None:
         """Print the table and the findings with their remedies (to ``console`` or stdout). ``fit_table``: the table
-        as wide as its rows need (whole layer names on one line), the findings at the console's width."""
+        as wide as its rows need (whole layer names on one line), the findings at the console's width.
+        ``table=False``: the verdict first, then the findings, no table (the end of a training run: a 32-layer
+        Llama's table is 330 rows, and the verdict under it scrolled out of sight)."""
         from gradmedic._rich import Console, Text  # rich on first use: `import gradmedic` stays light
 
         console = console or Console()
-        if self.trace is not None:
+        verdict = "healthy" if self.healthy else f"not healthy ({self.worst()})"
+        if not table:
+            console.print(f"[bold]gradmedic: {verdict}[/]: {len(self.findings)} finding(s)")
+        if self.trace is not None and table:
             table = self.table()
             width = console.width
             if fit_table:
@@ -136,16 +153,17 @@ class Report:
                 console.print(table)
             finally:
                 console.width = width
-        if not self.findings:
+        if not self.findings and table:
             console.print("[green]No findings: gradients flow.[/]")
         colour = {"info": "cyan", "warning": "yellow", "error": "red"}
         for f in self.findings:
-            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), f" {f.kind}: {f.message}"))
+            # a message names layers, which come from the user's code or a file: control characters escaped
+            console.print(Text.assemble((f.severity.upper(), colour[f.severity]), printable(f" {f.kind}: {f.message}")))
             if f.remedies:
                 fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
                 console.print(Text(f"    remedies: {fixes}"))
-        verdict = "healthy" if self.healthy else f"not healthy ({self.worst()})"
-        console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
+        if table:
+            console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
 
     def __str__(self) -> str:
         from gradmedic._rich import Console  # rich on first use: `import gradmedic` stays light
@@ -157,8 +175,18 @@ class Report:
         return console.file.getvalue()
 
     def __repr__(self) -> str:
-        kinds = ", ".join(f"{f.severity}:{f.kind}" for f in self.findings)
+        kinds = _few([f"{f.severity}:{f.kind}" for f in self.findings], 6)
         return f"Report(healthy={self.healthy}, findings=[{kinds}])"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the report page inline (verdict, findings with what to do, figures, the folded layer table)."""
+        return html_of(self)  # drawn by the report stage (gradmedic.report.notebook registers it)
+
+
+def _few(items: list[str], shown: int = 4) -> str:
+    """``a, b, c, d and 5 more``: a list in a repr that fits a line."""
+    head = ", ".join(x or "(model)" for x in items[:shown])
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 _ROW_METRICS = ("backward_norm", "backward_rms", "grad_norm", "grad_to_weight", "update_to_weight",

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradmedic._errors import GradmedicError
+from gradmedic._progress import progress
 from gradmedic._sinks import Sink, as_sink
 from gradmedic.report import report_page, write_page
 
@@ -18,6 +20,7 @@ __all__ = ["EndOfBackward", "OffsetSink", "finish_run"]
 
 TRACE_NAME = "gradmedic.gmtrace"
 REPORT_NAME = "gradmedic-report.html"
+TABLE_NAME = "gradmedic.txt"  # the per-layer table and the findings, as print(report) shows them
 
 
 class EndOfBackward:
@@ -78,25 +81,54 @@ class OffsetSink(Sink):
     def flush(self) -> None:
         self.inner.flush()
 
+    def tick(self) -> None:
+        self.inner.tick()
+
+    def close(self) -> None:
+        self.inner.close()
+
 
 def offset_sink(log_to: Any, offset: int) -> Sink | None:
     sink = as_sink(log_to)
     return OffsetSink(sink, offset) if sink is not None else None
 
 
-def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool, verbose: bool) -> Any:
-    """Close the monitor, diagnose the run, print the findings, save the trace (and the HTML report)."""
-    monitor.close()
-    result = monitor.diagnose()
-    if output_dir is not None:
-        out = Path(output_dir)
-        monitor.trace.save(out / TRACE_NAME)
-        if report:
+def _write_report(result: Any, path: Path) -> bool:
+    """The HTML report; without matplotlib one line says so, and the end of training goes on (was a traceback)."""
 
-            write_page(report_page(result, title="gradmedic report of the training run"), out / REPORT_NAME)
-    if verbose:
-        print(str(result), end="")
+    try:
+        write_page(report_page(result, title="gradmedic report of the training run"), path)
+    except GradmedicError as error:
+        print(f"gradmedic: no HTML report: {error}")
+        return False
+    return True
+
+
+def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool, verbose: bool) -> Any:
+    """Close the monitor, diagnose the run, save the trace, the per-layer table (and the HTML report), print the
+    verdict and the findings. The table is not printed: on a large model it ran to hundreds of rows with the
+    verdict on its last line; it is in ``gradmedic.txt`` and the report. A bar says what is happening while it
+    takes time (the Trainer's own bar has finished by then)."""
+    with progress("gradmedic: flushing the last measurements") as bar:
+        monitor.close()
+        bar.describe("gradmedic: diagnosing the run")
+        result = monitor.diagnose()
         if output_dir is not None:
-            print(f"gradmedic: trace saved to {Path(output_dir) / TRACE_NAME}"
-                  + (f", report {Path(output_dir) / REPORT_NAME}" if report else ""))
+            out = Path(output_dir)
+            bar.describe("gradmedic: saving the trace")
+            monitor.trace.save(out / TRACE_NAME)
+            (out / TABLE_NAME).write_text(str(result), encoding="utf-8")
+            if report:
+                report = _write_report(result, out / REPORT_NAME)
+    if verbose:
+        from gradmedic._rich import Console  # rich on first use: `import gradmedic` stays light
+
+        console = Console()
+        console.print()  # off the line the Trainer's progress bar ended on
+        result.render(console, table=False)
+        if output_dir is not None:
+            out = Path(output_dir)
+            console.print(f"gradmedic: trace saved to {out / TRACE_NAME}, per-layer table in {out / TABLE_NAME}"
+                          + (f", report {out / REPORT_NAME}" if report else f" (gradmedic report {out / TRACE_NAME} "
+                             "-o report.html for the figures)"), markup=False, highlight=False, soft_wrap=True)
     return result

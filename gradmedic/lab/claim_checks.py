@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from gradmedic.lab.rows import label_number
+
 __all__ = ["CHECKS", "LITERATURE", "PRECONDITIONS", "STALLS", "TRAINS", "Check"]
 
 TRAINS = 0.5  # "trains": final training loss below half the task's input-blind baseline
@@ -142,7 +144,7 @@ def _activations(v):
 
 
 def _depths(v, prefix):
-    return sorted((int(k.split("d=")[1]), r) for k, r in v.items() if k.startswith(prefix + " d="))
+    return sorted((label_number(k, "d="), r) for k, r in v.items() if k.startswith(prefix + " d="))
 
 
 def _deeper(v):
@@ -167,7 +169,7 @@ def _a_trains_b_stalls(good, bad):
 
 
 def _deepest_label(v, prefix):
-    rows = sorted((int(k.split("d=")[1]), k) for k in v if k.startswith(prefix + " d="))
+    rows = sorted((label_number(k, "d="), k) for k in v if k.startswith(prefix + " d="))
     return rows[-1][1] if rows else None
 
 
@@ -213,7 +215,7 @@ def _degradation(v):
 
 
 def _lengths(v, cell):
-    return sorted((int(k.split("T=")[1]), r) for k, r in v.items() if k.startswith(cell + " T="))
+    return sorted((label_number(k, "T="), r) for k, r in v.items() if k.startswith(cell + " T="))
 
 
 def _gated(v):
@@ -296,7 +298,7 @@ def _capacity(v):
 
 
 def _deepest(v, variant):
-    rows = sorted((int(k.split("d=")[1]), r) for k, r in v.items() if k.startswith(variant + " d="))
+    rows = sorted((label_number(k, "d="), r) for k, r in v.items() if k.startswith(variant + " d="))
     return rows[-1] if rows else (None, None)
 
 
@@ -311,7 +313,7 @@ def _pre_ln(v):
     # the layouts is whether learning starts at all
     out = [_learns(f"pre-LN d={d}", pre), _learns(f"post-LN + warmup d={d}", warm),
            _stalls(f"post-LN d={d} (no warmup)", post)]
-    shallow = sorted((int(k.split("d=")[1]), r) for k, r in v.items() if k.startswith("post d="))[0]
+    shallow = sorted((label_number(k, "d="), r) for k, r in v.items() if k.startswith("post d="))[0]
     if shallow[0] != d:
         out.append(_check(f"post-LN d={shallow[0]} loss", _loss(shallow[1])))
     return out + [_check(f"{k} loss", _loss(r)) for k, r in v.items() if k.endswith(f"d={d}")]

@@ -8,7 +8,10 @@ away from its cut-off (for a seed that disagrees: the check that fails is). The 
 - "supported" when every seed agrees and every seed is clear,
 - "not supported" when no seed agrees and every seed is clear,
 - "inconclusive" otherwise, saying why (the seeds disagree, or a number sits within ``CLEAR`` of its
-  cut-off), and "not run" when the suite lacks the experiment.
+  cut-off), and "not run" when the suite lacks the experiment;
+- "not tested at this budget" when the runs cannot test the claim: the claim's precondition is not met (no
+  run stalled, so there is nothing to rescue), or the suite's budgets are too small for any claim (``smoke``:
+  its numbers only show that every code path runs). A verdict from such runs would read as evidence.
 
 The evidence gives each number as its median over seeds with the [min, max] interval over seeds. Verdicts
 are computed from the stored results, never written by hand. "Trains" means the final training loss (mean
@@ -18,16 +21,20 @@ of the last 10% of steps) is below ``TRAINS`` x the task's input-blind baseline,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
+from gradmedic._errors import GradmedicError, first_line
 from gradmedic.lab.claim_checks import CHECKS, LITERATURE, PRECONDITIONS, Check
+from gradmedic.lab.rows import check_rows
 
-__all__ = ["CLAIMS", "CLEAR", "Check", "Claim", "Verdict", "fmt", "group_results", "judge"]
+__all__ = ["CLAIMS", "CLEAR", "NOT_TESTED", "Check", "Claim", "Verdict", "fmt", "group_results", "judge"]
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive", "not run"
+NOT_TESTED = "not tested at this budget"
 # A number within 25% of its cut-off is too close to call: the issue that introduced this rule saw a 30-layer
 # ReLU net's loss move from 1.39 to 1.75 between CPU kernels alone, and a verdict flip at 1.17 against 1.15.
 CLEAR = 1.25
@@ -40,7 +47,7 @@ View = dict[str, dict[str, Any]]  # label -> the result of one seed
 class Verdict:
     claim: str
     experiment: str
-    verdict: str  # SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE or NOT_RUN
+    verdict: str  # SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN or NOT_TESTED
     evidence: str  # every number: median [min, max] over seeds, with its cut-off
     agreement: str = ""  # "3/3 seeds" agree with the claim
     why: str = ""  # for an inconclusive verdict: what made it so
@@ -49,8 +56,8 @@ class Verdict:
     @property
     def summary(self) -> str:
         """The verdict as the table prints it: "supported, 3/3 seeds" or "inconclusive (seeds disagree: 2/3)"."""
-        if self.verdict == INCONCLUSIVE:
-            return f"{INCONCLUSIVE} ({self.why})"
+        if self.verdict in (INCONCLUSIVE, NOT_TESTED):
+            return f"{self.verdict} ({self.why})"
         if self.verdict == NOT_RUN:
             return NOT_RUN
         return f"{self.verdict}, {self.agreement}"
@@ -67,7 +74,9 @@ class Claim:
 
 
 def group_results(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Results:
-    """(config, result) pairs -> experiment -> label -> results, ordered by seed (each result gets its seed)."""
+    """(config, result) pairs -> experiment -> label -> results, ordered by seed (each result gets its seed).
+    A row without its experiment, label or seed is one GradmedicError line (``rows.check_rows``)."""
+    check_rows(rows)
     out: Results = {}
     for config, result in sorted(rows, key=lambda row: row[0].get("seed", 0)):
         out.setdefault(config["experiment"], {}).setdefault(config["label"], []).append(
@@ -127,11 +136,36 @@ def _seed_outcome(checks: list[Check]) -> tuple[bool, bool, Check | None]:
     return False, clear is not None, clear if clear is not None else failing[0]
 
 
-def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]]) -> Verdict:
+@contextmanager
+def _unreadable(claim: Claim, seed: int | None) -> Iterator[None]:
+    """A result that lacks a field a claim reads, or holds text where a number belongs (a database from
+    elsewhere), as one GradmedicError line naming the experiment, the seed and the field."""
+    try:
+        yield
+    except GradmedicError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as error:
+        what = f"has no field {error.args[0]!r}" if isinstance(error, KeyError) and error.args else \
+            f"holds something else than it reads ({type(error).__name__}: {first_line(error)})"
+        where = f"experiment {claim.experiment!r}" + ("" if seed is None else f", seed {seed}")
+        raise GradmedicError(f"a lab result ({where}) {what}, which the claim {claim.text[:60]!r} reads; rows "
+                             "written by gradmedic lab run always have it: delete the row (or rerun the suite "
+                             "into a new --db path).") from None
+
+
+def _agree_text(agree: int, n: int) -> str:
+    """"the seed agrees", "all 3 seeds agree", "none of 3 seeds agrees" (not "no 1 seeds agree")."""
+    if n == 1:
+        return "the seed agrees" if agree else "the seed disagrees"
+    return f"all {n} seeds agree" if agree else f"none of {n} seeds agrees"
+
+
+def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]], tests_claims: bool = True) -> Verdict:
     per_seed, outcomes = [], []
     views = _views(res)
     for seed, view in views:
-        checks = claim.checks(view)
+        with _unreadable(claim, seed):
+            checks = claim.checks(view)
         if checks:
             per_seed.append(checks)
             outcomes.append((seed, *_seed_outcome(checks)))
@@ -140,9 +174,12 @@ def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]]) -> Verdict:
         return base
     n, agree = len(outcomes), sum(o[1] for o in outcomes)
     evidence = _evidence(per_seed)
-    unmet = claim.precondition([v for _, v in views]) if claim.precondition else None
-    if unmet:
-        verdict, why = INCONCLUSIVE, unmet
+    with _unreadable(claim, None):
+        unmet = claim.precondition([v for _, v in views]) if claim.precondition else None
+    if not tests_claims:
+        verdict, why = NOT_TESTED, "this suite only runs the code paths; run the quick or full suite"
+    elif unmet:
+        verdict, why = NOT_TESTED, unmet
     elif 0 < agree < n:
         verdict, why = INCONCLUSIVE, f"seeds disagree: {agree}/{n} agree"
     else:
@@ -150,7 +187,7 @@ def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]]) -> Verdict:
         if unclear:
             seed, check = unclear[0]
             verdict = INCONCLUSIVE
-            why = (f"{'all' if agree else 'no'} {n} seeds agree, but {check.name} {fmt(check.value)} is within "
+            why = (f"{_agree_text(agree, n)}, but {check.name} {fmt(check.value)} is within "
                    f"{CLEAR}x of its cut-off {fmt(check.cutoff)} (seed {seed})")
         else:
             verdict, why = (SUPPORTED if agree else NOT_SUPPORTED), ""
@@ -190,6 +227,8 @@ CLAIMS: tuple[Claim, ...] = tuple(Claim(text, experiment, CHECKS[key], LITERATUR
 }.items())
 
 
-def judge(results: Results) -> list[Verdict]:
-    """A verdict for every claim whose experiment has results."""
-    return [judge_claim(claim, results[claim.experiment]) for claim in CLAIMS if results.get(claim.experiment)]
+def judge(results: Results, tests_claims: bool = True) -> list[Verdict]:
+    """A verdict for every claim whose experiment has results. ``tests_claims=False`` (a suite whose budgets
+    only exercise the code, ``Suite.tests_claims``): every claim is "not tested at this budget", with its numbers."""
+    return [judge_claim(claim, results[claim.experiment], tests_claims) for claim in CLAIMS
+            if results.get(claim.experiment)]

@@ -20,6 +20,7 @@ from typing import Any
 from gradmedic._errors import GradmedicError
 from gradmedic.lab.claims import group_results, judge
 from gradmedic.lab.store import Store
+from gradmedic.lab.suites import SUITES
 
 __all__ = ["BEGIN", "END", "claims_markdown", "publish"]
 
@@ -39,7 +40,8 @@ def _machines(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
 
 def claims_markdown(suite: str, rows: list[tuple[dict[str, Any], dict[str, Any]]], wall_s: float | None = None) -> str:
     """The claims table of one suite's results, with its provenance, as Markdown."""
-    verdicts = judge(group_results(rows))
+    # checks the rows first (rows.check_rows): every one has its seed
+    verdicts = judge(group_results(rows), SUITES[suite].tests_claims if suite in SUITES else True)
     seeds = sorted({c["seed"] for c, _ in rows})
     head = (f"From `gradmedic lab run {suite}`: {len(rows)} runs, seeds {seeds}"
             + (f", {wall_s:.0f} s of summed run wall time" if wall_s else "") + f". Machine: {_machines(rows)}. "
@@ -68,7 +70,7 @@ def publish(db: str | Path, suite: str, paths: list[str | Path]) -> str:
     """Rewrite the claims section of every file in ``paths`` from ``suite``'s results in ``db``."""
     if not Path(db).is_file():
         raise GradmedicError(f"no such lab database: {db} (run gradmedic lab run SUITE --db {db} first)")
-    store = Store(db)
+    store = Store(db, readonly=True)  # publishing reads the database, never changes it
     results = list(store.results(suite))
     if not results:
         raise GradmedicError(f"{db} has no results of suite {suite!r}; it holds: "

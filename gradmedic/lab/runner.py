@@ -9,7 +9,10 @@ Workers never outlive the parent: each asks the kernel for SIGKILL when its pare
 PR_SET_PDEATHSIG) and also watches its parent's pid from a thread (every platform), so a ``kill -9`` of
 ``gradmedic lab run`` leaves no idle worker behind. Ctrl-C is the parent's to handle: workers are
 started with SIGINT ignored; the parent keeps every result that had arrived, stops the workers at once
-and leaves the suite resumable. One suite at a time runs on a database (``Store.exclusive``).
+and leaves the suite resumable. SIGTERM, what systemd, Kubernetes and SLURM send before SIGKILL, is
+handled the same way (``Terminated``, a KeyboardInterrupt): without it the parent died at once, said
+nothing, and left multiprocessing's semaphores to its resource tracker. One suite at a time runs on a
+database (``Store.exclusive``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from gradmedic.lab.experiment import run_experiment
 from gradmedic.lab.store import Store, run_key
 from gradmedic.lab.suites import Suite
 
-__all__ = ["RunSummary", "run_suite"]
+__all__ = ["RunSummary", "Terminated", "run_suite"]
 
 _LABELS = ("experiment", "label")
 
@@ -42,6 +45,36 @@ _LABELS = ("experiment", "label")
 # How often a worker checks that its parent is alive where the kernel cannot tell it (not Linux): a
 # kill -9 of the parent leaves the workers idle for at most this long.
 PARENT_POLL_S = 0.5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the process running a suite: it stops as on Ctrl-C (see the module docstring). A
+    KeyboardInterrupt, so that every place that keeps what finished on Ctrl-C keeps it here too."""
+
+
+@dataclass
+class _SigtermSeen:
+    seen: bool = False
+
+
+@contextmanager
+def _sigterm_as_interrupt(state: _SigtermSeen) -> Iterator[None]:
+    """Raise ``Terminated`` in the main thread on SIGTERM while the block runs (and note it in ``state``);
+    the handler that was there before comes back after it (a second SIGTERM then acts as it did: by
+    default, at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        state.seen = True
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _init_worker(parent: int) -> None:
@@ -82,20 +115,22 @@ def _sigint_deferred() -> Iterator[None]:
     workers ignore Ctrl-C from their first instruction: no traceback from each of them while they import
     torch. The parent blocks SIGINT for that time as well, so a Ctrl-C is kept pending (Linux keeps a
     blocked signal pending even while it is ignored) and raised here, after the workers exist and can be
-    stopped. multiprocessing's resource tracker is started first: starting it unblocks SIGINT."""
+    stopped. multiprocessing's resource tracker is started first: starting it unblocks SIGINT. SIGTERM is
+    held back the same way (not ignored: the workers keep its default action)."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
     from multiprocessing import resource_tracker  # only where the process pool runs
 
     resource_tracker.ensure_running()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C is raised here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a pending Ctrl-C or SIGTERM is raised here
 
 
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -173,18 +208,23 @@ def _run_pending(suite: Suite, store: Store, pending: list[dict[str, Any]], work
 
     executor: Any = None
     interrupted = False
+    sigterm = _SigtermSeen()
     try:
-        with _sigint_deferred():  # the pool's processes (and multiprocessing's resource tracker) start here
-            executor = make_executor(backend, min(workers, len(pending)), address, initializer=_init_worker,
-                                     initargs=(os.getpid(),))
-            futures = {executor.submit(_run_one, c): c for c in pending}
-        with bar:
-            waiting = set(futures)
-            while waiting:
-                finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    keep(future)
+        with _sigterm_as_interrupt(sigterm):
+            with _sigint_deferred():  # the pool's processes (and multiprocessing's resource tracker) start here
+                executor = make_executor(backend, min(workers, len(pending)), address, initializer=_init_worker,
+                                         initargs=(os.getpid(),))
+                futures = {executor.submit(_run_one, c): c for c in pending}
+            with bar:
+                waiting = set(futures)
+                while waiting:
+                    finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        keep(future)
     except BrokenProcessPool:
+        if sigterm.seen:  # SIGTERM to the whole group: its workers died of it before our handler ran
+            interrupted = True
+            raise Terminated from None
         saved = summary.skipped + summary.finished
         raise GradmedicError(f"A lab worker process died during suite {suite.name!r}; {saved}"
                              f" of {summary.total} runs are saved in {store.path}. Run the same command again to "
@@ -214,6 +254,7 @@ class _Bar:
     def __init__(self, suite: Suite, total: int, enabled: bool):
         self.progress = None
         if enabled:
+            # rich on first use: `import gradmedic` stays light
             # rich on first use: `import gradmedic` stays light
             from gradmedic._rich import BarColumn, Console, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

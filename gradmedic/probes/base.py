@@ -135,6 +135,7 @@ class Probe:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise bad_argument("every", "a positive int (measure every k-th step)", every)
         self.every = every
+        self._also: set[int] = set()  # steps measured besides the schedule (also_at)
         self.failed = False
         self.on_failure: Callable[[Probe, BaseException], None] | None = None
         self._handles: list[Any] = []
@@ -146,7 +147,12 @@ class Probe:
 
     # --- schedule -------------------------------------------------------------------------------
     def should_compute(self, step: int) -> bool:
-        return not self.failed and step % self.every == 0
+        return not self.failed and (step % self.every == 0 or step in self._also)
+
+    def also_at(self, step: int) -> None:
+        """Measure at ``step`` too, off the schedule: the Monitor asks the NaN/Inf probe for the step after a
+        non-finite loss was seen, so that it says where the NaN comes from without waiting for its period."""
+        self._also = {s for s in self._also if s >= step} | {step}
 
     # --- life cycle (subclasses extend) ---------------------------------------------------------
     def attach(self, layers: LayerIndex, capacity: int) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradmedic._display import html_of
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import optimizer_defaults, rebuild_optimizer
 from gradmedic.check import check
@@ -81,6 +82,16 @@ class Treatment:
     def kept(self) -> list[Evidence]:
         """The verification runs of the stages that were kept (the untreated one first)."""
         return [e for e in self.evidence if e.kept]
+
+    def __repr__(self) -> str:
+        """Not the dataclass's: that one printed the whole treated model."""
+        kept = [e.stage for e in self.evidence if e.kept and e.stage != "untreated"]
+        return (f"Treatment(applied={[rid for rid, _, _ in self.applied]}, recipe={self.recipe}, "
+                f"skipped={[rid for rid, _ in self.skipped]}, trained={self.trained}"
+                + (f", verified_kept={kept}" if self.evidence else "") + ")")
+
+    def _repr_html_(self) -> str:
+        return html_of(self)  # drawn by the report stage (gradmedic.report.notebook registers it)
 
     def __str__(self) -> str:
         weights = f"weights treated as {'trained' if self.trained else 'fresh'} ({self.trained_reason})"

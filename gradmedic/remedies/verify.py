@@ -22,6 +22,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError, first_line
 from gradmedic._inputs import forward_loss, run_forward, split_inputs
+from gradmedic._progress import progress
 
 __all__ = ["VERIFY_MARGIN", "Evidence", "better", "loss_comparable", "loss_curve"]
 
@@ -93,21 +94,23 @@ def loss_curve(model: nn.Module, stage: str, inputs: Any, targets: Any, loss_fn:
     optimizer = make_optimizer(work)
     scheduler = schedule(optimizer) if schedule is not None else None
     evidence = Evidence(stage)
-    for x, y in _batches(inputs, targets, data, steps):
-        args, kwargs = split_inputs(x)
-        try:
-            loss, _ = forward_loss(work, args, kwargs, y, loss_fn)
-        except GradmedicError as error:
-            raise GradmedicError(f"Verification could not train the {stage} copy: {first_line(error)}") from error
-        if not torch.isfinite(loss):
-            evidence.losses.append(math.inf)
-            break
-        loss.backward()
-        if clip is not None:
-            clip([p for p in work.parameters() if p.grad is not None])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        evidence.losses.append(float(loss.detach()))
+    with progress(f"gm.treat: verifying {stage}", steps) as bar:
+        for x, y in _batches(inputs, targets, data, steps):
+            args, kwargs = split_inputs(x)
+            try:
+                loss, _ = forward_loss(work, args, kwargs, y, loss_fn)
+            except GradmedicError as error:
+                raise GradmedicError(f"Verification could not train the {stage} copy: {first_line(error)}") from error
+            if not torch.isfinite(loss):
+                evidence.losses.append(math.inf)
+                break
+            loss.backward()
+            if clip is not None:
+                clip([p for p in work.parameters() if p.grad is not None])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            evidence.losses.append(float(loss.detach()))
+            bar.advance()
     return evidence

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from gradmedic._files import write_atomic
+
 __all__ = ["Page", "write_page"]
 
 _CSS = """
@@ -24,6 +26,7 @@ td,th{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;display:block;margin:.6em 0}
 .supported{background:#dcf5dc}.not-supported{background:#fadcdc}.mixed,.inconclusive{background:#fff2cc}
+.not-tested-at-this-budget,.not-run{background:#eeeeee}
 .error{background:#fadcdc}.warning{background:#fff2cc}.info{background:#e8f0fe}
 .muted{color:#777;font-size:.85em}
 summary{cursor:pointer;font-weight:600;margin:.6em 0}
@@ -36,6 +39,15 @@ class Page:
     def __init__(self, title: str):
         self.title = title
         self._parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+
+    def lead(self, text: str, cls: str = "") -> None:
+        """A bold line right under the title (a verdict), whatever was added before it."""
+        cls = f' class="{html.escape(cls)}"' if cls else ""
+        self._parts.insert(1, f"<p{cls}><b>{html.escape(text)}</b></p>")
+
+    def body(self) -> list[str]:
+        """The parts after the title, as HTML (a notebook shows them under a heading of its own)."""
+        return list(self._parts[1:])
 
     def heading(self, text: str, level: int = 2) -> None:
         self._parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
@@ -77,13 +89,6 @@ class Page:
 
 
 def write_page(page: Page, path: str | os.PathLike) -> Path:
-    """Write atomically: an existing report is replaced whole or left as it was."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page.html(), encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """Write atomically and durably (``gradmedic._files.write_atomic``): an existing report is replaced whole
+    or left as it was, and a symbolic link planted at the path or beside it never redirects the write."""
+    return write_atomic(path, page.html().encode("utf-8"))

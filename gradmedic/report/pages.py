@@ -12,6 +12,7 @@ import numpy as np
 from gradmedic.architecture import block_index
 from gradmedic.diagnosis import REMEDIES
 from gradmedic.lab.claims import fmt, group_results, judge
+from gradmedic.lab.rows import check_report_rows
 from gradmedic.lab.suites import SUITES
 from gradmedic.remedies.treat import trial_order
 from gradmedic.report import plots
@@ -36,6 +37,7 @@ def _median_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | N
 def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]],
                description: str = "", wall_s: float | None = None) -> Page:
     """A lab suite: the claims table, then one section per experiment."""
+    check_report_rows(rows)  # a row from elsewhere is one line naming it, not a traceback from a figure
     page = Page(f"gradmedic lab: {suite_name}")
     if description:
         page.paragraph(description)
@@ -44,12 +46,12 @@ def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]
                    + ". Losses are the mean of the last 10% of training steps; 'ratio' is the first layer's "
                    "gradient norm over the last layer's.", muted=True)
     grouped = group_results(rows)
-    verdicts = judge(grouped)
+    suite = SUITES.get(suite_name)
+    verdicts = judge(grouped, suite.tests_claims if suite else True)
     page.heading("Claims")
     page.table(("claim", "experiment", "verdict", "measured"),
                [(v.claim, v.experiment, v.summary, v.evidence) for v in verdicts],
                [v.verdict.replace(" ", "-") for v in verdicts])
-    suite = SUITES.get(suite_name)
     for name, by_label in grouped.items():
         experiment = suite.experiment(name) if suite else None
         page.heading(experiment.title if experiment else name)
@@ -100,15 +102,19 @@ def _time_figures(page: Page, name: str, by_label: dict[str, list[dict[str, Any]
                     f"{name} gradient through time")
 
 
-def report_page(report, title: str = "gradmedic report") -> Page:
+def report_page(report, title: str = "gradmedic report", figures: bool = True) -> Page:
     """A diagnosis Report (from gm.check or gm.diagnose(trace)): findings first, then the figures, then the
-    per-layer table folded away (a 48-block transformer has some 340 rows)."""
+    per-layer table folded away (a 48-block transformer has some 340 rows). ``figures=False``: no matplotlib
+    needed."""
     page = Page(title)
     trace = report.trace
     if trace is not None:
         model = trace.meta.get("model", "model")
+        # a check's trace says preset "custom" (its own probes): that word is jargon to the reader, so it is left out
+        preset = trace.meta.get("preset", "?")
         page.paragraph(f"{model}: {len(trace.layers)} modules, {len(trace.steps)} recorded step(s), "
-                       f"preset {trace.meta.get('preset', '?')}, dtype {trace.meta.get('dtype', '?')}.", muted=True)
+                       + (f"preset {preset}, " if preset != "custom" else "")
+                       + f"dtype {trace.meta.get('dtype', '?')}.", muted=True)
     page.heading("Findings")
     if not report.findings:
         page.paragraph("No findings: the gradients look healthy.")
@@ -118,15 +124,21 @@ def report_page(report, title: str = "gradmedic report") -> Page:
                    [f.severity for f in report.findings])
     if trace is None:
         return page
-    _trace_figures(page, trace)
+    if figures:
+        trace_figures(page, trace)
     layer_rows = report.to_dict().get("layers", [])
     if layer_rows:
         columns = [c for c in ("backward_norm", "grad_norm", "grad_to_weight", "saturated_frac", "dead_frac")
                    if any(c in r for r in layer_rows)]
         page.heading("Per layer (last recorded step)")
+        shown = layer_rows[:TABLE_ROWS]
         page.table(("layer", "type", *columns),
-                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in layer_rows],
+                   [(r["layer"], r["type"], *(_num(r.get(c)) for c in columns)) for r in shown],
                    folded=f"{len(layer_rows)} layers: show the table")
+        if len(layer_rows) > len(shown):
+            left = len(layer_rows) - len(shown)
+            page.paragraph(f"The first {len(shown)} of {len(layer_rows)} layers are shown ({left} left out); "
+                           "Trace.to_csv() writes every one.", muted=True)
     return page
 
 
@@ -154,6 +166,11 @@ def _action(remedies: list[str]) -> str:
 
 
 _MAX_BARS = 60  # beyond this many layers a bar per layer is a comb: the per-role profile reads better
+# What a page can show, and so what a report draws, whatever the trace declares (a 0.94 MiB trace of 50,000 layers took
+# 54-184 s and 800 MiB: one matplotlib bar each). A 7.5-inch figure at 90 dpi is 675 px wide: 200 bars of 3 px.
+DRAWN_BARS = 200
+DRAWN_LINES = 20  # lines in one figure: a legend of more is unreadable, and the markers and colours repeat at 10
+TABLE_ROWS = 2000  # rows of the folded per-layer table; Trace.to_csv() has every layer
 _NOT_PROFILED = frozenset({"block", "activation", "embedding", "other"})
 
 
@@ -182,13 +199,31 @@ def role_lines(trace, metric: str) -> dict[str, tuple[list[int], list[float]]]:
     return lines
 
 
-def _trace_figures(page: Page, trace) -> None:
+def _bars_drawn(values: np.ndarray) -> np.ndarray:
+    """Indices of the layers given a bar: all of them up to DRAWN_BARS; beyond, evenly spaced through the depth, with
+    the smallest and the largest positive value always among them (where a vanishing or an explosion shows)."""
+    n = len(values)
+    if n <= DRAWN_BARS:
+        return np.arange(n)
+    picked = set(np.linspace(0, n - 1, DRAWN_BARS - 2).round().astype(int).tolist())
+    positive = np.where(values > 0, values, np.nan)
+    if np.isfinite(positive).any():
+        picked |= {int(np.nanargmin(positive)), int(np.nanargmax(positive))}
+    return np.asarray(sorted(picked))
+
+
+def trace_figures(page: Page, trace) -> None:
+    """The figures of one trace (the report page's, and a notebook's display of a Trace)."""
     page.heading("Figures")
     metric = "grad_norm" if "grad_norm" in trace.metrics else "backward_norm" if "backward_norm" in trace.metrics \
         else None
     quantity = "|dL/dW|" if metric == "grad_norm" else "|dL/d output|"
     if metric is not None:
         lines = role_lines(trace, metric)
+        if len(lines) > DRAWN_LINES:
+            page.paragraph(f"{len(lines)} roles across blocks: the first {DRAWN_LINES} are drawn "
+                           f"({len(lines) - DRAWN_LINES} left out).", muted=True)
+            lines = dict(list(lines.items())[:DRAWN_LINES])
         if lines:
             page.figure(plots.role_profile(lines, title="Gradient per role across blocks, last recorded step",
                                            quantity=quantity), "per-role depth profile")
@@ -202,16 +237,26 @@ def _trace_figures(page: Page, trace) -> None:
             page.figure(plots.gradient_heatmap(steps, layers, values, title="Gradient flow: layer x step",
                                                quantity=quantity), "gradient heatmap")
         if not lines or len(layers) <= _MAX_BARS:
-            page.figure(plots.layer_bars(layers, {f"step {int(steps[-1])}": list(values[-1])},
-                                         title="Gradient per layer, last recorded step", quantity=quantity),
+            picked = _bars_drawn(values[-1])
+            title = "Gradient per layer, last recorded step"
+            if len(picked) < len(layers):
+                title += (f" ({len(picked)} of {len(layers)} layers: evenly spaced, with the smallest and largest; "
+                          f"{len(layers) - len(picked)} left out)")
+            last = {f"step {int(steps[-1])}": list(values[-1][picked])}
+            page.figure(plots.layer_bars([layers[i] for i in picked], last, title=title, quantity=quantity),
                         "per-layer gradient bars")
     if "time_grad_rms" in trace.series_names:
         curves = {}
-        for layer, (steps, values) in trace.series("time_grad_rms").items():
+        series = trace.series("time_grad_rms")
+        for layer, (steps, values) in series.items():
             curves[f"{layer}, step {int(steps[0])}"] = list(values[0])
             if len(steps) > 1:
                 curves[f"{layer}, step {int(steps[-1])}"] = list(values[-1])
-        page.figure(plots.time_curves(curves, title="Gradient through time"), "per-time-step gradient")
+        title = "Gradient through time"
+        if len(curves) > DRAWN_LINES:
+            title += f" ({DRAWN_LINES} of {len(curves)} curves; {len(curves) - DRAWN_LINES} left out)"
+            curves = dict(list(curves.items())[:DRAWN_LINES])
+        page.figure(plots.time_curves(curves, title=title), "per-time-step gradient")
     if "loss" in trace.scalar_names:
         steps, loss = trace.scalar("loss")
         if len(steps) > 1:

@@ -16,6 +16,10 @@ from gradmedic._errors import GradmedicError
 __all__ = ["gradient_heatmap", "layer_bars", "loss_curves", "role_profile", "time_curves"]
 
 _MAX_LABELS = 40  # layer names shown on an axis; beyond that every k-th
+# the largest magnitude drawn (and 1 / it the smallest positive one): a value beyond is drawn at the limit. matplotlib
+# pads a log axis by a share of its decades and its tick locator rounds them, so 1e308 (a float64 trace read from a
+# file) overflowed to inf inside matplotlib (OverflowError). No model trains in a dtype past float32's 3.4e38.
+PLOT_LIMIT = 1e100
 
 
 def _pyplot():
@@ -60,6 +64,10 @@ def _short(name: str, width: int = 28) -> str:
 def _values(seq, positive: bool = False) -> np.ndarray:
     """Floats with None as NaN; with ``positive``, zeros and negatives too (they have no place on a log axis)."""
     y = np.array([np.nan if v is None else v for v in seq], dtype=float)
+    finite = np.isfinite(y)
+    tiny = finite & (y != 0) & (np.abs(y) < 1 / PLOT_LIMIT)
+    y = np.where(finite, np.clip(y, -PLOT_LIMIT, PLOT_LIMIT), y)  # PLOT_LIMIT: drawn at the limit
+    y = np.where(tiny, np.sign(y) / PLOT_LIMIT, y)
     return np.where(y > 0, y, np.nan) if positive else y
 
 
@@ -82,9 +90,9 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     """Layers (rows, input at the top) x steps (columns), colour = log10 of the gradient norm. A gradient of
     exactly zero has no logarithm: it is drawn black (and said so in the title), so that it does not read as the
     blank of a step that was not measured."""
+    plt = _pyplot()  # first: without matplotlib, its one-line message rather than an import traceback
     from matplotlib.colors import ListedColormap  # optional: the report extra
 
-    plt = _pyplot()
     raw = np.asarray(values, dtype=float).T  # (layers, steps)
     data = _positive_log(raw)
     height = min(9.0, 1.6 + 0.22 * len(layers))
@@ -97,7 +105,7 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
                   interpolation="nearest")
         title = f"{title or 'Gradient flow'} (black: exactly 0)"
     ax.set_xlabel("training step")
-    step_ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
+    step_ticks = np.arange(0, len(steps), _nice_stride(len(steps), 8))  # even gaps: 0 1 3 4 5 6 8 9 read as a bug
     ax.set_xticks(step_ticks, [str(int(steps[i])) for i in step_ticks])
     every = max(1, len(layers) // _MAX_LABELS + (len(layers) % _MAX_LABELS > 0))
     rows = list(range(0, len(layers), every))
@@ -105,6 +113,18 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     fig.colorbar(image, ax=ax, label=f"log10 {quantity}")
     ax.set_title(_plain(title or "Gradient flow"), fontsize=10)
     return fig
+
+
+def _nice_stride(n: int, most: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50... that puts at most ``most`` ticks on ``n`` columns."""
+    stride, scale = 1, 1
+    while -(-n // stride) > most:
+        for m in (1, 2, 5):
+            stride = m * scale
+            if -(-n // stride) <= most:
+                return stride
+        scale *= 10
+    return stride
 
 
 def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]], title: str = "",
@@ -191,4 +211,30 @@ def role_profile(lines: Mapping[str, tuple[Sequence[int], Sequence[float | None]
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # block indices: no 0.5 between blocks
     _finish(ax, "block (input → output)", quantity, title or "Gradient per role across blocks", legend=False)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the lines
+    return fig
+
+
+def run_profiles(profiles: Mapping[str, Mapping[str, float]], quantity: str = "|dL/dW|", title: str = ""):
+    """Several runs' last per-layer values (label -> {layer: value}), one line per run, log scale. Runs that share
+    their layer names are drawn against the names; runs of different models against relative depth (first layer
+    0, last 1), since no name matches."""
+    plt = _pyplot()
+    lasts = list(profiles.values())
+    same_layers = all(list(last) == list(lasts[0]) for last in lasts)
+    fig, ax = plt.subplots(figsize=(8.5, 3.6), layout="constrained")
+    markers = "osD^v<>ph*"
+    for i, (label, last) in enumerate(profiles.items()):
+        values = _values(list(last.values()), positive=True)
+        x = np.arange(len(values)) if same_layers else np.linspace(0.0, 1.0, max(len(values), 1))[: len(values)]
+        ax.plot(x, values, label=_plain(label), linewidth=1.4, marker=markers[i % len(markers)], markersize=3)
+    ax.set_yscale("log")
+    if same_layers and lasts:
+        layers = list(lasts[0])
+        every = max(1, -(-len(layers) // 25))
+        ax.set_xticks(np.arange(0, len(layers), every), [_short(layers[j], 18) for j in range(0, len(layers), every)],
+                      rotation=60, ha="right", fontsize=7)
+        xlabel = "layer (input → output)"
+    else:
+        xlabel = "relative depth (first layer 0, last 1): the runs' layers differ"
+    _finish(ax, xlabel, quantity, title or "Gradient per layer, last recorded step of each run")
     return fig

@@ -200,11 +200,27 @@ def vanishing_gradients(trace: Trace, ctx: Context) -> list[Finding]:
     else:
         message = (f"The gradient reaching '{hit[0]}' is {b[layers.index(hit[0])]:.1e} of that at the deepest "
                    f"layers and it learns {g[layers.index(hit[0])]:.1e} as fast: it vanishes through "
-                   f"{len(layers) - 1} layers{acts}; {len(hit)} layer(s) hardly learn.")
+                   f"{len(layers) - 1} layers{acts}; {len(hit)} layer(s) hardly learn.{_sigmoid_slope(trace, ctx)}")
     return [finding("vanishing_gradients", severity, hit, message,
                      {"step": step, "signal_ratio": float(b[0]), "grad_weight_ratio": float(g[0]),
                       "worst_ratio": worst, "steepest_drop_into": drop_at, "depth": len(layers),
                       "profile": unit}, ctx)]
+
+
+SIGMOID_MAX_SLOPE = 0.25  # sigma'(x) = sigma(x)(1 - sigma(x)) <= 1/4, at x = 0
+UNSATURATED = 0.1  # saturated fraction below the saturated_units rule's info level (rules.units.SATURATED_INFO)
+
+
+def _sigmoid_slope(trace: Trace, ctx: Context) -> str:
+    """Why a sigmoid net vanishes when none of its units saturate: a reader who sees no saturation finding
+    otherwise looks for another cause."""
+    if "Sigmoid" not in ctx.activations or "saturated_frac" not in trace.metrics:
+        return ""
+    saturated = [v for v in trace.last("saturated_frac").values() if math.isfinite(v)]
+    if saturated and max(saturated) >= UNSATURATED:
+        return ""
+    return (f" Sigmoid's slope is at most {SIGMOID_MAX_SLOPE} even where its units are not saturated, so each "
+            "layer passes back at most a quarter of the gradient.")
 
 
 def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
-from gradmedic.diagnosis.rules._common import depth_order, finding, latest, per_layer_share
+from gradmedic.diagnosis.rules._common import depth_order, finding, per_layer_share
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.diagnosis.rules.depth import zero_gradient
 from gradmedic.trace import Trace
@@ -23,26 +23,69 @@ UNDERFLOW_ERROR = 0.99
 
 
 def nonfinite(trace: Trace, ctx: Context) -> list[Finding]:
-    events = [e for e in trace.events if e.get("kind") == "nonfinite"]
+    """The first step at which anything was NaN or infinite: the loss (recorded at every step), a layer's gradient
+    at a measured step, or an output the NaN/Inf probe saw (which also names the module it was born in). Everything
+    after that step is poisoned, so the first one is what to look at."""
+    events = sorted((e for e in trace.events if e.get("kind") == "nonfinite"), key=lambda e: e["step"])
+    loss = _first_nonfinite_loss(trace)
+    grad = _first_nonfinite_gradient(trace)
+    firsts = [s for s in (loss[0] if loss else None, grad[0] if grad else None, events[0]["step"] if events else None)
+              if s is not None]
+    if not firsts:
+        return []
+    first_step = min(firsts)
+    evidence: dict = {"step": first_step}
+    said_loss = ""
+    if loss is not None:
+        evidence.update(loss_step=loss[0], loss_value=loss[1], nonfinite_losses=loss[2])
+        if loss[0] == first_step:
+            said_loss = f"The loss is {loss[1]} from step {loss[0]} ({loss[2]} non-finite loss(es) recorded). "
     if events:
-        first_step = min(e["step"] for e in events)
-        at = [e for e in events if e["step"] == first_step]
+        at = [e for e in events if e["step"] == events[0]["step"]]
         first = next((e for e in at if e["phase"] == "forward"), at[0])
         where = "output" if first["phase"] == "forward" else "output's gradient (in the backward pass)"
+        evidence.update(phase=first["phase"], value=first["value"], events=len(events), probe_step=first["step"])
         return [finding("nonfinite", "error", [first["module"]],
-                         f"The first {first['value'].upper()} appears in the {where} of '{first['module']}' "
-                         f"at step {first_step}; everything after it is poisoned.",
-                         {"step": first_step, "phase": first["phase"], "value": first["value"],
-                          "events": len(events)}, ctx)]
-    measured = latest(trace, "grad_norm")
-    if measured is None:
-        return []
-    step, norms = measured
-    bad = depth_order(trace, step, [k for k, v in norms.items() if not math.isfinite(v)])
-    if not bad:
-        return []
-    return [finding("nonfinite", "error", bad, f"The gradient of '{bad[0]}' is not finite at step {step}.",
-                     {"step": step}, ctx)]
+                        f"{said_loss}The first {first['value'].upper()} the NaN/Inf probe saw is in the {where} of "
+                        f"'{first['module']}' at step {first['step']}; everything after it is poisoned.",
+                        evidence, ctx)]
+    if grad is not None and grad[0] == first_step:
+        return [finding("nonfinite", "error", grad[1], f"{said_loss}The gradient of '{grad[1][0]}' is not finite at "
+                        f"step {grad[0]}.", {**evidence, "gradient_step": grad[0]}, ctx)]
+    layers = grad[1] if grad is not None else []
+    return [finding("nonfinite", "error", layers, f"{said_loss}No probe was measuring at that step to say which "
+                    "module made it: the NaN/Inf probe looks at the next step it runs (preset='full' or every=1 "
+                    "looks at every step).", evidence, ctx)]
+
+
+def _first_nonfinite_loss(trace: Trace) -> tuple[int, str, int] | None:
+    """(the first step whose loss is NaN or infinite, "NaN"/"inf"/"-inf", how many such steps), or None."""
+    if "loss" not in trace.scalar_names:
+        return None
+    steps, values = trace.scalar("loss")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size == 0:
+        return None
+    first = bad[np.argmin(steps[bad])]
+    return int(steps[first]), str(float(values[first])).replace("nan", "NaN"), int(bad.size)
+
+
+def _first_nonfinite_gradient(trace: Trace) -> tuple[int, list[str]] | None:
+    """(the first measured step at which some layer's gradient norm is not finite, those layers), or None."""
+    if "grad_norm" not in trace.metrics:
+        return None
+    grads = trace.metric("grad_norm")
+    # NaN in the grid means "not measured", and a NaN gradient norm is stored as NaN too: a layer whose weight norm
+    # was measured at the step (the probe writes both together) but whose gradient norm is NaN had a NaN gradient
+    measured = ~np.isnan(trace.metric("weight_norm")) if "weight_norm" in trace.metrics else np.zeros_like(grads, bool)
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(grads) | (measured & np.isnan(grads))
+    rows = np.flatnonzero(bad.any(axis=1))
+    if rows.size == 0:
+        return None
+    s = int(rows[0])
+    layers = [layer for j, layer in enumerate(trace.layers) if bad[s, j]]
+    return int(trace.steps[s]), depth_order(trace, int(trace.steps[s]), layers)
 
 
 def gradient_underflow(trace: Trace, ctx: Context) -> list[Finding]:
