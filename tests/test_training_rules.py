@@ -204,6 +204,12 @@ def test_update_too_large(last, want):
     assert _kinds(found) == want
 
 
+def test_update_ratios_of_the_first_steps_are_a_transient():
+    steps = np.arange(6)
+    grid = {"update_to_weight": {"fc1": np.full(6, 0.3), "fc2": np.full(6, 1e-3)}}  # Adam's first steps: +-lr each
+    assert opt_rules.update_too_large(_trace(None, grid, steps=steps), Context()) == []
+
+
 def _scale(values):
     return {"loss_scale": (np.arange(len(values)), np.asarray(values, dtype=float))}
 

@@ -33,6 +33,10 @@ EPS_SHARE_ERROR = 0.5
 # 0.15 before they diverge); at 1 or more a step is as large as the weights it changes.
 UPDATE_WARNING = 0.1
 UPDATE_ERROR = 1.0
+# The first steps are a transient, not a rate: Adam's first update moves every entry by about lr whatever the gradient
+# (m_hat / sqrt(v_hat) = +-1, Kingma & Ba 2015 sec. 3), and its v comes from a handful of batches (Liu et al. 2020,
+# RAdam: the adaptive rate's variance is large early). Ratios measured before this step are not judged.
+UPDATE_SETTLE = 10
 
 # --- float16 loss scale ------------------------------------------------------------------------------------------
 # torch.amp.GradScaler halves its scale at every step whose gradients overflow (and skips that step), and doubles it
@@ -83,7 +87,7 @@ def adam_epsilon(trace: Trace, ctx: Context) -> list[Finding]:
 def update_too_large(trace: Trace, ctx: Context) -> list[Finding]:
     """Layers whose latest update/weight ratio is UPDATE_WARNING or more."""
     measured = latest(trace, "update_to_weight")
-    if measured is None:
+    if measured is None or measured[0] < UPDATE_SETTLE:
         return []
     step, ratios = measured
     hit = depth_order(trace, step, [k for k, v in ratios.items() if v >= UPDATE_WARNING])
