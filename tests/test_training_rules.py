@@ -231,6 +231,13 @@ def test_loss_scale_collapse(values, want):
     assert _kinds(found) == want
 
 
+def test_a_collapsed_loss_scale_stays_beside_the_nan_it_came_with():
+    trace = _trace(None, scalars=_scale(BELOW_ONE))
+    trace.extend(Chunk(np.zeros(0, np.int64), [], [], np.zeros((0, 0, 0)), events=[
+        {"kind": "nonfinite", "step": 110, "module": "fc1", "phase": "forward", "value": "inf"}]))
+    assert {f.kind for f in gm.diagnose(trace).findings} == {"nonfinite", "loss_scale_collapse"}
+
+
 # --- mid-run equals the end cut there --------------------------------------------------------------------------------
 def test_diagnosis_mid_run_equals_the_end_cut_at_that_step():
     torch.manual_seed(0)

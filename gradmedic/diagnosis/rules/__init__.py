@@ -45,5 +45,6 @@ def run_rules(trace: Trace) -> tuple[list[Finding], Context]:
         findings += RULES[kind].read(trace, ctx)
     if any(f.kind == "nonfinite" for f in findings):
         # NaN poisons every ratio: the profile rules would only repeat it
-        findings = [f for f in findings if f.kind in ("nonfinite", "gradient_underflow")]
+        # (a float16 loss scale that collapsed says how the overflow went, and stays)
+        findings = [f for f in findings if f.kind in ("nonfinite", "gradient_underflow", "loss_scale_collapse")]
     return findings, ctx
