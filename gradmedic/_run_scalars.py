@@ -13,7 +13,8 @@ from gradmedic.probes.buffer import Chunk
 
 __all__ = ["SCALARS", "RunScalars"]
 
-# the run scalars by column: what ``Trace.scalar`` holds
+# the run scalars by column: what ``Trace.scalar`` holds. ``loss_scale``: a GradScaler's scale after its update at each
+# step (the Monitor's ``scaler=``), read by the rule loss_scale_collapse
 SCALARS = ("loss", "lr", "loss_scale")
 
 

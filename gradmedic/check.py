@@ -83,8 +83,12 @@ def _optimized_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> lis
                   if any(id(p) in held for p in module.parameters(recurse=False)))
 
 
+# the training-run probes read a run's trend and an optimizer's state over many steps: one look has neither
+_RUN_ONLY = ("output_logits", "adam")
+
+
 def _probes() -> list:
-    return [*build_probes("full"), SignalProbe()]
+    return [*(p for p in build_probes("full") if p.name not in _RUN_ONLY), SignalProbe()]
 
 
 def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, loss_fn: Callable | None,

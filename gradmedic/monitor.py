@@ -92,6 +92,8 @@ class Monitor:
         for probe in self.probes:
             probe.on_failure = weak_callback(self._on_failure)  # hooks hold probes: never the Monitor
             probe.attach(self.layers, flush_every + 1)
+            if optimizer is not None and hasattr(probe, "bind"):
+                probe.bind(optimizer)  # the optimizer's state probe reads the user's optimizer, not the first to step
         self._run = RunScalars(self._warn)  # loss, learning rate and loss scale at every step
         self.scaler = scaler
         self._live = LiveFindings(on_finding) if live else None

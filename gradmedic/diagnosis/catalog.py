@@ -75,6 +75,22 @@ _ALL = (
            "(LayerScale, 1e-5..1e-1 by depth)", "model", "Touvron et al. 2021"),
     Remedy("qk_norm", "normalise queries and keys (LayerNorm/RMSNorm before the dot product) so attention "
            "logits cannot grow without bound", "model", "Dehghani et al. 2023; Henry et al. 2020"),
+    # training-run failures (issue 26): the fixes the instability literature ranks
+    Remedy("z_loss", "add z-loss 1e-4 * logsumexp(logits)**2 to the loss, which pins the output softmax's log "
+           "partition near 0 so the output logits cannot drift", "training",
+           "Chowdhery et al. 2022 (PaLM); Wortsman et al. 2023"),
+    Remedy("lower_adam_epsilon", "lower Adam's eps (1e-8 -> 1e-15) so that layers whose gradient RMS is near eps "
+           "keep Adam's normalised step instead of SGD's tiny one", "training", "Wortsman et al. 2023"),
+    Remedy("lower_beta2", "lower Adam's beta2 (0.999 -> 0.95): v tracks a gradient that grows suddenly, so a "
+           "rare large gradient cannot make one huge step", "training",
+           "Zhai et al. 2023; Wortsman et al. 2023; Molybog et al. 2023"),
+    Remedy("weight_decay_exclusions", "use decoupled weight decay (AdamW) on the weight matrices and the output "
+           "head, not on biases, norms and embeddings", "training", "Loshchilov & Hutter 2019; Wortsman et al. 2023"),
+    Remedy("skip_and_rewind", "rewind to a checkpoint some 100 steps before the spike and skip the batches around "
+           "it", "training", "Chowdhery et al. 2022 (PaLM)"),
+    Remedy("loss_scale_floor", "find the layer whose float16 output overflows (gm.check, the NaN/Inf probe) and keep "
+           "it in float32, or train in bfloat16, instead of letting GradScaler halve its scale to nothing",
+           "training", "Micikevicius et al. 2018"),
     Remedy("accumulate", "accumulate gradients over micro-batches (a larger effective batch; does not fix "
            "vanishing)", "training", ""),
 )

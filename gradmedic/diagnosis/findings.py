@@ -28,6 +28,13 @@ KINDS: tuple[str, ...] = (
     "stalled_updates",
     "no_gradient",
     "untested_dynamics",
+    # while it trains (issue 26): the loss and the total gradient norm, the output logits, the optimizer's state
+    "loss_spike",
+    "divergence",
+    "output_logit_drift",
+    "adam_epsilon",
+    "update_too_large",
+    "loss_scale_collapse",
 )
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")

@@ -5,19 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from gradmedic.probes.activations import ActivationProbe
+from gradmedic.probes.adam import AdamStateProbe
 from gradmedic.probes.backward import BackwardSignalProbe
 from gradmedic.probes.base import Chunk, LayerIndex, Probe
 from gradmedic.probes.gradients import GradientProbe
 from gradmedic.probes.nonfinite import NonFiniteProbe
+from gradmedic.probes.output_logits import OutputLogitProbe
 from gradmedic.probes.signal import SignalProbe
 from gradmedic.probes.timesteps import TimeStepProbe
 
-__all__ = ["METRICS", "PRESETS", "PROBES", "SERIES", "ActivationProbe", "BackwardSignalProbe", "Chunk", "GradientProbe",
-           "LayerIndex", "NonFiniteProbe", "Probe", "SignalProbe", "TimeStepProbe", "build_probes"]
+__all__ = ["METRICS", "PRESETS", "PROBES", "SERIES", "ActivationProbe", "AdamStateProbe", "BackwardSignalProbe",
+           "Chunk", "GradientProbe", "LayerIndex", "NonFiniteProbe", "OutputLogitProbe", "Probe", "SignalProbe",
+           "TimeStepProbe", "build_probes"]
 
 PROBES: dict[str, type[Probe]] = {
     p.name: p for p in (GradientProbe, BackwardSignalProbe, ActivationProbe, TimeStepProbe, NonFiniteProbe,
-                       SignalProbe)
+                       SignalProbe, OutputLogitProbe, AdamStateProbe)
 }
 
 # every metric and series name a probe writes, declared once by the probe that writes it (``Probe.metrics``,
@@ -37,6 +40,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "activations": {"every": 100},
         "timesteps": {"every": 100},
         "nonfinite": {"every": 100},
+        "output_logits": {"every": 20},  # one logsumexp over the output at a measured step
+        "adam": {"every": 20},  # a few reductions of 4096 entries of Adam's v per tensor
     },
     "full": {
         "gradients": {"every": 1},  # zero fraction "auto": 16-bit weights or autocast
@@ -44,6 +49,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "activations": {"every": 1},
         "timesteps": {"every": 1, "horizon": True, "horizon_every": 10},  # the horizon: an extra backward
         "nonfinite": {"every": 1},
+        "output_logits": {"every": 1},
+        "adam": {"every": 1},
     },
 }
 

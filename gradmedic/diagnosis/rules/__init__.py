@@ -8,6 +8,9 @@ constants, each with where its number comes from) and its remedy ranking, regist
 - ``precision.py``: nonfinite, gradient_underflow
 - ``updates.py``: stalled_updates, no_gradient
 - ``dynamics.py``: untested_dynamics (what one look at init cannot show: a deep post-LN stack without warmup)
+- ``training.py``: loss_spike, divergence, output_logit_drift, and the jump of the total gradient norm that
+  ``exploding_gradients`` reports (the run's scalars and trends)
+- ``optimizer.py``: adam_epsilon, update_too_large, loss_scale_collapse (the optimizer's state)
 
 Depth profiles are read at the latest step that measured them, with layers in the order they first ran in the
 forward (``forward_index``), so a model defined in one order and called in another is read in depth order. The
@@ -20,7 +23,16 @@ from __future__ import annotations
 
 from gradmedic.diagnosis.context import Context, context_of
 from gradmedic.diagnosis.findings import KINDS, Finding
-from gradmedic.diagnosis.rules import depth, dynamics, precision, time, units, updates  # noqa: F401  (each registers its rules)
+from gradmedic.diagnosis.rules import (  # noqa: F401  (each registers its rules)
+    depth,
+    dynamics,
+    optimizer,
+    precision,
+    time,
+    training,
+    units,
+    updates,
+)
 from gradmedic.diagnosis.rules._registry import RULES, Rule, prescribe, register
 from gradmedic.trace import Trace
 
@@ -35,5 +47,6 @@ def run_rules(trace: Trace) -> tuple[list[Finding], Context]:
         findings += RULES[kind].read(trace, ctx)
     if any(f.kind == "nonfinite" for f in findings):
         # NaN poisons every ratio: the profile rules would only repeat it
-        findings = [f for f in findings if f.kind in ("nonfinite", "gradient_underflow")]
+        # (a float16 loss scale that collapsed says how the overflow went, and stays)
+        findings = [f for f in findings if f.kind in ("nonfinite", "gradient_underflow", "loss_scale_collapse")]
     return findings, ctx

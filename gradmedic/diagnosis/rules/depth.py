@@ -23,6 +23,7 @@ from gradmedic.diagnosis.findings import SEVERITIES, Finding
 from gradmedic.diagnosis.rules._common import depth_order, finding, latest, plain_blocks, severity_of
 from gradmedic.diagnosis.rules._path import floored, off_path, stream_under_head
 from gradmedic.diagnosis.rules._registry import Rule, register
+from gradmedic.diagnosis.rules.training import gradient_jump
 from gradmedic.trace import Trace
 
 __all__ = ["exploding_gradients", "vanishing_gradients", "zero_gradient"]
@@ -326,7 +327,8 @@ def exploding_gradients(trace: Trace, ctx: Context) -> list[Finding]:
                                       f"The total gradient norm grew {growth:.1e}x during training (from "
                                       f"{first:.1e} at step {int(trace.steps[measured[0]])}).",
                                       {"growth": growth, "first": float(first), "last": float(last)}, ctx))
-    return found
+    # a jump that may have fallen back since: the training rules read the norm's history (training.gradient_jump)
+    return found + gradient_jump(trace, ctx)
 
 
 # --- remedies, ranked --------------------------------------------------------------------------------
