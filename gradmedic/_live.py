@@ -32,7 +32,10 @@ class LiveFindings:
         self.report: Report | None = None  # the latest diagnosis
 
     def update(self, trace: Trace, step: int) -> list[Finding]:
-        self.report = diagnose(trace)
+        try:
+            self.report = diagnose(trace)
+        finally:
+            trace.release()  # the run's memory holds its trace, not a dense copy of it made for reading
         fresh = []
         for f in self.report.findings:
             key = (f.kind, f.layers[0] if f.layers else "")

@@ -169,6 +169,12 @@ class Trace:
         """Discrete happenings, e.g. the first module with a NaN: dicts with ``step`` and ``kind``."""
         return [e for c in self._chunks for e in c.events]
 
+    def release(self) -> None:
+        """Drop the dense steps x layers x metrics grid built for reading (it is built again on the next read): a
+        diagnosis mid-run reads it once per flush, and a long run would otherwise hold a grid its chunks already
+        hold, mostly NaN, until the next flush."""
+        self._cache = None
+
     def until(self, step: int) -> Trace:
         """The trace as it stood after ``step``: every measurement at a later step left out (grids, series, scalars,
         events). What a diagnosis mid-run saw, so that it can be compared with the end of the run cut there."""
