@@ -13,7 +13,8 @@ Roles (``role_of``):
 ``embedding``   token/position/patch embeddings
 ``block``       a residual block: the unit whose input and output lie on the residual stream
 ``attn_q``      attention query projection (``attn_k``, ``attn_v``, ``attn_qkv`` when fused, ``attn_out``)
-``attention``   ``nn.MultiheadAttention`` (it owns q/k/v as ``in_proj_weight``)
+``attention``   the module that computes attention weights: ``nn.MultiheadAttention`` (it owns q/k/v as
+                ``in_proj_weight``), and the innermost class named ``...Attention``/``...Attn`` (``is_attention``)
 ``mlp_in``      the first (expanding) projection of a block's MLP, ``mlp_out`` the last (projecting back)
 ``recurrent``   ``nn.RNN``/``LSTM``/``GRU`` and their cells
 ``conv``, ``linear``, ``other``
@@ -32,8 +33,8 @@ import re
 from torch import nn
 
 __all__ = ["ACTIVATION_KINDS", "ROLES", "WRAPPER_TYPES", "activation_kind", "block_index", "class_name",
-           "clean_name", "is_block", "is_norm", "model_kind", "own_parameters", "parametrization_parts", "role_of",
-           "roles", "stream_blocks", "unwrap"]
+           "clean_name", "is_attention", "is_block", "is_norm", "model_kind", "own_parameters", "parametrization_parts",
+           "role_of", "roles", "stream_blocks", "unwrap"]
 
 ROLES = ("activation", "norm", "embedding", "block", "attention", "attn_q", "attn_k", "attn_v", "attn_qkv",
          "attn_out", "mlp_in", "mlp_out", "recurrent", "conv", "linear", "other")
@@ -237,6 +238,26 @@ def _outermost(names: list[str]) -> list[str]:
     return outer
 
 
+# --- attention ------------------------------------------------------------------------------------------
+# The module whose forward turns queries and keys into attention weights: nn.MultiheadAttention, and the innermost
+# class named for it (GPT2Attention, LlamaAttention, BertSelfAttention, T5Attention, timm's Attention, nanoGPT's
+# CausalSelfAttention, a user's SelfAttn): one holding another (BertAttention, T5LayerSelfAttention) is a wrapper.
+_ATTENTION_CLASS = re.compile(r"(Attention|Attn)\d*$")
+
+
+def _names_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or bool(_ATTENTION_CLASS.search(type(module).__name__))
+
+
+def is_attention(module: nn.Module) -> bool:
+    """``nn.MultiheadAttention``, or the innermost module whose class is named ``...Attention``/``...Attn``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    if not _ATTENTION_CLASS.search(type(module).__name__) or is_norm(module):
+        return False
+    return not any(_names_attention(m) for m in module.modules() if m is not module)
+
+
 # --- attention and MLP projections, embeddings ---------------------------------------------------------
 # leaf attribute name -> role, as the zoos name them: Llama/Mistral/Qwen2/OPT/BART (q_proj, o_proj,
 # out_proj), BERT/RoBERTa/ViT/Swin (query, key, value), DistilBERT (q_lin, out_lin), T5 (q, k, v, o),
@@ -270,7 +291,7 @@ def role_of(name: str, module: nn.Module) -> str:
         return "activation"
     if is_norm(module):
         return "norm"
-    if isinstance(module, nn.MultiheadAttention):
+    if is_attention(module):
         return "attention"
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "recurrent"
