@@ -6,6 +6,7 @@ from typing import Any
 
 from gradmedic.probes.activations import ActivationProbe
 from gradmedic.probes.adam import AdamStateProbe
+from gradmedic.probes.attention import AttentionProbe
 from gradmedic.probes.backward import BackwardSignalProbe
 from gradmedic.probes.base import Chunk, LayerIndex, Probe
 from gradmedic.probes.gradients import GradientProbe
@@ -14,13 +15,13 @@ from gradmedic.probes.output_logits import OutputLogitProbe
 from gradmedic.probes.signal import SignalProbe
 from gradmedic.probes.timesteps import TimeStepProbe
 
-__all__ = ["METRICS", "PRESETS", "PROBES", "SERIES", "ActivationProbe", "AdamStateProbe", "BackwardSignalProbe",
-           "Chunk", "GradientProbe", "LayerIndex", "NonFiniteProbe", "OutputLogitProbe", "Probe", "SignalProbe",
-           "TimeStepProbe", "build_probes"]
+__all__ = ["METRICS", "PRESETS", "PROBES", "SERIES", "ActivationProbe", "AdamStateProbe", "AttentionProbe",
+           "BackwardSignalProbe", "Chunk", "GradientProbe", "LayerIndex", "NonFiniteProbe", "OutputLogitProbe", "Probe",
+           "SignalProbe", "TimeStepProbe", "build_probes"]
 
 PROBES: dict[str, type[Probe]] = {
     p.name: p for p in (GradientProbe, BackwardSignalProbe, ActivationProbe, TimeStepProbe, NonFiniteProbe,
-                       SignalProbe, OutputLogitProbe, AdamStateProbe)
+                       SignalProbe, OutputLogitProbe, AdamStateProbe, AttentionProbe)
 }
 
 # every metric and series name a probe writes, declared once by the probe that writes it (``Probe.metrics``,
@@ -42,6 +43,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "nonfinite": {"every": 100},
         "output_logits": {"every": 20},  # one logsumexp over the output at a measured step
         "adam": {"every": 20},  # a few reductions of 4096 entries of Adam's v per tensor
+        "attention": {"every": 20},  # hooks on attention modules only; a model without attention pays nothing
     },
     "full": {
         "gradients": {"every": 1},  # zero fraction "auto": 16-bit weights or autocast
@@ -51,6 +53,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "nonfinite": {"every": 1},
         "output_logits": {"every": 1},
         "adam": {"every": 1},
+        "attention": {"every": 1},
     },
 }
 
