@@ -35,6 +35,7 @@ KINDS: tuple[str, ...] = (
     "adam_epsilon",
     "update_too_large",
     "loss_scale_collapse",
+    "attention_logit_growth",
 )
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")

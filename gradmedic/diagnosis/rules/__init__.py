@@ -11,6 +11,7 @@ constants, each with where its number comes from) and its remedy ranking, regist
 - ``training.py``: loss_spike, divergence, output_logit_drift, and the jump of the total gradient norm that
   ``exploding_gradients`` reports (the run's scalars and trends)
 - ``optimizer.py``: adam_epsilon, update_too_large, loss_scale_collapse (the optimizer's state)
+- ``attention.py``: attention_logit_growth (with a forecast of when the max attention logit passes 1e4)
 
 Depth profiles are read at the latest step that measured them, with layers in the order they first ran in the
 forward (``forward_index``), so a model defined in one order and called in another is read in depth order. The
@@ -24,6 +25,7 @@ from __future__ import annotations
 from gradmedic.diagnosis.context import Context, context_of
 from gradmedic.diagnosis.findings import KINDS, Finding
 from gradmedic.diagnosis.rules import (  # noqa: F401  (each registers its rules)
+    attention,
     depth,
     dynamics,
     optimizer,
