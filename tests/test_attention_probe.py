@@ -318,3 +318,17 @@ def test_checkpointed_attention_is_read_once():
 def test_the_standard_preset_reads_attention_at_a_cadence_and_full_at_every_step():
     assert PRESETS["standard"]["attention"]["every"] >= 10
     assert PRESETS["full"]["attention"]["every"] == 1
+
+
+def test_float64_models_keep_their_precision_beside_a_float32_bound():
+    torch.manual_seed(8)
+    exact, bounded = Net(scale=3.0).double(), Net(sdpa=True).double()
+    both = nn.ModuleDict({"a": exact, "b": bounded})
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    mon = gm.Monitor(both, probes=[AttentionProbe()])
+    (exact(x).square().mean() + bounded(x).square().mean()).backward()
+    mon.step()
+    got, other = _reading(mon.trace, "a.attn"), _reading(mon.trace, "b.attn")
+    mon.close()
+    assert got["attn_logit_max"] == pytest.approx(_by_hand(*_qk(exact, x))[0], rel=1e-12)
+    assert other["attn_logit_max"] == pytest.approx(_by_hand(*_qk(bounded, x))[2], rel=1e-5)

@@ -111,6 +111,15 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """0-d tensors in one (calls,) tensor, in their promoted dtype: one kernel when they share one (the usual case),
+    a cast of the others where not (a float16 logit under autocast beside a float32 bound)."""
+    dtype = values[0].dtype
+    for v in values:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return torch.stack([v if v.dtype == dtype else v.to(dtype) for v in values])
+
+
 class AttentionProbe(Probe):
     name = "attention"
     # attn_logit_max: the largest logit over the batch, heads and positions (exact, or a bound where
@@ -121,7 +130,7 @@ class AttentionProbe(Probe):
     def attach(self, layers: LayerIndex, capacity: int) -> None:
         super().attach(layers, capacity)
         self._rows = [i for i, name in enumerate(layers.names) if layers.roles.get(name) == "attention"]
-        self._zero = torch.zeros((), device=self.device, dtype=self.dtype)  # the entropy sum of an SDPA call
+        self._zero = torch.zeros((), device=self.device)  # the entropy sum of an SDPA call
         self._calls: list[int] = []  # per call: the attention module's row
         self._logits: list[torch.Tensor] = []  # per call: its max logit (or bound), 0-d
         self._entropy: list[torch.Tensor] = []  # per call: sum over the rows of sum p log p, 0-d (0 for SDPA)
@@ -187,8 +196,8 @@ class AttentionProbe(Probe):
     # --- the readings ----------------------------------------------------------------------------------------
     def _keep(self, logit: torch.Tensor, entropy: torch.Tensor, rows: int, bound: int) -> None:
         self._calls.append(self._stack[-1])
-        self._logits.append(logit if logit.dtype == self.dtype else logit.to(self.dtype))
-        self._entropy.append(entropy if entropy.dtype == self.dtype else entropy.to(self.dtype))
+        self._logits.append(logit)  # in the model's precision: cast once per stack at the collect (_stack)
+        self._entropy.append(entropy)
         self._attention_rows.append(rows)
         self._bound.append(bound)
 
@@ -215,13 +224,14 @@ class AttentionProbe(Probe):
             return
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         # the largest query and key norms of each sample and head: (..., heads)
-        qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=torch.float32).amax(-1)
-        kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=torch.float32).amax(-1)
+        wide = torch.float32 if q.dtype.itemsize < 4 else None  # a float16 norm overflows past 256 per entry
+        qn = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=wide).amax(-1)
+        kn = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=wide).amax(-1)
         if q.dim() >= 3 and qn.shape[-1] != kn.shape[-1] and kn.shape[-1] > 0:
             kn = kn.repeat_interleave(qn.shape[-1] // kn.shape[-1], dim=-1)  # grouped-query attention
         bound = (qn * kn).amax() * scale
         if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.numel():
-            bound = bound + mask.detach().amax().float()  # added to every logit: the largest entry bounds it
+            bound = bound + mask.detach().amax().to(bound.dtype)  # added to every logit: the largest entry bounds it
         self._keep(bound, self._zero, 0, 1)
 
     def collect(self, step: int) -> None:
@@ -232,7 +242,7 @@ class AttentionProbe(Probe):
             return
         if self._calls:
             layout = (tuple(self._calls), tuple(self._attention_rows), tuple(self._bound))
-            self.defer(self.buffer.open(step), layout, torch.stack(self._logits), torch.stack(self._entropy))
+            self.defer(self.buffer.open(step), layout, _stack(self._logits), _stack(self._entropy))
         self._clear()
 
     def finish(self, layout: tuple[tuple[int, ...], ...], slots: torch.Tensor, logits: torch.Tensor,
