@@ -7,7 +7,7 @@ Every variant runs its own copy of the same model; the variants take one step ea
 again (as ``benchmarks/overhead.py`` does), and a cell is the median over repeats of (variant time / plain time in the
 same repeat), with the min-max over repeats beside it. Ratios only: no timed assertion anywhere.
 
-    OMP_NUM_THREADS=1 python benchmarks/attention_overhead.py [--repeats 7] [--steps 20]
+    OMP_NUM_THREADS=1 python benchmarks/attention_overhead.py [--repeats 7] [--steps 20] [--attention sdpa]
 """
 
 from __future__ import annotations
@@ -100,12 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--attention", nargs="+", default=["eager", "sdpa"], help="attn_implementation(s) to time")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); median (min-max) of variant / plain over "
           f"{args.repeats} repeats of {args.steps} interleaved steps")
     print("| attention | plain ms/step | " + " | ".join(VARIANTS[1:]) + " |")
     print("|---|---|" + "---|" * (len(VARIANTS) - 1))
-    for implementation in ("eager", "sdpa"):
+    for implementation in args.attention:
         r = measure(implementation, args.repeats, args.steps)
         cells = [f"{statistics.median(r[v]):.3f} ({min(r[v]):.2f}-{max(r[v]):.2f})" for v in VARIANTS[1:]]
         print(f"| {implementation} | {statistics.median(r['_plain_ms']):.0f} | " + " | ".join(cells) + " |", flush=True)
