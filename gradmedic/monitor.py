@@ -53,8 +53,9 @@ def _tick(sink: Any) -> None:
 class Monitor:
     """Watch gradients through a training run.
 
-    ``preset``: ``"cheap"`` (gradient norms every 50 steps), ``"standard"`` (default: gradients and
-    backward signal every 20 steps, activations, time steps and NaN/Inf every 100) or ``"full"``
+    ``preset``: ``"cheap"`` (gradient norms every 50 steps), ``"standard"`` (default: gradients,
+    backward signal, attention logits, output logits and Adam's state every 20 steps; activations, time steps and
+    NaN/Inf every 100; the loss at every step) or ``"full"``
     (everything, every step). ``every`` overrides every probe's period; ``probes`` replaces the preset
     with probe instances of your own. ``log_to``: a TensorBoard ``SummaryWriter`` or a callable
     ``(step, metrics)`` (``wandb.log`` and ``mlflow.log_metrics`` work as they are) that receives the
