@@ -195,8 +195,9 @@ NOTES = """Reading the table:
 - "right kind": the expected kind or one of the run's `also` kinds (tests/training_runs.py). The float16 runs
   count gradient_underflow as right (it names the float16 setting) though their loss diverges from attention-logit
   growth, as in float32.
-- Kinds the current gradmedic does not have (loss_spike, divergence, loss_stall, attention_logit_growth,
-  output_logit_drift, adam_epsilon, loss_scale_collapse) cannot be named; the table is the baseline to beat.
+- The first warning is read from the trace cut every 10 steps (what a diagnosis at a flush every 10 steps says):
+  a sudden failure (a NaN, an lr spike) is named with its own step in the finding, but shows in this column at
+  the next cut after it. `loss_stall` has no kind yet (the post-LN run is named by vanishing_gradients).
 - avx512 was not checked: the machine that ran this has no AVX-512 (ATEN_CPU_CAPABILITY=avx512 dies with SIGILL)."""
 
 
