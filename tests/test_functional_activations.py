@@ -77,3 +77,19 @@ def test_dead_units_behind_a_functional_relu_are_found_at_their_layer_and_recycl
     assert masks[model.layers[2]].float().mean() > 0.9
     treated = gm.treat(model, report, inputs=x, targets=torch.randint(0, 4, (128,)), verify_steps=20, trained=True)
     assert [name for name, *_ in treated.applied] == ["recycle_dormant"] and treated.report.healthy
+
+
+def test_a_smooth_activation_of_another_library_is_not_read_through_its_formula():
+    """transformers' NewGELUActivation computes 0.5 x (1 + tanh(...)): its torch.tanh is part of GELU's formula, not a
+    layer of saturating units. It read 83% saturated (an error, swap_activation first) on a Phi model at a hot lr."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), NewGELUActivation(), nn.Linear(32, 2))
+    x = torch.randn(64, 8) * 50  # large pre-activations: the tanh inside GELU is at +-1 for most units
+    inner = torch.tanh(0.7978845608 * (model[0](x) + 0.044715 * model[0](x) ** 3))
+    assert (inner.abs() > 0.975).float().mean() > 0.5  # independent: the formula's tanh is saturated
+    report = gm.check(model, x)
+    assert not report.of_kind("saturated_units"), repr(report)
+    assert "1" in report.trace.last("act_std")  # the GELU is still measured, as a smooth activation (mean, std)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from gradmedic.architecture import activation_kind
+
 __all__ = ["CALLS_FUNCTIONAL", "CHANNELS_FIRST", "DEAD_FULL_SAMPLES", "DEAD_MARGIN", "SATURATED_DERIVATIVE", "Family",
            "FunctionalWatch", "activation_family", "dead_margin", "tally"]
 
@@ -120,7 +122,9 @@ def activation_family(module: nn.Module) -> Family | None:
                          (nn.Hardsigmoid, HARDSIGMOID)):
         if isinstance(module, kind):
             return family
-    if isinstance(module, _OTHER_TYPES):
+    # a smooth activation of another library (transformers' NewGELUActivation, timm's GELUTanhApprox), known to the
+    # one table of module classes: its own forward's torch.tanh is part of GELU's formula, not a saturating unit
+    if isinstance(module, _OTHER_TYPES) or activation_kind(module) == "smooth":
         return OTHER
     return None
 
