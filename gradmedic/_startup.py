@@ -9,10 +9,14 @@ gets its KeyboardInterrupt as before. Standard library only: this runs before an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
-__all__ = ["interrupted_while_importing"]
+__all__ = ["interrupted_while_importing", "interrupt_ends_the_command"]
 
 _SCRIPT_NAMES = ("gradmedic", "gradmedic.exe", "gradmedic-script.py")
 
@@ -32,3 +36,23 @@ def interrupted_while_importing() -> None:
             print("gradmedic: interrupted", file=sys.stderr, flush=True)
         finally:
             raise SystemExit(130)
+
+
+@contextlib.contextmanager
+def interrupt_ends_the_command() -> Iterator[None]:
+    """While the gradmedic command imports torch, Ctrl-C ends it at once with one line and 130: a KeyboardInterrupt
+    raised inside an import can be swallowed by a library's bare ``except`` (the command then went on and passed,
+    exit 0, as if never interrupted). Any other program keeps its own handler; the previous one is put back after."""
+    if not _is_the_command() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def end(_signum: int, _frame: object) -> None:
+        os.write(2, b"gradmedic: interrupted\n")
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, end)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
