@@ -82,7 +82,7 @@ def test_dead_units_behind_a_functional_relu_are_found_at_their_layer_and_recycl
 def test_a_smooth_activation_of_another_library_is_not_read_through_its_formula():
     """transformers' NewGELUActivation computes 0.5 x (1 + tanh(...)): its torch.tanh is part of GELU's formula, not a
     layer of saturating units. It read 83% saturated (an error, swap_activation first) on a Phi model at a hot lr."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.activations import NewGELUActivation
 
     torch.manual_seed(0)
