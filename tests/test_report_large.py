@@ -1,5 +1,5 @@
 """A 48-block transformer's report: findings first, then the per-role depth profile (one line per role,
-block index on the x axis) inside the first screen, the 388-row table folded in <details>; an action in
+block index on the x axis) inside the first screen, the 340-row table folded in <details>; an action in
 "what to do". Rendered by headless Chromium: the figure's box measured in the laid-out page, and the
 screenshot's first screen shown to hold a multi-line plot."""
 
@@ -45,8 +45,10 @@ def test_page_order_and_folded_table(report, tmp_path):
     findings, figure = text.index("<h2>Findings</h2>"), text.index('alt="per-role depth profile"')
     details = text.index("<details><summary>")
     assert findings < figure < details
-    assert text.count("<tr>", details) >= 388  # every layer is still there, folded
-    assert "per-layer gradient bars" not in text  # no 388-bar comb
+    rows = report.to_dict()["layers"]
+    assert len(rows) >= 48 * 7  # every block's norms and projections, the blocks, the embeddings and the head
+    assert text.count("<tr>", details) == len(rows) + 1  # every layer is still there, folded (+1: the header row)
+    assert "per-layer gradient bars" not in text  # no 340-bar comb
 
 
 def test_what_to_do_is_an_instruction(tmp_path):
