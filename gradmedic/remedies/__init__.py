@@ -27,7 +27,8 @@ from gradmedic.remedies.surgery import (
     add_residual,
     swap_activation,
 )
-from gradmedic.remedies.treat import Treatment, treat
+from gradmedic.remedies.treat import treat
+from gradmedic.remedies.treatment import Treatment
 
 __all__ = ["ACTIVATIONS", "MODES", "AutoClip", "GradcheckResult", "LayerScale", "Residual", "RestartOnVanishing",
            "ScaledStep", "Treatment", "accumulate", "adaptive_clip_grad_", "add_normalization", "add_residual",

@@ -14,7 +14,7 @@ from gradmedic.diagnosis import REMEDIES
 from gradmedic.lab.claims import fmt, group_results, judge
 from gradmedic.lab.rows import check_report_rows
 from gradmedic.lab.suites import SUITES
-from gradmedic.remedies.treat import trial_order
+from gradmedic.remedies.treatment import trial_order
 from gradmedic.report import plots
 from gradmedic.report.html import Page
 
