@@ -102,6 +102,7 @@ def _factors(schedule: Callable | None) -> Callable[[], float] | None:
 
     def factor() -> float:
         value = stand_in.param_groups[0]["lr"]
+        stand_in.step()  # no gradient: nothing moves; torch expects a step before its scheduler's
         scheduler.step()
         return value
     return factor

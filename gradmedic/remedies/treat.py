@@ -126,7 +126,7 @@ def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = N
                            "treat re-initialises weights, which needs float parameters.")
     check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
     course = _Course(inputs, targets, loss_fn, data, optimizer, verify_steps, seed, check_steps)
-    if from_run(report):
+    if from_run(report) and any(f.severity != "info" for f in report.findings):  # nothing to treat: no re-run
         if data is None or optimizer is None:
             course.unjudged = ("a finding from a training run is judged by re-running the run: pass the model as it "
                                "was at step 0 with data= and optimizer= (schedule=, clip=, precision= as the run had "
