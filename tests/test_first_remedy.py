@@ -21,7 +21,8 @@ from gradmedic.report import report_page
 
 
 def _tanh_mlp():
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)), torch.randn(16, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    return model, torch.randn(16, 8)
 
 
 def _relu_mlp():

@@ -10,9 +10,9 @@ import types
 import torch
 
 import gradmedic as gm
+from examples.sigmoid_mlp import build
 from gradmedic._cli_commands import save_treated
 from gradmedic.cli import main
-from examples.sigmoid_mlp import build
 
 
 def _one_thread(fn):
