@@ -16,6 +16,7 @@ from gradmedic.remedies.init import (
     orthogonal_,
     xavier_,
 )
+from gradmedic.remedies.order import remedy_order
 from gradmedic.remedies.precision import ScaledStep
 from gradmedic.remedies.restart import RestartOnVanishing, dormant_units, recycle_
 from gradmedic.remedies.schedules import exponential_decay, linear_warmup, step_decay, warm_restarts
@@ -34,5 +35,5 @@ __all__ = ["ACTIVATIONS", "MODES", "AutoClip", "GradcheckResult", "LayerScale", 
            "ScaledStep", "Treatment", "accumulate", "adaptive_clip_grad_", "add_normalization", "add_residual",
            "chrono_bias_", "clip_", "critical_", "critical_scale", "dormant_units", "exponential_decay", "fixup_",
            "following_activations", "forget_gate_bias_", "freshness", "gradcheck", "gradient_gain", "he_",
-           "identity_recurrent_", "linear_warmup", "lsuv_", "orthogonal_", "recycle_", "step_decay",
+           "identity_recurrent_", "linear_warmup", "lsuv_", "orthogonal_", "recycle_", "remedy_order", "step_decay",
            "swap_activation", "treat", "warm_restarts", "xavier_"]
