@@ -68,11 +68,22 @@ def test_loss_spike(loss, want):
 
 
 def test_loss_spike_is_seven_sigma_from_the_rolling_mean():
-    base = _noisy(1.0, 80, sd=0.01)
+    base = _noisy(1.0, 80, sd=0.03)  # 7 sd: a rise of ~21%, above the 10% floor
     window = base[70 - training.SPIKE_WINDOW:70]
     for sigmas, found in ((6.5, False), (7.5, True)):
         loss = base.copy()
         loss[70:] = window.mean() + sigmas * window.std()  # and held
+        assert bool(training.loss_spike(_trace(loss), Context())) == found
+
+
+def test_a_nearly_constant_loss_needs_a_rise_of_a_tenth_too():
+    assert training.SPIKE_MIN_RISE == 0.1
+    base = _noisy(2.3, 80, sd=0.001)  # a loss stuck near chance: 7 sd is 0.7%
+    window = base[70 - training.SPIKE_WINDOW:70]
+    for rise, found in ((0.02, False), (0.08, False), (0.12, True)):  # every one of them > 20 sd
+        loss = base.copy()
+        loss[70:] = window.mean() * (1 + rise)
+        assert (loss[70] - window.mean()) / window.std() > 20
         assert bool(training.loss_spike(_trace(loss), Context())) == found
 
 
