@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gradmedic as gm
-from gradmedic.diagnosis.rules.updates import STALLED_WARNING, stalled_updates
+from gradmedic.diagnosis.rules.updates import STALLED_WARNING
 from gradmedic.probes.base import Chunk
 
 STEPS = np.arange(0, 200, 20)
