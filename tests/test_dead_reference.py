@@ -151,3 +151,22 @@ def test_unit_scale_is_none_where_there_is_no_such_reference():
     assert unit_scale(nn.Linear(4, 8), torch.randn(2, 4), 9) is None  # not its units
     assert unit_scale(nn.Linear(4, 8), None, 8) is None
     assert unit_scale(nn.Identity(), torch.randn(2, 8), 8) is None
+
+
+@pytest.mark.parametrize("fan_in", [2, 4])
+def test_the_bias_lottery_of_a_small_fan_in_is_part_of_the_bound(fan_in):
+    """PyTorch's default bias, U(+-1/sqrt(fan-in)), is as wide as the weights' scale on a unit-rms input at a small
+    fan-in (1/sqrt(3 fan-in) against 1/sqrt(3)): read by the weights' scale alone, healthy units that sit low by
+    their bias and are off for a batch of 4 would be dead. The live units' bias spread is part of the bound; biases
+    of -20 are not (those units are dead for any input)."""
+    off = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(fan_in, UNITS), nn.ReLU(), nn.Linear(UNITS, 2))
+        x = torch.randn(4, fan_in)
+        off += (model[0](x).detach().amax(0) <= 0).sum().item()  # off for this batch, not dead
+        assert _dead_share(model, x) <= 1 / UNITS
+        with torch.no_grad():
+            model[0].bias[:16] = -20.0
+        assert _dead_share(model, x) == 16 / UNITS
+    assert off >= 10 * UNITS * 0.1  # the premise: many healthy units are off for a batch of 4

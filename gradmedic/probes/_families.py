@@ -20,7 +20,8 @@ from gradmedic._tensors import sum_of_squares
 from gradmedic.architecture import activation_kind
 
 __all__ = ["CALLS_FUNCTIONAL", "CHANNELS_FIRST", "DEAD_FULL_SAMPLES", "DEAD_MARGIN", "SATURATED_DERIVATIVE", "Family",
-           "FunctionalWatch", "activation_family", "alive_units", "dead_margin", "tally", "unit_scale"]
+           "FunctionalWatch", "activation_family", "alive_units", "dead_margin", "tally", "unit_bias",
+           "unit_scale"]
 
 # A unit passes on less than 1/20 of the gradient it would in its linear region once its derivative
 # falls below 5% of the peak (tanh: |y| > 0.975; sigmoid: y < 0.0127 or y > 0.987). Ten such layers in
@@ -83,15 +84,27 @@ def unit_scale(layer: nn.Module, inp: Any, units: int) -> torch.Tensor | None:
     return None
 
 
+def unit_bias(layer: nn.Module, units: int) -> torch.Tensor | None:
+    """The layer's bias per unit (units,), where unit_scale reads the layer: the other part of a unit's place."""
+    bias = getattr(layer, "bias", None)
+    if not isinstance(bias, torch.Tensor) or type(bias.data) is not torch.Tensor or bias.shape != (units,):
+        return None
+    return bias.detach().float()
+
+
 def alive_units(y: torch.Tensor, pre: torch.Tensor | None, others: tuple[int, ...], margin: float,
-                scale: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """How many units (0-d) are not dead for every input: their largest pre-activation above ``margin`` spreads below
     zero (DEAD_MARGIN, dead_margin); without the pre-activation, units on for this batch. ``others``: the axes that
     are not the units'. The spread is robust (1.4826 x the median absolute deviation of the units' mean
     pre-activations = the std of a Gaussian), so that a few dead units' far-negative means do not widen it; with
-    ``scale`` (per unit: unit_scale) it is at most that, since when most units die they move the median and the
-    deviations themselves, while the scale of their weights on the input stays (issue 28: 60 of 64 units 1-100 own
-    stds below zero read 48% dead by the spread alone)."""
+    ``scale`` (per unit: unit_scale) it is at most the spread a healthy unit's place has without the spread over
+    units: its weights' scale on the input, and the spread of the biases (``bias``) of the units on for some input
+    of the batch (1.4826 x their median absolute deviation), the lottery of a fresh layer's biases (PyTorch's
+    U(+-1/sqrt(fan-in)) is half the weights' scale at a fan-in of 4), read from live units so that biases shifted
+    to kill units do not widen it. When most units die they move the median and the deviations of the spread over
+    units themselves; these stay (issue 28: 60 of 64 units 1-100 own stds below zero read 48% dead by the spread
+    alone)."""
     if pre is None or pre.shape != y.shape:
         return (y.amax(dim=others) > 0).sum()
     pre = pre.detach().float()
@@ -99,7 +112,12 @@ def alive_units(y: torch.Tensor, pre: torch.Tensor | None, others: tuple[int, ..
     means = pre.mean(dim=others)
     spread = 1.4826 * (means - means.median()).abs().median()
     if scale is not None:
-        spread = torch.minimum(spread, scale.to(spread.device))
+        ref = scale.to(spread.device)
+        if bias is not None:
+            live = torch.where(top > 0, bias.to(spread.device), math.nan)  # nanmedian: no host sync
+            lottery = torch.nan_to_num(1.4826 * (live - live.nanmedian()).abs().nanmedian(), nan=0.0)
+            ref = torch.sqrt(ref.square() + lottery.square())
+        spread = torch.minimum(spread, ref)
     return ((top > 0) | (top > -margin * spread)).sum()
 
 

@@ -48,6 +48,7 @@ from gradmedic.probes._families import (
     activation_family,
     alive_units,
     dead_margin,
+    unit_bias,
     unit_scale,
 )
 from gradmedic.probes.base import LayerIndex, Probe, in_backward, is_torch_module
@@ -303,8 +304,9 @@ class ActivationProbe(Probe):
             # without the pre-activation the test is "off for every input seen", which needs many inputs
             if samples >= DEAD_FULL_SAMPLES or (pre is not None and pre.shape == y.shape):
                 others = tuple(d for d in range(y.dim()) if d != axis)
-                scale = unit_scale(maker[0], maker[1], y.shape[axis]) if maker is not None else None
-                self._dead.append((call, row, alive_units(y, pre, others, dead_margin(samples), scale),
+                scale, bias = ((unit_scale(maker[0], maker[1], y.shape[axis]), unit_bias(maker[0], y.shape[axis]))
+                               if maker is not None else (None, None))
+                self._dead.append((call, row, alive_units(y, pre, others, dead_margin(samples), scale, bias),
                                    y.shape[axis]))
 
     def _reduce(self, call: int, family: Family, y: torch.Tensor) -> None:
