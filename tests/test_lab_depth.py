@@ -54,7 +54,9 @@ def test_stream_gradient_matches_autograd_on_the_same_batch():
 
 def test_depth_suite_runs_fewer_seeds_at_depth_and_publishes(tmp_path):
     assert {c["spec"]["depth"] for c in SUITES["depth"].configs} == {6, 24, 96, 384, 1000}
-    suite = Suite("tiny_depth", "smoke-sized depth", (_depth_experiment({2: (6, (0, 1)), 3: (6, (0,))}),), seeds=(0, 1))
+    layouts = ("post", "post + warmup", "pre", "deepnorm", "rezero", "layerscale")
+    tiny = ((2, 6, (0, 1), layouts), (3, 6, (0,), layouts))
+    suite = Suite("tiny_depth", "smoke-sized depth", (_depth_experiment(tiny),), seeds=(0, 1))
     assert len(suite.configs) == 6 * 2 + 6  # two seeds at 2 blocks, one at 3
     store = Store(tmp_path / "lab.db")
     for config in suite.configs:
@@ -66,10 +68,10 @@ def test_depth_suite_runs_fewer_seeds_at_depth_and_publishes(tmp_path):
     assert scaled.verdict == "not tested at this budget" and "3 blocks, not 1000" in scaled.why
     assert "deepnorm d=3" in scaled.evidence  # judged at the deepest depth, seed 0 only
     page = tmp_path / "README.md"
-    page.write_text(f"intro\n{DEPTH_BEGIN}\nold\n{DEPTH_END}\nrest\n")
+    page.write_text(f"intro\n{DEPTH_BEGIN}\nSTALE TABLE\n{DEPTH_END}\nrest\n")
     publish(tmp_path / "lab.db", "tiny_depth", [page])
     text = page.read_text()
-    assert "old" not in text and text.endswith(f"{DEPTH_END}\nrest\n")
+    assert "STALE TABLE" not in text and text.endswith(f"{DEPTH_END}\nrest\n")
     assert "| layerscale | 3 | 6 x 1 |" in text and "| post + warmup | 2 | 6 x 2 |" in text
     assert (tmp_path / DEPTH_FIGURE).stat().st_size > 1000 and "](docs/figures/lab-depth.png)" in text
     for _, r in rows:
