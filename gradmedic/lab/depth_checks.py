@@ -69,15 +69,19 @@ def _pre_deep(v):
 
 
 def _scaled(v):
-    """DeepNorm, ReZero and LayerScale each learn at the deepest depth run; post-LN's loss there is reported."""
+    """DeepNorm, ReZero and LayerScale each learn at the deepest depth run, when it is SCALED_DEPTH or more (a seed
+    without such runs gives no checks: its shallower runs say nothing of 1000 layers); the other layouts' losses
+    there are reported."""
     out = []
     for layout in SCALED:
-        runs = _by_depth(v, layout)
+        runs = {d: r for d, r in _by_depth(v, layout).items() if d >= SCALED_DEPTH}
         if runs:
             d = max(runs)
             out += [learns(f"{layout} d={d}", runs[d]), _stream(f"{layout} d={d}", runs[d])]
+    if not out:
+        return []
     for layout in ("post", "post + warmup", "pre"):
-        runs = _by_depth(v, layout)
+        runs = {d: r for d, r in _by_depth(v, layout).items() if d >= SCALED_DEPTH}
         if runs:
             out.append(make_check(f"{layout} d={max(runs)} loss", final_loss(runs[max(runs)])))
     return out

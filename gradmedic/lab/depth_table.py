@@ -106,6 +106,9 @@ def depth_figure(cells: list[dict[str, Any]]):
                 ax.plot(*zip(*points, strict=True), label=layout, marker="osD^v<>"[i % 7], markersize=4, linewidth=1.4)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        depths = sorted({c["depth"] for c in cells})
+        ax.set_xticks(depths, [str(d) for d in depths])  # the depths run, not 10^k
+        ax.minorticks_off()
         ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
         ax.set_xlabel("blocks")
         ax.set_title(f"Residual stream gradient, first block / last, {title}", fontsize=9)
