@@ -12,7 +12,7 @@ from gradmedic.lab.claims import group_results, judge
 from gradmedic.lab.experiment import _build_model, _validate, make_task, run_experiment
 from gradmedic.lab.publish import DEPTH_BEGIN, DEPTH_END, DEPTH_FIGURE, publish
 from gradmedic.lab.store import Store
-from gradmedic.lab.suites import SUITES, Suite, _depth_experiment
+from gradmedic.lab.suites import SUITES, Suite, _depth_experiment, _depth_init_experiment
 from gradmedic.lab.transformer import TransformerSpec, build_transformer, layerscale_eps, stream_changes
 
 SMALL = {"task": "recall", "length": 4, "model": "transformer", "lr": 3e-3, "batch": 16, "fused": True}
@@ -56,8 +56,9 @@ def test_depth_suite_runs_fewer_seeds_at_depth_and_publishes(tmp_path):
     assert {c["spec"]["depth"] for c in SUITES["depth"].configs} == {6, 24, 96, 384, 1000}
     layouts = ("post", "post + warmup", "pre", "deepnorm", "rezero", "layerscale")
     tiny = ((2, 6, (0, 1), layouts), (3, 6, (0,), layouts))
-    suite = Suite("tiny_depth", "smoke-sized depth", (_depth_experiment(tiny),), seeds=(0, 1))
-    assert len(suite.configs) == 6 * 2 + 6  # two seeds at 2 blocks, one at 3
+    suite = Suite("tiny_depth", "smoke-sized depth", (_depth_experiment(tiny), _depth_init_experiment((2, 3))),
+                  seeds=(0, 1))
+    assert len(suite.configs) == 6 * 2 + 6 + 5 * 2 * 2  # two seeds at 2 blocks, one at 3; init: 5 layouts x 2 x 2
     store = Store(tmp_path / "lab.db")
     for config in suite.configs:
         run = {k: v for k, v in config.items() if k not in ("experiment", "label")}
@@ -76,6 +77,9 @@ def test_depth_suite_runs_fewer_seeds_at_depth_and_publishes(tmp_path):
     text = page.read_text()
     assert "STALE TABLE" not in text and text.endswith(f"{DEPTH_END}\nrest\n")
     assert "| layerscale | 3 | 6 x 1 |" in text and "| post + warmup | 2 | 6 x 2 |" in text
+    assert "The stream's gradient at init" in text
+    init_rows = [line for line in text.splitlines() if line.startswith("| rezero | ")]
+    assert init_rows[-1] == "| rezero | 1 | 1 |"  # alpha = 0: every block passes the gradient unchanged
     assert (tmp_path / DEPTH_FIGURE).stat().st_size > 1000 and "](docs/figures/lab-depth.png)" in text
     for _, r in rows:
         assert all(math.isfinite(v) for v in r["stream"]["init"])

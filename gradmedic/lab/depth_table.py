@@ -20,9 +20,10 @@ from gradmedic.lab.claims import fmt
 from gradmedic.lab.rows import label_number
 from gradmedic.lab.suites import DEPTH_LAYOUTS
 
-__all__ = ["DEPTH_EXPERIMENT", "depth_cells", "depth_figure", "depth_markdown", "save_depth_figure"]
+__all__ = ["DEPTH_EXPERIMENT", "INIT_EXPERIMENT", "depth_cells", "depth_figure", "depth_markdown", "save_depth_figure"]
 
 DEPTH_EXPERIMENT = "transformer_depth"
+INIT_EXPERIMENT = "transformer_depth_init"  # one step per run: the stream at init, every depth and seed
 
 
 def _spread(values: list[float | None]) -> str:
@@ -45,11 +46,12 @@ def _update_ratio(r: dict[str, Any]) -> float | None:
     return changes[-1] / changes[0] if len(changes) >= 2 and changes[0] else None
 
 
-def depth_cells(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One cell per (layout, depth) of the depth experiment, by layout (the suite's order) and depth."""
+def depth_cells(rows: list[tuple[dict[str, Any], dict[str, Any]]], experiment: str = DEPTH_EXPERIMENT
+                ) -> list[dict[str, Any]]:
+    """One cell per (layout, depth) of ``experiment``, by layout (the suite's order) and depth."""
     runs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for config, result in rows:
-        if config.get("experiment") == DEPTH_EXPERIMENT:
+        if config.get("experiment") == experiment:
             runs.setdefault(config["label"], []).append((config, result))
     cells = []
     for label, pairs in runs.items():
@@ -67,8 +69,23 @@ def depth_cells(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[
     return sorted(cells, key=lambda c: (order.get(c["layout"], len(order)), c["layout"], c["depth"]))
 
 
-def depth_markdown(cells: list[dict[str, Any]], figure: str | None = None) -> str:
-    """The depth table as Markdown, with the figure's link when one was drawn."""
+def _init_markdown(init: list[dict[str, Any]]) -> list[str]:
+    """Layouts x depths: the stream's first/last-block gradient at init over the seeds."""
+    depths = sorted({c["depth"] for c in init})
+    seeds = sorted({c["seeds"] for c in init})
+    lines = ["", f"The stream's gradient at init, first block / last (one step, {'/'.join(map(str, seeds))} seeds "
+             "per cell):", "", "| layout | " + " | ".join(f"{d} blocks" for d in depths) + " |",
+             "|---|" + "---|" * len(depths)]
+    for layout in dict.fromkeys(c["layout"] for c in init):
+        by_depth = {c["depth"]: c for c in init if c["layout"] == layout}
+        lines.append(f"| {layout} | " + " | ".join(_spread(by_depth[d]["stream_init"]) if d in by_depth else "-"
+                                                    for d in depths) + " |")
+    return lines
+
+
+def depth_markdown(cells: list[dict[str, Any]], figure: str | None = None,
+                   init: list[dict[str, Any]] | None = None) -> str:
+    """The depth table as Markdown, the table at init when its runs are there, and the figure's link."""
     lines = ["| layout | blocks | steps x seeds | learns | final loss | stream gradient first/last block, init | "
              "trained | last/first block relative update, trained | s per run |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -76,6 +93,8 @@ def depth_markdown(cells: list[dict[str, Any]], figure: str | None = None) -> st
         lines.append(f"| {c['layout']} | {c['depth']} | {c['steps']} x {c['seeds']} | {c['learns']}/{c['seeds']} | "
                      f"{_spread(c['loss'])} | {_spread(c['stream_init'])} | {_spread(c['stream_trained'])} | "
                      f"{_spread(c['update'])} | {fmt(_mid(c['wall_s']))} |")
+    if init:
+        lines += _init_markdown(init)
     if figure:
         lines += ["", f"![The residual stream's gradient, first block over last, against depth per layout]({figure})"]
     return "\n".join(lines)
@@ -92,21 +111,23 @@ def _pyplot():
     return plt
 
 
-def depth_figure(cells: list[dict[str, Any]]):
+def depth_figure(cells: list[dict[str, Any]], init: list[dict[str, Any]] | None = None):
     """Two panels, at init and after training: the median over seeds of the stream's first/last-block gradient
-    against depth (log-log), one line per layout. A cell without the number is left out of its line."""
+    against depth (log-log), one line per layout. The init panel reads ``init`` (the one-step runs at every depth)
+    when given. A cell without the number is left out of its line."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.9), layout="constrained", sharey=True)
-    layouts = list(dict.fromkeys(c["layout"] for c in cells))
-    for ax, key, title in ((axes[0], "stream_init", "at init"), (axes[1], "stream_trained", "after training")):
+    layouts = list(dict.fromkeys(c["layout"] for c in cells + (init or [])))
+    for ax, key, title, panel in ((axes[0], "stream_init", "at init", init or cells),
+                                  (axes[1], "stream_trained", "after training", cells)):
         for i, layout in enumerate(layouts):
-            points = [(c["depth"], _mid(c[key])) for c in cells if c["layout"] == layout]
+            points = [(c["depth"], _mid(c[key])) for c in panel if c["layout"] == layout]
             points = [(d, v) for d, v in sorted(points) if v is not None and v > 0]
             if points:
                 ax.plot(*zip(*points, strict=True), label=layout, marker="osD^v<>"[i % 7], markersize=4, linewidth=1.4)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        depths = sorted({c["depth"] for c in cells})
+        depths = sorted({c["depth"] for c in panel})
         ax.set_xticks(depths, [str(d) for d in depths])  # the depths run, not 10^k
         ax.minorticks_off()
         ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
@@ -117,9 +138,9 @@ def depth_figure(cells: list[dict[str, Any]]):
     return fig
 
 
-def save_depth_figure(cells: list[dict[str, Any]], path: Path) -> None:
+def save_depth_figure(cells: list[dict[str, Any]], path: Path, init: list[dict[str, Any]] | None = None) -> None:
     plt = _pyplot()
-    fig = depth_figure(cells)
+    fig = depth_figure(cells, init)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=90)

@@ -29,7 +29,7 @@ from typing import Any
 
 from gradmedic._errors import GradmedicError
 from gradmedic.lab.claims import group_results, judge
-from gradmedic.lab.depth_table import depth_cells, depth_markdown, save_depth_figure
+from gradmedic.lab.depth_table import INIT_EXPERIMENT, depth_cells, depth_markdown, save_depth_figure
 from gradmedic.lab.store import Store
 from gradmedic.lab.suites import SUITES
 
@@ -96,7 +96,7 @@ def publish(db: str | Path, suite: str, paths: list[str | Path]) -> str:
                              f"{', '.join(store.suites()) or 'nothing'}")
     rows = [(c, r) for _, c, r, _ in results]
     table = claims_markdown(suite, rows, sum(w for *_, w in results))
-    cells = depth_cells(rows)
+    cells, init = depth_cells(rows), depth_cells(rows, INIT_EXPERIMENT)
     texts = {Path(path): _read(Path(path)) for path in paths}
     figure = None
     for path, text in texts.items():
@@ -109,8 +109,8 @@ def publish(db: str | Path, suite: str, paths: list[str | Path]) -> str:
         if depth:
             if figure is None:
                 figure = path.parent / DEPTH_FIGURE
-                save_depth_figure(cells, figure)
+                save_depth_figure(cells, figure, init)
             link = Path(os.path.relpath(figure, path.parent)).as_posix()
-            text = _replace(text, DEPTH_BEGIN, DEPTH_END, table + "\n\n" + depth_markdown(cells, link))
+            text = _replace(text, DEPTH_BEGIN, DEPTH_END, table + "\n\n" + depth_markdown(cells, link, init))
         path.write_text(text, encoding="utf-8")
     return table

@@ -114,6 +114,17 @@ def _depth_experiment(depths: tuple[tuple[int, int, tuple[int, ...], tuple[str, 
                       tuple(runs), seeds=tuple(seeds))
 
 
+def _depth_init_experiment(depths: tuple[int, ...]) -> Experiment:
+    """The stream's gradient at init (one step: what ``gm.check`` reads before training) at every depth and seed,
+    for the layouts whose init differs (post-LN + warmup is post-LN at init); a 1000-block step costs seconds."""
+    runs = tuple((f"{label} d={d}", {"task": "recall", "length": 4, "model": "transformer",
+                                     "spec": {"depth": d, "variant": variant, "width": 16, "ff": 32}, "lr": 3e-3,
+                                     "steps": 1, "batch": 32, "fused": True})
+                 for d in depths for label, variant, warm in DEPTH_LAYOUTS if not warm)
+    return Experiment("transformer_depth_init", "The residual stream's gradient at init, first block over last, "
+                      f"at {', '.join(map(str, depths))} blocks (one step, every seed)", runs)
+
+
 def _experiments(scale: str) -> tuple[Experiment, ...]:
     """The grids at one scale: "smoke", "quick" or "full"."""
     full = scale == "full"
@@ -233,7 +244,8 @@ SUITES: dict[str, Suite] = {
     "depth": Suite("depth", "transformers at 6, 24, 96, 384 and 1000 blocks in six layouts (post-LN with and "
                    "without warmup, pre-LN, DeepNorm, ReZero, LayerScale); 3 seeds at 6 blocks down to 1 seed at 96 "
                    "and beyond, where only some layouts run; about 2 hours on one CPU core",
-                   (_depth_experiment(DEPTH_RUNS),), seeds=(0, 1, 2)),
+                   (_depth_experiment(DEPTH_RUNS), _depth_init_experiment((6, 24, 96, 384, 1000))),
+                   seeds=(0, 1, 2)),
     "full": Suite("full", "more depths and lengths, the copy task, 48- and 100-layer transformers, five seeds "
                   "(hours on 2 cores)", _experiments("full"), seeds=(0, 1, 2, 3, 4)),
 }
