@@ -124,7 +124,8 @@ def depth_figure(cells: list[dict[str, Any]], init: list[dict[str, Any]] | None 
             points = [(c["depth"], _mid(c[key])) for c in panel if c["layout"] == layout]
             points = [(d, v) for d, v in sorted(points) if v is not None and v > 0]
             if points:
-                ax.plot(*zip(*points, strict=True), label=layout, marker="osD^v<>"[i % 7], markersize=4, linewidth=1.4)
+                ax.plot(*zip(*points, strict=True), label=layout, marker="osD^v<>"[i % 7], markersize=4, linewidth=1.4,
+                        color=f"C{i % 10}")  # one colour per layout in both panels
         ax.set_xscale("log")
         ax.set_yscale("log")
         depths = sorted({c["depth"] for c in panel})
