@@ -23,8 +23,9 @@ def why(finding: Finding) -> str:
 
 
 def advise(treatment, finding: Finding, left_out: dict[str, str] | None = None) -> None:
-    """The finding's model-side remedies that no action can carry out on this model: changes to the model's own code
-    (no action at all, or one for torch.nn classes the model does not hold: ``pre_ln`` on a Hugging Face BERT)."""
+    """The finding's model-side remedies that no action can carry out: changes to the model's own code (no action at
+    all; with ``left_out``, from ``remedy_order``, also one for torch.nn classes the model does not hold: ``pre_ln`` on
+    a Hugging Face BERT, prescribed when no trial could be judged)."""
     for rid in finding.remedies:
         if REMEDIES[rid].acts_on != "model" or rid in dict(treatment.advice):
             continue
@@ -60,7 +61,7 @@ def prescribe_unjudged(treatment, report: Report, reason: str) -> None:
         order, left_out = remedy_order(finding, report, run=True, types=types)
         advise(treatment, finding, left_out)
         for rid in order:
-            if ACTIONS[rid].on == "model" and rid not in dict(treatment.advice):
+            if ACTIONS[rid].on == "model" and rid not in dict(treatment.advice) and rid not in dict(treatment.skipped):
                 treatment.advice.append((rid, f"for {why(finding)}: not tried, {reason}"))
     before = list(treatment.recipe)
     recipe(treatment, report, report)

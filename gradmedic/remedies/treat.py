@@ -16,8 +16,11 @@
 4. A finding from a training run (``order.from_run``: a Monitor's or a callback's trace) is judged the way it was
    found: each trial, recipe changes included, re-runs the run's recipe (``data``, ``optimizer``, ``schedule``,
    ``clip``, ``precision``; ``rerun.py``) from the model given, for the run's length, and is kept only when its own
-   monitored run has the finding gone or less severe (or the loss lower), no worse, and no non-finite loss. A
-   re-check at init would pass anything: the untreated model was healthy there.
+   monitored run has the finding gone or less severe (or the loss lower), no worse, no kind newly an error, and no
+   non-finite loss; a new warning only when the run now learns and its loss is clearly lower (``rerun.judge``). A
+   re-check at init would pass anything: the untreated model was healthy there. A run's finding that no re-run
+   can judge (no data, or trained weights: the re-run goes on from them and cannot replay the run's start) gets
+   its prescription unproven, said so: the recipe, and the model changes as advice (``prescribe.py``).
 
 The caller's torch, numpy and Python RNG states are as they were; re-draws use ``seed``.
 """
@@ -73,9 +76,9 @@ def _candidates(finding: Finding, report: Report, model: nn.Module, course: _Cou
     """``order.remedy_order`` on this model's module classes: what cannot apply is recorded, not tried."""
     types = {name: type(module).__name__ for name, module in model.named_modules()}
     order, left_out = remedy_order(finding, report, run=course.replay is not None, types=types)
-    advise(treatment, finding, left_out)  # what no action carries out here: a change to the model's code
+    advise(treatment, finding)  # the remedies no action carries out: a change to the model's code
     for rid, reason in left_out.items():
-        if rid not in dict(treatment.skipped) and rid not in dict(treatment.advice):
+        if rid not in dict(treatment.skipped):
             treatment.skipped.append((rid, reason))
     return order
 
@@ -250,6 +253,11 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
     treatment.model = work
     if course.replay is None and not unjudged:  # a run's recipe remedies were each judged by a re-run
         recipe(treatment, current, report)
+    elif course.replay is not None and not unjudged and treatment.trained and not current.healthy:
+        # from trained weights the re-run goes on from where the run is: it cannot replay the run's start, where a
+        # warmup acts; what remains is prescribed for the next run from step 0, unproven
+        prescribe_unjudged(treatment, current, "the weights are trained: a re-run goes on from them and cannot "
+                                               "replay the run's start")
     return treatment
 
 
