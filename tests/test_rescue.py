@@ -1,8 +1,8 @@
 """Rescue a run (issue 27): ``gm.treat`` on the findings of a Monitor-watched corpus run (tests/training_runs.py) judges
 each remedy by re-running the run's recipe, and what it returns, replayed by the corpus's own trainer (not gradmedic's
 re-run), trains past the failure: the mean loss of the last fifth of the steps at most ``RESCUED`` of the untreated
-run's. A healthy run's treatment changes nothing. Runs of a few seconds each (the GPT classes are in
-benchmarks/rescue.py)."""
+run's. A healthy run's treatment changes nothing. ``max_remedies=1``: the first remedy kept is the rescue (the rest
+of a treatment is benchmarks/rescue.py's). The 340-step GPT classes (attention-logit growth, float16) are not here."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ from tests import rescue
 from tests import training_runs as corpus
 
 RESCUED = rescue.RESCUED
-BAD_RUNS = ("high_lr_no_warmup_mlp", "dying_units_hot_lr_mlp", "explosive_recurrence_rnn")
+BAD_RUNS = ("high_lr_no_warmup_mlp", "dying_units_hot_lr_mlp", "explosive_recurrence_rnn", "post_ln_no_warmup_gpt")
+# The post-LN GPT leaves chance in a sudden drop whose step moves with float rounding (treat's re-run uses the
+# machine's threads, the corpus's trainer one): both rescue it (seed 0: 0.72 and 1.13 against 2.65), their losses at
+# the end differ by more than the 5% the smooth runs agree within.
+SUDDEN = ("post_ln_no_warmup_gpt",)
 HEALTHY_RUNS = ("healthy_mlp_adam", "healthy_mlp_sgd_cosine", "healthy_rnn_adam", "healthy_cnn_adam_warmup")
 
 
@@ -26,7 +30,7 @@ def test_treat_on_a_runs_findings_returns_a_remedy_that_trains_past_the_failure(
     r = corpus.by_name(name)
     untreated, report = rescue.watched(r)
     assert untreated.failure_step is not None and not report.healthy
-    treatment = gm.treat(rescue.step0(r), report, **rescue.treat_args(r))
+    treatment = gm.treat(rescue.step0(r), report, max_remedies=1, **rescue.treat_args(r))
     assert treatment.applied or treatment.recipe, str(treatment)
     assert treatment.evidence[0].stage == "untreated" and any(e.kept for e in treatment.evidence[1:])
     treated = rescue.replayed(r, treatment)
@@ -35,7 +39,10 @@ def test_treat_on_a_runs_findings_returns_a_remedy_that_trains_past_the_failure(
                                                                      end(untreated.losses))
     # the run's re-run inside treat agrees with the corpus's trainer on the kept stage (same recipe, same batches)
     kept = [e for e in treatment.evidence if e.kept][-1]
-    assert kept.score == pytest.approx(end(treated.losses), rel=0.05)
+    if name in SUDDEN:
+        assert kept.score <= RESCUED * treatment.evidence[0].score
+    else:
+        assert kept.score == pytest.approx(end(treated.losses), rel=0.05)
 
 
 @pytest.mark.parametrize("name", HEALTHY_RUNS)
