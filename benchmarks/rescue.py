@@ -100,7 +100,9 @@ def render() -> str:
               "these runs' 40-200 steps. Nothing is kept for a batch with an inf in it (no recipe change can help; "
               "the finding says to look at the data) nor for output-logit drift (a lower lr trains worse; z-loss is "
               "not yet an action). The 340-step GPT classes (attention-logit growth, float16 without scaling) were "
-              "not run here this time (an earlier run: attention_logit_growth_gpt 2.17 -> 0.98 by clip_grad_norm).",
+              "not run here this time (an earlier run: attention_logit_growth_gpt 2.17 -> 0.98 by clip_grad_norm). "
+              "explosive_recurrence_rnn at seeds 1 and 2: the Monitor reports nothing (the corpus's stall detector "
+              "fires at step 100), so there is nothing to treat: a watcher miss, not a rescue.",
               "", END]
     return "\n".join(lines) + "\n"
 
