@@ -11,7 +11,7 @@ from typing import Any
 
 from gradmedic._cli_common import cannot_write, fail, make_console
 
-__all__ = ["demo", "in_suite_order", "lab_list", "lab_publish", "lab_run", "report"]
+__all__ = ["demo", "in_suite_order", "lab_list", "lab_publish", "lab_run", "report", "save_treated"]
 
 def demo(args: argparse.Namespace) -> int:
 
@@ -163,3 +163,51 @@ def report(args: argparse.Namespace) -> int:
         return fail(cannot_write(args.output, error))
     print(f"Report written to {out}")
     return 0
+
+
+def save_treated(treatment: Any, original: Any, path: str, force: bool, target: str) -> tuple[str | None, str]:
+    """``check --treat N --save PATH``: the treated model's ``state_dict`` written atomically (``_files``), never over
+    an existing file without ``--force``; (an error line or None, the text that says how to use it: how to load it
+    into the user's model, what changed its structure, and the recipe to put in the training loop)."""
+    import io
+
+    import torch
+
+    from gradmedic._files import write_atomic
+    from gradmedic.diagnosis import REMEDIES
+
+    out = Path(path)
+    if out.is_dir():
+        return f"cannot write {path}: it is a folder; give a file name (e.g. treated.pt)", ""
+    if (out.exists() or out.is_symlink()) and not force:
+        return f"{path} exists; pass --force to replace it, or give another path", ""
+    state = treatment.model.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        write_atomic(out, buffer.getvalue())
+    except OSError as error:
+        return cannot_write(path, error), ""
+    before = {k: tuple(v.shape) for k, v in original.state_dict().items()}
+    after = {k: tuple(v.shape) for k, v in state.items()}
+    lines = [f"Saved the treated model's state_dict to {path}."]
+    structural = before != after
+    model_changes = [(rid, what) for rid, what, _ in treatment.applied]
+    for rid, what in model_changes:
+        lines.append(f"  applied {rid}: {what}")
+    if structural:
+        added = sorted(set(after) - set(before))
+        lines.append(f"The treatment changed the model's structure ({len(added)} new tensor(s), e.g. "
+                     f"{', '.join(added[:3]) or 'reshaped ones'}): build your model as {target} does, apply the same "
+                     f"change in code first ({', '.join(f'gradmedic.remedies.{rid}' for rid, _ in model_changes)}), "
+                     f"then: model.load_state_dict(torch.load({str(path)!r}))")
+    elif model_changes:
+        lines.append(f"Reproduce it: build your model as {target} does, then "
+                     f"model.load_state_dict(torch.load({str(path)!r})) (every re-drawn or rescaled weight is in it)")
+    else:
+        lines.append("No change to the model: the state_dict is the model's own.")
+    for rid in treatment.recipe:
+        lines.append(f"  in your training loop, {rid}: {REMEDIES[rid].description} (learning rate {treatment.lr:g}"
+                     f"{', clipping' if treatment.clip is not None else ''}"
+                     f"{', loss scaling' if treatment.loss_scaling else ''})")
+    return None, "\n".join(lines)

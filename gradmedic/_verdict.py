@@ -22,10 +22,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EXIT_BROKEN_PIPE", "broken_pipe", "reader_gone", "run_command", "with_verdict"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "broken_pipe", "reader_gone", "run_command", "with_verdict"]
 
 # 128 + SIGPIPE: the status of a command that wrote to a pipe nobody reads (what `yes | head` gives `yes`)
 EXIT_BROKEN_PIPE = 141
+# 128 + SIGINT: the shell's status for a command ended by Ctrl-C
+EXIT_INTERRUPTED = 130
 
 
 def run_command(run: Callable[[Any], int], args: Any) -> int:
@@ -71,33 +73,58 @@ def with_verdict(run: Callable[[], int], what: str) -> int:
         return run()
     _flush()  # or what is buffered would be written twice, by both processes
     read, write = os.pipe()
+    # Ctrl-C reaches both processes (one process group). The parent ignores it and waits for the child's verdict; the
+    # child notes it before raising, so an interrupt that the user's code or a library swallowed, or turned into
+    # another error, still ends the command as interrupted (it gave 0 or 2 before).
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot be handled here, nor a verdict awaited safely
+        return run()
     pid = os.fork()
     if pid == 0:  # the child: the check, then the verdict, then nothing else (no atexit, no parent's finally)
-        code = 2
+        code, interrupted = 2, []
+
+        def _interrupt(signum: int, frame: Any) -> None:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             os.close(read)
             code = run()
         except KeyboardInterrupt:
-            print("gradmedic: interrupted", file=sys.stderr)
-            code = 130
+            interrupted.append(signal.SIGINT)  # raised by the code itself, not by the handler: the same ending
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 2
         except BaseException as error:  # noqa: BLE001 - one line; the parent must hear a verdict
-            print(f"gradmedic: error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                  file=sys.stderr)
+            if not interrupted:
+                print(f"gradmedic: error: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
             code = 2
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the verdict short
+            if interrupted:
+                print("gradmedic: interrupted", file=sys.stderr)
+                code = EXIT_INTERRUPTED
             _flush()
             try:
                 os.write(write, bytes([code & 0xFF]))
             finally:
                 os._exit(code & 0xFF)
+    try:
+        return _await_verdict(pid, read, write, what)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _await_verdict(pid: int, read: int, write: int, what: str) -> int:
+    """The parent's side of ``with_verdict``: the status the child wrote, or 2 with one line when it wrote none."""
     os.close(write)
     verdict = b""
-    while True:  # Ctrl-C reaches the child too (same process group): wait for its own one line and status
+    while True:  # SIGINT is ignored here: the child says its own one line and status
         try:
             chunk = os.read(read, 1)
-        except KeyboardInterrupt:
+        except InterruptedError:
             continue
         if not chunk:
             break
@@ -107,7 +134,7 @@ def with_verdict(run: Callable[[], int], what: str) -> int:
         try:
             _, status = os.waitpid(pid, 0)
             break
-        except KeyboardInterrupt:
+        except InterruptedError:
             continue
     if verdict:
         return verdict[0]

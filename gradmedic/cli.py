@@ -71,6 +71,10 @@ def _check(args: argparse.Namespace) -> int:
     import gradmedic as gm
     from gradmedic._errors import GradmedicError
 
+    if args.save and args.treat is None:
+        return fail("--save writes the treated model: add --treat (e.g. --treat 50 --save treated.pt)")
+    if args.save and not args.force and (Path(args.save).exists() or Path(args.save).is_symlink()):
+        return fail(f"{args.save} exists; pass --force to replace it, or give another path")  # before any work
     try:
         with _stdout_to_stderr():  # the user's code may print; with --json stdout holds only the JSON
             case, report = _check_target(args)
@@ -105,6 +109,11 @@ def _check(args: argparse.Namespace) -> int:
                 print(f"Report written to {args.report}")
         if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
             print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
+        if treatment is not None and args.save:
+            error, text = commands.save_treated(treatment, case["model"], args.save, args.force, args.target)
+            if error is not None:
+                return fail(error)
+            print(text, file=sys.stderr if args.json else sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (| head): the verdict is still the exit status
         return reader_gone(code)
@@ -200,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--treat", nargs="?", type=_non_negative, const=50, default=None, metavar="N",
                        help="treat a copy (gm.treat) and prove each remedy by N training steps (default 50; 0: no "
                             "training, re-checks only)")
+    check.add_argument("--save", metavar="PATH", help="with --treat: write the treated model's state_dict to PATH "
+                       "(atomically, never over an existing file) and print how to load it into your model")
+    check.add_argument("--force", action="store_true", help="with --save: replace an existing file")
     check.set_defaults(run=_check)
     lab = sub.add_parser("lab", help="the lab: run the classic experiments and judge the claims")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)

@@ -61,3 +61,32 @@ class CustomBackward(nn.Module):
 
 def custom_backward_raises():
     return {"model": CustomBackward(), "inputs": torch.randn(2, 4), "targets": torch.randn(2, 4)}
+
+
+class WaitsInForward(nn.Module):
+    """Writes a file when its forward starts (the test's cue to press Ctrl-C), then waits; with ``swallow`` it
+    catches the KeyboardInterrupt and goes on, as some libraries' retry loops do."""
+
+    def __init__(self, swallow: bool):
+        super().__init__()
+        self.layer, self.swallow = nn.Linear(4, 4), swallow
+
+    def forward(self, x):
+        import pathlib
+        import time
+
+        pathlib.Path(os.environ["GRADMEDIC_TEST_CUE"]).write_text("in forward")
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            if not self.swallow:
+                raise
+        return self.layer(x)
+
+
+def waits_in_forward():
+    return {"model": WaitsInForward(swallow=False), "inputs": torch.randn(2, 4)}
+
+
+def swallows_ctrl_c():
+    return {"model": WaitsInForward(swallow=True), "inputs": torch.randn(2, 4)}

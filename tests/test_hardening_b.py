@@ -327,3 +327,26 @@ def test_a_trace_of_thousands_of_layers_draws_a_bounded_number_of_bars(tmp_path,
     assert len(drawn["names"]) <= pages.DRAWN_BARS and "l1234" in drawn["names"] and "l0" in drawn["names"]
     assert f"of {n} layers" in drawn["title"] and "left out" in drawn["title"]
     assert f"The first {pages.TABLE_ROWS} of {n} layers are shown ({n - pages.TABLE_ROWS} left out)" in text
+
+
+@pytest.mark.parametrize("factory", ["waits_in_forward", "swallows_ctrl_c"])
+def test_ctrl_c_while_the_users_model_runs_is_one_line_and_130(tmp_path, factory):
+    """Ctrl-C goes to the whole foreground process group: the command and its forked verdict child. The parent waits
+    for the child; the child ends as interrupted even when the user's code swallowed the KeyboardInterrupt (it
+    ended 0 then, or 2, or the parent died of the signal)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cue = tmp_path / "cue"
+    child = subprocess.Popen([str(SCRIPT), "check", f"{ONE_LINE_FACTORIES}:{factory}", "--fail-on", "error"],
+                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True, env={**os.environ, "GRADMEDIC_TEST_CUE": str(cue)})
+    deadline = time.monotonic() + 120
+    while not cue.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    assert cue.exists(), child.communicate()
+    os.killpg(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err == "gradmedic: interrupted\n", (child.returncode, err)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from gradmedic._errors import bad_argument
 from gradmedic.diagnosis.catalog import REMEDIES, Remedy
 from gradmedic.diagnosis.context import Context, context_of
-from gradmedic.diagnosis.findings import KINDS, SEVERITIES, Finding, Report
+from gradmedic.diagnosis.findings import KINDS, SEVERITIES, Finding, Report, first_remedy, register_first_remedy
 from gradmedic.diagnosis.rules import RULES, Rule, prescribe, run_rules
 from gradmedic.trace import Trace
 
 __all__ = ["KINDS", "REMEDIES", "RULES", "SEVERITIES", "Context", "Finding", "Remedy", "Report", "Rule", "context_of",
-           "diagnose", "prescribe"]
+           "diagnose", "first_remedy", "prescribe", "register_first_remedy"]
 
 
 def diagnose(trace: Trace) -> Report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from gradmedic.diagnosis.catalog import REMEDIES
 from gradmedic.diagnosis.context import Context
 from gradmedic.trace import Trace
 
-__all__ = ["KINDS", "SEVERITIES", "Finding", "Report"]
+__all__ = ["KINDS", "SEVERITIES", "Finding", "Report", "first_remedy", "register_first_remedy"]
 
 KINDS: tuple[str, ...] = (
     "vanishing_gradients",
@@ -78,6 +79,25 @@ class Finding:
         return html_of(self)  # drawn by the report stage (gradmedic.report.notebook registers it)
 
 
+# How the first remedy of a finding is chosen: registered by the remedies stage (gradmedic.remedies.order, imported
+# by ``import gradmedic``), which knows the actions ``treat`` can carry out and the order it tries them in. The
+# choice is handed down, not fetched up (as ``_display`` does for drawings): the diagnosis names no higher stage.
+_CHOOSERS: list[Callable[[Finding, Report | None], tuple[str | None, str]]] = []
+
+
+def register_first_remedy(choose: Callable[[Finding, Report | None], tuple[str | None, str]]) -> None:
+    """``choose(finding, report) -> (remedy id or None, why it comes first)``: the one choice every view shows."""
+    _CHOOSERS[:] = [choose]
+
+
+def first_remedy(finding: Finding, report: Report | None = None) -> tuple[str | None, str]:
+    """The remedy to try first for ``finding``, and why (the diagnosis's top-ranked one until the remedies stage
+    registers its choice)."""
+    if _CHOOSERS:
+        return _CHOOSERS[0](finding, report)
+    return (finding.remedies[0], "the diagnosis's top-ranked remedy") if finding.remedies else (None, "")
+
+
 class Report:
     """The findings about one model or run, worst first, with the trace they were read from."""
 
@@ -100,11 +120,15 @@ class Report:
         return [f for f in self.findings if f.kind == kind]
 
     def to_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"healthy": self.healthy, "findings": [f.to_dict() for f in self.findings],
+        doc: dict[str, Any] = {"healthy": self.healthy, "findings": [self._finding_dict(f) for f in self.findings],
                                "context": _jsonable(self.context.to_dict())}
         if self.trace is not None:
             doc["layers"] = _layer_rows(self.trace)
         return doc
+
+    def _finding_dict(self, finding: Finding) -> dict[str, Any]:
+        first, why = first_remedy(finding, self)
+        return {**finding.to_dict(), "first_remedy": first, "why_first": why}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -161,9 +185,12 @@ class Report:
         for f in self.findings:
             # a message names layers, which come from the user's code or a file: control characters escaped
             console.print(Text.assemble((f.severity.upper(), colour[f.severity]), printable(f" {f.kind}: {f.message}")))
-            if f.remedies:
-                fixes = "; ".join(f"{i + 1}. {r} ({REMEDIES[r].description})" for i, r in enumerate(f.remedies[:3]))
-                console.print(Text(f"    remedies: {fixes}"))
+            first, why = first_remedy(f, self)
+            if first is not None:
+                console.print(Text(f"    first: {first} ({REMEDIES[first].description}); why first: {why}"))
+                others = [r for r in f.remedies if r != first][:3]
+                if others:
+                    console.print(Text(f"    else: {', '.join(others)}"))
         if table:
             console.print(f"[bold]{verdict}[/]: {len(self.findings)} finding(s)")
 

@@ -18,6 +18,7 @@ from gradmedic.remedies.init import (
     orthogonal_,
     xavier_,
 )
+from gradmedic.remedies.order import remedy_order
 from gradmedic.remedies.precision import ScaledStep
 from gradmedic.remedies.qk_modules import QKNorm, QKNormMultiheadAttention
 from gradmedic.remedies.qk_norm import qk_norm_
@@ -40,5 +41,5 @@ __all__ = ["ACTIVATIONS", "MODES", "AutoClip", "GradcheckResult", "HowTo", "Laye
            "accumulate", "adaptive_clip_grad_", "add_normalization", "add_residual", "chrono_bias_", "clip_",
            "critical_", "critical_scale", "decay_groups", "dormant_units", "exponential_decay", "fixup_",
            "following_activations", "forget_gate_bias_", "freshness", "gradcheck", "gradient_gain", "he_", "howto",
-           "identity_recurrent_", "linear_warmup", "lsuv_", "orthogonal_", "qk_norm_", "recycle_", "step_decay",
-           "swap_activation", "treat", "warm_restarts", "xavier_", "z_loss"]
+           "identity_recurrent_", "linear_warmup", "lsuv_", "orthogonal_", "qk_norm_", "recycle_", "remedy_order",
+           "step_decay", "swap_activation", "treat", "warm_restarts", "xavier_", "z_loss"]

@@ -13,6 +13,11 @@
    recipe changes); the others go to ``Treatment.advice``. Every re-drawn or rescaled tensor is counted.
 3. Training-side remedies (clipping, learning rate, warmup, loss scaling) become a recipe of ready objects
    for the findings that remain, since they act on the user's loop, not on the model.
+4. A finding from a training run (``order.from_run``: a Monitor's or a callback's trace) is judged the way it was
+   found: each trial, recipe changes included, re-runs the run's recipe (``data``, ``optimizer``, ``schedule``,
+   ``clip``, ``precision``; ``rerun.py``) from the model given, for the run's length, and is kept only when its own
+   monitored run has the finding gone or less severe (or the loss lower), no worse, and no non-finite loss. A
+   re-check at init would pass anything: the untreated model was healthy there.
 
 The caller's torch, numpy and Python RNG states are as they were; re-draws use ``seed``.
 """
@@ -36,6 +41,8 @@ from gradmedic.check import check
 from gradmedic.diagnosis import REMEDIES, Finding, Report
 from gradmedic.remedies.actions import ACTIONS, Patient
 from gradmedic.remedies.freshness import freshness
+from gradmedic.remedies.order import from_run, remedy_order
+from gradmedic.remedies.rerun import Replay, judge, make_replay, recipe_state, replay, set_recipe_state
 from gradmedic.remedies.treatment import Treatment, trial_order
 from gradmedic.remedies.verify import Evidence, better, loss_comparable, loss_curve
 
@@ -60,8 +67,17 @@ def _burden(report: Report) -> tuple[int, int]:
     return (sum(f.severity == "error" for f in report.findings), sum(f.severity == "warning" for f in report.findings))
 
 
-def _candidates(finding: Finding) -> list[str]:
-    return trial_order(finding.remedies)
+def _candidates(finding: Finding, report: Report, model: nn.Module, course: _Course,
+                treatment: Treatment) -> list[str]:
+    """``order.remedy_order`` on this model's module classes: what cannot apply is recorded, not tried."""
+    types = {name: type(module).__name__ for name, module in model.named_modules()}
+    order, left_out = remedy_order(finding, report, run=course.replay is not None, types=types)
+    for rid, why in left_out.items():
+        if rid not in dict(treatment.skipped):
+            treatment.skipped.append((rid, why))
+    return order
+
+
 
 
 def _changed(before: dict[int, torch.Tensor], model: nn.Module) -> int:
@@ -77,12 +93,18 @@ def _why(finding: Finding) -> str:
 def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = None,
           loss_fn: Callable | None = None, trained: bool | None = None, verify_steps: int = 0,
           data: Iterable | None = None, optimizer: torch.optim.Optimizer | None = None, max_remedies: int = 3,
-          seed: int = 0, max_rounds: int | None = None) -> Treatment:
+          seed: int = 0, max_rounds: int | None = None, steps: int | None = None,
+          schedule: Callable[[torch.optim.Optimizer], Any] | None = None, clip: float | None = None,
+          precision: str | None = None, scaler: bool = False) -> Treatment:
     """Treat a copy of ``model`` for the report's findings; see the module docstring.
 
-    Each trial is re-checked the way the report was made: a report from ``gm.check(..., steps=N,
-    optimizer=opt)`` is re-checked with N steps of ``optimizer`` (pass the same one here).
-    ``max_rounds`` is the former name of ``max_remedies``."""
+    Each trial is judged the way the report was made: a report from ``gm.check(..., steps=N, optimizer=opt)`` is
+    re-checked with N steps of ``optimizer`` (pass the same one here). A report from a run (``gm.diagnose`` of a
+    Monitor's or a callback's trace) is judged by re-running the run: pass ``model`` as it was at step 0, ``data``
+    (the run's batches in order), ``optimizer`` (its class and hyperparameters are taken, not its state), and as
+    the run had them ``schedule`` (optimizer -> LR scheduler), ``clip`` (clip_grad_norm_'s max norm),
+    ``precision`` ("float16"/"bfloat16" autocast) and ``scaler`` (a GradScaler); ``steps`` defaults to the
+    trace's length. ``max_rounds`` is the former name of ``max_remedies``."""
     if not isinstance(model, nn.Module):
         raise bad_argument("model", "a torch.nn.Module", model)
     if not isinstance(report, Report):
@@ -104,6 +126,14 @@ def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = N
                            "treat re-initialises weights, which needs float parameters.")
     check_steps = int(((report.trace.meta if report.trace is not None else {}).get("check") or {}).get("steps", 0))
     course = _Course(inputs, targets, loss_fn, data, optimizer, verify_steps, seed, check_steps)
+    if from_run(report) and any(f.severity != "info" for f in report.findings):  # nothing to treat: no re-run
+        if data is None or optimizer is None:
+            course.unjudged = ("a finding from a training run is judged by re-running the run: pass the model as it "
+                               "was at step 0 with data= and optimizer= (schedule=, clip=, precision= as the run had "
+                               "them); nothing was changed on the model")
+        else:
+            course.replay = make_replay(report, data, steps, schedule, clip, precision, scaler, loss_fn, seed)
+            course.verify_steps = 0  # the re-run is the verification
     with _caller_rng_kept(seed, model):
         return _treat(model, report, course, trained, max_remedies)
 
@@ -122,6 +152,12 @@ class _Course:
     seed: int
     check_steps: int
     treatment: Treatment | None = None
+    replay: Replay | None = None  # a run's finding: the run's recipe, which every trial re-runs
+    unjudged: str = ""  # why a run's finding could not be judged (no data or optimizer)
+
+    def rerun(self, trial: nn.Module, stage: str) -> tuple[Evidence, Report]:
+        assert self.replay is not None and self.treatment is not None
+        return replay(trial, stage, self.replay, self.treatment)
 
     def recheck(self, trial: nn.Module) -> Report:
         """The trial checked as the report was made (the caller's optimizer rebuilt over the trial's parameters)."""
@@ -172,6 +208,21 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
         treatment.evidence.append(course.curve(work, "untreated"))
         treatment.evidence[0].kept = True
     current, given_up, done = report, set(), 0
+    if course.unjudged:
+        treatment.skipped.append(("re-run", course.unjudged))
+        max_remedies = 0
+    if course.replay is not None:
+        evidence, current = course.rerun(work, "untreated")
+        evidence.kept = True
+        treatment.evidence.append(evidence)
+        treatment.skipped += [("re-run", note) for note in course.replay.notes]
+        kinds = {f.kind for f in report.findings if f.severity != "info"}
+        if not any(f.kind in kinds and f.severity != "info" for f in current.findings):
+            treatment.skipped.append(("re-run", f"the untreated re-run ({course.replay.steps} steps) did not show "
+                                                f"{', '.join(sorted(kinds))} again: nothing to judge a remedy by "
+                                                "(pass the model as it was at step 0 and the run's batches)"))
+            max_remedies = 0
+        treatment.report = current
     while done < max_remedies:
         pending = [f for f in current.findings if f.severity != "info" and f.kind not in given_up]
         if not pending:
@@ -183,20 +234,28 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
             given_up.add(finding.kind)
         else:
             work = best.model
-            treatment.applied.append((best.rid, best.what, _why(finding)))
-            treatment.redrawn[best.rid] = best.changed
+            if best.recipe is not None:  # a recipe change, proven by the re-run: it stays in the treatment
+                set_recipe_state(treatment, best.recipe)
+                treatment.recipe.append(best.rid)
+            else:
+                treatment.applied.append((best.rid, best.what, _why(finding)))
+                treatment.redrawn[best.rid] = best.changed
             if best.evidence is not None:
                 best.evidence.kept = True
             if best.report is not None:
                 current = treatment.report = best.report
             done += 1
-        if course.inputs is None:
+        if course.inputs is None and course.replay is None:
             if best is not None:
                 treatment.skipped.append(("check", "not re-checked: pass inputs= to check each remedy and go on"))
             break
     treatment.model = work
-    _recipe(treatment, current, report)
+    if course.replay is None:  # a run's recipe remedies were each judged by a re-run: none is added unproven
+        _recipe(treatment, current, report)
     return treatment
+
+
+
 
 
 def _advise(treatment: Treatment, finding: Finding) -> None:
@@ -212,11 +271,11 @@ def _best_trial(finding: Finding, work: nn.Module, current: Report, treatment: T
     """The first trial that clears the finding, else the one that helps most; the others are recorded as tried."""
     best: _Trial | None = None
     passed: list[_Trial] = []
-    for rid in _candidates(finding):
+    for rid in _candidates(finding, current, work, course, treatment):
         trial = _try(rid, finding, work, current, treatment, course, done)
         if trial is None:
             continue
-        if trial.clears or best is None or _burden(trial.report) < _burden(best.report):
+        if trial.clears or best is None or trial.key < best.key:
             if best is not None:
                 passed.append(best)
             best = trial
@@ -225,9 +284,13 @@ def _best_trial(finding: Finding, work: nn.Module, current: Report, treatment: T
         if trial.clears:
             break
     for other in passed:
-        treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-checked, "
-                                             f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
-                                             f"warning(s) remained"))
+        if course.replay is not None:
+            treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-run, {finding.kind} still "
+                                                 f"there or loss {other.evidence.score:.4g}"))
+        else:
+            treatment.skipped.append((other.rid, f"helped less than {best.rid}: re-checked, "
+                                                 f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
+                                                 f"warning(s) remained"))
     return best
 
 
@@ -240,6 +303,8 @@ class _Trial:
     report: Report | None  # the re-check (None without inputs)
     evidence: Evidence | None  # the verification run (None without verify_steps)
     clears: bool  # the finding treated is gone (or down to info)
+    key: tuple = ()  # lower is better: (errors, warnings) re-checked; (severity of the kind, loss) re-run
+    recipe: dict[str, Any] | None = None  # a recipe change: the treatment's recipe with it
 
 
 def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment: Treatment, course: _Course,
@@ -252,6 +317,8 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
         treatment.advice.append((rid, f"for {_why(finding)}: not done on trained weights, it re-draws them or "
                                       "changes what the model computes (pass trained=False if they are fresh)"))
         return None
+    if course.replay is not None and inputs is None:
+        inputs = course.replay.batches[0][0]  # the run's first batch, for actions that read one
     if act.needs_inputs and inputs is None:
         treatment.skipped.append((rid, "needs a batch: pass inputs="))
         return None
@@ -259,15 +326,22 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
     before = {id(p): p.detach().clone() for p in model.parameters()}
     patient = Patient(model, inputs, current.context, treatment.trained, treatment)
     torch.manual_seed(course.seed + done)
+    recipe = recipe_state(treatment)
     try:
         what = act.apply(patient)
     except GradmedicError as why:
+        set_recipe_state(treatment, recipe)
         treatment.skipped.append((rid, str(why)))
         return None
     model = patient.model
     changed = _changed(before, model)
     if changed:
         what += f"; {'changed' if treatment.trained else 're-drew or rescaled'} {changed} existing parameter tensor(s)"
+    if course.replay is not None:
+        try:
+            return _rerun_trial(rid, finding, model, what, changed, current, treatment, course, act.on == "recipe")
+        finally:
+            set_recipe_state(treatment, recipe)  # the trial's recipe is kept in its _Trial, set again if it is chosen
     after, clears = None, True
     if inputs is not None:
         after = course.recheck(model)
@@ -285,7 +359,21 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
             treatment.skipped.append((rid, f"{verify_steps} training steps: loss {evidence.score:.4g}, not below "
                                            f"{reference.score:.4g} by the margin"))
             return None
-    return _Trial(rid, model, what, changed, after, evidence, clears)
+    return _Trial(rid, model, what, changed, after, evidence, clears, _burden(after) if after is not None else ())
+
+
+def _rerun_trial(rid: str, finding: Finding, model: nn.Module, what: str, changed: int, current: Report,
+                 treatment: Treatment, course: _Course, on_recipe: bool) -> _Trial | None:
+    """A run's finding: the trial re-runs the run and is kept by ``rerun.judge``."""
+    evidence, after = course.rerun(model, rid)
+    treatment.evidence.append(evidence)
+    reference = next(e for e in reversed(treatment.evidence[:-1]) if e.kept)
+    kept, clears, key, why = judge(finding.kind, current, after, evidence, reference)
+    if not kept:
+        treatment.skipped.append((rid, f"re-run {course.replay.steps} steps: {why}: not kept"))
+        return None
+    return _Trial(rid, model, what, changed, after, evidence, clears, key,
+                  recipe_state(treatment) if on_recipe else None)
 
 
 def _recipe(treatment: Treatment, current: Report, original: Report) -> None:

@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 
 from gradmedic.architecture import block_index
-from gradmedic.diagnosis import REMEDIES
+from gradmedic.diagnosis import REMEDIES, first_remedy
 from gradmedic.lab.claims import fmt, group_results, judge
 from gradmedic.lab.rows import check_report_rows
 from gradmedic.lab.suites import SUITES
-from gradmedic.remedies.treatment import trial_order
 from gradmedic.report import plots
 from gradmedic.report.html import Page
 
@@ -120,7 +119,7 @@ def report_page(report, title: str = "gradmedic report", figures: bool = True) -
         page.paragraph("No findings: the gradients look healthy.")
     else:
         page.table(("severity", "kind", "where", "what was found", "what to do"),
-                   [(f.severity, f.kind, _where(f.layers), f.message, _action(f.remedies)) for f in report.findings],
+                   [(f.severity, f.kind, _where(f.layers), f.message, _action(f, report)) for f in report.findings],
                    [f.severity for f in report.findings])
     if trace is None:
         return page
@@ -150,18 +149,15 @@ def _where(layers: list[str]) -> str:
     return shown + (f" and {len(layers) - _WHERE} more" if len(layers) > _WHERE else "")
 
 
-def _action(remedies: list[str]) -> str:
-    """The remedy ``gm.treat`` tries first for this finding as an instruction (its order puts the least invasive model
-    change first, so it may not be the diagnosis's top-ranked one), then the other ids to try; a finding with only
-    training-side remedies gets its top-ranked one, which treat puts in the training recipe."""
-    if not remedies:
+def _action(finding, report) -> str:
+    """The one first remedy (``gradmedic.diagnosis.first_remedy``: what ``gm.treat`` tries first, what the terminal
+    and the JSON name) as an instruction with why it is first, then the other ids to try."""
+    first, why = first_remedy(finding, report)
+    if first is None:
         return "No remedy applies: what was found says what to look for."  # no_gradient: a cut or an unused layer
-    tried = trial_order(remedies)
-    first = tried[0] if tried else remedies[0]
     description = REMEDIES[first].description
-    how = "gm.treat tries it first" if tried else "gm.treat puts it in the training recipe"
-    text = f"{description[:1].upper()}{description[1:]} ({first}; {how})."
-    others = [rid for rid in remedies if rid != first][:3]
+    text = f"{description[:1].upper()}{description[1:]} ({first}; first because {why})."
+    others = [rid for rid in finding.remedies if rid != first][:3]
     return text + (f" Else try: {', '.join(others)}." if others else "")
 
 
