@@ -124,7 +124,7 @@ def treatment_howto(treatment: Any) -> HowTo:
     items += [(rid, values.get(rid, {})) for rid in treatment.recipe]
     joined, ids = Parts(), []
     for rid, v in items:
-        joined.join(parts_of(rid, v))
+        joined.join(parts_of(rid, v, strict=False))
         ids.append(rid)
     if _OPTIMIZER_REMEDIES & set(ids):
         joined.optimizer_class = _class_name(treatment.optimizer_class)

@@ -358,12 +358,15 @@ def _accumulate(v: dict) -> Parts:
                   hf={"gradient_accumulation_steps": v["steps"]}, pl={"accumulate_grad_batches": v["steps"]})
 
 
-def parts_of(rid: str, values: Mapping[str, Any]) -> Parts:
-    """Remedy ``rid``'s pieces with ``values`` over its defaults; unknown ids and value names are refused."""
+def parts_of(rid: str, values: Mapping[str, Any], strict: bool = True) -> Parts:
+    """Remedy ``rid``'s pieces with ``values`` over its defaults; unknown ids are refused, and unknown value names
+    too unless ``strict=False`` (a Treatment's recorded values: the names this renderer does not take are left)."""
     if rid not in REMEDIES or rid not in RENDER:
         raise bad_argument("remedy", "a remedy id of gradmedic.REMEDIES", rid)
     fn, defaults = RENDER[rid]
     unknown = sorted(set(values) - set(defaults))
+    if not strict:
+        values, unknown = {k: v for k, v in values.items() if k in defaults}, []
     if unknown:
         raise bad_argument(f"values of {rid}", f"among {sorted(defaults) or 'none'}", unknown)
     return fn({**defaults, **values})

@@ -78,9 +78,11 @@ class ZLoss(nn.Module):
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
             raise bad_argument("coef", "a non-negative float", coef)
         self.loss_fn, self.coef, self.ignore_index, self.dim = loss_fn, float(coef), ignore_index, dim
+        self.base: torch.Tensor | None = None  # the last call's loss without the z-loss (detached): runs compare it
 
     def forward(self, outputs: Any, targets: Any = None) -> torch.Tensor:
         base = loss_of(outputs, targets, self.loss_fn)[0]
+        self.base = base.detach()
         logits = logits_of(outputs)
         mask = None
         rows = logits.shape[:self.dim % logits.dim()] + logits.shape[self.dim % logits.dim() + 1:]

@@ -28,10 +28,8 @@ ADAM_EPSILON = 1e-15
 BETA2 = 0.95
 # updates far below 1e-3 of the weights (stalled): ten times the learning rate is one decade toward it
 RAISE_FACTOR = 10.0
-# what adaptive_optimizer starts Adam at: Kingma & Ba's default (an SGD learning rate does not carry over)
-ADAM_LR = 1e-3
-ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Adafactor", "SparseAdam",
-            "LBFGS")
+# adaptive_optimizer is advice, not an action (``howto`` renders it): on an optimizer that is adaptive already it
+# has nothing to do, and treat's recipe for a finding at init applies the first recipe action without a fallback
 
 
 def _clip(patient: Patient, rid: str, make, **values) -> str:
@@ -129,7 +127,9 @@ def weight_decay_exclusions(patient: Patient) -> str:
     switched = ""
     if treatment.optimizer_class is torch.optim.Adam:  # Adam's weight_decay is L2 in the gradient, not decoupled
         treatment.optimizer_class = torch.optim.AdamW
-        treatment.optimizer_defaults = {k: v for k, v in treatment.optimizer_defaults.items() if k != "weight_decay"}
+        accepted = inspect.signature(torch.optim.AdamW).parameters  # Adam's decoupled_weight_decay is AdamW's own
+        treatment.optimizer_defaults = {k: v for k, v in treatment.optimizer_defaults.items()
+                                        if k in accepted and k != "weight_decay"}
         switched = "AdamW in place of Adam; "
     if not _takes(patient, "weight_decay"):
         raise GradmedicError(f"{treatment.optimizer_class.__name__} has no weight_decay")
@@ -156,17 +156,6 @@ def raise_learning_rate(patient: Patient) -> str:
     treatment.lr = before * RAISE_FACTOR
     treatment.note("raise_learning_rate", lr=treatment.lr)
     return f"learning rate {before:g} -> {treatment.lr:g}"
-
-
-@action("adaptive_optimizer", "scale", keeps_function=True)
-def adaptive_optimizer(patient: Patient) -> str:
-    treatment = patient.treatment
-    if treatment.optimizer_class.__name__ in ADAPTIVE:
-        raise GradmedicError(f"{treatment.optimizer_class.__name__} is adaptive already")
-    before = treatment.optimizer_class.__name__
-    treatment.optimizer_class, treatment.optimizer_defaults, treatment.lr = torch.optim.Adam, {}, ADAM_LR
-    treatment.note("adaptive_optimizer", lr=ADAM_LR)
-    return f"Adam at lr {ADAM_LR:g} in place of {before}"
 
 
 @action("higher_precision", "scale", keeps_function=True)
