@@ -29,13 +29,14 @@ from gradmedic._inputs import forward_loss, split_inputs
 from gradmedic._progress import progress
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
+from gradmedic.remedies.treatment import RECIPE_FIELDS
 from gradmedic.remedies.verify import Evidence, better
 
 __all__ = ["LEARNED", "PRECISIONS", "RECIPE_FIELDS", "RESCUED", "Replay", "judge", "learns", "make_replay",
            "recipe_state", "replay", "set_recipe_state"]
 
-# The Treatment's fields a recipe action sets: saved before a trial, put back after it unless it is kept.
-RECIPE_FIELDS = ("lr", "schedule", "clip", "loss_scaling")
+# The Treatment's fields a recipe action sets (RECIPE_FIELDS, from treatment.py): saved before a trial, put back
+# after it unless it is kept.
 PRECISIONS = {None: None, "float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The keep rule's bars (``judge``). A re-run "learns" when its loss at the end is at most 0.9x where it began: the bar
 # of the corpus's stall detector (tests/training_runs.py, STALL_FRACTION; every healthy run there has halved its loss
@@ -116,16 +117,18 @@ def _factors(schedule: Callable | None) -> Callable[[], float] | None:
 
 
 def replay(model: nn.Module, stage: str, run: Replay, treatment: Any) -> tuple[Evidence, Report]:
-    """Train a copy of ``model`` with the run's recipe and the treatment's (lr, schedule, clipping, loss scaling);
-    the copy's loss curve and the diagnosis of its own monitored run. The model itself is not touched."""
+    """Train a copy of ``model`` with the run's recipe and the treatment's (lr, schedule, clipping, loss scaling, the
+    optimizer's eps/beta2/decay groups, a z-loss, a precision in place of the run's); the copy's loss curve (the run's
+    own loss, without a z-loss) and the diagnosis of its own monitored run. The model itself is not touched."""
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(run.seed)
-    optimizer = treatment.optimizer(work.parameters())
+    optimizer = treatment.optimizer(work)  # the module: decay groups know its norms and embeddings
     scheduler = run.schedule(optimizer) if run.schedule is not None else None
     factor = _factors(treatment.schedule)
     device = next((p.device.type for p in work.parameters()), "cpu")
-    dtype = PRECISIONS[run.precision]
+    dtype = PRECISIONS[treatment.precision or run.precision]
+    loss_fn = treatment.loss_fn(run.loss_fn)  # the run's loss, with the recipe's z-loss when it has one
     scaler = torch.amp.GradScaler(device) if dtype is torch.float16 and (run.scaler or treatment.loss_scaling) \
         else None
     evidence = Evidence(stage)
@@ -137,15 +140,16 @@ def replay(model: nn.Module, stage: str, run: Replay, treatment: Any) -> tuple[E
                 args, kwargs = split_inputs(x)
                 try:
                     with torch.autocast(device, dtype=dtype or torch.float16, enabled=dtype is not None):
-                        loss, _ = forward_loss(work, args, kwargs, y, run.loss_fn)
+                        loss, _ = forward_loss(work, args, kwargs, y, loss_fn)
                 except GradmedicError as error:
                     raise GradmedicError(f"The re-run could not train the {stage} copy: {first_line(error)}") \
                         from error
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                monitor.step(loss)
-                value = float(loss.detach())
+                own = getattr(loss_fn, "base", None)  # the run's own loss, what is compared, without the z-loss
+                monitor.step(own if own is not None else loss)
+                value = float((own if own is not None else loss).detach())
                 evidence.losses.append(value if math.isfinite(value) else math.inf)
                 if not math.isfinite(value):
                     break  # the failure happened: nothing after it is evidence

@@ -15,10 +15,19 @@ from torch import nn
 from gradmedic._display import html_of
 from gradmedic.diagnosis import REMEDIES, Report
 from gradmedic.remedies.actions import ACTIONS
+from gradmedic.remedies.groups import decay_groups
+from gradmedic.remedies.howto import HowTo, howto, treatment_howto
 from gradmedic.remedies.precision import ScaledStep
 from gradmedic.remedies.verify import Evidence
+from gradmedic.remedies.zloss import ZLoss
 
-__all__ = ["Treatment", "trial_order"]
+__all__ = ["RECIPE_FIELDS", "Treatment", "trial_order"]
+
+# The Treatment's fields that the training-recipe actions set: what a trial saves before it and puts back after it
+# unless it is kept (``getattr`` each; the actions never change a dict in place, they assign a new one). ``values``
+# is not among them: it is keyed by remedy id and read only for the remedies kept.
+RECIPE_FIELDS = ("lr", "schedule", "clip", "loss_scaling", "eps", "beta2", "weight_decay", "decay_exclusions",
+                 "z_loss", "precision", "optimizer_class", "optimizer_defaults")
 
 
 @dataclass
@@ -42,14 +51,56 @@ class Treatment:
     # the caller's optimizer class and its hyperparameters (``treat(..., optimizer=)``), the learning rate aside
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam
     optimizer_defaults: dict[str, Any] = field(default_factory=dict)
+    # the recipe's optimizer settings, set by its actions (None: as the caller's optimizer has them)
+    eps: float | None = None  # Adam's epsilon (lower_adam_epsilon)
+    beta2: float | None = None  # Adam's beta2 (lower_beta2)
+    weight_decay: float | None = None  # (weight_decay_exclusions)
+    decay_exclusions: bool = False  # no decay on biases, norms, embeddings: ``decay_groups`` (weight_decay_exclusions)
+    z_loss: float = 0.0  # z-loss coefficient added to the loss, 0 for none (z_loss; ``loss_fn``)
+    precision: str | None = None  # autocast dtype name ("bfloat16", "float32": none) for the loop; None: the run's
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)  # remedy id -> the values its action chose
 
-    def optimizer(self, params: Iterable[torch.Tensor] | None = None) -> torch.optim.Optimizer:
-        """The optimizer the verification runs trained with, at the recipe's learning rate, over ``params`` (the
-        treated model's by default): the caller's class and hyperparameters when ``treat`` was given one, else
-        Adam."""
-        params = self.model.parameters() if params is None else params
-        takes_lr = "lr" in inspect.signature(self.optimizer_class).parameters and "lr" not in self.optimizer_defaults
-        return self.optimizer_class(params, **({"lr": self.lr} if takes_lr else {}), **self.optimizer_defaults)
+    def optimizer(self, params: nn.Module | Iterable[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+        """The recipe's optimizer over ``params`` (the treated model by default; a module, or its tensors): the
+        caller's class and hyperparameters when ``treat`` was given one, else Adam, at the recipe's learning rate,
+        with its epsilon, beta2 and weight decay where set, and with ``decay_exclusions`` the ``decay_groups``
+        (pass a module for them to know embeddings; from tensors only those under 2 dimensions are left out)."""
+        source = self.model if params is None else params
+        accepted = inspect.signature(self.optimizer_class).parameters
+        kwargs = dict(self.optimizer_defaults)
+        if "lr" in accepted and "lr" not in kwargs:
+            kwargs["lr"] = self.lr
+        if self.eps is not None and "eps" in accepted:
+            kwargs["eps"] = self.eps
+        if self.beta2 is not None and "betas" in accepted:
+            kwargs["betas"] = (tuple(kwargs.get("betas") or (0.9, 0.999))[0], self.beta2)
+        if self.weight_decay is not None and "weight_decay" in accepted:
+            kwargs["weight_decay"] = self.weight_decay
+        if self.decay_exclusions:
+            source = decay_groups(source, float(kwargs.get("weight_decay") or 0.0))
+        elif isinstance(source, nn.Module):
+            source = source.parameters()
+        return self.optimizer_class(source, **kwargs)
+
+    def loss_fn(self, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> Callable | None:
+        """``loss_fn`` with the recipe's loss changes: the z-loss added (``ZLoss``; None: the outputs' own loss, or
+        cross-entropy/MSE against the targets) when ``z_loss`` is set, else ``loss_fn`` as it is."""
+        return ZLoss(loss_fn, self.z_loss) if self.z_loss else loss_fn
+
+    def note(self, rid: str, **values: Any) -> None:
+        """Record the values remedy ``rid``'s action chose (for ``howto``); a new dict, never changed in place."""
+        self.values = {**self.values, rid: dict(values)}
+
+    def howto(self) -> HowTo:
+        """Everything applied to the model and put in the recipe, in the user's own terms: one ``HowTo`` whose
+        ``torch`` is plain PyTorch (the ``gradmedic.remedies`` calls on the model, one optimizer line, the loop's
+        lines), ``huggingface`` the ``TrainingArguments`` fields, ``lightning`` the ``Trainer`` arguments and what
+        goes in ``configure_optimizers``/``training_step``; ``lines()`` for printing."""
+        return treatment_howto(self)
+
+    def advice_howto(self) -> list[HowTo]:
+        """The same for each remedy that was not done (``advice``): what to change by hand."""
+        return [howto(rid) for rid, _ in self.advice]
 
     def stepper(self, optimizer: torch.optim.Optimizer) -> ScaledStep | None:
         """A ``ScaledStep`` (loss scaling, then clipping) when the recipe calls for loss scaling."""
@@ -77,6 +128,12 @@ class Treatment:
         lines += [f"training recipe: {rid} - {REMEDIES[rid].description}" for rid in self.recipe]
         lines += [f"not done, {rid}: {why}" for rid, why in self.advice]
         lines += [f"tried, not kept, {rid}: {why}" for rid, why in self.skipped]
+        steps = self.howto()
+        if steps.remedies:
+            lines.append("to do the same in your code:")
+            lines += ["  " + line for line in steps.lines()]
+        for rid, how in zip((rid for rid, _ in self.advice), self.advice_howto(), strict=True):
+            lines.append(f"by hand, {rid}: " + how.torch.splitlines()[0])
         if self.evidence:
             lines.append("verified by training (score: mean loss over the last steps): " + ", ".join(
                 f"{e.stage} {e.score:.4g}{'' if e.kept else ' (not kept)'}" for e in self.evidence))

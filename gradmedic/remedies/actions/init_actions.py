@@ -18,11 +18,13 @@ from gradmedic.remedies.restart import recycle_
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def _critical(patient: Patient, distribution: str, label: str) -> str:
+def _critical(patient: Patient, distribution: str, label: str, rid: str) -> str:
     if not any(isinstance(m, _WEIGHTED) for m in patient.model.modules()):
         raise GradmedicError("no Linear/Conv weights to initialise")
     depth = patient.context.depth or None
     scales = critical_(patient.model, patient.inputs, depth=depth, distribution=distribution)
+    if patient.treatment is not None:
+        patient.treatment.note(rid, depth=depth)  # for Treatment.howto(): the same call in the user's code
     shown = ", ".join(f"{v:.2f} before {k}" for k, v in scales.items() if k != "linear")
     biases = "biases centring the sigmoid outputs" if "Sigmoid" in scales else "biases 0"
     return (f"{label} draw at the critical scale for depth {depth or len(scales)} (sigma_w^2 = {shown or '1'}), "
@@ -31,12 +33,12 @@ def _critical(patient: Patient, distribution: str, label: str) -> str:
 
 @action("he_init", "init")
 def he_init(patient: Patient) -> str:
-    return _critical(patient, "normal", "He (normal)")
+    return _critical(patient, "normal", "He (normal)", "he_init")
 
 
 @action("xavier_init", "init")
 def xavier_init(patient: Patient) -> str:
-    return _critical(patient, "uniform", "Xavier (uniform)")
+    return _critical(patient, "uniform", "Xavier (uniform)", "xavier_init")
 
 
 @action("orthogonal_init", "init")
@@ -44,7 +46,7 @@ def orthogonal_init(patient: Patient) -> str:
     recurrent = [m for m in patient.model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
     if recurrent:
         inits.orthogonal_(patient.model, gain=None)  # recurrent matrices gate by gate; Linear/Conv redone below
-    text = _critical(patient, "orthogonal", "orthogonal") if any(
+    text = _critical(patient, "orthogonal", "orthogonal", "orthogonal_init") if any(
         isinstance(m, _WEIGHTED) for m in patient.model.modules()) else ""
     return "; ".join(t for t in (f"orthogonal recurrent weights in {len(recurrent)} RNN(s)" if recurrent else "", text)
                      if t)
@@ -82,6 +84,8 @@ def forget_gate_bias(patient: Patient) -> str:
     length = sequence_length(patient.model, patient.inputs)
     if length is not None and length >= CHRONO_MIN_LENGTH:
         inits.chrono_bias_(patient.model, length)
+        if patient.treatment is not None:
+            patient.treatment.note("forget_gate_bias", length=length)
         return f"chrono init of LSTM/GRU gate biases for {length} steps (forget bias log U(1, {length - 1}))"
     inits.forget_gate_bias_(patient.model, 1.0)
     return "LSTM forget-gate biases set to 1 (b_ih + b_hh)"

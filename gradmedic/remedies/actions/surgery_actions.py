@@ -24,6 +24,8 @@ def add_normalization(patient: Patient) -> str:
     kind = "layer" if _count(patient.model, (nn.RNNBase, nn.MultiheadAttention)) else "batch"
     before = _count(patient.model, NORM_TYPES)
     patient.model = surgery.add_normalization(patient.model, kind=kind, inputs=patient.inputs, inplace=True)
+    if patient.treatment is not None:
+        patient.treatment.note("add_normalization", kind=kind)
     added = _count(patient.model, NORM_TYPES) - before
     return f"inserted {added} {'BatchNorm' if kind == 'batch' else 'LayerNorm'} layers after Linear/Conv layers"
 
@@ -38,6 +40,8 @@ def swap_activation(patient: Patient) -> str:
     relus = _count(patient.model, (nn.ReLU,))
     if relus:
         patient.model = surgery.swap_activation(patient.model, to="leaky_relu", replace=(nn.ReLU,), inplace=True)
+        if patient.treatment is not None:
+            patient.treatment.note("swap_activation", to="leaky_relu")
         return f"replaced {relus} ReLU with LeakyReLU(0.01)"
     raise GradmedicError("no activation module to swap")
 

@@ -1,4 +1,4 @@
-"""Transformer actions on ``torch.nn`` Transformer layers: pre-LN, LayerScale, DeepNorm.
+"""Transformer actions on ``torch.nn`` Transformer layers: pre-LN, LayerScale, DeepNorm; and QK-norm on any attention.
 
 - ``pre_ln`` (Xiong et al. 2020): ``norm_first=True`` in every post-LN ``TransformerEncoderLayer`` /
   ``TransformerDecoderLayer``, and a final LayerNorm on their stack where it has none (a pre-LN stack's
@@ -12,6 +12,10 @@
   ``alpha = (2N)^(1/4)`` (encoder; ``(3N)^(1/4)`` decoder), written as the branch scaled by ``1/alpha``
   (the same up to LayerNorm's eps), and the value, output and feed-forward projections scaled by
   ``beta = (8N)^(-1/4)`` (``(12N)^(-1/4)``). Rescales fresh weights: fresh only.
+- ``qk_norm`` (Dehghani et al. 2023; ``gradmedic.remedies.qk_norm_``): a norm of each head's queries and keys in
+  every attention module it can read (torch.nn and the common Hugging Face classes). It changes what the model
+  computes (a per-token normalisation cannot be undone by a gain): fresh weights, with gains at 1, the papers' init;
+  on trained weights (where treat would not apply it) the gains would start at the batch's measured scale.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from gradmedic._errors import GradmedicError
 from gradmedic.remedies.actions._registry import Patient, action
+from gradmedic.remedies.qk_norm import qk_norm_
 from gradmedic.remedies.surgery import LayerScale
 
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -112,3 +117,15 @@ def deepnorm(patient: Patient) -> str:
     return (f"DeepNorm on {n} post-LN layer(s): residual weighted by alpha = {alpha:.2f} (branch scaled by 1/alpha), "
             f"value/output/feed-forward weights scaled by beta = {beta:.3f}")
 
+
+
+@action("qk_norm", "insert")
+def qk_norm(patient: Patient) -> str:
+    measured = patient.trained and patient.inputs is not None
+    done = qk_norm_(patient.model, patient.inputs if measured else None)
+    if not done:
+        raise GradmedicError("every attention module has QK-norm already")
+    if patient.treatment is not None:
+        patient.treatment.note("qk_norm", inputs=measured)
+    gains = "gains at the batch's measured scale" if measured else "gains at 1"
+    return f"QK-norm (RMSNorm per head, {gains}) in {len(done)} attention module(s)"
