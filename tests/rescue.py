@@ -66,18 +66,28 @@ def end(losses: list[float]) -> float:
     return math.inf if not tail or not all(math.isfinite(v) for v in tail) else sum(tail) / len(tail)
 
 
+@dataclasses.dataclass(frozen=True)
+class Warmed(corpus.Recipe):
+    """A corpus recipe whose learning rate is also multiplied by the treatment's linear warmup, as treat's re-run
+    applies it on top of the run's own schedule (a run warmed up already, GPT_HOT's 300 steps, included)."""
+
+    extra_warmup: int = 0
+
+    def lr_at(self, step: int) -> float:
+        return super().lr_at(step) * min(1.0, (step + 1) / self.extra_warmup)
+
+
 def recipe_of(r: corpus.Run, treatment: gm.Treatment) -> corpus.Recipe:
     """The corpus recipe with the treatment's recipe changes, for the corpus's own trainer."""
     rec = r.recipe
     clip = rec.clip
     if treatment.clip is not None:
         clip = min(clip or math.inf, treatment.clip.keywords["max_norm"])
-    warmup = rec.warmup
-    if treatment.schedule is not None:
-        assert not rec.warmup, "a warmup on top of the run's own: not expressible in the corpus recipe"
-        warmup = treatment.schedule.keywords["steps"]
-    return dataclasses.replace(rec, lr=treatment.lr, clip=clip, warmup=warmup,
-                               precision="fp16_scaler" if treatment.loss_scaling else rec.precision)
+    fields = dict(lr=treatment.lr, clip=clip, precision="fp16_scaler" if treatment.loss_scaling else rec.precision)
+    if treatment.schedule is None:
+        return dataclasses.replace(rec, **fields)
+    assert treatment.schedule.func.__name__ == "linear_warmup", treatment.schedule
+    return Warmed(**{**dataclasses.asdict(rec), **fields, "extra_warmup": treatment.schedule.keywords["steps"]})
 
 
 def replayed(r: corpus.Run, treatment: gm.Treatment) -> corpus.Result:
