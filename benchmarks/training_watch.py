@@ -197,7 +197,9 @@ NOTES = """Reading the table:
   growth, as in float32.
 - The first warning is read from the trace cut every 10 steps (what a diagnosis at a flush every 10 steps says):
   a sudden failure (a NaN, an lr spike) is named with its own step in the finding, but shows in this column at
-  the next cut after it. `loss_stall` has no kind yet (the post-LN run is named by vanishing_gradients).
+  the next cut after it. `loss_stall` names a loss that never leaves where it began: the post-LN run (step 69,
+  after vanishing_gradients at 29), and also the dying-units and explosive-recurrence runs, whose loss never learns
+  either (not counted as their right kind).
 - avx512 was not checked: the machine that ran this has no AVX-512 (ATEN_CPU_CAPABILITY=avx512 dies with SIGILL)."""
 
 

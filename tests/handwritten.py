@@ -1481,8 +1481,9 @@ ENTRIES: list[Entry] = [
           at_init=_sick("dead_units", "error", "3"), after_steps=_sick("dead_units", "error", "3"),
           truth="dead_relu: 93.8% of layer 2's units (60 of 64) are <= 0 on every one of the 128 inputs of the data "
                 "set, each one's largest pre-activation 1-100 of its own stds below zero (so any margin up to one own "
-                "std counts all 60). gradmedic reads 48% (a warning); the read falls as the dead units spread out "
-                "(all 1-3 stds deep: 92%; uniform 1-20: 69%; log-uniform 1-20: 58%, 1-100: 48%, 1-1000: 42%)"),
+                "std counts all 60). By the spread over units alone gradmedic read 48% (a warning), falling as the "
+                "dead units spread out (all 1-3 stds deep: 92%; uniform 1-20: 69%; log-uniform 1-20: 58%, 1-100: 48%, "
+                "1-1000: 42%); with the scale of each unit's weights on the layer's input as the bound: 88%"),
     Entry("SICK 7: 16-layer linear graph net, weights x0.5", tiny_graph_net(), issue_class=7,
           at_init=_sick("vanishing_gradients", "error", "layers.0"),
           after_steps=_sick("vanishing_gradients", "error", "layers.0"), truth="tiny_graph: grad/weight 1e-07..2e-07 "

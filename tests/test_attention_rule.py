@@ -89,6 +89,14 @@ def test_a_bound_says_so():
     assert f.evidence["bound"] == 1 and "attn_entropy_last" not in f.evidence
 
 
+def test_a_bound_past_the_threshold_is_a_warning_that_it_may_be_and_an_exact_one_an_error():
+    passed = np.r_[60 * 3.0 ** (STEPS[:-1] / 100), 1.2e4]
+    (exact,) = _found(_trace(STEPS, {"h.0.attn": passed}))
+    (bounded,) = _found(_trace(STEPS, {"h.0.attn": passed}, bound=1.0, entropy=np.nan))
+    assert exact.severity == "error" and bounded.severity == "warning"
+    assert "may be past" in bounded.message and bounded.evidence["bound"] == 1
+
+
 def test_it_warns_before_the_drift_passes_the_threshold():
     logits = 5 * 2.0 ** (STEPS / 40)  # x5.7 per 100 steps; passes 1e4 at step ~439, after the trace ends
     trace = _trace(STEPS, {"h.0.attn": logits})

@@ -141,10 +141,11 @@ def test_report_json_and_text():
     doc = json.loads(report.to_json())
     assert doc["healthy"] is False
     assert doc["findings"][0]["kind"] == "vanishing_gradients"
-    assert set(doc["findings"][0]) == {"kind", "severity", "layers", "message", "evidence", "remedies"}
+    assert set(doc["findings"][0]) == {"kind", "severity", "layers", "message", "evidence", "remedies", "first_remedy",
+                                       "why_first"}
     assert {row["layer"] for row in doc["layers"]} >= {"0", "18"}
     text = str(report)
-    assert "vanishing_gradients" in text and "remedies: 1. add_normalization" in text
+    assert "vanishing_gradients" in text and "first: xavier_init" in text and "else: add_normalization" in text
 
 
 def test_findings_validate_their_fields():

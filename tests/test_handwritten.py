@@ -19,12 +19,8 @@ import gradmedic as gm
 from tests.handwritten import ENTRIES, STEPS, Entry, judge
 
 # (entry name, "init" or "steps") -> why gradmedic's verdict is wrong today (benchmarks/handwritten_corpus.md)
-# classes 1-5 and 7-9 are fixed (CHANGELOG.md, issue 28); their entries pass unmarked
-C6 = "issue 28 class 6: the dead-unit margin widens as units die, so dead units are under-counted"
-KNOWN_WRONG: dict[tuple[str, str], str] = {
-    **{("SICK 6: 60 of 64 ReLUs dead, 1-100 own stds below zero", w): C6 + " (94% measured, 48% read)"
-       for w in ("init", "steps")},
-}
+# classes 1-9 are fixed (CHANGELOG.md, issue 28); their entries pass unmarked
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 _BUILT: dict[str, tuple] = {}
 

@@ -70,7 +70,7 @@ def test_bad_specs(field, value, match):
         build_mlp(MLPSpec(**{field: value}))
 
 
-@pytest.mark.parametrize("variant", ["post", "pre", "rezero", "deepnorm"])
+@pytest.mark.parametrize("variant", ["post", "pre", "rezero", "deepnorm", "layerscale"])
 def test_transformer_variants_run_and_attend_causally(variant):
     from gradmedic.lab.transformer import TransformerSpec, build_transformer
 

@@ -60,13 +60,15 @@ def test_what_to_do_is_an_instruction(tmp_path):
     assert report.findings
     text = report_page(report).html()
     tried = gm.treat(model, report, inputs=torch.randn(32, 16), targets=torch.randint(0, 16, (32,)))
-    from gradmedic.remedies.treat import trial_order
+    from gradmedic.diagnosis import first_remedy
 
-    first = trial_order(report.findings[0].remedies)[0]
+    first, why = first_remedy(report.findings[0], report)
     description = gm.REMEDIES[first].description
-    # the description, as a sentence, of the remedy gm.treat tries first: the one it applies when it clears the finding
-    # (the least invasive model change, not necessarily the top-ranked: xavier_init before add_normalization here)
-    assert f"<td>{description[:1].upper()}{description[1:]} ({first}; gm.treat tries it first)." in text
+    # the description, as a sentence, of the one first remedy (what gm.treat tries first and applies when it clears
+    # the finding: the least invasive model change, not necessarily the top-ranked: xavier_init before
+    # add_normalization here), and why it is first
+    assert first == "xavier_init" and report.findings[0].remedies[0] == "add_normalization"
+    assert f"<td>{description[:1].upper()}{description[1:]} ({first}; first because {why})." in text
     assert tried.applied and tried.applied[0][0] == first
 
 

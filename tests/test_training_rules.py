@@ -68,12 +68,85 @@ def test_loss_spike(loss, want):
 
 
 def test_loss_spike_is_seven_sigma_from_the_rolling_mean():
-    base = _noisy(1.0, 80, sd=0.01)
+    base = _noisy(1.0, 80, sd=0.03)  # 7 sd: a rise of ~21%, above the 10% floor
     window = base[70 - training.SPIKE_WINDOW:70]
     for sigmas, found in ((6.5, False), (7.5, True)):
         loss = base.copy()
         loss[70:] = window.mean() + sigmas * window.std()  # and held
         assert bool(training.loss_spike(_trace(loss), Context())) == found
+
+
+def test_a_nearly_constant_loss_needs_a_rise_of_a_tenth_too():
+    assert training.SPIKE_MIN_RISE == 0.1
+    base = _noisy(2.3, 80, sd=0.0005)  # a loss stuck near chance: 7 sd is 0.35%
+    window = base[70 - training.SPIKE_WINDOW:70]
+    for rise, found in ((0.02, False), (0.08, False), (0.12, True)):  # every one of them > 20 sd
+        loss = base.copy()
+        loss[70:] = window.mean() * (1 + rise)
+        assert (loss[70] - window.mean()) / window.std() > 20
+        assert bool(training.loss_spike(_trace(loss), Context())) == found
+
+
+# --- a loss that never learns -------------------------------------------------------------------------------------
+STUCK = np.concatenate([np.linspace(2.9, 2.65, 20), _noisy(2.65, 100, sd=0.005)])  # post-LN at chance: -9%, then flat
+SLOW = np.linspace(2.9, 2.55, 120) * (1 + 0.01 * RNG.standard_normal(120))  # -12% over the run: slow, but learning
+LEVELLED = np.concatenate([np.linspace(2.3, 1.9, 60), _noisy(1.9, 100, sd=0.01)])  # learned 17%, then flat
+
+
+@pytest.mark.parametrize("loss, want", [
+    (STUCK, [("loss_stall", "warning")]),
+    (STUCK[:45], []),  # fewer than STALL_WINDOW steps: not judged
+    (_noisy(2.3, 200, sd=0.02), [("loss_stall", "warning")]),  # never moved
+    (SLOW, []),
+    (LEVELLED, []),  # converged (or at its floor) below 90% of its start: not a stall
+    (LEARNING, []),
+    (np.concatenate([_noisy(2.3, 20), _noisy(2.8, 80, sd=0.005)]), []),  # 22% above its start: divergence's
+], ids=["stuck", "too_short", "never_moved", "slow", "levelled", "learning", "rose"])
+def test_loss_stall(loss, want):
+    assert _kinds(training.loss_stall(_trace(loss), Context())) == want
+
+
+def test_a_flat_loss_while_the_lr_warms_up_is_no_stall_and_after_it_is():
+    n = 160
+    lr = np.minimum(np.arange(n) + 1, 100) / 100 * 1e-3  # linear warmup over 100 steps
+    scalars = {"lr": (np.arange(n), lr)}
+    flat = _noisy(2.3, n, sd=0.005)
+    assert training.loss_stall(_trace(flat[:90], scalars={"lr": (np.arange(90), lr[:90])}), Context()) == []
+    (f,) = training.loss_stall(_trace(flat, scalars=scalars), Context())  # 60 steps at the peak lr: flat
+    assert f.evidence["window"] == 80 and abs(f.evidence["change"]) < training.STALL_DROP
+
+
+def test_a_stall_says_whether_its_steps_are_large_or_tiny_by_hand():
+    steps = np.arange(0, 120, 20)
+    for ratio, says in ((0.2, "large"), (1e-7, "tiny"), (1e-3, None)):
+        grid = {"update_to_weight": {"fc1": np.full(len(steps), ratio), "fc2": np.full(len(steps), ratio)}}
+        (f,) = training.loss_stall(_trace(STUCK, grid, steps=steps), Context())
+        assert f.evidence["update_to_weight"] == pytest.approx(ratio)
+        assert (says is None and "steps are" not in f.message) or f"steps are {says}" in f.message
+
+
+def test_loss_stall_ranks_a_warmup_first_and_pre_ln_on_a_post_ln_transformer():
+    from gradmedic.diagnosis import prescribe
+    assert prescribe("loss_stall", {})[0] == "lr_warmup"
+    assert prescribe("loss_stall", {"model_kind": "transformer", "norm_placement": "post"})[:2] == ["lr_warmup",
+                                                                                                    "pre_ln"]
+
+
+def test_corpus_post_ln_run_that_never_learns_is_a_loss_stall_before_its_failure_step():
+    corpus = pytest.importorskip("tests.training_runs")
+    holder = {}
+
+    def on_step(step, model, optimizer, loss):
+        if "monitor" not in holder:
+            holder["monitor"] = gm.Monitor(model, optimizer)
+        holder["monitor"].step(loss)
+
+    result = corpus.run(corpus.by_name("post_ln_no_warmup_gpt"), on_step)
+    trace = holder["monitor"].trace
+    holder["monitor"].close()
+    first = next(cut for cut in range(9, len(result.losses), 10)
+                 if any(f.kind == "loss_stall" for f in gm.diagnose(trace.until(cut)).findings))
+    assert first < result.failure_step == corpus.STALL_STEPS
 
 
 # --- divergence ----------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ KINDS: tuple[str, ...] = (
     # while it trains (issue 26): the loss and the total gradient norm, the output logits, the optimizer's state
     "loss_spike",
     "divergence",
+    "loss_stall",
     "output_logit_drift",
     "adam_epsilon",
     "update_too_large",

@@ -12,7 +12,8 @@ from typing import Any
 
 from gradmedic.lab.rows import label_number
 
-__all__ = ["CHECKS", "LITERATURE", "PRECONDITIONS", "STALLS", "TRAINS", "Check"]
+__all__ = ["CHECKS", "LITERATURE", "PRECONDITIONS", "STALLS", "TRAINS", "Check", "final_loss", "learns", "make_check",
+           "stalls"]
 
 TRAINS = 0.5  # "trains": final training loss below half the task's input-blind baseline
 STALLS = 0.9  # "stalls": final training loss above 90% of the baseline
@@ -370,3 +371,6 @@ LITERATURE = {
     "rezero": "Bachlechner et al. 2020: ReZero trains 128-layer transformers; Wang et al. 2022: DeepNorm "
               "trains 1000 layers",
 }
+
+# for the claims of other modules (depth_checks): the measures above under public names
+make_check, final_loss, learns, stalls = _check, _loss, _learns, _stalls

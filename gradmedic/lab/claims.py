@@ -29,6 +29,7 @@ from typing import Any
 
 from gradmedic._errors import GradmedicError, first_line
 from gradmedic.lab.claim_checks import CHECKS, LITERATURE, PRECONDITIONS, Check
+from gradmedic.lab.depth_checks import DEPTH_CHECKS, DEPTH_LITERATURE, DEPTH_PRECONDITIONS
 from gradmedic.lab.rows import check_rows
 
 __all__ = ["CLAIMS", "CLEAR", "NOT_TESTED", "Check", "Claim", "Verdict", "fmt", "group_results", "judge"]
@@ -71,6 +72,9 @@ class Claim:
     literature: str = ""
     # over all seeds' views: why the experiment cannot test the claim (e.g. no run stalled), or None
     precondition: Callable[[list[View]], str | None] | None = None
+    # the experiment gives some runs fewer seeds (Experiment.seeds: the deepest transformers): a seed's view holds
+    # the runs made under it, rather than only seeds that every run has
+    fewer_seeds: bool = False
 
 
 def group_results(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Results:
@@ -94,10 +98,12 @@ def fmt(value: float | None) -> str:
     return f"{value:.1e}"
 
 
-def _views(res: dict[str, list[dict[str, Any]]]) -> list[tuple[int, View]]:
-    """One view per seed that every label of the experiment has run under."""
-    seeds = sorted(set.intersection(*({r["seed"] for r in runs} for runs in res.values())))
-    return [(s, {label: next(r for r in runs if r["seed"] == s) for label, runs in res.items()}) for s in seeds]
+def _views(res: dict[str, list[dict[str, Any]]], fewer_seeds: bool = False) -> list[tuple[int, View]]:
+    """One view per seed that every label of the experiment has run under; with ``fewer_seeds``, one per seed
+    that any label has run under, holding the labels run under it."""
+    by_label = [{r["seed"] for r in runs} for runs in res.values()]
+    seeds = sorted(set.union(*by_label) if fewer_seeds else set.intersection(*by_label))
+    return [(s, {label: r for label, runs in res.items() for r in runs if r["seed"] == s}) for s in seeds]
 
 
 def _interval(values: list[float]) -> str:
@@ -162,7 +168,7 @@ def _agree_text(agree: int, n: int) -> str:
 
 def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]], tests_claims: bool = True) -> Verdict:
     per_seed, outcomes = [], []
-    views = _views(res)
+    views = _views(res, claim.fewer_seeds)
     for seed, view in views:
         with _unreadable(claim, seed):
             checks = claim.checks(view)
@@ -195,7 +201,10 @@ def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]], tests_claims
     return Verdict(claim.text, claim.experiment, verdict, evidence, agreement, why, claim.literature)
 
 
-CLAIMS: tuple[Claim, ...] = tuple(Claim(text, experiment, CHECKS[key], LITERATURE.get(key, ""), PRECONDITIONS.get(key))
+_CHECKS, _LITERATURE = {**CHECKS, **DEPTH_CHECKS}, {**LITERATURE, **DEPTH_LITERATURE}
+_PRECONDITIONS = {**PRECONDITIONS, **DEPTH_PRECONDITIONS}
+CLAIMS: tuple[Claim, ...] = tuple(Claim(text, experiment, _CHECKS[key], _LITERATURE.get(key, ""),
+                                        _PRECONDITIONS.get(key), experiment == "transformer_depth")
                                   for key, (text, experiment) in {
     "nielsen": ("In a deep sigmoid net the first layers get far smaller gradients than the last", "nielsen"),
     "activations": ("Non-saturating activations (ReLU, GELU) keep gradients through depth better than "
@@ -224,6 +233,9 @@ CLAIMS: tuple[Claim, ...] = tuple(Claim(text, experiment, CHECKS[key], LITERATUR
     "pre_ln": ("Pre-LN lets a deep transformer train without warmup, where post-LN needs warmup", "transformer"),
     "rezero": ("Scaled residual connections (ReZero, DeepNorm) let a very deep transformer train",
                "transformer_deep"),
+    "post_warmup": ("Post-LN needs a learning-rate warmup, more so with depth", "transformer_depth"),
+    "pre_deep": ("Pre-LN trains deep stacks without warmup", "transformer_depth"),
+    "scaled_1000": ("DeepNorm, ReZero and LayerScale train transformers at 1000 layers", "transformer_depth"),
 }.items())
 
 

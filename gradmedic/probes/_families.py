@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from gradmedic._tensors import sum_of_squares
 from gradmedic.architecture import activation_kind
 
 __all__ = ["CALLS_FUNCTIONAL", "CHANNELS_FIRST", "DEAD_FULL_SAMPLES", "DEAD_MARGIN", "SATURATED_DERIVATIVE", "Family",
-           "FunctionalWatch", "activation_family", "dead_margin", "tally"]
+           "FunctionalWatch", "activation_family", "alive_units", "dead_margin", "tally", "unit_bias",
+           "unit_scale"]
 
 # A unit passes on less than 1/20 of the gradient it would in its linear region once its derivative
 # falls below 5% of the peak (tanh: |y| > 0.975; sigmoid: y < 0.0127 or y > 0.987). Ten such layers in
@@ -27,7 +29,10 @@ __all__ = ["CALLS_FUNCTIONAL", "CHANNELS_FIRST", "DEAD_FULL_SAMPLES", "DEAD_MARG
 SATURATED_DERIVATIVE = 0.05
 # A ReLU unit is dead for every input, not merely off for this batch, when even its largest pre-activation
 # in the batch lies more than DEAD_MARGIN spreads below zero, the spread being the (robust) standard
-# deviation over the layer's units of their mean pre-activation (how far other inputs could move it).
+# deviation over the layer's units of their mean pre-activation (how far other inputs could move it), or,
+# where the layer before it is known (unit_scale), the scale its own weights give the layer's input if that is
+# smaller: a spread over units is widened by the dead units themselves (60 of 64 units shifted 1-100 of their
+# own stds below zero put the median among them and read 48% dead), the weights' scale is not (issue 28).
 # Deep plain ReLU nets at He init correlate their inputs, so 25-40% of units are off for a whole batch and
 # yet train (issue 9); beyond one spread they show <= 5% (depth 20-80, width 64), a too-hot SGD run (lr 3)
 # 16-22%, a bias shifted to -4 100% (tests/test_diagnosis.py, tests/test_check.py).
@@ -51,6 +56,69 @@ def dead_margin(samples: int) -> float:
         return DEAD_MARGIN
     normal = statistics.NormalDist()
     return -normal.inv_cdf(normal.cdf(-DEAD_MARGIN) ** (DEAD_FULL_SAMPLES / max(samples, 1)))
+
+
+# The rms of a normalising layer's normalised input (batch, layer, group and instance norm divide by the std they
+# subtract the mean of), so that what its affine weight gamma makes of it has the scale |gamma|.
+NORMALISED_RMS = 1.0
+
+
+def unit_scale(layer: nn.Module, inp: Any, units: int) -> torch.Tensor | None:
+    """Per unit (units,), the scale that a unit's own weights give the layer's input, without its bias: for a Linear
+    or a convolution ||w_j|| x rms(input), the spread of w.x over units whose weights point anywhere (w.x of a
+    direction uniform on the sphere has the rms ||w|| ||x|| / sqrt(fan-in)); for an affine normalisation |gamma_j|
+    (its input normalised to rms NORMALISED_RMS). A bias shifted below zero, the way units die outright, leaves it
+    as it was, and weights turned against the input lie many of it below zero (up to sqrt(fan-in)). None for any
+    other layer (a transposed convolution, a layer whose weight is not a plain tensor): no such reference there."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or type(weight.data) is not torch.Tensor or weight.shape[0] != units:
+        return None
+    w = weight.detach()
+    if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(layer, "transposed", False):
+        if not isinstance(inp, torch.Tensor) or not inp.is_floating_point() or inp.numel() == 0:
+            return None
+        rms = (sum_of_squares(inp) / inp.numel()).sqrt()
+        return torch.linalg.vector_norm(w.float().flatten(1), dim=1) * rms
+    if isinstance(layer, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and w.dim() == 1:
+        return w.float().abs() * NORMALISED_RMS
+    return None
+
+
+def unit_bias(layer: nn.Module, units: int) -> torch.Tensor | None:
+    """The layer's bias per unit (units,), where unit_scale reads the layer: the other part of a unit's place."""
+    bias = getattr(layer, "bias", None)
+    if not isinstance(bias, torch.Tensor) or type(bias.data) is not torch.Tensor or bias.shape != (units,):
+        return None
+    return bias.detach().float()
+
+
+def alive_units(y: torch.Tensor, pre: torch.Tensor | None, others: tuple[int, ...], margin: float,
+                scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """How many units (0-d) are not dead for every input: their largest pre-activation above ``margin`` spreads below
+    zero (DEAD_MARGIN, dead_margin); without the pre-activation, units on for this batch. ``others``: the axes that
+    are not the units'. The spread is robust (1.4826 x the median absolute deviation of the units' mean
+    pre-activations = the std of a Gaussian), so that a few dead units' far-negative means do not widen it; with
+    ``scale`` (per unit: unit_scale) it is at most the spread a healthy unit's place has without the spread over
+    units: its weights' scale on the input, and the spread of the biases (``bias``) of the units on for some input
+    of the batch (1.4826 x their median absolute deviation), the lottery of a fresh layer's biases (PyTorch's
+    U(+-1/sqrt(fan-in)) is half the weights' scale at a fan-in of 4), read from live units so that biases shifted
+    to kill units do not widen it. When most units die they move the median and the deviations of the spread over
+    units themselves; these stay (issue 28: 60 of 64 units 1-100 own stds below zero read 48% dead by the spread
+    alone)."""
+    if pre is None or pre.shape != y.shape:
+        return (y.amax(dim=others) > 0).sum()
+    pre = pre.detach().float()
+    top = pre.amax(dim=others)  # (units,) the largest pre-activation each unit saw
+    means = pre.mean(dim=others)
+    spread = 1.4826 * (means - means.median()).abs().median()
+    if scale is not None:
+        ref = scale.to(spread.device)
+        if bias is not None:
+            live = torch.where(top > 0, bias.to(spread.device), math.nan)  # nanmedian: no host sync
+            lottery = torch.nan_to_num(1.4826 * (live - live.nanmedian()).abs().nanmedian(), nan=0.0)
+            ref = torch.sqrt(ref.square() + lottery.square())
+        spread = torch.minimum(spread, ref)
+    return ((top > 0) | (top > -margin * spread)).sum()
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ measured in the step (reentrant checkpointing runs the first one under ``no_grad
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +46,10 @@ from gradmedic.probes._families import (
     Family,
     FunctionalWatch,
     activation_family,
+    alive_units,
     dead_margin,
+    unit_bias,
+    unit_scale,
 )
 from gradmedic.probes.base import LayerIndex, Probe, in_backward, is_torch_module
 
@@ -109,6 +113,9 @@ class ActivationProbe(Probe):
         self._channels_first = False
         self._watch: FunctionalWatch | None = None
         self._pre_input: torch.Tensor | None = None
+        # the last parameterised layer, its input and output (weak: never kept alive), so that a dead-unit test whose
+        # pre-activation is that output has the scale the layer's weights give its input (unit_scale)
+        self._made: tuple[nn.Module, weakref.ref, weakref.ref] | None = None
         self._pending_exit: Any = None  # handle of a hook that takes a watch off the stack after a failure
 
     def _watches_functional(self) -> bool:
@@ -156,7 +163,7 @@ class ActivationProbe(Probe):
         self._stop_watch()
         self._stack.clear()
         self._started.clear()
-        self._finished, self._last_layer = 0, None
+        self._finished, self._last_layer, self._made = 0, None, None
         self._inside_activation = 0
         self._reset()
 
@@ -175,6 +182,17 @@ class ActivationProbe(Probe):
         self._channels_first = isinstance(module, CHANNELS_FIRST)
         self._finished += 1
         self._last_layer = module
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._made = ((module, weakref.ref(first), weakref.ref(output))
+                      if first is not None and isinstance(output, torch.Tensor) else None)
+
+    def _maker(self, pre: Any, out: Any) -> tuple[nn.Module, Any] | None:
+        """The layer that made the pre-activation and its input, when that is the last parameterised layer's very
+        output: ``pre`` itself, or for an in-place activation (whose ``pre`` is a copy) its output."""
+        made = self._made[2]() if self._made is not None else None
+        if made is None or (pre is not made and out is not made):
+            return None
+        return self._made[0], self._made[1]()
 
     def _enter_activation(self, module: nn.Module, args: Any) -> None:
         self._inside_activation += 1
@@ -223,7 +241,7 @@ class ActivationProbe(Probe):
         if pre is None and family.dies and not getattr(module, "inplace", False):
             pre = first_float_tensor(args)  # only the dead-unit test reads the pre-activation
         if out is not None and torch.is_grad_enabled():  # no graph, no training step
-            self._measure(row, family, out, self._model_training(), pre)
+            self._measure(row, family, out, self._model_training(), pre, self._maker(pre, out))
 
     def _on_functional(self, family: Family, output: Any, pre: Any) -> None:
         if not self._stack or self._inside_activation or self.layers is None:
@@ -234,8 +252,9 @@ class ActivationProbe(Probe):
             # is fc's), or the calling module's own when none did (a cell that multiplies its own parameters)
             caller = self._stack[-1]
             layer = self._last_layer if self._finished > self._started[-1] else caller
+            pre = first_float_tensor(pre)
             self._measure(self.layers.row.get(id(layer), self.layers.row[id(caller)]), family, out,
-                          self._model_training(), first_float_tensor(pre))
+                          self._model_training(), pre, self._maker(pre, out))
 
     def _model_training(self) -> bool:
         """The whole model's mode, not the activation's: a validation pass sets model.eval(), while a frozen
@@ -243,7 +262,7 @@ class ActivationProbe(Probe):
         return self.layers is not None and self.layers.modules[0].training
 
     def _measure(self, row: int, family: Family, y: torch.Tensor, training: bool,
-                 pre: torch.Tensor | None = None) -> None:
+                 pre: torch.Tensor | None = None, maker: tuple[nn.Module, Any] | None = None) -> None:
         recomputed = in_backward()
         if recomputed:
             if row in self._forward_rows:
@@ -285,7 +304,9 @@ class ActivationProbe(Probe):
             # without the pre-activation the test is "off for every input seen", which needs many inputs
             if samples >= DEAD_FULL_SAMPLES or (pre is not None and pre.shape == y.shape):
                 others = tuple(d for d in range(y.dim()) if d != axis)
-                self._dead.append((call, row, self._alive_units(y, pre, axis, others, dead_margin(samples)),
+                scale, bias = ((unit_scale(maker[0], maker[1], y.shape[axis]), unit_bias(maker[0], y.shape[axis]))
+                               if maker is not None else (None, None))
+                self._dead.append((call, row, alive_units(y, pre, others, dead_margin(samples), scale, bias),
                                    y.shape[axis]))
 
     def _reduce(self, call: int, family: Family, y: torch.Tensor) -> None:
@@ -308,21 +329,6 @@ class ActivationProbe(Probe):
                 self._unheld.add(self._calls[call])
                 continue
             self._reduce(call, family, y)
-
-    @staticmethod
-    def _alive_units(y: torch.Tensor, pre: torch.Tensor | None, axis: int, others: tuple[int, ...],
-                     margin: float) -> torch.Tensor:
-        """Units not dead for every input (``margin`` spreads, see DEAD_MARGIN); without the pre-activation, units
-        on for this batch."""
-        if pre is None or pre.shape != y.shape:
-            return (y.amax(dim=others) > 0).sum()
-        pre = pre.detach().float()
-        top = pre.amax(dim=others)  # (units,) the largest pre-activation each unit saw
-        means = pre.mean(dim=others)
-        # a robust spread (1.4826 x median absolute deviation = the std of a Gaussian), so that the dead
-        # units' own far-negative means do not widen it
-        spread = 1.4826 * (means - means.median()).abs().median()
-        return ((top > 0) | (top > -margin * spread)).sum()
 
     def _drop_eval_calls(self) -> None:
         """When the step had train-mode forwards, forget the eval-mode ones (a validation pass)."""

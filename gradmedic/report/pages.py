@@ -12,6 +12,7 @@ import numpy as np
 from gradmedic.architecture import block_index
 from gradmedic.diagnosis import REMEDIES, first_remedy
 from gradmedic.lab.claims import fmt, group_results, judge
+from gradmedic.lab.depth_table import DEPTH_EXPERIMENT, INIT_EXPERIMENT, depth_cells, depth_figure
 from gradmedic.lab.rows import check_report_rows
 from gradmedic.lab.suites import SUITES
 from gradmedic.report import plots
@@ -65,6 +66,9 @@ def suite_page(suite_name: str, rows: list[tuple[dict[str, Any], dict[str, Any]]
         curves = {label: _median_curve(runs) for label, runs in by_label.items()}
         baseline = next(iter(by_label.values()))[0]["baseline"]
         page.figure(plots.loss_curves(curves, baseline, title=f"{name}: training loss"), f"{name} loss curves")
+        if name == DEPTH_EXPERIMENT:  # the stream's gradient against depth, as `gradmedic lab publish` draws it
+            page.figure(depth_figure(depth_cells(rows), depth_cells(rows, INIT_EXPERIMENT)),
+                        f"{name}: stream gradient against depth")
         if experiment is not None and experiment.kind == "time":
             _time_figures(page, name, by_label)
         else:

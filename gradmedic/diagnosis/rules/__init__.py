@@ -8,7 +8,7 @@ constants, each with where its number comes from) and its remedy ranking, regist
 - ``precision.py``: nonfinite, gradient_underflow
 - ``updates.py``: stalled_updates, no_gradient
 - ``dynamics.py``: untested_dynamics (what one look at init cannot show: a deep post-LN stack without warmup)
-- ``training.py``: loss_spike, divergence, output_logit_drift, and the jump of the total gradient norm that
+- ``training.py``: loss_spike, divergence, loss_stall, output_logit_drift, and the jump of the total gradient norm that
   ``exploding_gradients`` reports (the run's scalars and trends)
 - ``optimizer.py``: adam_epsilon, update_too_large, loss_scale_collapse (the optimizer's state)
 - ``attention.py``: attention_logit_growth (with a forecast of when the max attention logit passes 1e4)

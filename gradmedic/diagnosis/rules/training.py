@@ -3,6 +3,7 @@ output logits drift. They read the run scalars (the loss at every step, ``Trace.
 output-logit probes measured at their steps, and judge the state at the trace's last step, so that a diagnosis
 mid-run equals the end's cut at that step (``Trace.until``).
 
+A loss that never leaves where it began is a stall (loss_stall); one that learned and levelled off is not.
 A trend the literature calls benign is no alarm: a spike that comes back down (information), the gradient norm that
 falls as the loss falls, a jump of the norm while the loss falls (a recurrent net learning to remember: its
 recurrence's radius passes 1 as it learns), and the norm rising late in a run with weight decay (Defazio 2025),
@@ -20,12 +21,18 @@ from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.diagnosis.rules._trend import forecast
 from gradmedic.trace import Trace
 
-__all__ = ["divergence", "gradient_jump", "loss_spike", "output_logit_drift"]
+__all__ = ["divergence", "gradient_jump", "loss_spike", "loss_stall", "output_logit_drift"]
 
 # --- loss spikes -------------------------------------------------------------------------------------------------
 # OLMo 2 (Team OLMo 2024, "2 OLMo 2 Furious", sec. 3.2): a spike is a value at least 7 standard deviations from the
 # rolling mean of the values before it; its "spike score" is the share of such steps.
 SPIKE_SIGMA = 7.0
+# ...and at least 10% above that mean: on a nearly constant loss the standard deviation is tiny and 7 of them a rise
+# nobody would call a spike (the corpus's post-LN run stuck at chance has a rolling sd of 0.5% of its mean: 7 sd is
+# 3.5%). Every healthy run of the issue-26 corpus has a rolling sd of 2.4% of its mean or more (median 13-200%), so a
+# rise under 10% is within a few batches' noise there; the smallest spike that mattered in the corpus rose by 116%
+# (Lightning's SpikeDetection asks for 200% by default, rtol=2).
+SPIKE_MIN_RISE = 0.1
 # The rolling window: OLMo 2 reads 1000 steps of runs 1e5 steps long; a small run has a few hundred, and 50 steps hold
 # enough batch noise for a standard deviation (20 at least before a first judgement).
 SPIKE_WINDOW = 50
@@ -48,6 +55,27 @@ DIVERGE_WARNING = (0.25, 1.25)
 DIVERGE_ERROR = (0.5, 1.5)
 DIVERGE_HOLD = 3
 DIVERGE_LOST = 10
+
+# --- a loss that never learns -------------------------------------------------------------------------------------
+# A loss still within 10% of where it began (either way) has not learned: the issue-26 corpus's failure definition of
+# a stall (tests/training_runs.py, STALL_FRACTION). The healthy runs there pass 10% below their start by step 50, the
+# nearest only just (a GPT warmed up over 50 steps: 10.6% below at step 53): the flatness below is the margin.
+STALL_FRACTION = 0.9
+# ...and flat: over the last half of the run seen (STALL_WINDOW steps at least) its median over the window's last
+# fifth is within 2% of its median over the first fifth, either way. The healthy runs of the corpus move 7% or more
+# over every such window while they are within 12% of their start (3.5x the 2%); the post-LN run stuck at chance
+# 0.4%. A run that learned and then levelled off (converged, or at the data's floor) is below STALL_FRACTION and
+# never read as stalled.
+STALL_WINDOW = 50
+STALL_DROP = 0.02
+STALL_PARTS = 5
+# While the learning rate still rises (a warmup: the lr at the window's end above 1.5x its start) a flat loss waits
+# for it: no alarm.
+STALL_LR_RISING = 1.5
+# The steps of a stalled run said in its message: update/weight of the median layer above 1e-2 (update_too_large's
+# range, optimizer.py) is a step too large to settle, below 1e-5 (stalled_updates') one too small to move.
+STEPS_LARGE = 1e-2
+STEPS_SMALL = 1e-5
 
 # --- a jump of the total gradient norm ---------------------------------------------------------------------------
 # Pascanu et al. 2013 (sec. 2.2): when a recurrence crosses a bifurcation (its spectral radius passes 1) the gradient
@@ -108,8 +136,8 @@ def _rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def loss_spike(trace: Trace, ctx: Context) -> list[Finding]:
-    """The latest loss spike (>= SPIKE_SIGMA standard deviations above the rolling mean): a warning while it holds, or
-    information once the loss came back."""
+    """The latest loss spike (>= SPIKE_SIGMA standard deviations and SPIKE_MIN_RISE above the rolling mean): a warning
+    while it holds, or information once the loss came back."""
     loss = _loss(trace)
     if loss is None:
         return []
@@ -117,7 +145,8 @@ def loss_spike(trace: Trace, ctx: Context) -> list[Finding]:
     mean, sd, n = _rolling(values, SPIKE_WINDOW)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (values - mean) / sd
-        spikes = np.flatnonzero((n >= SPIKE_MIN_HISTORY) & (sd > 0) & np.isfinite(values) & (z >= SPIKE_SIGMA))
+        rise = values - mean >= SPIKE_MIN_RISE * np.abs(mean)
+        spikes = np.flatnonzero((n >= SPIKE_MIN_HISTORY) & (sd > 0) & np.isfinite(values) & (z >= SPIKE_SIGMA) & rise)
     if spikes.size == 0:
         return []
     # a spike's run of high steps counts once: the first step of the last such run
@@ -190,6 +219,54 @@ def divergence(trace: Trace, ctx: Context) -> list[Finding]:
                     f"(best {best[-1]:.3g}, start {start:.3g}) at step {began} and has stayed above {line:.3g} for "
                     f"{held} steps; {lost}.",
                     {"step": began, "held": held, "loss": float(now), "best": float(best[-1]), "start": start}, ctx)]
+
+
+def loss_stall(trace: Trace, ctx: Context) -> list[Finding]:
+    """The loss has not left where it began (within STALL_FRACTION of its start) and is flat over the last half of the
+    run (STALL_WINDOW steps at least), past any warmup: the run is not learning."""
+    loss = _loss(trace)
+    if loss is None:
+        return []
+    steps, values = loss
+    finite = np.isfinite(values)
+    if not finite.all() or len(values) < STALL_WINDOW:
+        return []  # a NaN is the nonfinite rule's
+    window = values[-max(STALL_WINDOW, len(values) // 2):]
+    part = max(len(window) // STALL_PARTS, 1)
+    start = float(np.median(values[:SMOOTH]))
+    first, now = float(np.median(window[:part])), float(np.median(window[-part:]))
+    if start <= 0 or abs(now - start) > (1 - STALL_FRACTION) * start or abs(first - now) >= STALL_DROP * first:
+        return []  # it learned (or rose: divergence's), or it still moves
+    if "lr" in trace.scalar_names:
+        lr_steps, lr = trace.scalar("lr")
+        inside = (lr_steps >= steps[-len(window)]) & np.isfinite(lr)
+        if inside.sum() >= 2 and lr[inside][-1] > STALL_LR_RISING * lr[inside][0]:
+            return []  # still warming up
+    at, since = int(steps[-1]), int(steps[-len(window)])
+    evidence = {"step": at, "loss": now, "start": start, "window": len(window), "change": (now - first) / first}
+    moves = _update_ratio(trace, since)
+    why = ""
+    if moves is not None:
+        evidence["update_to_weight"] = moves
+        why = ("; its steps are large (update/weight of the median layer {:.1e}): too large to settle" if
+               moves >= STEPS_LARGE else "; its steps are tiny (update/weight of the median layer {:.1e})" if
+               moves <= STEPS_SMALL else "").format(moves)
+    return [finding("loss_stall", "warning", [], f"The loss has not learned: {now:.3g} at step {at}, within "
+                    f"{100 * (1 - STALL_FRACTION):.0f}% of where it began ({start:.3g}), and flat over the last "
+                    f"{len(window)} steps ({100 * (now - first) / first:+.1f}%){why}.", evidence, ctx)]
+
+
+def _update_ratio(trace: Trace, since: int) -> float | None:
+    """The median over layers of each layer's median update/weight at the steps from ``since`` on, where measured."""
+    if "update_to_weight" not in trace.metrics:
+        return None
+    values = trace.metric("update_to_weight")[trace.steps >= since]
+    per_layer = []
+    for column in values.T:
+        column = column[np.isfinite(column) & (column > 0)]
+        if column.size:
+            per_layer.append(float(np.median(column)))
+    return float(np.median(per_layer)) if per_layer else None
 
 
 def gradient_jump(trace: Trace, ctx: Context) -> list[Finding]:
@@ -281,10 +358,17 @@ def rank_divergence(ctx: Context) -> list[str]:
     return ids
 
 
+def rank_stall(ctx: Context) -> list[str]:
+    # a run that never leaves its start: a warmup first (post-LN without one is the classic case, Xiong et al. 2020;
+    # Liu et al. 2020), then the learning rate either way (the message says which way its steps point)
+    return ["lr_warmup", "lower_learning_rate", "raise_learning_rate", "adaptive_optimizer"]
+
+
 def rank_logits(ctx: Context) -> list[str]:
     return ["z_loss", "weight_decay_exclusions", "lower_learning_rate"]
 
 
 register(Rule("loss_spike", loss_spike, rank_spike))
 register(Rule("divergence", divergence, rank_divergence))
+register(Rule("loss_stall", loss_stall, rank_stall, {"post": ("lr_warmup", "pre_ln")}))
 register(Rule("output_logit_drift", output_logit_drift, rank_logits))

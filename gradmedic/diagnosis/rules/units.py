@@ -7,13 +7,15 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
+
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
 from gradmedic.diagnosis.rules._common import finding, latest, per_layer_share
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.trace import Trace
 
-__all__ = ["binomial_tail", "dead_units", "saturated_units"]
+__all__ = ["binomial_tail", "dead_units", "learned_saturation", "saturated_units"]
 
 # --- units -------------------------------------------------------------------------------------------
 # Share of a layer's outputs whose derivative is below 5% of its peak (probes.activations). 30% means a
@@ -21,6 +23,17 @@ __all__ = ["binomial_tail", "dead_units", "saturated_units"]
 SATURATED_INFO = 0.1
 SATURATED_WARNING = 0.3
 SATURATED_ERROR = 0.8
+# Those shares are init-time reasoning (Glorot & Bengio 2010: a net saturated before it learns passes nothing
+# back). A net that learns drives units to +-1 where the loss wants them: the training corpus's tanh MLP on digits
+# (tests/training_runs.py, healthy_adam_eps_default) reads 18% saturated at step 100 and 34% at step 400 while its
+# loss falls from 2.3 to 0.002. A layer's share is learned when, at the first step it read SATURATED_WARNING or
+# more, the run's loss had already fallen below LEARNED_LOSS_FALL of its start: the trainability grid's test of
+# "it trains" (benchmarks/trainability.py: final loss below half the baseline). Then it is information below
+# SATURATED_ERROR; a layer that was saturated from the first step (a bad init, a confident head under MSE) is judged
+# as before. Losses are read as the median of LOSS_WINDOW steps (one batch is noisy); a loss that starts at or
+# below zero (a flow's NLL can) has no such fall, and its saturation is judged as before.
+LEARNED_LOSS_FALL = 0.5
+LOSS_WINDOW = 10
 # Share of ReLU units dead for every input (probes.activations.DEAD_MARGIN: off for the whole batch and
 # beyond one spread of the layer's pre-activations). Calibrated on trainability (issue 9): deep plain ReLU
 # nets at He init, which train, show <= 5% (although 25-40% are off for a batch); ReLU nets in the ordered
@@ -52,10 +65,20 @@ def saturated_units(trace: Trace, ctx: Context) -> list[Finding]:
     # seq2seq, trained to 0.73 held-out accuracy, reads 30%+ there): the values the attention mixes pass by it.
     matched = set(trace.meta.get("loss_matched", ()))
     scoring = set(trace.meta.get("scoring", ())) - matched
+    learned = {k: fall for k, fall in learned_saturation(trace).items() if k not in matched and k not in scoring}
     found = per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_WARNING,
                             SATURATED_ERROR, lambda k, v: f"{100 * v:.0f}% of the activations at '{k}' are saturated "
                             "(derivative below 5% of its peak), so little gradient passes through it", ctx,
-                            keep=lambda k, v: k not in matched and k not in scoring)
+                            keep=lambda k, v: k not in matched and k not in scoring and
+                            (k not in learned or v >= SATURATED_ERROR))
+    if learned:
+        trained = per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_INFO,
+                                  SATURATED_INFO, lambda k, v: f"{100 * v:.0f}% of the activations at '{k}' are "
+                                  f"saturated, but they saturated as the net learned (the loss already at "
+                                  f"{learned[k]:.2g} of its start): a trained net drives units to their bounds where "
+                                  "the loss wants them", ctx, keep=lambda k, v: k in learned and v < SATURATED_ERROR)
+        found += [replace(f, severity="info", evidence={**f.evidence, "learned": {k: learned[k] for k in f.layers}})
+                  for f in trained]
     if matched:
         cancelled = per_layer_share(trace, "saturated_frac", "saturated_units", SATURATED_INFO, SATURATED_INFO,
                                     SATURATED_INFO, lambda k, v: f"{100 * v:.0f}% of the outputs of '{k}' are "
@@ -71,6 +94,36 @@ def saturated_units(trace: Trace, ctx: Context) -> list[Finding]:
                                  ctx, keep=lambda k, v: k in scoring)
         found += [replace(f, severity="info", evidence={**f.evidence, "scores_attention": True}) for f in scores]
     return found
+
+
+def learned_saturation(trace: Trace) -> dict[str, float]:
+    """Layers whose saturated share first reached SATURATED_WARNING after the run's loss had fallen below
+    LEARNED_LOSS_FALL of its start, each with that fall (loss then / loss at the start)."""
+    if "saturated_frac" not in trace.metrics or "loss" not in trace.scalar_names:
+        return {}
+    steps, losses = trace.scalar("loss")
+    order = np.argsort(steps, kind="stable")
+    steps, losses = steps[order], np.asarray(losses, dtype=np.float64)[order]
+    finite = np.isfinite(losses)
+    steps, losses = steps[finite], losses[finite]
+    if losses.size == 0:
+        return {}
+    start = float(np.median(losses[:LOSS_WINDOW]))
+    if not start > 0:
+        return {}
+    column, rows = trace.metric("saturated_frac"), trace.steps
+    out = {}
+    for j, layer in enumerate(trace.layers):
+        high = np.flatnonzero(column[:, j] >= SATURATED_WARNING)  # NaN (not measured) compares False
+        if high.size == 0:
+            continue
+        upto = int(np.searchsorted(steps, rows[high[0]], side="right"))
+        if upto == 0:
+            continue
+        fall = float(np.median(losses[max(0, upto - LOSS_WINDOW):upto])) / start
+        if fall < LEARNED_LOSS_FALL:
+            out[layer] = fall
+    return out
 
 
 def dead_units(trace: Trace, ctx: Context) -> list[Finding]:

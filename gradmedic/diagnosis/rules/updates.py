@@ -18,6 +18,13 @@ __all__ = ["no_gradient", "stalled_updates"]
 # unit-scale weights); two orders below it a layer barely moves, four orders below it stands still.
 STALLED_WARNING = 1e-5
 STALLED_ERROR = 1e-7
+# That reference is a weight matrix's: its entries are ~1/sqrt(fan_in) (0.02-0.2 at torch's default init). A layer
+# whose entries are larger (a norm's gain at 1, an embedding drawn from N(0, 1), a scalar gain) moves less relative
+# to its own size for the same step per entry: Adam moves every entry by about lr whatever its scale, so its
+# update/weight is rms(matrix)/rms(gain) below the matrices' (5-10x in the issue-26 corpus's GPT, whose QK-norm gains
+# read 8e-6 while each of their entries moved as far as a query weight's). Such a layer is judged by its step per
+# entry against the model's typical weight entry (the median RMS entry of its layers that are not norms), not against
+# its own entries; a layer with smaller entries than that is judged as before (never more strictly).
 
 # A gradient of exactly zero at one step can be by design at init (a zero-initialised layer after it: LoRA's B,
 # a zero-init residual's last BatchNorm gamma, ReZero, adaLN-Zero), and the first update ends it. Exactly zero at
@@ -188,16 +195,53 @@ def stalled_updates(trace: Trace, ctx: Context) -> list[Finding]:
             medians[layer] = float(np.median(values))
     if not medians:
         return []
+    judged = _per_typical_entry(trace, medians)
     step = int(trace.steps[-1])
-    stalled = depth_order(trace, step, [k for k, v in medians.items() if v < STALLED_WARNING])
+    stalled = depth_order(trace, step, [k for k, v in judged.items() if v < STALLED_WARNING])
     if not stalled:
         return []
-    worst = min(medians[k] for k in stalled)
+    worst = min(judged[k] for k in stalled)
     severity = severity_of(worst, STALLED_WARNING, STALLED_ERROR)
     assert severity is not None
+    first = stalled[0]
+    per_entry = "" if judged[first] == medians[first] else \
+        f" ({judged[first]:.1e} of the model's typical weight entry, per entry)"
+    evidence = {f"update_to_weight[{k}]": medians[k] for k in stalled}
+    evidence.update({f"per_typical_entry[{k}]": judged[k] for k in stalled if judged[k] != medians[k]})
     return [finding("stalled_updates", severity, stalled,
-                     f"Each step changes '{stalled[0]}' by {medians[stalled[0]]:.1e} of its size (healthy is about "
-                     "1e-3): it is not learning.", {f"update_to_weight[{k}]": medians[k] for k in stalled}, ctx)]
+                     f"Each step changes '{first}' by {medians[first]:.1e} of its size{per_entry} (healthy is about "
+                     "1e-3): it is not learning.", evidence, ctx)]
+
+
+def _entry_rms(trace: Trace, layers: list[str]) -> dict[str, float]:
+    """The RMS weight entry of each layer at its last measurement: its weight norm over sqrt(its parameter count)."""
+    sizes = trace.meta.get("params", {})
+    if "weight_norm" not in trace.metrics:
+        return {}
+    norms = trace.metric("weight_norm")
+    out = {}
+    for layer in layers:
+        if not sizes.get(layer) or layer not in trace.layers:
+            continue
+        values = norms[:, trace.layers.index(layer)]
+        values = values[np.isfinite(values) & (values > 0)]
+        if values.size:
+            out[layer] = float(values[-1]) / float(np.sqrt(sizes[layer]))
+    return out
+
+
+def _per_typical_entry(trace: Trace, ratios: dict[str, float]) -> dict[str, float]:
+    """Each layer's update/weight, restated for a layer whose weight entries are larger than the model's typical
+    entry (see STALLED_WARNING's note): update/weight x rms(layer) / rms(typical), its step per entry measured
+    against the typical entry. The typical entry: the median RMS entry of the layers that are not norms (all of them
+    where every layer is one). Unchanged where the weight norms or parameter counts are not in the trace."""
+    rms = _entry_rms(trace, list(ratios))
+    roles = trace.meta.get("roles", {})
+    reference = [v for k, v in rms.items() if roles.get(k) != "norm"] or list(rms.values())
+    if not reference:
+        return ratios
+    typical = float(np.median(reference))
+    return {k: v * max(1.0, rms[k] / typical) if k in rms else v for k, v in ratios.items()}
 
 
 # --- remedies, ranked --------------------------------------------------------------------------------
