@@ -30,7 +30,7 @@ from gradmedic._progress import progress
 from gradmedic.diagnosis import Report, diagnose
 from gradmedic.monitor import Monitor
 from gradmedic.remedies.treatment import RECIPE_FIELDS
-from gradmedic.remedies.verify import Evidence, better
+from gradmedic.remedies.verify import Evidence, better, take_batches
 
 __all__ = ["LEARNED", "PRECISIONS", "RECIPE_FIELDS", "RESCUED", "Replay", "judge", "learns", "make_replay",
            "recipe_state", "replay", "set_recipe_state"]
@@ -87,14 +87,7 @@ def make_replay(report: Report, data: Iterable | None, steps: int | None, schedu
         steps = int(max(trace.steps.max(), max(loss_steps, default=0))) + 1
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise bad_argument("steps", "a positive int (steps of the run to replay)", steps)
-    batches: list[tuple[Any, Any]] = []
-    for item in data:
-        batches.append(tuple(item) if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None))
-        if len(batches) == steps:
-            break
-    if not batches:
-        raise GradmedicError("Argument data should be an iterable of the run's batches, but it yielded none; pass a "
-                             "DataLoader or a list of batches.")
+    batches = take_batches(data, steps, "the run's batches")
     notes = [] if len(batches) == steps else [f"data held {len(batches)} batches for {steps} steps: cycled"]
     preset = (trace.meta.get("preset") if trace is not None else None) or "standard"
     return Replay(batches, steps, schedule, None if clip is None else float(clip), precision, scaler, loss_fn,

@@ -24,7 +24,7 @@ from gradmedic._errors import GradmedicError, first_line
 from gradmedic._inputs import forward_loss, run_forward, split_inputs
 from gradmedic._progress import progress
 
-__all__ = ["VERIFY_MARGIN", "Evidence", "better", "loss_comparable", "loss_curve"]
+__all__ = ["VERIFY_MARGIN", "Evidence", "better", "loss_comparable", "loss_curve", "take_batches"]
 
 # A remedy must lower the score by 2%: the same model, seed and batches give the same loss to the last
 # bit, so 2% is not noise but a real (if modest) gain; smaller gains are not worth a change to the model.
@@ -71,17 +71,24 @@ def loss_comparable(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callab
     return getattr(outputs, "loss", None) is not None or (isinstance(outputs, dict) and outputs.get("loss") is not None)
 
 
-def _batches(inputs: Any, targets: Any, data: Iterable | None, steps: int) -> list[tuple[Any, Any]]:
-    if data is None:
-        return [(inputs, targets)] * steps
+def take_batches(data: Iterable, steps: int, what: str) -> list[tuple[Any, Any]]:
+    """Up to ``steps`` batches of ``data`` as (inputs, targets) pairs (a batch that is not a pair has no targets);
+    one line naming ``what`` the batches should have been when it yields none."""
     batches: list[tuple[Any, Any]] = []
     for item in data:
         batches.append(tuple(item) if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None))
         if len(batches) == steps:
             break
     if not batches:
-        raise GradmedicError("Argument data should be an iterable of batches ((inputs, targets) or inputs), but it "
-                             "yielded none; pass a DataLoader or a list of batches.")
+        raise GradmedicError(f"Argument data should be an iterable of {what}, but it yielded none; pass a DataLoader "
+                             "or a list of batches.")
+    return batches
+
+
+def _batches(inputs: Any, targets: Any, data: Iterable | None, steps: int) -> list[tuple[Any, Any]]:
+    if data is None:
+        return [(inputs, targets)] * steps
+    batches = take_batches(data, steps, "batches ((inputs, targets) or inputs)")
     return [batches[i % len(batches)] for i in range(steps)]
 
 
