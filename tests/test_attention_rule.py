@@ -154,16 +154,7 @@ def _watch(name: str) -> tuple[int | None, int | None, bool]:
     """(failure step, first cut with the finding, the finding at the end) for one corpus run under the default
     preset, the trace diagnosed at every 10 steps as a live Monitor flushing there would."""
     corpus = pytest.importorskip("tests.training_runs")
-    holder = {}
-
-    def on_step(step, model, optimizer, loss):
-        if "monitor" not in holder:
-            holder["monitor"] = gm.Monitor(model, optimizer)
-        holder["monitor"].step(loss)
-
-    result = corpus.run(corpus.by_name(name), on_step)
-    trace = holder["monitor"].trace
-    holder["monitor"].close()
+    result, trace = corpus.watched(name)
     first = next((cut for cut in range(9, len(result.losses), 10) if _found(trace.until(cut))), None)
     return result.failure_step, first, bool(_found(trace))
 

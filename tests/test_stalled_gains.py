@@ -100,14 +100,5 @@ def test_a_tiny_learning_rate_still_stalls_gains_and_matrices():
 
 def test_corpus_qk_norm_gpt_at_a_hot_lr_is_not_stalled():
     corpus = pytest.importorskip("tests.training_runs")
-    holder = {}
-
-    def on_step(step, model, optimizer, loss):
-        if "monitor" not in holder:
-            holder["monitor"] = gm.Monitor(model, optimizer)
-        holder["monitor"].step(loss)
-
-    corpus.run(corpus.by_name("healthy_gpt_qk_norm_hot"), on_step)
-    trace = holder["monitor"].trace
-    holder["monitor"].close()
+    _, trace = corpus.watched("healthy_gpt_qk_norm_hot")
     assert not [f for f in gm.diagnose(trace).findings if f.kind == "stalled_updates"]

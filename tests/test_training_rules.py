@@ -134,16 +134,7 @@ def test_loss_stall_ranks_a_warmup_first_and_pre_ln_on_a_post_ln_transformer():
 
 def test_corpus_post_ln_run_that_never_learns_is_a_loss_stall_before_its_failure_step():
     corpus = pytest.importorskip("tests.training_runs")
-    holder = {}
-
-    def on_step(step, model, optimizer, loss):
-        if "monitor" not in holder:
-            holder["monitor"] = gm.Monitor(model, optimizer)
-        holder["monitor"].step(loss)
-
-    result = corpus.run(corpus.by_name("post_ln_no_warmup_gpt"), on_step)
-    trace = holder["monitor"].trace
-    holder["monitor"].close()
+    result, trace = corpus.watched("post_ln_no_warmup_gpt")
     first = next(cut for cut in range(9, len(result.losses), 10)
                  if any(f.kind == "loss_stall" for f in gm.diagnose(trace.until(cut)).findings))
     assert first < result.failure_step == corpus.STALL_STEPS

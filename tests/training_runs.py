@@ -764,3 +764,20 @@ HEALTHY = tuple(r for r in RUNS if not r.bad)
 
 def by_name(name: str) -> Run:
     return next(r for r in RUNS if r.name == name)
+
+
+def watched(name: str):
+    """One corpus run under a default-preset Monitor made at its first step (the model and optimizer exist only inside
+    ``run``): (the run's result, the closed Monitor's trace)."""
+    import gradmedic as gm
+
+    holder = {}
+
+    def on_step(step, model, optimizer, loss):
+        if "monitor" not in holder:
+            holder["monitor"] = gm.Monitor(model, optimizer)
+        holder["monitor"].step(loss)
+
+    result = run(by_name(name), on_step)
+    holder["monitor"].close()
+    return result, holder["monitor"].trace
