@@ -323,7 +323,8 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
     jacobian = _jacobian_spectrum(model, task.x_train[:JACOBIAN_INPUTS]) if config["jacobian"] else None
     stream = StreamRecord(model, probe_x) if config["model"] == "transformer" else None  # before training
     probes = _probes(model, every) + (stream.probes(every) if stream else [])
-    with Monitor(model, optimizer, probes=probes, flush_every=min(100, steps)) as monitor:
+    with Monitor(model, optimizer, probes=probes, flush_every=min(100, steps),
+                 live=False) as monitor:  # the lab stores each run's diagnosis; live lines would cut its progress
         for step in range(steps):
             idx = torch.randint(0, len(task.x_train), (batch,), generator=gen)
             x, y = task.x_train[idx], task.y_train[idx]
