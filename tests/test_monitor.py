@@ -119,7 +119,10 @@ def test_failing_probe_warns_once_and_leaves_training_intact(phase):
         watched, mon = train(watched_model, monitor_kwargs={"probes": [Exploding(phase), GradientProbe()],
                                                             "flush_every": 2})
         mon.close()
-    assert len([w for w in record if issubclass(w.category, gm.GradmedicWarning)]) == 1
+    # once for the failing probe; counted by its message, since a Monitor an earlier test left in a reference cycle
+    # may be collected here and say so in a GradmedicWarning of its own (a flaky count of 2 in a full run)
+    failed = [w for w in record if issubclass(w.category, gm.GradmedicWarning) and "exploding" in str(w.message)]
+    assert len(failed) == 1, [str(w.message) for w in record]
     assert plain == watched
     for a, b in zip(plain_model.parameters(), watched_model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -1,45 +1,28 @@
 """Rescue a run (issue 27): ``gm.treat`` on the findings of a Monitor-watched corpus run (tests/training_runs.py) judges
 each remedy by re-running the run's recipe, and what it returns, replayed by the corpus's own trainer (not gradmedic's
 re-run), trains past the failure: the mean loss of the last fifth of the steps at most ``RESCUED`` of the untreated
-run's. A healthy run's treatment changes nothing. Runs of a few seconds each (the GPT classes are in
-benchmarks/rescue.py)."""
+run's. A healthy run's treatment changes nothing. ``max_remedies=1``: the first remedy kept is the rescue (the rest
+of a treatment is benchmarks/rescue.py's). The 340-step GPT classes (attention-logit growth, float16) are not here."""
 
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import pytest
 import torch
 
 import gradmedic as gm
+from gradmedic.diagnosis import Finding, Report
+from gradmedic.remedies.rerun import judge
+from gradmedic.remedies.verify import Evidence
 from tests import rescue
 from tests import training_runs as corpus
 
-RESCUED = 0.8  # issue 27: the treated run's loss at the end is at most 0.8x the untreated run's
-TAIL = 0.2  # the loss "at the end": the mean over the last fifth of the steps (a single batch's loss jumps)
-
-BAD_RUNS = ("high_lr_no_warmup_mlp", "dying_units_hot_lr_mlp", "explosive_recurrence_rnn")
+RESCUED = rescue.RESCUED
+BAD_RUNS = ("high_lr_no_warmup_mlp", "dying_units_hot_lr_mlp", "explosive_recurrence_rnn", "post_ln_no_warmup_gpt")
+# The post-LN GPT leaves chance in a sudden drop whose step moves with float rounding (treat's re-run uses the
+# machine's threads, the corpus's trainer one): both rescue it (seed 0: 0.72 and 1.13 against 2.65), their losses at
+# the end differ by more than the 5% the smooth runs agree within.
+SUDDEN = ("post_ln_no_warmup_gpt",)
 HEALTHY_RUNS = ("healthy_mlp_adam", "healthy_mlp_sgd_cosine", "healthy_rnn_adam", "healthy_cnn_adam_warmup")
-
-
-def _end(losses: list[float]) -> float:
-    tail = losses[-max(1, int(len(losses) * TAIL)):]
-    return math.inf if not all(math.isfinite(v) for v in tail) else sum(tail) / len(tail)
-
-
-def _recipe_of(r: corpus.Run, treatment: gm.Treatment) -> corpus.Recipe:
-    """The corpus recipe with the treatment's recipe changes, for the corpus's own trainer."""
-    rec = r.recipe
-    clip = rec.clip
-    if treatment.clip is not None:
-        clip = min(clip or math.inf, treatment.clip.keywords["max_norm"])
-    warmup = rec.warmup
-    if treatment.schedule is not None:
-        assert not rec.warmup, "a warmup on top of the run's own: not expressible in the corpus recipe"
-        warmup = treatment.schedule.keywords["steps"]
-    return dataclasses.replace(rec, lr=treatment.lr, clip=clip, warmup=warmup,
-                               precision="fp16_scaler" if treatment.loss_scaling else rec.precision)
 
 
 @pytest.mark.parametrize("name", BAD_RUNS)
@@ -47,17 +30,19 @@ def test_treat_on_a_runs_findings_returns_a_remedy_that_trains_past_the_failure(
     r = corpus.by_name(name)
     untreated, report = rescue.watched(r)
     assert untreated.failure_step is not None and not report.healthy
-    treatment = gm.treat(rescue.step0(r), report, **rescue.treat_args(r))
+    treatment = gm.treat(rescue.step0(r), report, max_remedies=1, **rescue.treat_args(r))
     assert treatment.applied or treatment.recipe, str(treatment)
     assert treatment.evidence[0].stage == "untreated" and any(e.kept for e in treatment.evidence[1:])
-    # the loss alone (the dead-unit detector reads the untreated architecture)
-    treated = corpus.run(dataclasses.replace(r, recipe=_recipe_of(r, treatment), detectors=corpus.ALWAYS),
-                         model=treatment.model)
-    assert _end(treated.losses) <= RESCUED * _end(untreated.losses), (str(treatment), _end(treated.losses),
-                                                                       _end(untreated.losses))
+    treated = rescue.replayed(r, treatment)
+    end = rescue.end
+    assert end(treated.losses) <= RESCUED * end(untreated.losses), (str(treatment), end(treated.losses),
+                                                                     end(untreated.losses))
     # the run's re-run inside treat agrees with the corpus's trainer on the kept stage (same recipe, same batches)
     kept = [e for e in treatment.evidence if e.kept][-1]
-    assert kept.score == pytest.approx(_end(treated.losses), rel=0.05)
+    if name in SUDDEN:
+        assert kept.score <= RESCUED * treatment.evidence[0].score
+    else:
+        assert kept.score == pytest.approx(end(treated.losses), rel=0.05)
 
 
 @pytest.mark.parametrize("name", HEALTHY_RUNS)
@@ -81,3 +66,37 @@ def test_a_runs_finding_without_the_run_is_not_judged_at_init():
     x, _ = rescue.batches(r)[0]
     treatment = gm.treat(rescue.step0(r), report, inputs=x)
     assert not treatment.applied and any("re-running the run" in why for _, why in treatment.skipped)
+
+
+def _report(*findings: tuple[str, str]) -> Report:
+    return Report([Finding(kind, severity, ["layer"], "m") for kind, severity in findings])
+
+
+def _run(start: float, end: float, steps: int = 50) -> Evidence:
+    """A loss curve from ``start`` to ``end``: linear over the first 80% of the steps, flat at ``end`` after."""
+    bend = int(steps * 0.8)
+    return Evidence("trial", [start + (end - start) * min(1.0, i / bend) for i in range(steps)])
+
+
+STUCK = _run(2.64, 2.64)  # the untreated re-run: at chance (a post-LN GPT without warmup)
+
+
+@pytest.mark.parametrize("after, evidence, kept", [
+    # the finding gone, a new warning, and the run learns (2.64 -> 1.1): kept (refused before issue 27's rule)
+    (_report(("attention_logit_growth", "warning")), _run(2.64, 1.1), True),
+    # the same with the loss lower but not learning (2.64 -> 2.5, above 0.9x its start): refused
+    (_report(("stalled_updates", "warning")), _run(2.64, 2.5), False),
+    # learns, but a kind newly an error: refused
+    (_report(("divergence", "error")), _run(2.64, 1.1), False),
+    # no new finding, the finding gone, the loss lower by more than 2%: kept
+    (_report(), _run(2.64, 2.5), True),
+    # the finding gone but the loss higher: refused
+    (_report(), _run(2.64, 2.7), False),
+    # a non-finite loss: refused
+    (_report(), Evidence("trial", [2.6, float("inf")]), False),
+    # the finding no better, the loss hardly lower (1%): refused
+    (_report(("vanishing_gradients", "error")), _run(2.64, 2.62), False),
+])
+def test_the_keep_rule_lets_a_run_that_learns_show_a_new_warning(after, evidence, kept):
+    before = _report(("vanishing_gradients", "error"))
+    assert judge("vanishing_gradients", before, after, evidence, STUCK)[0] is kept

@@ -179,7 +179,7 @@ def test_small_batches_show_a_dead_layer_and_no_dead_healthy_units(batch):
     """Read over one to four inputs (an expert's tokens, a batch of 1) a unit needs a wider margin: a healthy one
     was 'dead' whenever its one input landed a spread below zero, about one in six. A bias of -20 is dead for any
     input, and shows at any batch, added to what the same seed reads without it: the 16 planted units do not move the
-    margin of the other 48 (issue 28 class 6; they widened it, hiding the one unit seed 4 reads at batch 8 either way)."""
+    margin of the other 48 (issue 28 class 6; they widened it, hiding the one unit seed 4 reads at batch 8 anyway)."""
     healthy = [dead_share(batch, seed) for seed in range(20)]
     assert all(dead_share(batch, seed, dead_bias=-20.0) == pytest.approx(16 / 64 + healthy[seed]) for seed in range(5))
     assert max(healthy) <= 2 / 64  # PyTorch's default init: no unit is more than a few spreads below zero

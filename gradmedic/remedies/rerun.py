@@ -32,12 +32,19 @@ from gradmedic.monitor import Monitor
 from gradmedic.remedies.treatment import RECIPE_FIELDS
 from gradmedic.remedies.verify import Evidence, better
 
-__all__ = ["PRECISIONS", "RECIPE_FIELDS", "Replay", "judge", "make_replay", "recipe_state", "replay",
-           "set_recipe_state"]
+__all__ = ["LEARNED", "PRECISIONS", "RECIPE_FIELDS", "RESCUED", "Replay", "judge", "learns", "make_replay",
+           "recipe_state", "replay", "set_recipe_state"]
 
 # The Treatment's fields a recipe action sets (RECIPE_FIELDS, from treatment.py): saved before a trial, put back
 # after it unless it is kept.
 PRECISIONS = {None: None, "float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The keep rule's bars (``judge``). A re-run "learns" when its loss at the end is at most 0.9x where it began: the bar
+# of the corpus's stall detector (tests/training_runs.py, STALL_FRACTION; every healthy run there has halved its loss
+# by step 100, the post-LN GPT without warmup stays above it at chance).
+LEARNED = 0.9
+START_STEPS = 5  # where a run began: the mean of its first 5 losses (one batch's loss jumps)
+# "Clearly lower": issue 27's bar for a rescued run, the treated loss at the end at most 0.8x the untreated run's.
+RESCUED = 0.8
 
 
 @dataclass
@@ -169,7 +176,9 @@ def replay(model: nn.Module, stage: str, run: Replay, treatment: Any) -> tuple[E
                 bar.advance()
     finally:
         monitor.close()
-    return evidence, diagnose(monitor.trace)
+    report = diagnose(monitor.trace)
+    evidence.findings = [(f.kind, f.severity) for f in report.findings if f.severity != "info"]
+    return evidence, report
 
 
 def recipe_state(treatment: Any) -> dict[str, Any]:
@@ -191,22 +200,53 @@ def _burden(report: Report, besides: str) -> tuple[int, int]:
     return sum(f.severity == "error" for f in rest), sum(f.severity == "warning" for f in rest)
 
 
+def _new(before: Report, after: Report, severity: str) -> set[str]:
+    """The kinds at ``severity`` in ``after`` that ``before`` did not have at that severity or worse."""
+    rank = ("info", "warning", "error").index(severity)
+    return {f.kind for f in after.findings if f.severity == severity} - \
+        {f.kind for f in before.findings if f.rank >= rank}
+
+
+def learns(evidence: Evidence) -> bool:
+    """Does the re-run learn: is its loss at the end (``Evidence.score``) at most ``LEARNED`` of where it began (the
+    mean of its first ``START_STEPS`` losses)?"""
+    start = evidence.losses[:START_STEPS]
+    return bool(start) and all(math.isfinite(v) for v in start) and math.isfinite(evidence.score) and \
+        evidence.score <= LEARNED * sum(start) / len(start)
+
+
 def judge(kind: str, before: Report, after: Report, evidence: Evidence,
           reference: Evidence) -> tuple[bool, bool, tuple, str]:
     """(kept, clears, key, why) of a trial's re-run against the run it would replace (``before``, ``reference``).
-    Kept: the run stays finite, ``kind`` is no worse, the loss no higher, and either ``kind`` went down or the loss
-    fell by ``VERIFY_MARGIN`` (a change that does nothing is not a remedy). Clears: ``kind`` is gone or only info.
-    Key (lower is better): the kind's severity, then the loss."""
+
+    Kept when all hold: the re-run stays finite; ``kind`` is no worse; no kind is newly an error (an error is a
+    failure the run did not have); the loss is no higher, and either ``kind`` went down or the loss fell by
+    ``VERIFY_MARGIN`` (a change that does nothing is not a remedy); and a kind newly a warning (or more warnings or
+    errors of the other kinds) only when the run now learns and its loss is clearly lower (``learns``, at most
+    ``RESCUED`` of the reference's). A run that learns shows what a run that never left its start cannot: a post-LN
+    GPT given warmup learns the copy task and its attention logits then grow, a warning; refusing the warmup for it
+    kept the run at chance. A learning rate so low that the finding goes because nothing moves shows up as stalled
+    updates without learning: still refused. Clears: ``kind`` is gone or only info. Key (lower is better): the
+    kind's severity, then the loss."""
     was, now = _severity(before, kind), _severity(after, kind)
     finite = bool(evidence.losses) and all(math.isfinite(v) for v in evidence.losses)
     lower = not math.isfinite(reference.score) or evidence.score <= reference.score
-    # no new trouble: no kind of warning or error the run did not have, and no more of the others (a learning rate so
-    # low that the finding goes because nothing moves shows up as stalled updates)
-    new = {f.kind for f in after.findings if f.severity != "info"} - {f.kind for f in before.findings}
-    others = not new and _burden(after, kind) <= _burden(before, kind)
-    kept = finite and now <= was and lower and others and (now < was or better(evidence, reference))
-    state = "a non-finite loss" if not finite else "new or more findings: " + ", ".join(sorted(new)) \
-        if not others else \
-        f"{kind} {'gone' if now < 0 else ('info', 'warning', 'error')[now]}, loss {evidence.score:.4g} against " \
-        f"{reference.score:.4g}"
+    errors = _new(before, after, "error") - {kind}
+    warnings = _new(before, after, "warning") - {kind}
+    more = _burden(after, kind) > _burden(before, kind)
+    rescued = learns(evidence) and (not math.isfinite(reference.score) or evidence.score <= RESCUED * reference.score)
+    tolerated = not (warnings or more) or rescued
+    kept = finite and now <= was and not errors and lower and tolerated and (now < was or better(evidence, reference))
+    if not finite:
+        state = "a non-finite loss"
+    elif errors:
+        state = "new error(s): " + ", ".join(sorted(errors))
+    elif not tolerated:
+        state = f"new or more findings ({', '.join(sorted(warnings)) or 'more of the same'}) and the run " + \
+            ("does not learn" if not learns(evidence) else f"not clearly better (loss {evidence.score:.4g} against "
+                                                            f"{reference.score:.4g})")
+    else:
+        state = f"{kind} {'gone' if now < 0 else ('info', 'warning', 'error')[now]}, loss {evidence.score:.4g} " \
+                f"against {reference.score:.4g}" + (f"; new warning(s) {', '.join(sorted(warnings))} in a run that "
+                                                     "now learns" if warnings and kept else "")
     return kept, kept and now <= 0, (now, evidence.score), state

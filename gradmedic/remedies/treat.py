@@ -16,8 +16,11 @@
 4. A finding from a training run (``order.from_run``: a Monitor's or a callback's trace) is judged the way it was
    found: each trial, recipe changes included, re-runs the run's recipe (``data``, ``optimizer``, ``schedule``,
    ``clip``, ``precision``; ``rerun.py``) from the model given, for the run's length, and is kept only when its own
-   monitored run has the finding gone or less severe (or the loss lower), no worse, and no non-finite loss. A
-   re-check at init would pass anything: the untreated model was healthy there.
+   monitored run has the finding gone or less severe (or the loss lower), no worse, no kind newly an error, and no
+   non-finite loss; a new warning only when the run now learns and its loss is clearly lower (``rerun.judge``). A
+   re-check at init would pass anything: the untreated model was healthy there. A run's finding that no re-run
+   can judge (no data, or trained weights: the re-run goes on from them and cannot replay the run's start) gets
+   its prescription unproven, said so: the recipe, and the model changes as advice (``prescribe.py``).
 
 The caller's torch, numpy and Python RNG states are as they were; re-draws use ``seed``.
 """
@@ -38,10 +41,11 @@ from torch import nn
 from gradmedic._errors import GradmedicError, bad_argument
 from gradmedic._inputs import optimizer_defaults, rebuild_optimizer
 from gradmedic.check import check
-from gradmedic.diagnosis import REMEDIES, Finding, Report
+from gradmedic.diagnosis import Finding, Report
 from gradmedic.remedies.actions import ACTIONS, Patient
 from gradmedic.remedies.freshness import freshness
 from gradmedic.remedies.order import from_run, remedy_order
+from gradmedic.remedies.prescribe import advise, prescribe_unjudged, recipe, why
 from gradmedic.remedies.rerun import Replay, judge, make_replay, recipe_state, replay, set_recipe_state
 from gradmedic.remedies.treatment import Treatment, trial_order
 from gradmedic.remedies.verify import Evidence, better, loss_comparable, loss_curve
@@ -72,22 +76,17 @@ def _candidates(finding: Finding, report: Report, model: nn.Module, course: _Cou
     """``order.remedy_order`` on this model's module classes: what cannot apply is recorded, not tried."""
     types = {name: type(module).__name__ for name, module in model.named_modules()}
     order, left_out = remedy_order(finding, report, run=course.replay is not None, types=types)
-    for rid, why in left_out.items():
+    advise(treatment, finding)  # the remedies no action carries out: a change to the model's code
+    for rid, reason in left_out.items():
         if rid not in dict(treatment.skipped):
-            treatment.skipped.append((rid, why))
+            treatment.skipped.append((rid, reason))
     return order
-
-
 
 
 def _changed(before: dict[int, torch.Tensor], model: nn.Module) -> int:
     """How many of the tensors that existed before now hold other values."""
     return sum(1 for p in model.parameters() if id(p) in before and
                (p.shape != before[id(p)].shape or not torch.equal(p.detach(), before[id(p)])))
-
-
-def _why(finding: Finding) -> str:
-    return f"{finding.severity} {finding.kind} at {', '.join(finding.layers[:2]) or 'the model'}"
 
 
 def treat(model: nn.Module, report: Report, inputs: Any = None, targets: Any = None,
@@ -208,9 +207,9 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
         treatment.evidence.append(course.curve(work, "untreated"))
         treatment.evidence[0].kept = True
     current, given_up, done = report, set(), 0
-    if course.unjudged:
-        treatment.skipped.append(("re-run", course.unjudged))
-        max_remedies = 0
+    unjudged = course.unjudged
+    if unjudged:
+        treatment.skipped.append(("re-run", unjudged))
     if course.replay is not None:
         evidence, current = course.rerun(work, "untreated")
         evidence.kept = True
@@ -218,17 +217,19 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
         treatment.skipped += [("re-run", note) for note in course.replay.notes]
         kinds = {f.kind for f in report.findings if f.severity != "info"}
         if not any(f.kind in kinds and f.severity != "info" for f in current.findings):
-            treatment.skipped.append(("re-run", f"the untreated re-run ({course.replay.steps} steps) did not show "
-                                                f"{', '.join(sorted(kinds))} again: nothing to judge a remedy by "
-                                                "(pass the model as it was at step 0 and the run's batches)"))
-            max_remedies = 0
+            unjudged = (f"the untreated re-run ({course.replay.steps} steps) did not show {', '.join(sorted(kinds))} "
+                        "again: nothing to judge a remedy by (pass the model as it was at step 0 and the run's "
+                        "batches)")
+            treatment.skipped.append(("re-run", unjudged))
         treatment.report = current
+    if unjudged:  # a run's findings no re-run judges: a prescription, nothing changed on the model
+        prescribe_unjudged(treatment, report, "no re-run judged it")
+        max_remedies = 0
     while done < max_remedies:
         pending = [f for f in current.findings if f.severity != "info" and f.kind not in given_up]
         if not pending:
             break
         finding = pending[0]
-        _advise(treatment, finding)
         best = _best_trial(finding, work, current, treatment, course, done)
         if best is None:
             given_up.add(finding.kind)
@@ -238,7 +239,7 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
                 set_recipe_state(treatment, best.recipe)
                 treatment.recipe.append(best.rid)
             else:
-                treatment.applied.append((best.rid, best.what, _why(finding)))
+                treatment.applied.append((best.rid, best.what, why(finding)))
                 treatment.redrawn[best.rid] = best.changed
             if best.evidence is not None:
                 best.evidence.kept = True
@@ -250,20 +251,14 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
                 treatment.skipped.append(("check", "not re-checked: pass inputs= to check each remedy and go on"))
             break
     treatment.model = work
-    if course.replay is None:  # a run's recipe remedies were each judged by a re-run: none is added unproven
-        _recipe(treatment, current, report)
+    if course.replay is None and not unjudged:  # a run's recipe remedies were each judged by a re-run
+        recipe(treatment, current, report)
+    elif course.replay is not None and not unjudged and treatment.trained and not current.healthy:
+        # from trained weights the re-run goes on from where the run is: it cannot replay the run's start, where a
+        # warmup acts; what remains is prescribed for the next run from step 0, unproven
+        prescribe_unjudged(treatment, current, "the weights are trained: a re-run goes on from them and cannot "
+                                               "replay the run's start")
     return treatment
-
-
-
-
-
-def _advise(treatment: Treatment, finding: Finding) -> None:
-    """The finding's model-side remedies that no action can carry out: changes to the model's own code."""
-    for rid in finding.remedies:
-        if REMEDIES[rid].acts_on == "model" and rid not in ACTIONS and rid not in dict(treatment.advice):
-            treatment.advice.append((rid, f"for {_why(finding)}: a change to the model's code, "
-                                          f"{REMEDIES[rid].description}"))
 
 
 def _best_trial(finding: Finding, work: nn.Module, current: Report, treatment: Treatment, course: _Course,
@@ -314,7 +309,7 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
     if any(rid == a for a, _ in treatment.advice):
         return None
     if treatment.trained and not act.keeps_function:
-        treatment.advice.append((rid, f"for {_why(finding)}: not done on trained weights, it re-draws them or "
+        treatment.advice.append((rid, f"for {why(finding)}: not done on trained weights, it re-draws them or "
                                       "changes what the model computes (pass trained=False if they are fresh)"))
         return None
     if course.replay is not None and inputs is None:
@@ -326,12 +321,12 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
     before = {id(p): p.detach().clone() for p in model.parameters()}
     patient = Patient(model, inputs, current.context, treatment.trained, treatment)
     torch.manual_seed(course.seed + done)
-    recipe = recipe_state(treatment)
+    saved = recipe_state(treatment)
     try:
         what = act.apply(patient)
-    except GradmedicError as why:
-        set_recipe_state(treatment, recipe)
-        treatment.skipped.append((rid, str(why)))
+    except GradmedicError as refused:
+        set_recipe_state(treatment, saved)
+        treatment.skipped.append((rid, str(refused)))
         return None
     model = patient.model
     changed = _changed(before, model)
@@ -341,7 +336,7 @@ def _try(rid: str, finding: Finding, work: nn.Module, current: Report, treatment
         try:
             return _rerun_trial(rid, finding, model, what, changed, current, treatment, course, act.on == "recipe")
         finally:
-            set_recipe_state(treatment, recipe)  # the trial's recipe is kept in its _Trial, set again if it is chosen
+            set_recipe_state(treatment, saved)  # the trial's recipe is kept in its _Trial, set again if it is chosen
     after, clears = None, True
     if inputs is not None:
         after = course.recheck(model)
@@ -368,28 +363,9 @@ def _rerun_trial(rid: str, finding: Finding, model: nn.Module, what: str, change
     evidence, after = course.rerun(model, rid)
     treatment.evidence.append(evidence)
     reference = next(e for e in reversed(treatment.evidence[:-1]) if e.kept)
-    kept, clears, key, why = judge(finding.kind, current, after, evidence, reference)
+    kept, clears, key, verdict = judge(finding.kind, current, after, evidence, reference)
     if not kept:
-        treatment.skipped.append((rid, f"re-run {course.replay.steps} steps: {why}: not kept"))
+        treatment.skipped.append((rid, f"re-run {course.replay.steps} steps: {verdict}: not kept"))
         return None
     return _Trial(rid, model, what, changed, after, evidence, clears, key,
                   recipe_state(treatment) if on_recipe else None)
-
-
-def _recipe(treatment: Treatment, current: Report, original: Report) -> None:
-    """The best training-side remedy of each finding that remains (or of the original's, unchecked)."""
-    remaining = [f for f in current.findings if f.severity != "info"]
-    for finding in remaining:
-        for rid in finding.remedies:
-            act = ACTIONS.get(rid)
-            if act is None or act.on != "recipe":
-                continue
-            if rid not in treatment.recipe:
-                act.apply(Patient(treatment.model, trained=treatment.trained, treatment=treatment))
-                treatment.recipe.append(rid)
-            break
-        else:
-            continue
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in treatment.model.parameters()) and \
-            any(f.kind == "gradient_underflow" for f in original.findings):
-        treatment.loss_scaling = True

@@ -40,6 +40,8 @@ class Evidence:
     stage: str  # "untreated" or the remedy id tried
     losses: list[float] = field(default_factory=list)
     kept: bool = False  # the untreated run, and each remedy that treat kept
+    # a re-run's own diagnosis, (kind, severity) of each warning or error: why a trial was kept or refused
+    findings: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def score(self) -> float:
