@@ -108,9 +108,11 @@ def render() -> str:
               "not run here this time (an earlier run: attention_logit_growth_gpt 2.17 -> 0.98 by clip_grad_norm). "
               "explosive_recurrence_rnn at seeds 1 and 2: the Monitor reports nothing (the corpus's stall detector "
               "fires at step 100), so there is nothing to treat: a watcher miss, not a rescue. "
-              "fp16_no_loss_scaling_gpt: treat's untreated re-run went non-finite (float16 rounding differs with the "
-              "thread count) instead of showing the watched divergence, so no trial was judged and the findings' "
-              "recipe was prescribed unproven; replayed, that prescription trains worse (the treated loss column).",
+              "fp16_no_loss_scaling_gpt and attention_logit_growth_gpt: treat's untreated re-run does not follow "
+              "the watched run (treat trains on the machine's threads, the corpus's trainer on one: the float16 "
+              "re-run went non-finite, the float32 one did not diverge), so what is kept is judged against another "
+              "run; for float16 a lower lr (finite, at chance) beat the non-finite re-run and trains worse than the "
+              "watched run (the ratio above 1).",
               "", END]
     return "\n".join(lines) + "\n"
 
