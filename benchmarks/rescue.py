@@ -45,7 +45,7 @@ def rescue_one(r: corpus.Run) -> dict:
     start = time.perf_counter()
     treatment = gm.treat(rescue.step0(r), report, **rescue.treat_args(r))
     row["seconds"] = time.perf_counter() - start
-    row["kept"] = [rid for rid, _, _ in treatment.applied] + list(treatment.recipe)
+    row["kept"] = [rid for rid, _, _ in treatment.applied] + list(treatment.recipe)  # proven or prescribed
     row["advice"] = [rid for rid, _ in treatment.advice]
     row["skipped"] = treatment.skipped
     row["stages"] = [{"stage": e.stage, "kept": e.kept, "score": e.score, "findings": e.findings,
@@ -90,8 +90,13 @@ def render() -> str:
             row["untreated_loss"] > 0 else math.nan
         fail = (f"{row['untreated_failure'] if row['untreated_failure'] is not None else '-'} / "
                 f"{row['treated_failure'] if row['treated_failure'] is not None else '-'}")
+        proven = [rid for rid in row["kept"] if any(s["stage"] == rid and s["kept"] for s in row["stages"])]
+        unproven = [rid for rid in row["kept"] if rid not in proven]
+        kept = ", ".join(proven) or "(none)"
+        if unproven:
+            kept += f"; prescribed unproven: {', '.join(unproven)}"
         lines.append(f"| {row['run']} | {row['seed']} | {row['expected'] or 'healthy'} | "
-                     f"{', '.join(row['kept']) or '(none)'} | {_fmt(row['untreated_loss'])} | "
+                     f"{kept} | {_fmt(row['untreated_loss'])} | "
                      f"{_fmt(row['treated_loss'])} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} | "
                      f"{'yes' if _learns(row['treated_losses']) else 'no'} | {fail} | "
                      f"{row['seconds']:.0f} |")
@@ -102,7 +107,12 @@ def render() -> str:
               "not yet an action). The 340-step GPT classes (attention-logit growth, float16 without scaling) were "
               "not run here this time (an earlier run: attention_logit_growth_gpt 2.17 -> 0.98 by clip_grad_norm). "
               "explosive_recurrence_rnn at seeds 1 and 2: the Monitor reports nothing (the corpus's stall detector "
-              "fires at step 100), so there is nothing to treat: a watcher miss, not a rescue.",
+              "fires at step 100), so there is nothing to treat: a watcher miss, not a rescue. "
+              "fp16_no_loss_scaling_gpt and attention_logit_growth_gpt: treat's untreated re-run does not follow "
+              "the watched run (treat trains on the machine's threads, the corpus's trainer on one: the float16 "
+              "re-run went non-finite, the float32 one did not diverge), so what is kept is judged against another "
+              "run; for float16 a lower lr (finite, at chance) beat the non-finite re-run and trains worse than the "
+              "watched run (the ratio above 1).",
               "", END]
     return "\n".join(lines) + "\n"
 

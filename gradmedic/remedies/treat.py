@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -216,7 +217,10 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
         treatment.evidence.append(evidence)
         treatment.skipped += [("re-run", note) for note in course.replay.notes]
         kinds = {f.kind for f in report.findings if f.severity != "info"}
-        if not any(f.kind in kinds and f.severity != "info" for f in current.findings):
+        # the failure again, or past it: a loss gone non-finite where the watched run diverged (float16 rounding moves
+        # with the thread count) is the same failure further on, and a remedy is judged against it as well
+        failed = not math.isfinite(evidence.score)
+        if not failed and not any(f.kind in kinds and f.severity != "info" for f in current.findings):
             unjudged = (f"the untreated re-run ({course.replay.steps} steps) did not show {', '.join(sorted(kinds))} "
                         "again: nothing to judge a remedy by (pass the model as it was at step 0 and the run's "
                         "batches)")
