@@ -127,6 +127,11 @@ def main() -> None:
         replace_section(ROOT / "BENCHMARKS.md", BEGIN, END, render())
         return
     OUT.mkdir(exist_ok=True)
+    # one thread, as the corpus's trainer: treat's re-run then rounds as the watched run did (a float16 or hot-lr GPT
+    # re-run on the machine's threads went non-finite, or did not diverge, where the watched run diverged)
+    import torch
+
+    torch.set_num_threads(1)
     runs = corpus.RUNS if not args.runs else tuple(corpus.by_name(n) for n in args.runs)
     for r in runs:
         for seed in args.seeds:

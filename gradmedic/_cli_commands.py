@@ -174,8 +174,6 @@ def save_treated(treatment: Any, original: Any, path: str, force: bool, target: 
     import torch
 
     from gradmedic._files import write_atomic
-    from gradmedic.diagnosis import REMEDIES
-
     out = Path(path)
     if out.is_dir():
         return f"cannot write {path}: it is a folder; give a file name (e.g. treated.pt)", ""
@@ -195,19 +193,18 @@ def save_treated(treatment: Any, original: Any, path: str, force: bool, target: 
     model_changes = [(rid, what) for rid, what, _ in treatment.applied]
     for rid, what in model_changes:
         lines.append(f"  applied {rid}: {what}")
+    how = treatment.howto()  # the calls on the model and the recipe, in plain PyTorch, Trainer and Lightning terms
     if structural:
         added = sorted(set(after) - set(before))
         lines.append(f"The treatment changed the model's structure ({len(added)} new tensor(s), e.g. "
                      f"{', '.join(added[:3]) or 'reshaped ones'}): build your model as {target} does, apply the same "
-                     f"change in code first ({', '.join(f'gradmedic.remedies.{rid}' for rid, _ in model_changes)}), "
-                     f"then: model.load_state_dict(torch.load({str(path)!r}))")
+                     f"change in code first (the calls below), then: model.load_state_dict(torch.load({str(path)!r}))")
     elif model_changes:
         lines.append(f"Reproduce it: build your model as {target} does, then "
                      f"model.load_state_dict(torch.load({str(path)!r})) (every re-drawn or rescaled weight is in it)")
     else:
         lines.append("No change to the model: the state_dict is the model's own.")
-    for rid in treatment.recipe:
-        lines.append(f"  in your training loop, {rid}: {REMEDIES[rid].description} (learning rate {treatment.lr:g}"
-                     f"{', clipping' if treatment.clip is not None else ''}"
-                     f"{', loss scaling' if treatment.loss_scaling else ''})")
+    if how.remedies:
+        lines.append("To do the same in your code:")
+        lines += ["  " + line for line in how.lines()]
     return None, "\n".join(lines)

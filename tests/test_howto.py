@@ -110,7 +110,7 @@ def test_values_chosen_are_rendered_and_wrong_ones_refused():
 def test_treatment_renders_its_recipe_as_one_and_the_optimizer_line_builds_its_optimizer(tmp_path, monkeypatch):
     torch.manual_seed(0)
     t = Treatment(model=corpus.GPT(), optimizer_class=torch.optim.Adam, optimizer_defaults={"betas": (0.8, 0.999)},
-                  lr=3e-4)
+                  lr=3e-4)  # a warmup of 2 / (1 - 0.999) = 2000 steps (Ma & Yarats 2021)
     for rid in ("lr_warmup", "clip_grad_norm", "lower_adam_epsilon", "lower_beta2", "weight_decay_exclusions",
                 "z_loss"):
         ACTIONS[rid].apply(Patient(t.model, trained=True, treatment=t))
@@ -121,7 +121,7 @@ def test_treatment_renders_its_recipe_as_one_and_the_optimizer_line_builds_its_o
     assert how.remedies == ("qk_norm", "lr_warmup", "clip_grad_norm", "lower_adam_epsilon", "lower_beta2",
                             "weight_decay_exclusions", "z_loss")
     assert sum(line.startswith("optimizer = ") for line in how.torch.splitlines()) == 1
-    assert how.hf_fields == {"warmup_steps": 100, "max_grad_norm": 1.0, "adam_epsilon": 1e-15, "adam_beta2": 0.95,
+    assert how.hf_fields == {"warmup_steps": 2000, "max_grad_norm": 1.0, "adam_epsilon": 1e-15, "adam_beta2": 0.95,
                              "weight_decay": 0.1, "learning_rate": 3e-4}
     # the snippet, run on the user's own (untreated) model, makes the Treatment's model and optimizer
     monkeypatch.chdir(tmp_path)
@@ -134,16 +134,16 @@ def test_treatment_renders_its_recipe_as_one_and_the_optimizer_line_builds_its_o
     mine, theirs = namespace["optimizer"], t.optimizer()
     assert type(mine) is type(theirs) is torch.optim.AdamW
     for a, b in zip(mine.param_groups, theirs.param_groups, strict=True):
-        assert a["initial_lr"] == b["lr"]  # the snippet's warmup scheduler holds the learning rate at lr / 100 now
+        assert a["initial_lr"] == b["lr"]  # the snippet's warmup scheduler holds the learning rate at lr / 2000 now
         for key in ("eps", "betas", "weight_decay"):
             assert a[key] == b[key], key
         assert [p.shape for p in a["params"]] == [p.shape for p in b["params"]]
     assert set(namespace["model"].state_dict()) == set(t.model.state_dict())  # qk_norm_ made the same keys
     scheduler = namespace["scheduler"]
-    assert scheduler.get_last_lr()[0] == pytest.approx(3e-4 / 100)  # warmup from lr / steps, as linear_warmup
+    assert scheduler.get_last_lr()[0] == pytest.approx(3e-4 / 2000)  # warmup from lr / steps, as linear_warmup
     # printed with the Treatment
     text = str(t)
-    assert "to do the same in your code:" in text and "TrainingArguments(warmup_steps=100" in text
+    assert "to do the same in your code:" in text and "TrainingArguments(warmup_steps=2000" in text
     assert "gradmedic.remedies.qk_norm_(model)" in text and "z_loss(logits, coef=1e-4)" in text
 
 

@@ -14,6 +14,7 @@ from gradmedic import GradmedicError
 from gradmedic.diagnosis import REMEDIES, prescribe
 from gradmedic.remedies import Treatment, ZLoss, decay_groups, howto
 from gradmedic.remedies.actions import ACTIONS, Patient
+from gradmedic.remedies.actions.recipe_actions import WARMUP_STEPS, warmup_steps
 from gradmedic.remedies.treatment import RECIPE_FIELDS
 from tests import training_runs as corpus
 
@@ -105,6 +106,21 @@ def test_z_loss_lr_adaptive_and_precision():
     assert Treatment(model=nn.Linear(1, 1)).loss_fn(F.cross_entropy) is F.cross_entropy  # no z-loss: as it was
     t.lr = 3e-4
     assert "0.003" in apply(t, "raise_learning_rate") and t.lr == pytest.approx(3e-3)
+    assert "0.003 -> 0.0003" in apply(t, "lower_learning_rate") and t.lr == pytest.approx(3e-4)  # the run's lr / 10
     assert "torch.optim.Adam(model.parameters(), lr=0.001)" in howto("adaptive_optimizer").torch  # advice
     apply(t, "higher_precision")
     assert t.precision == "bfloat16" and not t.loss_scaling
+
+
+def test_warmup_length_follows_beta2():
+    """Ma & Yarats 2021: 2 / (1 - beta2) steps (2000 at Adam's default 0.999); an optimizer without beta2 takes the
+    short default."""
+    t = Treatment(model=nn.Linear(2, 2))  # Adam, betas from its signature
+    assert warmup_steps(t) == 2000
+    t.optimizer_defaults = {"betas": (0.9, 0.95)}
+    assert warmup_steps(t) == 40
+    t.beta2 = 0.98  # the recipe's own beta2 wins over the optimizer's
+    assert warmup_steps(t) == 100
+    assert "over the first 100 steps" in apply(t, "lr_warmup") and t.values["lr_warmup"] == {"steps": 100}
+    t.optimizer_class, t.optimizer_defaults, t.beta2 = torch.optim.SGD, {}, None
+    assert warmup_steps(t) == WARMUP_STEPS

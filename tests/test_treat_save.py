@@ -5,7 +5,6 @@ of structure says what to apply first, and that path reproduces the outputs too.
 from __future__ import annotations
 
 import copy
-import types
 
 import torch
 
@@ -13,6 +12,7 @@ import gradmedic as gm
 from examples.sigmoid_mlp import build
 from gradmedic._cli_commands import save_treated
 from gradmedic.cli import main
+from gradmedic.remedies.treatment import Treatment
 
 
 def _one_thread(fn):
@@ -66,10 +66,11 @@ def test_a_structural_change_says_what_to_apply_and_that_path_reproduces_the_out
     original = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     x = torch.randn(32, 8)
     changed = gm.remedies.add_normalization(copy.deepcopy(original), kind="batch", inputs=x)
-    treatment = types.SimpleNamespace(model=changed, applied=[("add_normalization", "inserted 1 BatchNorm", "why")],
-                                      recipe=[], lr=1e-3, clip=None, loss_scaling=False)
+    treatment = Treatment(model=changed, applied=[("add_normalization", "inserted 1 BatchNorm", "why")])
     error, text = save_treated(treatment, original, str(tmp_path / "t.pt"), False, "f.py:build")
-    assert error is None and "changed the model's structure" in text and "gradmedic.remedies.add_normalization" in text
+    assert error is None and "changed the model's structure" in text
+    # the call to make in code, as howto renders it (the same line the terminal's treatment shows)
+    assert 'model = gradmedic.remedies.add_normalization(model, kind="batch", inputs=inputs)' in text
     # what the user does: their class, the same change in code, then the state_dict
     torch.manual_seed(1)  # other weights: everything must come from the file
     mine = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))

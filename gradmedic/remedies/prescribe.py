@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from gradmedic._errors import GradmedicError, first_line
 from gradmedic.diagnosis import REMEDIES, Finding, Report
 from gradmedic.remedies.actions import ACTIONS, Patient
 from gradmedic.remedies.order import NEEDS, remedy_order
@@ -45,7 +46,11 @@ def recipe(treatment, current: Report, original: Report) -> None:
             if act is None or act.on != "recipe":
                 continue
             if rid not in treatment.recipe:
-                act.apply(Patient(treatment.model, trained=treatment.trained, treatment=treatment))
+                try:
+                    act.apply(Patient(treatment.model, trained=treatment.trained, treatment=treatment))
+                except GradmedicError as refused:  # this recipe has it already (eps at 1e-15), or cannot take it
+                    treatment.skipped.append((rid, first_line(refused)))
+                    continue  # the finding's next recipe remedy
                 treatment.recipe.append(rid)
             break
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in treatment.model.parameters()) and \

@@ -18,9 +18,15 @@ from gradmedic.remedies.groups import WEIGHT_DECAY
 from gradmedic.remedies.schedules import linear_warmup, warm_restarts
 from gradmedic.remedies.zloss import Z_LOSS_COEF
 
-# A warmup as long as Xiong et al. (2020) found a post-LN transformer needs at lr 1e-3 is thousands of
-# steps; a recipe cannot know the run's length, so it takes a short, common default the user can change.
+# Ma & Yarats 2021 ("On the adequacy of untuned warmup for adaptive optimization", AAAI): a linear warmup over
+# 2 / (1 - beta2) steps (2,000 at Adam's 0.999) matches tuned warmups, because Adam's second-moment estimate has
+# about that many steps of history by then; for an optimizer without beta2 there is no such clock, and a recipe takes
+# a short, common default the user can change.
+WARMUP_BETA2_STEPS = 2.0
 WARMUP_STEPS = 100
+# a lower learning rate is one decade below the run's (the grid of an lr sweep; Wortsman et al. 2023 fig. 1 show
+# the instabilities of small transformers setting in within about a decade above the best rate)
+LOWER_FACTOR = 10.0
 # Wortsman et al. 2023 sec. 3.4: eps 1e-15 instead of 1e-8 keeps Adam's normalised step for layers whose gradient
 # RMS has fallen near 1e-8 (their fig. 11); float32 holds it (an optimizer state in float16 would flush it to 0)
 ADAM_EPSILON = 1e-15
@@ -65,9 +71,11 @@ def agc(patient: Patient) -> str:
 
 @action("lower_learning_rate", "scale", keeps_function=True)
 def lower_learning_rate(patient: Patient) -> str:
-    patient.treatment.lr = min(patient.treatment.lr, 1e-4)
-    patient.treatment.note("lower_learning_rate", lr=patient.treatment.lr)
-    return f"learning rate {patient.treatment.lr:g}"
+    treatment = patient.treatment
+    before = treatment.lr
+    treatment.lr = before / LOWER_FACTOR
+    treatment.note("lower_learning_rate", lr=treatment.lr)
+    return f"learning rate {before:g} -> {treatment.lr:g}"
 
 
 @action("lr_warm_restarts", "scale", keeps_function=True)
@@ -79,9 +87,23 @@ def lr_warm_restarts(patient: Patient) -> str:
 
 @action("lr_warmup", "scale", keeps_function=True)
 def lr_warmup(patient: Patient) -> str:
-    patient.treatment.schedule = functools.partial(linear_warmup, steps=WARMUP_STEPS)
-    patient.treatment.note("lr_warmup", steps=WARMUP_STEPS)
-    return f"linear learning-rate warmup over the first {WARMUP_STEPS} steps"
+    treatment = patient.treatment
+    steps = warmup_steps(treatment)
+    treatment.schedule = functools.partial(linear_warmup, steps=steps)
+    treatment.note("lr_warmup", steps=steps)
+    return f"linear learning-rate warmup over the first {steps} steps"
+
+
+def warmup_steps(treatment) -> int:
+    """2 / (1 - beta2) steps for an optimizer with a beta2 (the recipe's, else the optimizer's), else
+    ``WARMUP_STEPS``. Not cut to the re-run's length: a re-run replays the first steps of the user's run, which a
+    warmup of the user's run would hold at those steps' fraction of the learning rate."""
+    betas = treatment.optimizer_defaults.get("betas")
+    beta2 = treatment.beta2 if treatment.beta2 is not None else (float(betas[1]) if betas else None)
+    if beta2 is None and "betas" in inspect.signature(treatment.optimizer_class).parameters:
+        beta2 = inspect.signature(treatment.optimizer_class).parameters["betas"].default[1]
+    steps = round(WARMUP_BETA2_STEPS / (1.0 - beta2)) if beta2 is not None and beta2 < 1 else WARMUP_STEPS
+    return max(1, steps)
 
 
 @action("loss_scaling", "scale", keeps_function=True)
