@@ -8,6 +8,7 @@ and treated, and the seconds ``treat`` took.
     python benchmarks/rescue.py                              # every run, seed 0 -> benchmarks/rescue/*.json
     python benchmarks/rescue.py --runs post_ln_no_warmup_gpt --seeds 0 1 2
     python benchmarks/rescue.py --render                     # the table from benchmarks/rescue/ into BENCHMARKS.md
+                                                             # and the evidence curves into docs/figures/rescue.png
 
 Each run's JSON also holds every stage ``treat`` re-ran (its loss curve, whether it was kept, the warnings and
 errors of its own diagnosis, why it was refused): the evidence curves, and the evidence for the keep rule of
@@ -33,6 +34,7 @@ from tests import rescue  # noqa: E402
 from tests import training_runs as corpus  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "rescue"
+FIGURE = ROOT / "docs" / "figures" / "rescue.png"
 BEGIN, END = "<!-- rescue: begin -->", "<!-- rescue: end -->"
 
 
@@ -117,6 +119,44 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path = FIGURE) -> None:
+    """The evidence curves: for each bad run where a remedy was kept, its loss per step untreated and treated (both
+    trained by the corpus's trainer), the untreated failure step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if row["expected"] and row["kept"]]
+    if not shown:
+        return
+    cols = 4
+    rows_n = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.4 * rows_n), squeeze=False)
+    for ax, row in zip(axes.flat, shown, strict=False):
+        for key, label, colour in (("untreated_losses", "untreated", "tab:red"), ("treated_losses",
+                                   "treated: " + ", ".join(row["kept"]), "tab:blue")):
+            ys = [v if math.isfinite(v) else math.nan for v in row[key]]
+            ax.plot(range(len(ys)), ys, color=colour, lw=1, label=label)
+        if row["untreated_failure"] is not None:
+            ax.axvline(row["untreated_failure"], color="tab:red", ls=":", lw=1)
+        finite = [v for v in row["untreated_losses"] + row["treated_losses"] if math.isfinite(v)]
+        if finite and max(finite) > 20 * min(finite) > 0:
+            ax.set_yscale("log")
+        ax.set_title(f"{row['run']} (seed {row['seed']})", fontsize=8)
+        ax.legend(fontsize=6, loc="upper right")
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("step", fontsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle("Rescued by gm.treat: loss per step, untreated (red; dotted: its failure) and treated (blue)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=None, help="corpus run names (default: all)")
@@ -125,6 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         replace_section(ROOT / "BENCHMARKS.md", BEGIN, END, render())
+        plot([json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))])
         return
     OUT.mkdir(exist_ok=True)
     # one thread, as the corpus's trainer: treat's re-run then rounds as the watched run did (a float16 or hot-lr GPT

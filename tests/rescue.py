@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,34 +68,62 @@ def end(losses: list[float]) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class Warmed(corpus.Recipe):
-    """A corpus recipe whose learning rate is also multiplied by the treatment's linear warmup, as treat's re-run
-    applies it on top of the run's own schedule (a run warmed up already, GPT_HOT's 300 steps, included)."""
+class Treated(corpus.Recipe):
+    """A corpus recipe with the treatment's: its learning rate also multiplied by the treatment's linear warmup, as
+    treat's re-run applies it on top of the run's own schedule (a run warmed up already, GPT_HOT's 300 steps,
+    included), and its optimizer (class, eps, betas, decay groups) in place of the recipe's; the corpus loop still
+    sets every group's learning rate from the recipe at each step."""
 
     extra_warmup: int = 0
+    build: Callable[[], torch.optim.Optimizer] | None = None
 
     def lr_at(self, step: int) -> float:
-        return super().lr_at(step) * min(1.0, (step + 1) / self.extra_warmup)
+        warm = min(1.0, (step + 1) / self.extra_warmup) if self.extra_warmup else 1.0
+        return super().lr_at(step) * warm
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return self.build() if self.build is not None else super().make_optimizer(params)
 
 
-def recipe_of(r: corpus.Run, treatment: gm.Treatment) -> corpus.Recipe:
+def recipe_of(r: corpus.Run, treatment: gm.Treatment) -> Treated:
     """The corpus recipe with the treatment's recipe changes, for the corpus's own trainer."""
     rec = r.recipe
     clip = rec.clip
     if treatment.clip is not None:
         clip = min(clip or math.inf, treatment.clip.keywords["max_norm"])
-    fields = dict(lr=treatment.lr, clip=clip, precision="fp16_scaler" if treatment.loss_scaling else rec.precision)
-    if treatment.schedule is None:
-        return dataclasses.replace(rec, **fields)
-    assert treatment.schedule.func.__name__ == "linear_warmup", treatment.schedule
-    return Warmed(**{**dataclasses.asdict(rec), **fields, "extra_warmup": treatment.schedule.keywords["steps"]})
+    fields = dict(lr=treatment.lr, clip=clip, precision="fp16_scaler" if treatment.loss_scaling else rec.precision,
+                  build=lambda: treatment.optimizer(treatment.model))
+    if treatment.schedule is not None:
+        assert treatment.schedule.func.__name__ == "linear_warmup", treatment.schedule
+        fields["extra_warmup"] = treatment.schedule.keywords["steps"]
+    return Treated(**{**{f.name: getattr(rec, f.name) for f in dataclasses.fields(corpus.Recipe)}, **fields})
 
 
 def replayed(r: corpus.Run, treatment: gm.Treatment) -> corpus.Result:
-    """The treated model trained by the corpus's own trainer with the treatment's recipe (not gradmedic's re-run).
-    The detectors that read the model's architecture (the dead-unit probe loads the state into an untreated twin)
-    are left out when the treatment changed the architecture."""
+    """The treated model trained by the corpus's own trainer with the treatment's recipe (not gradmedic's re-run):
+    its optimizer, lr, warmup, clipping, loss scaling, and its z-loss added to the task's loss for training while the
+    losses kept are the task's own (what is compared). The detectors that read the model's architecture (the
+    dead-unit probe loads the state into an untreated twin) are left out when the treatment changed the
+    architecture."""
     same = treatment.model.state_dict().keys() == step0(r).state_dict().keys()
     detectors = r.detectors if same else tuple(d for d in r.detectors if d != "dead_units")
-    return corpus.run(dataclasses.replace(r, recipe=recipe_of(r, treatment), detectors=detectors),
-                      model=treatment.model)
+    rerun = dataclasses.replace(r, recipe=recipe_of(r, treatment), detectors=detectors)
+    if not treatment.z_loss:
+        return corpus.run(rerun, model=treatment.model)
+    task_class = type(corpus.build(r)[1])
+    task_loss, own_attr = task_class.loss, task_class.__dict__.get("loss")
+    own: list[float] = []
+
+    def loss(task, out, y):
+        base = task_loss(task, out, y)
+        own.append(float(base.detach()))
+        return base + gm.remedies.z_loss(out, treatment.z_loss)
+    task_class.loss = loss
+    try:
+        result = corpus.run(rerun, model=treatment.model)
+    finally:  # as it was: the class's own loss, or none (inherited)
+        if own_attr is None:
+            del task_class.loss
+        else:
+            task_class.loss = own_attr
+    return dataclasses.replace(result, losses=own)
