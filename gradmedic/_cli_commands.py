@@ -165,10 +165,13 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_treated(treatment: Any, original: Any, path: str, force: bool, target: str) -> tuple[str | None, str]:
+def save_treated(treatment: Any, original: Any, path: str, force: bool, target: str,
+                 calls: bool = True) -> tuple[str | None, str]:
     """``check --treat N --save PATH``: the treated model's ``state_dict`` written atomically (``_files``), never over
     an existing file without ``--force``; (an error line or None, the text that says how to use it: how to load it
-    into the user's model, what changed its structure, and the recipe to put in the training loop)."""
+    into the user's model, what changed its structure, and the recipe to put in the training loop). ``calls=False``:
+    the treatment's ``howto()`` lines were printed just before (``check`` prints the Treatment), so they are referred
+    to, not repeated."""
     import io
 
     import torch
@@ -198,13 +201,14 @@ def save_treated(treatment: Any, original: Any, path: str, force: bool, target: 
         added = sorted(set(after) - set(before))
         lines.append(f"The treatment changed the model's structure ({len(added)} new tensor(s), e.g. "
                      f"{', '.join(added[:3]) or 'reshaped ones'}): build your model as {target} does, apply the same "
-                     f"change in code first (the calls below), then: model.load_state_dict(torch.load({str(path)!r}))")
+                     f"change in code first (the calls {'below' if calls else 'above'}), then: "
+                     f"model.load_state_dict(torch.load({str(path)!r}))")
     elif model_changes:
         lines.append(f"Reproduce it: build your model as {target} does, then "
                      f"model.load_state_dict(torch.load({str(path)!r})) (every re-drawn or rescaled weight is in it)")
     else:
         lines.append("No change to the model: the state_dict is the model's own.")
-    if how.remedies:
+    if how.remedies and calls:
         lines.append("To do the same in your code:")
         lines += ["  " + line for line in how.lines()]
     return None, "\n".join(lines)

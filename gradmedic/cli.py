@@ -110,7 +110,8 @@ def _check(args: argparse.Namespace) -> int:
         if treatment is not None:  # with --json, stdout stays exactly Report.to_json()
             print(f"\nTreatment (gm.treat on a copy):\n{treatment}", file=sys.stderr if args.json else sys.stdout)
         if treatment is not None and args.save:
-            error, text = commands.save_treated(treatment, case["model"], args.save, args.force, args.target)
+            error, text = commands.save_treated(treatment, case["model"], args.save, args.force, args.target,
+                                                 calls=False)
             if error is not None:
                 return fail(error)
             print(text, file=sys.stderr if args.json else sys.stdout)

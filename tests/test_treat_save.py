@@ -30,6 +30,8 @@ def test_save_round_trip_reproduces_the_treated_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and path.is_file()
     assert "applied xavier_init" in out and "model.load_state_dict(torch.load(" in out
+    # the call that reproduces it, printed once (with the Treatment), not again under the save
+    assert out.lower().count("to do the same in your code:") == 1 and "gradmedic.remedies.critical_(" in out
     case = build()  # the user's own class, as the factory builds it
     state = torch.load(path)
     case["model"].load_state_dict(state)
