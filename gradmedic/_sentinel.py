@@ -29,6 +29,7 @@ through a NumPy view made when the slots are made: a read of host memory, not a 
 from __future__ import annotations
 
 import math
+import operator
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -136,20 +137,25 @@ class _Spike:
 
     def __init__(self) -> None:
         self._window: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self._nonfinite = 0  # in the window: while none is, the window is summed as it is (the common case, faster)
         self._was_spike = False
         self._band: float | None = None  # the latest spike's way back, while it is not back
         self._held = 0
         self._said = False
 
     def see(self, value: float) -> bool:
-        finite = [x for x in self._window if math.isfinite(x)]
+        window = self._window
+        finite = window if not self._nonfinite else [x for x in window if math.isfinite(x)]
         spike = False
         if len(finite) >= SPIKE_MIN_HISTORY and math.isfinite(value):
             n = len(finite)
             mean = sum(finite) / n
-            sd = math.sqrt(max(sum(x * x for x in finite) / n - mean * mean, 0.0))  # the rule's formula
+            sd = math.sqrt(max(sum(map(operator.mul, finite, finite)) / n - mean * mean, 0.0))  # the rule's formula
             spike = sd > 0 and (value - mean) / sd >= SPIKE_SIGMA and value - mean >= SPIKE_MIN_RISE * abs(mean)
-        self._window.append(value)
+        if len(window) == window.maxlen and not math.isfinite(window[0]):
+            self._nonfinite -= 1  # leaves the window as the new value comes in
+        self._nonfinite += not math.isfinite(value)
+        window.append(value)
         alarm = False
         if spike and not self._was_spike:  # the first step of a run of spikes: the rule's latest spike
             self._band, self._held, self._said = mean + RECOVER_SIGMA * sd, 1, False
