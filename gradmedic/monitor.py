@@ -37,6 +37,7 @@ from gradmedic._errors import GradmedicError, GradmedicWarning, first_line
 from gradmedic._lifecycle import NewModuleWatch, ParameterWatch, follow, release_when_dropped, weak_callback
 from gradmedic._live import LiveFindings, ask_where_nans_come_from
 from gradmedic._run_scalars import RunScalars
+from gradmedic._sentinel import Sentinel
 from gradmedic._sinks import as_sink, findings_text
 from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import LayerIndex, Probe, build_probes
@@ -44,10 +45,6 @@ from gradmedic.probes.base import Chunk, buffer_dtype
 from gradmedic.trace import Trace
 
 __all__ = ["Monitor"]
-
-
-def _tick(sink: Any) -> None:
-    sink.tick()
 
 
 class Monitor:
@@ -63,8 +60,9 @@ class Monitor:
 
     While it trains, each scheduled flush diagnoses the trace so far: a finding that is new or worse is said once
     (a ``GradmedicFindingWarning``, a text to ``log_to``, and ``on_finding(finding)``); ``live=False`` keeps quiet
-    until ``diagnose()``. ``scaler``: a ``torch.amp.GradScaler``, whose scale is recorded at every step (a
-    collapsing scale is how float16 overflow shows).
+    until ``diagnose()``. A NaN loss, a loss spike or a diverging loss flushes and diagnoses at the step it is seen
+    (``gradmedic._sentinel``: no sync; on CUDA a step or two late). ``scaler``: a ``torch.amp.GradScaler``, whose
+    scale is recorded at every step (a collapsing scale is how float16 overflow shows).
 
     Under ``torch.distributed`` (a process group of more than one rank) the Monitor is rank-aware:
     DDP / torch.compile wrappers are looked through (names carry no ``module.`` prefix), each flush
@@ -72,7 +70,8 @@ class Monitor:
     rank 0's ``trace.save`` and ``log_to`` sink write (``rank_files=True``: every rank writes
     ``NAME.rankN.gmtrace``). Create the Monitor on every rank, and call ``close()`` on every rank:
     reading ``monitor.trace`` mid-run does not communicate and shows what was combined at the last flush.
-    ``distributed=False`` keeps each rank's numbers local.
+    ``distributed=False`` keeps each rank's numbers local. There the loss sentinel is off: its early flush would be
+    a collective on the one rank whose loss went bad, so findings wait for the scheduled flush.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -100,6 +99,7 @@ class Monitor:
         self._live = LiveFindings(on_finding) if live else None
         self._trace = Trace(self._meta())
         self._combiner = combiner_for(self.layers, self.model, self._trace, distributed, rank_files)
+        self._sentinel = Sentinel(self._warn) if self._combiner is None else None  # a loss gone bad: flush at once
         self._step = 0
         self._since_flush = 0
         self._armed: list[Probe] = []
@@ -151,17 +151,18 @@ class Monitor:
         self._recorded.clear()
         self._disarm(keep=step + 1)
         self._run.record(step, loss, self.optimizer, self.scaler)
+        alarm = self._sentinel is not None and self._sentinel.see(step, loss)
         for probe in self.probes:
             if id(probe) not in self._prepared:
                 self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
         self._prepared.clear()
         self._step += 1
         self._since_flush += 1
-        if self._since_flush >= self.flush_every:
+        if self._since_flush >= self.flush_every or alarm:
             self.flush()
             self._say_findings()
         if self.sink is not None and self._writes:
-            self._to_sink(_tick)
+            self._to_sink(lambda sink: sink.tick())
         self._arm(self._step)
 
     def record_gradients(self) -> None:

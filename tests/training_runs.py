@@ -766,18 +766,21 @@ def by_name(name: str) -> Run:
     return next(r for r in RUNS if r.name == name)
 
 
-def watched(name: str):
+def watched(name: str, monitors: list | None = None, **monitor_kwargs):
     """One corpus run under a default-preset Monitor made at its first step (the model and optimizer exist only inside
-    ``run``): (the run's result, the closed Monitor's trace)."""
+    ``run``): (the run's result, the closed Monitor's trace). ``monitors``: the Monitor is appended to it (a test that
+    reads more than the trace); ``monitor_kwargs`` go to the Monitor."""
     import gradmedic as gm
 
     holder = {}
 
     def on_step(step, model, optimizer, loss):
         if "monitor" not in holder:
-            holder["monitor"] = gm.Monitor(model, optimizer)
+            holder["monitor"] = gm.Monitor(model, optimizer, **monitor_kwargs)
         holder["monitor"].step(loss)
 
     result = run(by_name(name), on_step)
     holder["monitor"].close()
+    if monitors is not None:
+        monitors.append(holder["monitor"])
     return result, holder["monitor"].trace
