@@ -5,8 +5,10 @@ The budgets were chosen by measurement on a 2-core laptop-class CPU: ``quick`` (
 about three minutes with two workers (BENCHMARKS.md); ``full`` runs more depths, lengths, the copy task and
 48/100-layer transformers under five seeds. ``smoke`` is a tiny grid that exercises every code path (tests use
 it; about 25 s of CPU time, 1-2 min of wall time with two workers): its budgets test no claim, so its claims
-read "not tested at this budget". Each configuration was chosen far from its claim's cut-offs under several
-seeds and CPU kernels (``ATEN_CPU_CAPABILITY``), so that a verdict does not hang on the last bits of a matmul.
+read "not tested at this budget". ``settle`` holds the settings that decide claims ``quick`` leaves inconclusive
+within a CPU budget (so far the adding problem at T=100); ``depth`` the transformers at 6 to 1000 blocks. Each
+configuration was chosen far from its claim's cut-offs under several seeds and CPU kernels
+(``ATEN_CPU_CAPABILITY``), so that a verdict does not hang on the last bits of a matmul.
 """
 
 from __future__ import annotations
