@@ -58,7 +58,7 @@ def lab_run(args: argparse.Namespace) -> int:
         store = Store(args.db)
         start = time.perf_counter()
         summary = run_suite(suite, store, workers=args.workers, progress=not args.no_progress,
-                            backend=args.backend, address=args.address)
+                            backend=args.backend, address=args.address, only=tuple(args.only))
         elapsed = time.perf_counter() - start
         rows = in_suite_order(suite.configs, store.results(suite.name))
         verdicts = judge(group_results(rows), suite.tests_claims)  # a row from elsewhere is one line too

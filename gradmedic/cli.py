@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "default: a local Ray instance")
     lab_run.add_argument("--json", action="store_true", help="print the claims and counts as JSON")
     lab_run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lab_run.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                         help="run only the runs whose name ('experiment: label (seed N)') matches this shell "
+                         "pattern; repeatable (e.g. --only 'transformer_depth: * d=96 (*')")
     lab_run.set_defaults(run=commands.lab_run)
     lab_pub = lab_sub.add_parser("publish", help="write a suite's claims table into BENCHMARKS.md from a database")
     lab_pub.add_argument("db", metavar="DB", help="a lab database")

@@ -117,3 +117,18 @@ def test_a_suite_too_small_to_test_claims_says_so_instead_of_a_verdict():
     assert "he loss 2.3" in v.evidence  # the numbers are still shown
     (v,) = judge(group_results(rows))
     assert v.verdict == "not supported"
+
+
+def test_the_settle_suite_is_the_full_suites_adding_problem_at_t100_trained_longer():
+    """settle decides the gated-cell claim in the literature's configuration, not a weaker variant of it: its runs
+    are the full suite's T=100 runs but for the number of steps, and it judges claims."""
+    from gradmedic.lab.suites import SETTLE_ADDING_STEPS, SUITES
+
+    def t100(suite):
+        return {(c["label"], c["seed"]): {k: v for k, v in c.items() if k != "steps"} for c in SUITES[suite].configs
+                if c["experiment"] == "rnn_adding" and c["label"] in ("tanh T=100", "lstm T=100", "gru T=100")}
+
+    settle = t100("settle")
+    assert len(settle) == 9 and SUITES["settle"].tests_claims
+    assert all(full == settle[key] for key, full in t100("full").items() if key in settle)
+    assert {c["steps"] for c in SUITES["settle"].configs} == {SETTLE_ADDING_STEPS} and SETTLE_ADDING_STEPS > 3000

@@ -93,6 +93,7 @@ def test_lab_list_json():
 @pytest.mark.parametrize("args,match", [
     (("lab", "run", "nope"), "No lab suite 'nope'"),
     (("lab", "run", "smoke", "--workers", "0"), "--workers"),
+    (("lab", "run", "smoke", "--only", "nielsen: tanh*"), "No run of suite 'smoke' matches 'nielsen: tanh*'"),
     (("report", "missing.db", "-o", "x.html"), "no such file"),
     (("report", "README.md", "-o", "x.html"), "neither a lab database"),
     (("lab", "publish", "missing.db"), "no such lab database"),

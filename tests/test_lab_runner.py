@@ -41,6 +41,25 @@ def test_a_failing_run_is_reported_and_the_others_are_kept(tmp_path):
     assert not summary.complete and len(store.finished("tiny")) == 2
 
 
+def test_only_runs_the_selected_runs_and_a_later_call_runs_the_rest(tmp_path):
+    store = Store(tmp_path / "lab.db")
+    some = run_suite(tiny_suite(), store, workers=1, progress=False, only=("tiny: run [02] (*",))
+    assert (some.total, some.finished) == (2, 2)
+    assert sorted(c["label"] for _, c, _, _ in store.results("tiny")) == ["run 0", "run 2"]
+    rest = run_suite(tiny_suite(), store, workers=1, progress=False)
+    assert (rest.total, rest.skipped, rest.finished) == (4, 2, 2)
+
+
+def test_a_pattern_that_matches_no_run_is_refused_before_anything_runs(tmp_path):
+    from gradmedic import GradmedicError
+
+    store = Store(tmp_path / "lab.db")
+    refused = r"No run of suite 'tiny' matches 'tiny: run 9\*'.*'tiny: run 0 \(seed 0\)'"
+    with pytest.raises(GradmedicError, match=refused):
+        run_suite(tiny_suite(), store, workers=1, progress=False, only=("tiny: run 0 (*", "tiny: run 9*"))
+    assert not store.finished("tiny")
+
+
 def test_bad_workers_is_a_clear_error(tmp_path):
     from gradmedic import GradmedicError
 

@@ -17,6 +17,7 @@ database (``Store.exclusive``).
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import sys
@@ -37,7 +38,7 @@ from gradmedic.lab.experiment import run_experiment
 from gradmedic.lab.store import Store, run_key
 from gradmedic.lab.suites import Suite
 
-__all__ = ["RunSummary", "Terminated", "run_suite"]
+__all__ = ["RunSummary", "Terminated", "run_suite", "select"]
 
 _LABELS = ("experiment", "label")
 
@@ -154,10 +155,27 @@ def _name(config: dict[str, Any]) -> str:
     return f"{config['experiment']}: {config['label']} (seed {config['seed']})"
 
 
+def select(suite: Suite, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The configurations of ``suite`` whose name (``experiment: label (seed N)``, as the progress bar and
+    failures print it) matches one of the shell patterns ``only`` (every one when it is empty), in the suite's
+    order. For a budget that cannot hold a whole suite: the depth suite runs its 1000-block cells before its 96-
+    and 384-block ones (the claim's runs first), and ``only`` runs the cheaper cells without reordering it. A
+    pattern that matches no run is a typo, refused in one line rather than running nothing."""
+    if not only:
+        return list(suite.configs)
+    names = [_name(c) for c in suite.configs]
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise GradmedicError(f"No run of suite {suite.name!r} matches {pattern!r}; a run is named like "
+                                 f"{names[0]!r} (gradmedic lab list).")
+    return [c for c, n in zip(suite.configs, names, strict=True) if any(fnmatch.fnmatchcase(n, p) for p in only)]
+
+
 def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: bool = True,
               on_result: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-              backend: str = "process", address: str | None = None) -> RunSummary:
-    """Run every configuration of ``suite`` not yet in ``store``; returns what happened.
+              backend: str = "process", address: str | None = None, only: tuple[str, ...] = ()) -> RunSummary:
+    """Run every configuration of ``suite`` not yet in ``store`` (of those ``only`` selects: see ``select``);
+    returns what happened, counted over the selected runs.
 
     ``backend``: ``"process"`` (a local process pool, the default) or ``"ray"`` (Ray tasks on a local
     instance, or on the cluster at ``address``); see ``gradmedic.lab.backends``.
@@ -169,13 +187,14 @@ def run_suite(suite: Suite, store: Store, workers: int | None = None, progress: 
         workers = max(1, min(os.cpu_count() or 1, 8))
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise bad_argument("workers", "a positive int", workers)
+    configs = select(suite, tuple(only))
     done = store.finished(suite.name)
-    if all(run_key(c) in done for c in suite.configs):  # nothing to do: no lock needed to say so
-        return RunSummary(suite.name, len(suite.configs), len(suite.configs))
+    if all(run_key(c) in done for c in configs):  # nothing to do: no lock needed to say so
+        return RunSummary(suite.name, len(configs), len(configs))
     with store.exclusive():
         done = store.finished(suite.name)  # again, now that no other run can add to it
-        pending = [c for c in suite.configs if run_key(c) not in done]
-        summary = RunSummary(suite.name, len(suite.configs), len(suite.configs) - len(pending))
+        pending = [c for c in configs if run_key(c) not in done]
+        summary = RunSummary(suite.name, len(configs), len(configs) - len(pending))
         if pending:
             _run_pending(suite, store, pending, workers, progress, on_result, summary, backend, address)
     return summary
