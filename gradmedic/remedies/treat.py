@@ -267,20 +267,26 @@ def _treat(model: nn.Module, report: Report, course: _Course, trained: bool | No
 
 def _best_trial(finding: Finding, work: nn.Module, current: Report, treatment: Treatment, course: _Course,
                 done: int) -> _Trial | None:
-    """The first trial that clears the finding, else the one that helps most; the others are recorded as tried."""
+    """The first trial that clears the finding, else the one that helps most; the others are recorded as tried.
+
+    A run's finding (a re-run judges each trial) goes on past the first that clears: of those that clear, the one whose
+    re-run ends at the lowest loss is kept. Its trials are each a re-run of the same recipe, so none is more invasive
+    than another by its tier alone, and the first to clear may be the weaker rescue (an explosive RNN: a tenth of the
+    lr cleared it at loss 0.99, clipping at 0.52). At init the ranked order decides: the least invasive that clears."""
     best: _Trial | None = None
     passed: list[_Trial] = []
+    every = course.replay is not None
     for rid in _candidates(finding, current, work, course, treatment):
         trial = _try(rid, finding, work, current, treatment, course, done)
         if trial is None:
             continue
-        if trial.clears or best is None or trial.key < best.key:
+        if best is None or _better(trial, best):
             if best is not None:
                 passed.append(best)
             best = trial
         else:
             passed.append(trial)
-        if trial.clears:
+        if trial.clears and not every:
             break
     for other in passed:
         if course.replay is not None:
@@ -291,6 +297,15 @@ def _best_trial(finding: Finding, work: nn.Module, current: Report, treatment: T
                                                  f"{_burden(other.report)[0]} error(s), {_burden(other.report)[1]} "
                                                  f"warning(s) remained"))
     return best
+
+
+def _better(trial: _Trial, best: _Trial) -> bool:
+    """Clearing beats not clearing; between two that clear, the lower loss of their re-runs; else the lower key."""
+    if trial.clears != best.clears:
+        return trial.clears
+    if trial.clears and trial.evidence is not None and best.evidence is not None:
+        return trial.evidence.score < best.evidence.score
+    return trial.key < best.key
 
 
 @dataclass
