@@ -1,15 +1,17 @@
 """``gradmedic demo``: the whole loop on a model that will not train, in about half a minute on a CPU.
 
 A 10-layer sigmoid MLP on scikit-learn's digits is trained as a user would (Adam, lr 1e-3) under a
-Monitor; the trace is diagnosed; ``treat`` changes a copy of the model as it was built (fresh weights:
-the run's trained ones are kept by treat) and proves each remedy by ``VERIFY_STEPS`` training steps on
-the same minibatches; the copy is retrained with the same budget and the treatment's recipe.
+Monitor; the trace is diagnosed; ``treat`` is handed the run as it was made (the model as it was built, the run's
+minibatches in order, its optimizer) and judges each remedy by re-running the run on a changed copy, as it judges
+any finding from a training run; the treated copy is then retrained with the same budget and the treatment's
+recipe (its optimizer, clipping and lr schedule).
 Before/after numbers are printed and an HTML report is written.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradmedic as gm
+from gradmedic._errors import GradmedicFindingWarning
 from gradmedic._progress import held
 from gradmedic._rich import BarColumn, MofNCompleteColumn, Progress, Table, TextColumn, TimeElapsedColumn
 from gradmedic.lab.tasks import digits
@@ -29,7 +32,7 @@ from gradmedic.report.notebook import evidence_outcome
 
 __all__ = ["DemoResult", "run_demo", "sick_model"]
 
-VERIFY_STEPS = 60  # each remedy must lower the loss of 60 Adam steps on the demo's minibatches
+LR = 1e-3  # Adam's default: the sick model is sick at the rate most users start with
 
 
 def sick_model(depth: int = 10, width: int = 64, seed: int = 0) -> nn.Sequential:
@@ -62,20 +65,40 @@ class DemoResult:
     html: Path | None = None
 
 
-def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, steps: int, batch: int, seed: int,
-           clip=None, progress=None) -> Phase:
+def _batches(task, steps: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The run's minibatches in order: the same for the sick run, treat's re-runs and the treated run."""
     gen = torch.Generator().manual_seed(seed)
+    return [(task.x_train[i], task.y_train[i]) for i in
+            (torch.randint(0, len(task.x_train), (batch,), generator=gen) for _ in range(steps))]
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, task, batches, clip=None, schedule=None,
+           progress=None, say=None) -> Phase:
+    """Train on ``batches`` under a Monitor; what it says while it trains goes to ``say`` as one line each (the
+    demo's console) instead of a Python warning with its source line."""
+    steps = len(batches)
     losses = []
-    with Monitor(model, optimizer, every=max(1, steps // 20)) as monitor:
-        for _ in range(steps):
-            idx = torch.randint(0, len(task.x_train), (batch,), generator=gen)
-            loss = F.cross_entropy(model(task.x_train[idx]), task.y_train[idx])
+    scheduler = schedule(optimizer) if schedule is not None else None
+    said = {}
+
+    def on_finding(f) -> None:
+        if say is not None:
+            say(f"  [dim]said while it trains, step {said['monitor'].step_count - 1}:[/] {f.severity} {f.kind}"
+                + (f" at '{f.layers[0]}'" if f.layers else ""))
+    with warnings.catch_warnings(), Monitor(model, optimizer, every=max(1, steps // 20),
+                                            on_finding=on_finding) as monitor:
+        warnings.simplefilter("ignore", GradmedicFindingWarning)
+        said["monitor"] = monitor
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
             loss.backward()
             monitor.step(loss)
             if clip is not None:
                 clip(list(model.parameters()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress()
@@ -110,19 +133,17 @@ def _run_demo(steps: int, depth: int, seed: int, html: str | Path | None, consol
     batch = 64
     say = console.print if console is not None else (lambda *a, **k: None)
     say(f"[bold]gradmedic demo[/]: a {depth}-layer sigmoid MLP on scikit-learn's digits "
-        f"({len(task.x_train)} train / {len(task.x_test)} test images), Adam lr 1e-3, {steps} steps, batch {batch}")
+        f"({len(task.x_train)} train / {len(task.x_test)} test images), Adam lr {LR:g}, {steps} steps, batch {batch}")
     as_built = copy.deepcopy(model)
+    batches = _batches(task, steps, batch, seed)
     with _progress(console, 2 * steps) as advance:
-        before = _train(model, torch.optim.Adam(model.parameters(), lr=1e-3), task, steps, batch, seed,
-                        progress=advance)
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        before = _train(model, optimizer, task, batches, progress=advance, say=say)
         report = gm.diagnose(before.trace)
-        x, y = task.x_train[:256], task.y_train[:256]
-        gen = torch.Generator().manual_seed(seed)
-        batches = [(task.x_train[i], task.y_train[i]) for i in
-                   (torch.randint(0, len(task.x_train), (batch,), generator=gen) for _ in range(VERIFY_STEPS))]
-        treatment = gm.treat(as_built, report, inputs=x, targets=y, verify_steps=VERIFY_STEPS, data=batches)
-        after = _train(treatment.model, treatment.optimizer(), task, steps, batch, seed, clip=treatment.clip,
-                       progress=advance)
+        # a finding from a run is judged by re-running the run: the model as built, its batches, its optimizer
+        treatment = gm.treat(as_built, report, data=batches, optimizer=optimizer, loss_fn=F.cross_entropy)
+        after = _train(treatment.model, treatment.optimizer(), task, batches, clip=treatment.clip,
+                       schedule=treatment.schedule, progress=advance)
     result = DemoResult(before, after, report, treatment)
     if console is not None:
         _print(console, result)
@@ -176,7 +197,7 @@ def _write_html(result: DemoResult, path: str | Path, depth: int, steps: int) ->
     page.heading("Treatment")
     page.table(("remedy", "what was done", "why"), result.treatment.applied or [("none", "", "")])
     if result.treatment.evidence:
-        page.table(("stage", f"mean loss, last steps of {VERIFY_STEPS}", "outcome"),
+        page.table(("stage", f"mean loss, last steps of the {steps}-step re-run", "outcome"),
                    [(e.stage, f"{e.score:.3f}", evidence_outcome(e)) for e in result.treatment.evidence])
     if result.treatment.recipe:
         page.paragraph("Training recipe: " + ", ".join(result.treatment.recipe))

@@ -30,3 +30,11 @@ def test_a_falling_signal_does_not_head_up_and_reaches_a_floor_from_above():
 def test_too_few_points_or_non_positive_values_give_no_forecast():
     assert forecast(np.arange(3), np.ones(3), 10.0) is None
     assert forecast(np.arange(6), np.array([0, -1, np.nan, 1, 2, np.inf]), 10.0) is None
+
+
+def test_a_signal_past_its_threshold_gets_no_countdown():
+    """Adam's margin already below 1 and still shrinking: "falls below 1e+00 in about 0 steps" said nothing."""
+    steps = np.arange(0, 800, 100)
+    f = forecast(steps, 1e-3 * 0.93 ** (steps / 100), 1.0, below=True)
+    assert f is not None and f.factor_per_100 == pytest.approx(0.93, rel=1e-6)
+    assert f.says("it", 1.0) == "it grows x0.93 per 100 steps"

@@ -33,8 +33,8 @@ class Forecast:
     def says(self, name: str, threshold: float) -> str:
         """One clause a finding's message can carry."""
         rate = f"{name} grows x{self.factor_per_100:.2g} per 100 steps"
-        if self.steps_to_threshold is None:
-            return rate
+        if self.steps_to_threshold is None or self.steps_to_threshold < 1:
+            return rate  # not heading there, or past it already (the finding says the value itself)
         return f"{rate}; at this rate it passes {threshold:.0e} in about {_round(self.steps_to_threshold)} steps"
 
 
