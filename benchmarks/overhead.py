@@ -285,8 +285,12 @@ def count_syncs(build, preset: str) -> dict[str, int]:
     torch.manual_seed(0)
     model, batch, loss_fn = build()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    monitor = gm.Monitor(model, opt, preset=preset, flush_every=10_000)
+    # no scheduled flush inside the 5 x longest + 1 steps counted; 1000 stays within the device-buffer budget of the
+    # largest workload (GPT-2's 165 layers allow 7530; 10,000 was refused there)
+    monitor = gm.Monitor(model, opt, preset=preset, flush_every=1000)
     longest = longest_period(monitor)
+    if 5 * longest + 1 >= monitor.flush_every:
+        raise SystemExit(f"count_syncs: a probe period of {longest} steps needs flush_every above {5 * longest + 1}")
     with count_host_syncs() as first:
         run_steps(model, opt, batch, loss_fn, monitor, longest + 1)
     with count_host_syncs() as between:
