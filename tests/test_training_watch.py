@@ -52,8 +52,9 @@ def test_a_run_that_goes_nan_is_an_error_naming_its_first_step_under_the_default
 def test_the_nan_probe_is_asked_for_the_step_after_a_flush_saw_a_nan_loss():
     monitor, _ = _nan_run(30, flush_every=10)
     nan = monitor.diagnose().of_kind("nonfinite")[0]
-    # its period is 100 steps: without the request it would not have run before step 100
-    assert nan.evidence["probe_step"] == 10 and nan.layers == ["0"]
+    # its period is 100 steps: without the request it would not have run before step 100; the loss sentinel saw the
+    # NaN loss at step 5 and flushed there, so the probe looked at step 6 (at the flush of step 9 it would be 10)
+    assert nan.evidence["probe_step"] == 6 and nan.layers == ["0"]
 
 
 def test_findings_are_said_while_it_trains_once_each():
@@ -62,7 +63,8 @@ def test_findings_are_said_while_it_trains_once_each():
         warnings.simplefilter("always")
         _nan_run(60, flush_every=10, on_finding=said.append)
     lines = [str(w.message) for w in caught if issubclass(w.category, gm.GradmedicFindingWarning)]
-    assert lines and lines[0].startswith("gradmedic at step 9: error nonfinite")  # the first flush after step 5
+    # said at step 5 itself: the loss sentinel flushes at the NaN loss rather than waiting for the flush of step 9
+    assert lines and lines[0].startswith("gradmedic at step 5: error nonfinite")
     # said when first seen (no module yet) and once more when the probe named the module: not at every flush
     assert len(lines) == len(said) == 2
     assert [f.layers for f in said] == [[], ["0"]]
