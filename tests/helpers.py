@@ -135,3 +135,16 @@ def aten_host_reads(fn) -> int:
         fn()
     return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
 
+
+
+def lab_first_batch(config: dict):
+    """The model a lab run of ``config`` starts from, its task, and the batch of its first step (the run draws it from a
+    generator seeded ``seed + 1``), for checking the run's recorded numbers against autograd on the same batch."""
+    from gradmedic.lab.experiment import _build_model, _validate, make_task
+
+    full = _validate(config)
+    task = make_task(full)
+    model = _build_model(full, task)
+    gen = torch.Generator().manual_seed(full["seed"] + 1)
+    idx = torch.randint(0, len(task.x_train), (full["batch"],), generator=gen)
+    return model, task, task.x_train[idx], task.y_train[idx]

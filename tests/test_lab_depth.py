@@ -9,11 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from gradmedic.lab.claims import group_results, judge
-from gradmedic.lab.experiment import _build_model, _validate, make_task, run_experiment
+from gradmedic.lab.experiment import run_experiment
 from gradmedic.lab.publish import DEPTH_BEGIN, DEPTH_END, DEPTH_FIGURE, publish
 from gradmedic.lab.store import Store
 from gradmedic.lab.suites import SUITES, Suite, _depth_experiment, _depth_init_experiment
 from gradmedic.lab.transformer import TransformerSpec, build_transformer, layerscale_eps, stream_changes
+from tests.helpers import lab_first_batch
 
 SMALL = {"task": "recall", "length": 4, "model": "transformer", "lr": 3e-3, "batch": 16, "fused": True}
 
@@ -34,15 +35,11 @@ def test_layerscale_gain_follows_cait_and_starts_near_the_identity():
 def test_stream_gradient_matches_autograd_on_the_same_batch():
     config = {**SMALL, "spec": {"depth": 4, "variant": "post", "width": 16, "ff": 32}, "steps": 1, "seed": 2}
     r = run_experiment(config)
-    full = _validate(config)
-    task = make_task(full)
-    model = _build_model(full, task)
-    gen = torch.Generator().manual_seed(full["seed"] + 1)
-    idx = torch.randint(0, len(task.x_train), (full["batch"],), generator=gen)
-    states = model.stream(task.x_train[idx])
+    model, task, x, y = lab_first_batch(config)
+    states = model.stream(x)
     for s in states[1:]:
         s.retain_grad()
-    loss = F.cross_entropy(model.head(model.norm(states[-1])[:, -1]), task.y_train[idx])
+    loss = F.cross_entropy(model.head(model.norm(states[-1])[:, -1]), y)
     loss.backward()
     rms = [float(s.grad.pow(2).mean().sqrt()) for s in states[1:]]
     stream = r["stream"]

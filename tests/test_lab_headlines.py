@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from gradmedic.lab import run_experiment
-from gradmedic.lab.experiment import _build_model, make_task
+from tests.helpers import lab_first_batch
 
 
 def adding(cell, length=20, steps=500):
@@ -36,14 +36,8 @@ def test_deep_sigmoid_first_layer_gradient_is_orders_below_the_last():
 def test_recorded_ratio_matches_autograd_on_the_same_batch():
     config = {"model": "mlp", "spec": {"depth": 6, "activation": "sigmoid"}, "steps": 1, "batch": 32, "seed": 3}
     r = run_experiment(config)
-    from gradmedic.lab.experiment import _validate
-
-    full = _validate(config)
-    task = make_task(full)
-    model = _build_model(full, task)
-    gen = torch.Generator().manual_seed(full["seed"] + 1)
-    idx = torch.randint(0, len(task.x_train), (full["batch"],), generator=gen)
-    loss = F.cross_entropy(model(task.x_train[idx]), task.y_train[idx])
+    model, _, x, y = lab_first_batch(config)
+    loss = F.cross_entropy(model(x), y)
     first, last = list(model.stem[0].parameters()), list(model.head.parameters())  # a layer: weight and bias
     grads = torch.autograd.grad(loss, first + last)
     norm = [torch.cat([g.flatten() for g in part]).norm() for part in (grads[:2], grads[2:])]

@@ -98,10 +98,10 @@ def warmup_steps(treatment) -> int:
     """2 / (1 - beta2) steps for an optimizer with a beta2 (the recipe's, else the optimizer's), else
     ``WARMUP_STEPS``. Not cut to the re-run's length: a re-run replays the first steps of the user's run, which a
     warmup of the user's run would hold at those steps' fraction of the learning rate."""
-    betas = treatment.optimizer_defaults.get("betas")
+    declared = inspect.signature(treatment.optimizer_class).parameters.get("betas")
+    default = declared.default if declared is not None and declared.default is not inspect.Parameter.empty else None
+    betas = treatment.optimizer_defaults.get("betas") or default
     beta2 = treatment.beta2 if treatment.beta2 is not None else (float(betas[1]) if betas else None)
-    if beta2 is None and "betas" in inspect.signature(treatment.optimizer_class).parameters:
-        beta2 = inspect.signature(treatment.optimizer_class).parameters["betas"].default[1]
     steps = round(WARMUP_BETA2_STEPS / (1.0 - beta2)) if beta2 is not None and beta2 < 1 else WARMUP_STEPS
     return max(1, steps)
 
