@@ -13,7 +13,7 @@ from torch import nn
 
 import gradmedic as gm
 from gradmedic.diagnosis import prescribe
-from gradmedic.diagnosis.rules.attention import DIVERGED_LOGIT, WATCH_LOGIT
+from gradmedic.diagnosis.rules.attention import DIVERGED_LOGIT, WATCH_BOUND, WATCH_LOGIT
 from gradmedic.probes import AttentionProbe
 from gradmedic.probes.base import Chunk
 
@@ -87,6 +87,18 @@ def test_a_bound_says_so():
     (f,) = _found(_trace(STEPS, {"h.0.attn": 60 * 3.0 ** (STEPS / 100)}, bound=1.0, entropy=np.nan))
     assert "a bound from the queries' and keys' norms" in f.message
     assert f.evidence["bound"] == 1 and "attn_entropy_last" not in f.evidence
+
+
+def test_a_bound_under_its_watch_level_is_no_drift_where_the_exact_logit_would_be():
+    # x3 per 100 steps, ending at 90: past the exact watch level (50), under the bound's (100, Wortsman et al.'s
+    # stable range). A healthy GPT-NeoX under SDPA read such a bound while its exact logits were half of it.
+    rising = 0.9 * WATCH_BOUND * 3.0 ** ((STEPS - STEPS[-1]) / 100)
+    assert rising[-1] >= WATCH_LOGIT
+    (exact,) = _found(_trace(STEPS, {"h.0.attn": rising}))
+    assert exact.severity == "warning"
+    assert _found(_trace(STEPS, {"h.0.attn": rising}, bound=1.0, entropy=np.nan)) == []
+    (past,) = _found(_trace(STEPS, {"h.0.attn": rising * 1.5}, bound=1.0, entropy=np.nan))  # 135: past it, growing
+    assert past.severity == "warning" and past.evidence["bound"] == 1
 
 
 def test_a_bound_past_the_threshold_is_a_warning_that_it_may_be_and_an_exact_one_an_error():

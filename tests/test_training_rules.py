@@ -94,14 +94,16 @@ LEVELLED = np.concatenate([np.linspace(2.3, 1.9, 60), _noisy(1.9, 100, sd=0.01)]
 
 
 @pytest.mark.parametrize("loss, want", [
-    (STUCK, [("loss_stall", "warning")]),
+    (STUCK, [("loss_stall", "info")]),  # flat over 60 steps: a plateau so far (STALL_HOLD)
+    (np.concatenate([STUCK, _noisy(2.65, 120, sd=0.005)]), [("loss_stall", "warning")]),  # flat over 120: held
+    (np.concatenate([[2.3, 2.8, 3.0, 3.0, 2.9], _noisy(2.25, 200, sd=0.005)]), [("loss_stall", "warning")]),  # hot
     (STUCK[:45], []),  # fewer than STALL_WINDOW steps: not judged
     (_noisy(2.3, 200, sd=0.02), [("loss_stall", "warning")]),  # never moved
     (SLOW, []),
     (LEVELLED, []),  # converged (or at its floor) below 90% of its start: not a stall
     (LEARNING, []),
     (np.concatenate([_noisy(2.3, 20), _noisy(2.8, 80, sd=0.005)]), []),  # 22% above its start: divergence's
-], ids=["stuck", "too_short", "never_moved", "slow", "levelled", "learning", "rose"])
+], ids=["stuck", "stuck_held", "jumped_then_stuck", "too_short", "never_moved", "slow", "levelled", "learning", "rose"])
 def test_loss_stall(loss, want):
     assert _kinds(training.loss_stall(_trace(loss), Context())) == want
 

@@ -142,6 +142,46 @@ def test_a_hugging_face_trainer_run_that_goes_bad_is_told_and_stopped(tmp_path):
     assert trainer.state.global_step < 30  # stopped at the first flush after the NaN, not at max_steps (60)
 
 
+class _Copy(torch.utils.data.Dataset):
+    """A copy task: 8 random tokens, then the same 8 again (the second half is learnable only by attending back)."""
+
+    def __len__(self):
+        return 100_000
+
+    def __getitem__(self, i):
+        half = torch.randint(2, 32, (8,), generator=torch.Generator().manual_seed(i))
+        ids = torch.cat([half, half])
+        return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_healthy_transformer_that_plateaus_before_it_learns_is_not_warned(tmp_path, seed, one_thread):
+    """A GPT-NeoX under SDPA on the copy task sits at chance for about 100 steps, then learns while its attention
+    sharpens (the queries' and keys' bound on the logits grows x5-8 per 100 steps to ~50-80): a plateau and the
+    growth of a learning attention, neither a stall nor a drift toward divergence. Both were warned of before."""
+    from gradmedic.integrations.huggingface import GradmedicCallback
+
+    torch.manual_seed(seed)
+    config = transformers.GPTNeoXConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
+    model = transformers.GPTNeoXForCausalLM(config)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=260,
+                                          learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True, logging_steps=1000, seed=seed)
+    callback = GradmedicCallback(verbose=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Copy(), callbacks=[callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if issubclass(w.category, gm.GradmedicFindingWarning)]
+    assert said == []
+    trace = gm.Trace.load(tmp_path / "gradmedic.gmtrace")
+    _, loss = trace.scalar("loss")
+    assert np.median(loss[-20:]) < 0.85 * loss[0]  # it learned (chance is ln 30 = 3.4; it ends near 2.6)
+    bound = trace.metric("attn_logit_max")
+    assert np.nanmax(bound) > 40  # the attention sharpened: the case the watch level is for
+
+
 def test_a_lightning_run_that_goes_bad_is_told_and_stopped(tmp_path):
     L = pytest.importorskip("lightning")
     from gradmedic.integrations.lightning import GradmedicCallback

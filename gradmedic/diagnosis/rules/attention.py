@@ -35,6 +35,12 @@ DIVERGED_LOGIT = 1e4
 # nats ahead of the others all of the weight in float32 (exp(-50) ~ 2e-22, far below float32's 1e-7 relative
 # precision): rows can be one-hot already.
 WATCH_LOGIT = 50.0
+# The same watch level for a bound (SDPA and flash kernels: max|q| max|k| / sqrt(d), ``attn_logit_bound``). A bound
+# overshoots: a healthy GPT-NeoX learning a copy task (hf Trainer, Adam 3e-3) read 47-83 by its bound under SDPA while
+# its exact max logit under eager attention was 21-42 over the same steps, and the bound grew x5-8 per 100 steps while
+# the attention sharpened, then levelled off. Wortsman et al. 2023's stable runs stay within 1e2, so a bound below it
+# proves the logits are in the stable range; only past it does a bound's growth count.
+WATCH_BOUND = 100.0
 # Growth per 100 steps that counts as a drift: doubling. The failing corpus GPT grows x2-x13 per 100 steps from step
 # 50 on; a settling run's recent factor falls to ~1.
 GROWTH_PER_100 = 2.0
@@ -49,11 +55,11 @@ def _column(trace: Trace, metric: str, j: int) -> tuple[np.ndarray, np.ndarray]:
     return trace.steps[keep], values[keep]
 
 
-def _drifting(steps: np.ndarray, values: np.ndarray) -> Forecast | None:
+def _drifting(steps: np.ndarray, values: np.ndarray, watch: float = WATCH_LOGIT) -> Forecast | None:
     """The forecast of a logit that is large and grows steadily toward DIVERGED_LOGIT, else None. Steady: the
     window's fit and its last MIN_POINTS points' both grow by GROWTH_PER_100 or more, so a logit that grew and then
     settled (a warmup transient) stops counting as soon as its recent points flatten."""
-    if values.size < MIN_POINTS or not values[-1] >= WATCH_LOGIT:
+    if values.size < MIN_POINTS or not values[-1] >= watch:
         return None
     whole = forecast(steps, values, DIVERGED_LOGIT)
     recent = forecast(steps, values, DIVERGED_LOGIT, window=MIN_POINTS)
@@ -79,7 +85,7 @@ def attention_logit_growth(trace: Trace, ctx: Context) -> list[Finding]:
         if values[-1] >= DIVERGED_LOGIT:  # inf counts; NaN is the nonfinite rule's
             passed[layer] = (int(steps[-1]), float(values[-1]))
             continue
-        f = _drifting(steps, values)
+        f = _drifting(steps, values, WATCH_BOUND if is_bound[layer] else WATCH_LOGIT)
         if f is not None:
             drifting[layer] = f
     if not passed and not drifting:
