@@ -29,6 +29,7 @@ class TraceMeta(MutableMapping):
     device: str | None = None
     probes: list[str] | None = None  # the probes that measured, as their reprs
     torch: str | None = None  # torch's version
+    optimizer: str | None = None  # the Monitor's optimizer, its class name (update_too_large reads it)
     frozen: list[str] | None = None  # layers whose parameters were all frozen after the Monitor was built
     check: dict[str, Any] | None = None  # how gm.check made it: steps, the loss, ...; None for a training run
     distributed: dict[str, Any] | None = None  # ranks and how their numbers were combined
@@ -42,8 +43,8 @@ class TraceMeta(MutableMapping):
 
     # the type each field must have when read from a file: a wrong one is refused in one line, not a crash later
     _KINDS = {"model": str, "preset": str, "modules": list, "types": dict, "params": dict, "roles": dict,
-              "dtype": str, "device": str, "probes": list, "torch": str, "frozen": list, "check": dict,
-              "distributed": dict, "optimized": list, "loss_matched": list, "scoring": list,
+              "dtype": str, "device": str, "probes": list, "torch": str, "optimizer": str, "frozen": list,
+              "check": dict, "distributed": dict, "optimized": list, "loss_matched": list, "scoring": list,
               "attended": list, "branches": list}
 
     @classmethod

@@ -34,12 +34,12 @@ from gradmedic._budget import check_flush_every
 from gradmedic._compile import EagerWhileArmed
 from gradmedic._distributed import combiner_for
 from gradmedic._errors import GradmedicError, GradmedicWarning, first_line
+from gradmedic._first_look import ask_for_first_looks, run_meta
 from gradmedic._lifecycle import NewModuleWatch, ParameterWatch, follow, release_when_dropped, weak_callback
 from gradmedic._live import LiveFindings, ask_where_nans_come_from
 from gradmedic._run_scalars import RunScalars
 from gradmedic._sentinel import Sentinel
 from gradmedic._sinks import as_sink, findings_text
-from gradmedic.architecture import class_name, unwrap
 from gradmedic.probes import LayerIndex, Probe, build_probes
 from gradmedic.probes.base import Chunk, buffer_dtype
 from gradmedic.trace import Trace
@@ -97,11 +97,11 @@ class Monitor:
         self._run = RunScalars(self._warn)  # loss, learning rate and loss scale at every step
         self.scaler = scaler
         self._live = LiveFindings(on_finding) if live else None
-        self._trace = Trace(self._meta())
+        self._trace = Trace(run_meta(model, optimizer, self.layers, self.preset, self.probes, torch.__version__))
         self._combiner = combiner_for(self.layers, self.model, self._trace, distributed, rank_files)
         self._sentinel = Sentinel(self._warn) if self._combiner is None else None  # a loss gone bad: flush at once
         self._step = 0
-        self._since_flush = 0
+        self._first_looks = ask_for_first_looks(self.probes)  # the first updates, said at once
         self._armed: list[Probe] = []
         self._recorded: set[int] = set()  # ids of probes that record_gradients() measured this step
         self._prepared: set[int] = set()  # ids of probes whose after_step() record_gradients() already ran
@@ -113,16 +113,6 @@ class Monitor:
         self._params_watch = ParameterWatch(self.layers) if self._combiner is None else None
         self._finaliser = release_when_dropped(self)  # dropped without close(): the hooks come off
         self._arm(0)
-
-    def _meta(self) -> dict[str, Any]:
-        layers = self.layers
-        params = {name: sum(p.numel() for p in ps) for name, ps in zip(layers.names, layers.params, strict=True)
-                  if ps}
-        return {"model": type(unwrap(self.model)).__name__, "preset": self.preset, "modules": layers.names,
-                "types": {n: class_name(m) for n, m in zip(layers.names, layers.modules, strict=True)},
-                "params": params, "roles": dict(layers.roles), "dtype": str(layers.param_dtype).removeprefix("torch."),
-                "device": str(layers.device), "probes": [repr(p) for p in self.probes],
-                "torch": torch.__version__}
 
     # --- the user's loop ------------------------------------------------------------------------
     @property
@@ -157,8 +147,8 @@ class Monitor:
                 self._safely(probe, probe.after_step, step, probe.should_compute(step + 1))
         self._prepared.clear()
         self._step += 1
-        self._since_flush += 1
-        if self._since_flush >= self.flush_every or alarm:
+        # on a fixed grid (an alarm's or a first look's flush does not move it): the same steps on every rank
+        if self._step % self.flush_every == 0 or alarm or self._step in self._first_looks:
             self.flush()
             self._say_findings()
         if self.sink is not None and self._writes:
@@ -272,7 +262,6 @@ class Monitor:
                                       if ps and not any(p.requires_grad for p in ps)]
         if self.sink is not None and chunks and self._writes:
             self._to_sink(lambda sink: sink.write(list(chunks.values())))
-        self._since_flush = 0
         if "run" in chunks and not self._closed:
             ask_where_nans_come_from(chunks["run"], self.probes, self._step)
         try:

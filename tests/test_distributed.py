@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradmedic._first_look import FIRST_LOOKS
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -61,7 +63,8 @@ def test_combined_numbers_equal_one_process_on_the_whole_batch(mode, tmp_path):
     assert not any(x.startswith(("module.", "_orig_mod.")) for x in r0["layers"])
     meta = r0["meta"]
     assert meta["world_size"] == 2 and meta["local_only"] is None and not r0["warnings"]
-    assert meta["collectives"] == STEPS // FLUSH + 1  # one per flush: every FLUSH steps, and close()
+    looks = {s + 1 for s in FIRST_LOOKS if s + 1 <= STEPS and (s + 1) % FLUSH}  # gradmedic._first_look
+    assert meta["collectives"] == STEPS // FLUSH + len(looks) + 1  # one per flush: every FLUSH steps, looks, close()
     if mode == "ddp":
         assert "already averaged by DDP" in meta["gradients"] and meta["sharded_layers"] == 0
     else:

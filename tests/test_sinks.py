@@ -122,12 +122,14 @@ def test_values_reach_the_sink_only_at_flushes_without_host_syncs():
             opt.step()
             opt.zero_grad()
 
-    train(1)  # the first measured step builds the probes' index tensors, once (Probe.host_tensor)
+    train(16)  # the probes' index tensors are built (once), the first looks flush (gradmedic._first_look)
+    assert got == list(range(16))  # each step once, at the flushes up to step 15
+    got.clear()
     with count_host_syncs() as syncs:
-        train(3)
+        train(3)  # steps 16-18: the next flush is at 20 (flush_every=5)
     assert dict(syncs) == {} and got == []
     mon.close()
-    assert got == [0, 1, 2, 3]
+    assert got == [16, 17, 18]
 
 
 def test_a_failing_sink_warns_once_and_training_goes_on():

@@ -37,6 +37,18 @@ UPDATE_ERROR = 1.0
 # (m_hat / sqrt(v_hat) = +-1, Kingma & Ba 2015 sec. 3), and its v comes from a handful of batches (Liu et al. 2020,
 # RAdam: the adaptive rate's variance is large early). Ratios measured before this step are not judged.
 UPDATE_SETTLE = 10
+# Plain SGD's first update is lr x the gradient (with momentum too: its buffer starts as the first gradient), a rate
+# like any later one, so its steps are judged from the first (the Monitor measures steps 1, 3, 7 and 15:
+# gradmedic._first_look) while any other optimizer's, or none named (the trace's meta["optimizer"]), wait
+# UPDATE_SETTLE steps. Before WHOLE_NET_UNTIL (the first looks) a step is judged by the median layer, not the largest:
+# at init a small head's ratio is its init scale against the loss's first gradients (a healthy 8-32-1 ReLU net at SGD
+# 0.05 moves its 32->1 head by 0.11 at step 1 and its first layer by 0.006, and trains), while a too-hot lr moves the
+# whole net: the issue-26 corpus's hot runs' median layer reads 0.17 at step 1 (lr 3.0, diverged at step 3) and 0.14
+# at step 3 (lr 0.5, diverged at 21), its healthy SGD runs' 0.003 or less. You et al. 2017 (LARS, table 1) measure
+# |g|/|w| up to 0.17 at init (AlexNet-BN conv1): a 0.1 step there needs an lr near 0.6, where large-batch SGD diverged
+# unwarmed.
+RATE_FROM_FIRST_STEP = frozenset({"SGD"})
+WHOLE_NET_UNTIL = 16
 
 # --- float16 loss scale ------------------------------------------------------------------------------------------
 # torch.amp.GradScaler halves its scale at every step whose gradients overflow (and skips that step), and doubles it
@@ -87,9 +99,13 @@ def adam_epsilon(trace: Trace, ctx: Context) -> list[Finding]:
 def update_too_large(trace: Trace, ctx: Context) -> list[Finding]:
     """Layers whose latest update/weight ratio is UPDATE_WARNING or more."""
     measured = latest(trace, "update_to_weight")
-    if measured is None or measured[0] < UPDATE_SETTLE:
+    settle = 0 if trace.meta.get("optimizer") in RATE_FROM_FIRST_STEP else UPDATE_SETTLE
+    if measured is None or measured[0] < settle:
         return []
     step, ratios = measured
+    finite = [v for v in ratios.values() if np.isfinite(v)]
+    if step < WHOLE_NET_UNTIL and not (finite and float(np.median(finite)) >= UPDATE_WARNING):
+        return []  # an early step: the whole net's (its median layer's), not one layer's
     hit = depth_order(trace, step, [k for k, v in ratios.items() if v >= UPDATE_WARNING])
     if not hit:
         return []
