@@ -237,6 +237,8 @@ NOTES = """Reading the table:
   only the probes see (attention logits, Adam's eps, dead units, a gradient-norm jump) waits for the next flush,
   or for the sentinel's flush when the loss also goes bad (the RNN's exploding_gradients at 83, from the gradient
   measured at step 80). Runs that end before their next flush (dying units, 160 steps) are named at the end only.
+  The first looks (gradmedic/_first_look.py) measure the update ratio at steps 1, 3, 7 and 15 and flush after each:
+  a plain-SGD run whose median layer moves by 0.1 of its size or more in a step is told then (update_too_large).
 - "cut": the trace cut every 10 steps (what a diagnosis at a flush every 10 steps would say), for comparison.
   `loss_stall` names a loss that never leaves where it began: the post-LN run (step 69,
   after vanishing_gradients at 29), and also the dying-units and explosive-recurrence runs, whose loss never learns
