@@ -260,9 +260,9 @@ SUITES: dict[str, Suite] = {
                    _experiments("smoke"), tests_claims=False),
     "quick": Suite("quick", "the classic experiments and a transformer, three seeds, about 3 minutes on 2 CPU "
                    "cores", _experiments("quick"), seeds=(0, 1, 2)),
-    "depth": Suite("depth", "transformers at 6, 24, 96, 384 and 1000 blocks in six layouts (post-LN with and "
-                   "without warmup, pre-LN, DeepNorm, ReZero, LayerScale); 3 seeds at 6 blocks down to 1 seed at 96 "
-                   "and beyond, where only some layouts run; about 2 hours on one CPU core",
+    "depth": Suite("depth", "transformers at 6, 24, 96, 384 and 1000 blocks in seven layouts (post-LN with and "
+                   "without warmup, pre-LN, DeepNorm with and without warmup, ReZero, LayerScale); 3 seeds at 6 "
+                   "blocks down to 1 seed at 96 and beyond, where only some layouts run; about 2 hours on one CPU core",
                    (_depth_experiment(DEPTH_RUNS), _depth_init_experiment((6, 24, 96, 384, 1000))),
                    seeds=(0, 1, 2)),
     "settle": Suite("settle", "the budgets that decide claims the quick suite leaves inconclusive, three seeds: "
