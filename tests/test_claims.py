@@ -132,3 +132,34 @@ def test_the_settle_suite_is_the_full_suites_adding_problem_at_t100_trained_long
     assert len(settle) == 9 and SUITES["settle"].tests_claims
     assert all(full == settle[key] for key, full in t100("full").items() if key in settle)
     assert {c["steps"] for c in SUITES["settle"].configs} == {SETTLE_ADDING_STEPS} and SETTLE_ADDING_STEPS > 3000
+
+
+def test_a_seed_without_the_decisive_runs_gets_no_vote():
+    """Seeds that ran different cells (the depth experiment: seed 0 ran pre-LN at 24, 96 and 384 blocks, seed 1 at
+    24 only): seed 1's "supported" never saw the deep runs and must not outvote seed 0's "not supported"; its
+    numbers stay in the evidence and the verdict says who judged."""
+    rows = [({"experiment": "transformer_depth", "label": f"pre d={d}", "seed": 0}, result(loss))
+            for d, loss in ((24, 1.0), (96, 2.3), (384, 2.3))]
+    rows.append(({"experiment": "transformer_depth", "label": "pre d=24", "seed": 1}, result(0.9)))
+    verdicts = {v.claim: v for v in judge(group_results(rows))}
+    v = verdicts["Pre-LN trains deep stacks without warmup"]
+    assert (v.verdict, v.agreement) == ("not supported", "1/1 seed"), v.summary
+    assert v.summary == "not supported, 1/1 seed (seed 1 lacks pre d=96, pre d=384: no vote)"
+    assert "pre-LN d=24: baseline - loss 1.35 [1.3, 1.4]" in v.evidence  # both seeds' numbers
+
+
+def test_seeds_that_ran_different_cells_neither_holding_the_others_both_vote():
+    rows = [({"experiment": "transformer_depth", "label": label, "seed": s}, result(loss))
+            for s, label, loss in ((0, "pre d=24", 1.0), (0, "pre d=96", 2.3), (1, "pre d=24", 0.9),
+                                   (1, "pre d=384", 0.9))]
+    v = {v.claim: v for v in judge(group_results(rows))}["Pre-LN trains deep stacks without warmup"]
+    assert v.summary == "inconclusive (seeds disagree: 1/2 agree)"
+
+
+def test_a_cell_outside_the_claim_does_not_take_a_seeds_vote():
+    # seed 1 lacks rezero d=96, which the pre-LN claim does not read: both seeds vote on it
+    rows = [({"experiment": "transformer_depth", "label": label, "seed": s}, result(0.9))
+            for s in (0, 1) for label in ("pre d=24", "pre d=96")]
+    rows.append(({"experiment": "transformer_depth", "label": "rezero d=96", "seed": 0}, result(0.9)))
+    v = {v.claim: v for v in judge(group_results(rows))}["Pre-LN trains deep stacks without warmup"]
+    assert v.summary == "supported, 2/2 seeds"

@@ -13,6 +13,13 @@ away from its cut-off (for a seed that disagrees: the check that fails is). The 
   run stalled, so there is nothing to rescue), or the suite's budgets are too small for any claim (``smoke``:
   its numbers only show that every code path runs). A verdict from such runs would read as evidence.
 
+Where the seeds ran different runs (an experiment with ``Experiment.seeds``: the deepest transformers run one
+seed), a seed votes only when it ran every one of the claim's runs (``Claim.cells``) that some other seed ran;
+a seed that ran fewer cannot see what the missing runs decide (seed 1 ran pre-LN at 24 blocks only, seed 0 at 24,
+96 and 384: seed 1's "trains" never saw the deep stacks). Its numbers stay in the evidence, and the verdict names
+it ("not supported, 1/1 seed (seed 1 lacks pre d=96: no vote)"). Seeds whose runs differ without one holding
+the other's all vote. Where every seed ran the same runs (every other experiment) the rule changes nothing.
+
 The evidence gives each number as its median over seeds with the [min, max] interval over seeds. Verdicts
 are computed from the stored results, never written by hand. "Trains" means the final training loss (mean
 of the last 10% of steps) is below ``TRAINS`` x the task's input-blind baseline, "stalls" above ``STALLS`` x.
@@ -21,6 +28,7 @@ of the last 10% of steps) is below ``TRAINS`` x the task's input-blind baseline,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +37,7 @@ from typing import Any
 
 from gradmedic._errors import GradmedicError, first_line
 from gradmedic.lab.claim_checks import CHECKS, LITERATURE, PRECONDITIONS, Check
-from gradmedic.lab.depth_checks import DEPTH_CHECKS, DEPTH_LITERATURE, DEPTH_PRECONDITIONS
+from gradmedic.lab.depth_checks import DEPTH_CELLS, DEPTH_CHECKS, DEPTH_LITERATURE, DEPTH_PRECONDITIONS
 from gradmedic.lab.rows import check_rows
 
 __all__ = ["CLAIMS", "CLEAR", "NOT_TESTED", "Check", "Claim", "Verdict", "fmt", "group_results", "judge"]
@@ -52,16 +60,20 @@ class Verdict:
     evidence: str  # every number: median [min, max] over seeds, with its cut-off
     agreement: str = ""  # "3/3 seeds" agree with the claim
     why: str = ""  # for an inconclusive verdict: what made it so
+    unvoted: str = ""  # the seeds that ran fewer of the claim's runs than another, and what they lack (no vote)
     literature: str = ""  # the figure the literature reports, to read beside ours
 
     @property
     def summary(self) -> str:
         """The verdict as the table prints it: "supported, 3/3 seeds" or "inconclusive (seeds disagree: 2/3)"."""
-        if self.verdict in (INCONCLUSIVE, NOT_TESTED):
-            return f"{self.verdict} ({self.why})"
         if self.verdict == NOT_RUN:
             return NOT_RUN
-        return f"{self.verdict}, {self.agreement}"
+        if self.verdict == NOT_TESTED:  # decided over every seed's runs, not by a vote
+            return f"{self.verdict} ({self.why})"
+        unvoted = f"{self.unvoted}: no vote" if self.unvoted else ""
+        if self.verdict == INCONCLUSIVE:
+            return f"{self.verdict} ({'; '.join(filter(None, (self.why, unvoted)))})"
+        return f"{self.verdict}, {self.agreement}" + (f" ({unvoted})" if unvoted else "")
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,9 @@ class Claim:
     # the experiment gives some runs fewer seeds (Experiment.seeds: the deepest transformers): a seed's view holds
     # the runs made under it, rather than only seeds that every run has
     fewer_seeds: bool = False
+    # which of the experiment's runs (by label) the claim's judgement reads; None: all of them. A seed whose runs
+    # among these are fewer than another seed's (a strict subset) has no vote (``_unvoted``)
+    cells: Callable[[str], bool] | None = None
 
 
 def group_results(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Results:
@@ -104,6 +119,30 @@ def _views(res: dict[str, list[dict[str, Any]]], fewer_seeds: bool = False) -> l
     by_label = [{r["seed"] for r in runs} for runs in res.values()]
     seeds = sorted(set.union(*by_label) if fewer_seeds else set.intersection(*by_label))
     return [(s, {label: r for label, runs in res.items() for r in runs if r["seed"] == s}) for s in seeds]
+
+
+def _unvoted(views: list[tuple[int, View]], cells: Callable[[str], bool] | None) -> dict[int, list[str]]:
+    """seed -> the claim's runs it lacks, for each seed whose runs among the claim's cells are a strict subset of
+    another seed's (against the seed that ran the most of them); the others vote."""
+    ran = {seed: [label for label in view if cells is None or cells(label)] for seed, view in views}
+    out = {}
+    for seed, labels in ran.items():
+        wider = [other for other in ran.values() if set(labels) < set(other)]
+        if wider:
+            out[seed] = sorted((label for label in max(wider, key=len) if label not in labels), key=_natural)
+    return out
+
+
+def _natural(label: str) -> list[str | int]:
+    """Sort key: "pre d=96" before "pre d=384" (re.split keeps the digit runs at the odd places of every label)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
+
+
+def _unvoted_text(unvoted: dict[int, list[str]], most: int = 4) -> str:
+    """"seed 1 lacks pre d=96, pre d=384", at most ``most`` labels a seed (then "and N more")."""
+    def lacks(labels):
+        return ", ".join(labels[:most]) + (f" and {len(labels) - most} more" if len(labels) > most else "")
+    return "; ".join(f"seed {seed} lacks {lacks(labels)}" for seed, labels in unvoted.items())
 
 
 def _interval(values: list[float]) -> str:
@@ -167,14 +206,18 @@ def _agree_text(agree: int, n: int) -> str:
 
 
 def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]], tests_claims: bool = True) -> Verdict:
-    per_seed, outcomes = [], []
+    per_seed, outcomes, silenced = [], [], {}
     views = _views(res, claim.fewer_seeds)
+    unvoted = _unvoted(views, claim.cells)
     for seed, view in views:
         with _unreadable(claim, seed):
             checks = claim.checks(view)
         if checks:
-            per_seed.append(checks)
-            outcomes.append((seed, *_seed_outcome(checks)))
+            per_seed.append(checks)  # every seed's numbers are evidence; only the voters' outcomes judge
+            if seed in unvoted:
+                silenced[seed] = unvoted[seed]  # named: it had checks, so a vote to lose
+            else:
+                outcomes.append((seed, *_seed_outcome(checks)))
     base = Verdict(claim.text, claim.experiment, NOT_RUN, "", literature=claim.literature)
     if not outcomes:
         return base
@@ -198,13 +241,15 @@ def judge_claim(claim: Claim, res: dict[str, list[dict[str, Any]]], tests_claims
         else:
             verdict, why = (SUPPORTED if agree else NOT_SUPPORTED), ""
     agreement = f"{agree if agree else n}/{n} seed{'s' if n > 1 else ''}"
-    return Verdict(claim.text, claim.experiment, verdict, evidence, agreement, why, claim.literature)
+    return Verdict(claim.text, claim.experiment, verdict, evidence, agreement, why, _unvoted_text(silenced),
+                   claim.literature)
 
 
 _CHECKS, _LITERATURE = {**CHECKS, **DEPTH_CHECKS}, {**LITERATURE, **DEPTH_LITERATURE}
 _PRECONDITIONS = {**PRECONDITIONS, **DEPTH_PRECONDITIONS}
 CLAIMS: tuple[Claim, ...] = tuple(Claim(text, experiment, _CHECKS[key], _LITERATURE.get(key, ""),
-                                        _PRECONDITIONS.get(key), experiment == "transformer_depth")
+                                        _PRECONDITIONS.get(key), experiment == "transformer_depth",
+                                        DEPTH_CELLS.get(key))
                                   for key, (text, experiment) in {
     "nielsen": ("In a deep sigmoid net the first layers get far smaller gradients than the last", "nielsen"),
     "activations": ("Non-saturating activations (ReLU, GELU) keep gradients through depth better than "

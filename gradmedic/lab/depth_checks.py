@@ -1,11 +1,11 @@
 """The checks of the transformer depth experiment (``transformer_depth``, the ``depth`` suite), beside the
 literature's figures.
 
-The experiment gives the deepest runs fewer seeds (one at 96 blocks and beyond), so a seed's view holds the
-runs made under it (``Claim.fewer_seeds``); a claim whose runs a seed lacks gives that seed no checks, and the
-verdict rests on the seeds that have them. "Learns" is the lab's (``claim_checks.learns``): the final loss at
-least 10% of the baseline below it. At these budgets (60 to 400 steps) the deep models are part-way down; what
-separates the layouts is whether learning starts at all.
+The experiment gives the deepest runs fewer seeds (one at 96 blocks and beyond), so a seed's view holds the runs
+made under it (``Claim.fewer_seeds``); a claim whose runs a seed lacks gives that seed no checks, and a seed that
+ran fewer of the claim's runs (``DEPTH_CELLS``) than another has no vote (its numbers are evidence). "Learns" is
+the lab's (``claim_checks.learns``): the final loss at least 10% of the baseline below it. At these budgets (60 to
+400 steps) the deep models are part-way down; what separates the layouts is whether learning starts at all.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from gradmedic.lab.claim_checks import final_loss, learns, make_check, stalls
 from gradmedic.lab.rows import label_number
 
-__all__ = ["DEPTH_CHECKS", "DEPTH_LITERATURE", "DEPTH_PRECONDITIONS", "DEEP_STACK", "SCALED_DEPTH"]
+__all__ = ["DEPTH_CELLS", "DEPTH_CHECKS", "DEPTH_LITERATURE", "DEPTH_PRECONDITIONS", "DEEP_STACK", "SCALED_DEPTH"]
 
 # "deep stack" for the pre-LN claim: 24 blocks and more, BERT-large's depth, twice the 12 of BERT-base on which
 # Xiong et al. (2020) compared pre-LN and post-LN
@@ -129,3 +129,14 @@ DEPTH_LITERATURE = {
                    "transformer stably; Bachlechner et al. 2020: ReZero trains 128-layer transformers; Touvron "
                    "et al. 2021 (CaiT): LayerScale trains deeper image transformers (up to 36 blocks)",
 }
+
+
+def _cells(layouts: tuple[str, ...], min_depth: int = 0):
+    """The runs a claim's verdict reads: ``layouts`` at ``min_depth`` blocks and more (the label "pre d=96")."""
+    return lambda label: label.rsplit(" d=", 1)[0] in layouts and label_number(label, "d=") >= min_depth
+
+
+# for Claim.cells: a seed that ran fewer of these than another has no vote on the claim. Post-LN's claim reads both
+# layouts at every depth (its decisive depth is the deepest where warmup helps); the others only what they judge
+DEPTH_CELLS = {"post_warmup": _cells(("post", "post + warmup")), "pre_deep": _cells(("pre",), DEEP_STACK),
+               "scaled_1000": _cells(SCALED, SCALED_DEPTH)}
