@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gradmedic.diagnosis.context import Context
@@ -9,6 +11,7 @@ from gradmedic.diagnosis.findings import Finding
 from gradmedic.diagnosis.rules._common import depth_order, finding, per_layer_share
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.diagnosis.rules.depth import zero_gradient
+from gradmedic.diagnosis.rules.training import DIVERGE_ERROR, SMOOTH
 from gradmedic.trace import Trace
 
 __all__ = ["gradient_underflow", "nonfinite"]
@@ -19,6 +22,18 @@ __all__ = ["gradient_underflow", "nonfinite"]
 # 99% means the layer gets no gradient at all.
 UNDERFLOW_WARNING = 0.5
 UNDERFLOW_ERROR = 0.99
+
+# --- a NaN/Inf that comes at once ------------------------------------------------------------------
+# A loss that was steady until it went non-finite (its last SMOOTH-step median within divergence's error factor,
+# 1.5x, of its best SMOOTH-step median: it had not given back what it learned) came at once: a bad batch (an inf in
+# the data), a singular operation (log 0, sqrt at 0, a division by a zero norm) or an overflow, not a learning rate
+# that drove the loss up first. There a lower lr or clipping does not help; skipping the batch (and rewinding if the
+# weights took it) and guarding the operation do. PaLM's spikes were skipped that way (Chowdhery et al. 2022); the
+# issue-26 corpus's NaN from the data comes at step 40 of a loss falling steadily. Fewer than SUDDEN_HISTORY finite
+# losses before it are too few to tell.
+SUDDEN_FACTOR = DIVERGE_ERROR[1]
+SUDDEN_HISTORY = 2 * SMOOTH
+SUDDEN_REMEDIES = ["skip_and_rewind", "numerical_guard", "gradcheck"]
 
 
 
@@ -45,17 +60,46 @@ def nonfinite(trace: Trace, ctx: Context) -> list[Finding]:
         first = next((e for e in at if e["phase"] == "forward"), at[0])
         where = "output" if first["phase"] == "forward" else "output's gradient (in the backward pass)"
         evidence.update(phase=first["phase"], value=first["value"], events=len(events), probe_step=first["step"])
-        return [finding("nonfinite", "error", [first["module"]],
+        late = ""
+        if first["step"] > first_step:  # the probe looked after the first NaN: the weights may carry it by then
+            late = (f" (the probe looked after the NaN of step {first_step}, when the weights may carry it: where it "
+                    "shows first, not necessarily where it was born)")
+        found = finding("nonfinite", "error", [first["module"]],
                         f"{said_loss}The first {first['value'].upper()} the NaN/Inf probe saw is in the {where} of "
-                        f"'{first['module']}' at step {first['step']}; everything after it is poisoned.",
-                        evidence, ctx)]
-    if grad is not None and grad[0] == first_step:
-        return [finding("nonfinite", "error", grad[1], f"{said_loss}The gradient of '{grad[1][0]}' is not finite at "
-                        f"step {grad[0]}.", {**evidence, "gradient_step": grad[0]}, ctx)]
-    layers = grad[1] if grad is not None else []
-    return [finding("nonfinite", "error", layers, f"{said_loss}No probe was measuring at that step to say which "
-                    "module made it: the NaN/Inf probe looks at the next step it runs (preset='full' or every=1 "
-                    "looks at every step).", evidence, ctx)]
+                        f"'{first['module']}' at step {first['step']}{late}; everything after it is poisoned.",
+                        evidence, ctx)
+    elif grad is not None and grad[0] == first_step:
+        found = finding("nonfinite", "error", grad[1], f"{said_loss}The gradient of '{grad[1][0]}' is not finite at "
+                        f"step {grad[0]}.", {**evidence, "gradient_step": grad[0]}, ctx)
+    else:
+        found = finding("nonfinite", "error", grad[1] if grad is not None else [], f"{said_loss}No probe was "
+                        "measuring at that step to say which module made it: the NaN/Inf probe looks at the next step "
+                        "it runs (preset='full' or every=1 looks at every step).", evidence, ctx)
+    return [_if_sudden(found, trace, first_step, ctx)]
+
+
+def _if_sudden(found: Finding, trace: Trace, first_step: int, ctx: Context) -> Finding:
+    """The finding as it is, or, where the loss was steady until the first NaN (SUDDEN_FACTOR), said so and with the
+    remedies of a NaN that came at once first (SUDDEN_REMEDIES; loss scaling before them in 16 bits)."""
+    if "loss" not in trace.scalar_names:
+        return found
+    steps, values = trace.scalar("loss")
+    before = np.asarray(values, dtype=np.float64)[np.argsort(steps, kind="stable")]
+    before = before[np.sort(steps) < first_step]
+    before = before[np.isfinite(before)]
+    if before.size < SUDDEN_HISTORY:
+        return found
+    smooth = np.array([np.median(before[i:i + SMOOTH]) for i in range(before.size - SMOOTH + 1)])
+    if not smooth[-1] <= SUDDEN_FACTOR * smooth.min():
+        return found  # the loss rose first: a learning rate or an instability drove it (divergence's remedies)
+    remedies = (["loss_scaling"] if ctx.low_precision else []) + SUDDEN_REMEDIES
+    message = (f"{found.message} The loss was steady until step {first_step} ({smooth[-1]:.3g} over the {SMOOTH} "
+               f"steps before, its best {SMOOTH}-step median {smooth.min():.3g}): the NaN came at once, from a bad "
+               "batch (an inf or NaN in the data), a singular operation (log 0, sqrt at 0, a division by a zero norm) "
+               "or an overflow, not from a learning rate that drove the loss up; skip that batch (rewind if the "
+               "weights took it) and guard the step.")
+    return dataclasses.replace(found, message=message, remedies=remedies,
+                               evidence={**found.evidence, "sudden": True, "loss_before": float(smooth[-1])})
 
 
 def _first_nonfinite_loss(trace: Trace) -> tuple[int, str, int] | None:
