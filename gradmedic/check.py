@@ -97,7 +97,8 @@ def _check_in_place(model: nn.Module, args: tuple, kwargs: dict, targets: Any, l
     params = [p for p in model.parameters() if p.requires_grad]
     state = _ModelState(model)
     try:
-        with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2) as monitor:
+        with torch.random.fork_rng(devices=devices), Monitor(model, probes=_probes(), flush_every=2,
+                                                                          live=False) as monitor:
             with GraphReader(model) as reader:
                 loss, how = forward_loss(model, args, kwargs, targets, loss_fn)
             graph = reader.read(loss)
@@ -171,7 +172,8 @@ def _check_a_copy(model: nn.Module, args: tuple, kwargs: dict, targets: Any, los
     for p in work.parameters():
         p.grad = None
     opt = _optimizer_for(work, model, optimizer)
-    with Monitor(work, probes=probes, flush_every=steps + 2) as monitor, GraphReader(work) as reader, \
+    # live=False: check reports at its end (its first looks' flushes would say findings mid-check)
+    with Monitor(work, probes=probes, flush_every=steps + 2, live=False) as monitor, GraphReader(work) as reader, \
             progress("gm.check: training steps", steps + 1) as bar:
         for step in range(steps + 1):
             if step:

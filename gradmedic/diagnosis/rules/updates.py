@@ -18,6 +18,14 @@ __all__ = ["no_gradient", "stalled_updates"]
 # unit-scale weights); two orders below it a layer barely moves, four orders below it stands still.
 STALLED_WARNING = 1e-5
 STALLED_ERROR = 1e-7
+# In a run (not gm.check, whose steps from init are what it asks about) the first steps move little by schedule, not
+# by a fault: a warmup from lr 0 (Hugging Face's linear schedule gives lr 0 at step 0; a healthy GPT-2 Trainer run with
+# warmup was told "stalled" at step 1 by its first look) and GradScaler's skipped first steps move nothing. Updates
+# measured before this step are not judged (optimizer.py's UPDATE_SETTLE, Adam's transient, is the same span).
+STALLED_SETTLE = 10
+# ...nor those made at less than half the run's latest learning rate (a warmup's scheduled small steps, or the steps
+# before the lr was raised): a layer is stalled at the lr it trains with now.
+STALLED_LR_SHARE = 0.5
 # That reference is a weight matrix's: its entries are ~1/sqrt(fan_in) (0.02-0.2 at torch's default init). A layer
 # whose entries are larger (a norm's gain at 1, an embedding drawn from N(0, 1), a scalar gain) moves less relative
 # to its own size for the same step per entry: Adam moves every entry by about lr whatever its scale, so its
@@ -167,11 +175,29 @@ def no_gradient(trace: Trace, ctx: Context) -> list[Finding]:
     return found
 
 
+def _judged_steps(trace: Trace) -> np.ndarray:
+    """The trace's rows whose update ratio is judged: all of gm.check's; a run's from STALLED_SETTLE on, made at
+    STALLED_LR_SHARE of its latest learning rate or more where the lr was recorded."""
+    rows = np.ones(len(trace.steps), dtype=bool)
+    if "check" in trace.meta:
+        return rows
+    rows &= trace.steps >= STALLED_SETTLE
+    if "lr" in trace.scalar_names:
+        lr_steps, lr = trace.scalar("lr")
+        order = np.argsort(lr_steps, kind="stable")
+        lr_steps, lr = lr_steps[order], np.asarray(lr, dtype=np.float64)[order]
+        if lr.size and np.isfinite(lr[-1]) and lr[-1] > 0:
+            at = np.clip(np.searchsorted(lr_steps, trace.steps, side="right") - 1, 0, lr.size - 1)
+            rows &= ~(lr[at] < STALLED_LR_SHARE * lr[-1])
+    return rows
+
+
 def stalled_updates(trace: Trace, ctx: Context) -> list[Finding]:
     if "update_to_weight" not in trace.metrics:
         return []
-    column = trace.metric("update_to_weight")
-    grads = trace.metric("grad_norm") if "grad_norm" in trace.metrics else None
+    rows = _judged_steps(trace)
+    column = trace.metric("update_to_weight")[rows]
+    grads = trace.metric("grad_norm")[rows] if "grad_norm" in trace.metrics else None
     # steps at which the gradient probe ran (some layer has a gradient norm)
     ran = None if grads is None else ~np.all(np.isnan(grads), axis=1)
     # a layer that never had a gradient is not moved by any optimizer: no_gradient says so, not this rule; nor is
@@ -210,7 +236,11 @@ def stalled_updates(trace: Trace, ctx: Context) -> list[Finding]:
     evidence.update({f"per_typical_entry[{k}]": judged[k] for k in stalled if judged[k] != medians[k]})
     return [finding("stalled_updates", severity, stalled,
                      f"Each step changes '{first}' by {medians[first]:.1e} of its size{per_entry} (healthy is about "
-                     "1e-3): it is not learning.", evidence, ctx)]
+                     f"1e-3){_more(stalled)}: it is not learning.", evidence, ctx)]
+
+
+def _more(layers: list[str]) -> str:
+    return f" ({len(layers) - 1} more layer{'s' * (len(layers) != 2)})" if len(layers) > 1 else ""
 
 
 def _entry_rms(trace: Trace, layers: list[str]) -> dict[str, float]:
