@@ -164,3 +164,8 @@ def test_piped_check_shows_whole_layer_names():
     for block in (0, 11):
         for leaf in ("self_attn", "self_attn.out_proj", "linear1", "linear2", "norm1", "norm2"):
             assert f"encoder.layers.{block}.{leaf}" in rows  # one cell, the whole name
+
+
+def test_python_dash_m_gradmedic_is_the_same_command_line():
+    done = subprocess.run([sys.executable, "-m", "gradmedic", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and gm.__version__ in done.stdout
