@@ -30,6 +30,7 @@ class LiveFindings:
         self.warn = warn
         self._said: dict[tuple[str, str], int] = {}  # (kind, first layer) -> severity rank said
         self.report: Report | None = None  # the latest diagnosis
+        self.history: list[tuple[int, Finding]] = []  # (the step it was said at, the finding), in order
 
     def update(self, trace: Trace, step: int) -> list[Finding]:
         try:
@@ -43,6 +44,7 @@ class LiveFindings:
                 continue
             self._said[key] = f.rank
             fresh.append(f)
+            self.history.append((step, f))
         for f in fresh:
             if self.warn:
                 warnings.warn(f"gradmedic at step {step}: {f.severity} {f.kind}: {f.message}", GradmedicFindingWarning,

@@ -120,6 +120,12 @@ class Monitor:
         """How many times ``step()`` has been called."""
         return self._step
 
+    @property
+    def said(self) -> list:
+        """The findings said while it trained, as (the step it was said at, the Finding), in order; empty with
+        ``live=False``. A finding said mid-run may be gone at the end (a problem the run got over): this keeps it."""
+        return list(self._live.history) if self._live is not None else []
+
     def gradients_due(self) -> bool:
         """Whether ``record_gradients()`` has work at the current step: a probe that reads ``.grad`` measures at it,
         or at the next (then the weights are snapshot here, before the optimizer's step). A framework callback arms

@@ -4,6 +4,7 @@ diagnosis at the end (printed, trace saved, optional HTML report), and sinks on 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class StopSwitch:
         self.stop_on = stop_on
         self.user = on_finding
         self.tripped: Any = None  # the finding that stopped the run
+        self._said = False
 
     def __call__(self, finding: Any) -> None:
         if self.user is not None:
@@ -46,6 +48,23 @@ class StopSwitch:
         if self.stop_on is not None and self.tripped is None and \
                 SEVERITIES.index(finding.severity) >= SEVERITIES.index(self.stop_on):
             self.tripped = finding
+
+    def reset(self) -> None:
+        """A new run (a second ``trainer.train()``): nothing has stopped it yet."""
+        self.tripped = None
+        self._said = False
+
+    def stopping(self, step: int) -> bool:
+        """Whether the callback should stop the run now; the first time, one line on stderr says so and why, since
+        the framework's own last line ("max_epochs reached", or nothing) would not."""
+        if self.tripped is None:
+            return False
+        if not self._said:
+            self._said = True
+            f = self.tripped
+            print(f"gradmedic: stopping training after step {step} (stop_on={self.stop_on!r}): {f.severity} "
+                  f"{f.kind}: {f.message.splitlines()[0] if f.message else ''}", file=sys.stderr)
+        return True
 
 
 # A run shorter than this many steps is measured more often than the default preset would: the callbacks know
@@ -150,6 +169,19 @@ def _write_report(result: Any, path: Path) -> bool:
     return True
 
 
+def said_and_gone(said: list, findings: list) -> list[str]:
+    """One line per finding said while the run trained that the end's diagnosis no longer holds at that severity
+    or worse (a spike the run got over, a hot lr's first steps): the end reads the state at the end, and a user who
+    reads only it should still learn what was said, and when."""
+    now = {(f.kind, f.layers[0] if f.layers else ""): SEVERITIES.index(f.severity) for f in findings}
+    lines = []
+    for step, f in said:
+        if now.get((f.kind, f.layers[0] if f.layers else ""), -1) < SEVERITIES.index(f.severity):
+            lines.append(f"gradmedic: said at step {step}, not so at the end: {f.severity} {f.kind}: "
+                         f"{f.message.splitlines()[0] if f.message else ''}")
+    return lines
+
+
 def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool, verbose: bool) -> Any:
     """Close the monitor, diagnose the run, save the trace, the per-layer table (and the HTML report), print the
     verdict and the findings. The table is not printed: on a large model it ran to hundreds of rows with the
@@ -172,6 +204,8 @@ def finish_run(monitor: Any, output_dir: str | os.PathLike | None, report: bool,
         console = Console()
         console.print()  # off the line the Trainer's progress bar ended on
         result.render(console, table=False)
+        for line in said_and_gone(monitor.said, result.findings):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         if output_dir is not None:
             out = Path(output_dir)
             console.print(f"gradmedic: trace saved to {out / TRACE_NAME}, per-layer table in {out / TABLE_NAME}"

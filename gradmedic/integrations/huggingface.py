@@ -61,7 +61,7 @@ class GradmedicCallback(TrainerCallback):
     # --- the run ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._close()
-        self.stop.tripped = None
+        self.stop.reset()
         self.monitor = gm.Monitor(model, optimizer, log_to=self._sink(args, state), on_finding=self.stop,
                                   **cadence(state.max_steps, self.monitor_kwargs))
         self._backward = EndOfBackward(self.monitor.layers.modules[0], self.monitor.record_gradients)
@@ -102,7 +102,7 @@ class GradmedicCallback(TrainerCallback):
         self._losses = []
         self.monitor.step(loss)
         self._arm()
-        if self.stop.tripped is not None:
+        if self.stop.stopping(self.monitor.step_count - 1):  # the step numbers the findings say
             control.should_training_stop = True  # the Trainer ends the run after this step, as for max_steps
 
     def _arm(self) -> None:

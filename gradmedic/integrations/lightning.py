@@ -55,7 +55,7 @@ class GradmedicCallback(Callback):
         if isinstance(log_to, str) and log_to == "auto":
             loggers = list(trainer.loggers)
             log_to = _LoggersSink(loggers) if loggers and trainer.is_global_zero else None
-        self.stop.tripped = None
+        self.stop.reset()
         self.monitor = gm.Monitor(pl_module, optimizer, log_to=offset_sink(log_to, trainer.global_step),
                                   on_finding=self.stop, **cadence(_max_steps(trainer), self.monitor_kwargs))
 
@@ -76,7 +76,7 @@ class GradmedicCallback(Callback):
             mean = torch.stack(self._losses).mean() if self._losses else None
             self._losses = []
             self.monitor.step(mean)
-            if self.stop.tripped is not None:
+            if self.stop.stopping(self.monitor.step_count - 1):  # the step numbers the findings say
                 trainer.should_stop = True  # Lightning ends the fit after this batch
 
     def on_train_end(self, trainer, pl_module) -> None:
