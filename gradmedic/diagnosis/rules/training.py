@@ -18,6 +18,7 @@ from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
 from gradmedic.diagnosis.rules._common import finding
 from gradmedic.diagnosis.rules._registry import Rule, register
+from gradmedic.diagnosis.rules._schedule import after_lr_jump
 from gradmedic.diagnosis.rules._trend import forecast
 from gradmedic.trace import Trace
 
@@ -173,9 +174,10 @@ def loss_spike(trace: Trace, ctx: Context) -> list[Finding]:
         return [finding("loss_spike", "info", [], f"The loss spiked to {values[i]:.3g} at step {int(steps[i])}, the "
                         f"last step seen ({z[i]:.0f} standard deviations above its rolling mean {mean[i]:.3g}).",
                         evidence, ctx)]
-    return [finding("loss_spike", "warning", [], f"The loss spiked to {values[i]:.3g} at step {int(steps[i])} "
-                    f"({z[i]:.0f} standard deviations above its rolling mean {mean[i]:.3g}) and has not come back in "
-                    f"{held} steps.", {**evidence, "held": held}, ctx)]
+    return [after_lr_jump(finding("loss_spike", "warning", [], f"The loss spiked to {values[i]:.3g} at step "
+                                  f"{int(steps[i])} ({z[i]:.0f} standard deviations above its rolling mean "
+                                  f"{mean[i]:.3g}) and has not come back in {held} steps.", {**evidence, "held": held},
+                                  ctx), trace, int(steps[i]))]
 
 
 def _smoothed(values: np.ndarray) -> np.ndarray:
@@ -221,10 +223,11 @@ def divergence(trace: Trace, ctx: Context) -> list[Finding]:
     began = int(steps[len(steps) - held])
     now = smooth[-1]
     lost = "it has given back what it learned" if best[-1] < start else "it never learned"
-    return [finding("divergence", severity, [], f"The loss is diverging: its running median rose to {now:.3g} "
-                    f"(best {best[-1]:.3g}, start {start:.3g}) at step {began} and has stayed above {line:.3g} for "
-                    f"{held} steps; {lost}.",
-                    {"step": began, "held": held, "loss": float(now), "best": float(best[-1]), "start": start}, ctx)]
+    return [after_lr_jump(finding("divergence", severity, [], f"The loss is diverging: its running median rose to "
+                                  f"{now:.3g} (best {best[-1]:.3g}, start {start:.3g}) at step {began} and has stayed "
+                                  f"above {line:.3g} for {held} steps; {lost}.",
+                                  {"step": began, "held": held, "loss": float(now), "best": float(best[-1]),
+                                   "start": start}, ctx), trace, began)]
 
 
 def loss_stall(trace: Trace, ctx: Context) -> list[Finding]:
@@ -345,10 +348,13 @@ def output_logit_drift(trace: Trace, ctx: Context) -> list[Finding]:
     evidence = {"step": step, "log_z": now, "first_log_z": float(values[0])}
     if trend is not None:
         evidence.update(factor_per_100=trend.factor_per_100, steps_to_threshold=trend.steps_to_threshold)
-    if now >= LOG_Z_ERROR:
-        return [finding("output_logit_drift", "error", [], f"The output logits have drifted: log Z (logsumexp over the "
-                        f"classes) is {now:.1f} at step {step}, from {values[0]:.1f}; the softmax no longer resolves "
-                        "the loss in 16 bits.", evidence, ctx)]
+    if now >= LOG_Z_ERROR:  # an error where the run computes in 16 bits; in float32, where it still resolves, a warning
+        said = ("the softmax no longer resolves the loss in 16 bits" if ctx.low_precision else "in float32 the "
+                "confident samples' loss and gradient round to zero, and in 16 bits the softmax would no longer "
+                "resolve the loss")
+        return [finding("output_logit_drift", "error" if ctx.low_precision else "warning", [], f"The output logits "
+                        f"have drifted: log Z (logsumexp over the classes) is {now:.1f} at step {step}, from "
+                        f"{values[0]:.1f}; {said}.", evidence, ctx)]
     if now < LOG_Z_FLOOR or trend is None or trend.steps_to_threshold is None or \
             trend.steps_to_threshold > LOG_Z_HORIZON:
         return []
