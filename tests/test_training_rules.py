@@ -230,14 +230,22 @@ def _log_z(values):
 @pytest.mark.parametrize("values, want", [
     (np.concatenate([np.linspace(2.3, 15, 6), _noisy(15, 14)]), []),  # a classifier grows confident, levels off
     (np.concatenate([np.linspace(2.3, 19, 10), 19 * 1.04 ** np.arange(1, 11)]), [("output_logit_drift", "warning")]),
-    (np.linspace(2.3, 35, 20), [("output_logit_drift", "error")]),
-    (-np.linspace(2.3, 35, 20), [("output_logit_drift", "error")]),  # drifting negative: |log Z|
+    (np.linspace(2.3, 35, 20), [("output_logit_drift", "warning")]),  # past 30 in float32: a warning
+    (-np.linspace(2.3, 35, 20), [("output_logit_drift", "warning")]),  # drifting negative: |log Z|
 ], ids=["levels_off", "drifting", "past", "negative"])
 def test_output_logit_drift(values, want):
     found = training.output_logit_drift(_trace(None, _log_z(values), steps=STEPS), Context())
     assert _kinds(found) == want
-    if want and want[0][1] == "warning":
+    if want and want[0][1] == "warning" and abs(values[-1]) < training.LOG_Z_ERROR:
         assert "per 100 steps" in found[0].message and found[0].remedies[0] == "z_loss"
+
+
+def test_output_logits_past_the_error_line_are_an_error_in_16_bits_and_a_warning_in_float32():
+    trace = _trace(None, _log_z(np.linspace(2.3, 35, 20)), steps=STEPS)
+    (fp32,) = training.output_logit_drift(trace, Context())
+    (half,) = training.output_logit_drift(trace, Context(low_precision=True))
+    assert (fp32.severity, half.severity) == ("warning", "error")
+    assert "in 16 bits" in half.message and "in float32" in fp32.message
 
 
 # --- Adam's epsilon, update size, loss scale -----------------------------------------------------------------------
@@ -329,3 +337,53 @@ def test_diagnosis_mid_run_equals_the_end_cut_at_that_step():
     assert any(f["kind"] in ("divergence", "loss_spike", "update_too_large") for f in mid[60])
     for step, findings in mid.items():
         assert gm.diagnose(end.until(step)).to_dict()["findings"] == findings, step
+
+
+# --- a NaN that comes at once --------------------------------------------------------------------------------------
+def _nan_after(loss_before) -> list:
+    from gradmedic.diagnosis.rules import precision
+
+    loss = np.concatenate([loss_before, [np.nan] * 5])
+    return precision.nonfinite(_trace(loss), Context())
+
+
+def test_a_nan_after_a_steady_loss_is_sudden_and_leads_with_skipping_the_batch():
+    from gradmedic.diagnosis.rules import precision
+
+    (f,) = _nan_after(LEARNING[:60])  # a loss falling steadily, then NaN at once (the corpus's inf from the data)
+    assert f.evidence["sudden"] is True and f.remedies[0] == "skip_and_rewind"
+    assert f.remedies == precision.SUDDEN_REMEDIES and "came at once" in f.message
+    assert "lower_learning_rate" not in f.remedies  # a lower lr does not mend a bad batch
+
+
+def test_a_nan_after_the_loss_rose_keeps_the_ranking_of_a_run_driven_up():
+    from gradmedic.diagnosis.rules import precision
+
+    rising = np.concatenate([LEARNING[:40], np.linspace(LEARNING[39], 4 * LEARNING[39], 20)])  # x4 before the NaN
+    (f,) = _nan_after(rising)
+    assert "sudden" not in f.evidence and f.remedies == precision.rank_nonfinite(Context())
+    (f,) = _nan_after(LEARNING[:precision.SUDDEN_HISTORY - 1])  # too few losses before it to tell
+    assert "sudden" not in f.evidence
+
+
+# --- a loss that goes bad after the lr jumped ---------------------------------------------------------------------
+def _spiking(lr):
+    loss = np.concatenate([LEARNING[:160], np.full(10, 5.0)])  # a spike at 160 that holds
+    return _trace(loss, scalars={"lr": (np.arange(len(loss)), lr[:len(loss)])})
+
+
+def test_a_spike_after_the_lr_jumped_says_so_and_leads_with_lowering_it():
+    from gradmedic.diagnosis.rules import _schedule
+
+    lr = np.where(np.arange(170) >= 150, 30e-3, 1e-3)  # x30 at step 150 (a schedule gone wrong)
+    for rule in (training.loss_spike, training.divergence):
+        (f,) = rule(_spiking(lr), Context())
+        assert f.evidence["lr_jump"] == pytest.approx(30.0) and f.evidence["lr_jump_step"] == 150
+        assert "rose x30 at step 150" in f.message
+        assert f.remedies[0] == "lower_learning_rate" and "lr_warmup" not in f.remedies
+    warmup = np.minimum(np.arange(170) + 1, 100) / 100 * 1e-3  # a linear warmup: doubles in 5 steps only before 10
+    (f,) = training.loss_spike(_spiking(warmup), Context())
+    assert "lr_jump" not in f.evidence and f.remedies == training.rank_spike(Context())
+    early = np.where(np.arange(170) >= 100, 30e-3, 1e-3)  # a jump 60 steps before the spike: too long before
+    assert "lr_jump" not in training.loss_spike(_spiking(early), Context())[0].evidence
+    assert _schedule.LR_JUMP_BEFORE < 60

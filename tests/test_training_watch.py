@@ -113,7 +113,7 @@ class _NanAfter(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def test_a_hugging_face_trainer_run_that_goes_bad_is_told_and_stopped(tmp_path):
+def test_a_hugging_face_trainer_run_that_goes_bad_is_told_and_stopped(tmp_path, capsys):
     from gradmedic.integrations.huggingface import GradmedicCallback
 
     torch.manual_seed(0)
@@ -140,6 +140,8 @@ def test_a_hugging_face_trainer_run_that_goes_bad_is_told_and_stopped(tmp_path):
     assert any("nonfinite" in line for line in said)  # told while it trained
     assert callback.stop.tripped is not None and callback.stop.tripped.kind == "nonfinite"
     assert trainer.state.global_step < 30  # stopped at the first flush after the NaN, not at max_steps (60)
+    stopped = [line for line in capsys.readouterr().err.splitlines() if "stopping training" in line]
+    assert len(stopped) == 1 and "stop_on='error'" in stopped[0] and "nonfinite" in stopped[0]  # said once, why
 
 
 class _Copy(torch.utils.data.Dataset):
@@ -180,6 +182,26 @@ def test_a_healthy_transformer_that_plateaus_before_it_learns_is_not_warned(tmp_
     assert np.median(loss[-20:]) < 0.85 * loss[0]  # it learned (chance is ln 30 = 3.4; it ends near 2.6)
     bound = trace.metric("attn_logit_max")
     assert np.nanmax(bound) > 40  # the attention sharpened: the case the watch level is for
+
+
+def test_a_healthy_trainer_run_with_a_warmup_from_zero_is_not_told_stalled_nor_stopped(tmp_path, one_thread):
+    """Hugging Face's linear warmup gives lr 0 at step 0, so the first look's update (step 1) is zero: a schedule, not
+    a stall. It was said as an error at step 1, and stop_on="error" ended the healthy run there."""
+    from gradmedic.integrations.huggingface import GradmedicCallback
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=60,
+                                          warmup_steps=30, learning_rate=1e-3, report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0)
+    callback = GradmedicCallback(stop_on="error", verbose=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_NanAfter(), callbacks=[callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if issubclass(w.category, gm.GradmedicFindingWarning)]
+    assert said == [] and callback.stop.tripped is None and trainer.state.global_step == 60
 
 
 def test_a_lightning_run_that_goes_bad_is_told_and_stopped(tmp_path):
