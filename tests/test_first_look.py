@@ -95,3 +95,28 @@ def test_corpus_hot_lr_runs_are_told_before_they_fail_and_the_healthy_sgd_run_is
         assert said == []
     else:
         assert told and told[0] <= result.failure_step
+
+
+def test_what_was_said_while_it_trained_is_kept_and_what_the_end_no_longer_holds_is_listed():
+    from gradmedic.integrations._common import said_and_gone
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = gm.Monitor(model, opt)
+        for _ in range(5):
+            nn.functional.mse_loss(model(x), y).backward()
+            mon.step()
+            opt.step()
+            opt.zero_grad()
+        mon.close()
+    said = mon.said
+    assert said and said[0][0] in FIRST_LOOKS and said[0][1].kind == "update_too_large"
+    gone = said_and_gone(said, [])  # nothing at the end: every finding said is listed, with its step
+    assert len(gone) == len(said) and gone[0].startswith(f"gradmedic: said at step {said[0][0]}, not so at the end")
+    assert said_and_gone(said, [f for _, f in said]) == []  # still there at the end: nothing to add
+    with gm.Monitor(nn.Linear(2, 2), live=False) as quiet:
+        assert quiet.said == []
