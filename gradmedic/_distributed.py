@@ -47,7 +47,7 @@ COMBINE: dict[str, str] = {
     "backward_rms": "rms", "backward_norm": "root_sum_squares", "forward_index": "first",
     "act_mean": "mean", "act_std": "pooled_std", "saturated_frac": "mean", "dead_frac": "min",
     "dead_units_seen": "first",
-    "nonfinite_forward": "max", "nonfinite_backward": "max",
+    "nonfinite_forward": "max", "nonfinite_backward": "max", "nonfinite_input": "max",
     "forward_gain": "mean", "backward_gain": "mean", "time_grad_ratio": "geomean",
     # run scalars
     "loss": "mean", "lr": "first",

@@ -1,7 +1,8 @@
 """Findings said while the run trains: at each flush the Monitor diagnoses its trace so far, and a finding that is
 new, or worse than when it was last said, is said once: a ``GradmedicFindingWarning`` line, a text to the sink, and
-the user's ``on_finding(finding)``. A finding is the same one while its kind and its first layer are (the layers
-and numbers of a growing problem change from flush to flush; saying it again at every flush would bury it)."""
+the user's ``on_finding(finding)``. A finding is the same one while its kind, its first layer and the phase it was
+seen in are (the layers and numbers of a growing problem change from flush to flush; saying it again at every flush
+would bury it; a NaN first seen in the loss and then traced to the batch's input is news)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class LiveFindings:
     def __init__(self, on_finding: Callable[[Finding], Any] | None = None, warn: bool = True):
         self.on_finding = on_finding
         self.warn = warn
-        self._said: dict[tuple[str, str], int] = {}  # (kind, first layer) -> severity rank said
+        self._said: dict[tuple[str, str, str], int] = {}  # (kind, first layer, phase) -> severity rank said
         self.report: Report | None = None  # the latest diagnosis
         self.history: list[tuple[int, Finding]] = []  # (the step it was said at, the finding), in order
 
@@ -39,7 +40,7 @@ class LiveFindings:
             trace.release()  # the run's memory holds its trace, not a dense copy of it made for reading
         fresh = []
         for f in self.report.findings:
-            key = (f.kind, f.layers[0] if f.layers else "")
+            key = (f.kind, f.layers[0] if f.layers else "", str(f.evidence.get("phase", "")))
             if f.rank < SEVERITIES.index(SAID_FROM) or self._said.get(key, -1) >= f.rank:
                 continue
             self._said[key] = f.rank

@@ -103,6 +103,8 @@ def findings_text(findings: list[Any]) -> str:
 
 def _event_text(event: dict[str, Any]) -> str:
     if {"value", "phase", "module"} <= set(event):
+        if event["phase"] == "input":
+            return f"step {event['step']}: first {event['value']} in the model's input"
         return f"step {event['step']}: first {event['value']} in the {event['phase']} pass at `{event['module']}`"
     return ", ".join(f"{k}={v}" for k, v in event.items())
 

@@ -305,8 +305,8 @@ class Trace:
         console.print(self.table())
         for e in self.events[:10]:
             if e.get("kind") == "nonfinite":
-                console.print(Text(printable(f"step {e['step']}: first {e['value']} in the {e['phase']} pass at "
-                                             f"{e['module']!r}", newlines=False)))
+                where = "the model's input" if e["phase"] == "input" else f"the {e['phase']} pass at {e['module']!r}"
+                console.print(Text(printable(f"step {e['step']}: first {e['value']} in {where}", newlines=False)))
         return console.file.getvalue()
 
     def __str__(self) -> str:

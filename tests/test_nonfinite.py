@@ -80,3 +80,39 @@ def test_both_phases_in_one_step_each_name_their_own_module_at_every_step():
     got = sorted((e["step"], e["phase"], e["module"], e["value"]) for e in mon.trace.events)
     assert got == [(s, phase, module, value) for s in range(3)
                    for phase, module, value in (("backward", "sqrt", "inf"), ("forward", "log", "nan"))]
+
+
+class _Keyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, *, features):
+        return self.lin(features)
+
+
+def test_an_inf_that_comes_with_the_batch_is_the_inputs_not_the_first_modules():
+    import numpy as np
+
+    from gradmedic.diagnosis.context import Context
+    from gradmedic.diagnosis.rules.precision import nonfinite
+    from gradmedic.probes.base import Chunk
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    x[0, 0] = float("inf")  # a division by a zero std in someone's preprocessing
+    events = run(model, x)
+    assert events[0] == {"step": 0, "kind": "nonfinite", "phase": "input", "module": "", "value": "inf"}
+    assert [e["phase"] for e in events][:2] == ["input", "forward"]  # the batch first, then what '0' made of it
+    trace = gm.Trace({"modules": ["", "0", "1", "2"]})
+    trace.extend(Chunk(np.zeros(0, np.int64), [], [], np.zeros((0, 0, 0)), events=events))
+    (f,) = nonfinite(trace, Context())
+    assert "model's input holds INF at step 0" in f.message and f.layers == [] and f.remedies == ["skip_and_rewind"]
+    # given by keyword, as a Hugging Face model's inputs_embeds are
+    mon = gm.Monitor(_Keyword(), probes=[NonFiniteProbe()])
+    mon.model(features=x).sum().backward()
+    mon.step()
+    mon.close()
+    assert mon.trace.events[0]["phase"] == "input"
+    # a finite batch: no input event (the log's NaN is the forward's, as before)
+    assert all(e["phase"] != "input" for e in run(model, torch.randn(4, 3)))

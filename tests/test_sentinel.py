@@ -127,10 +127,11 @@ def test_a_nan_loss_is_said_at_its_step_and_the_nan_probe_looks_at_the_next():
     assert ("nonfinite", "error") in by_step[k]  # on_finding called before step(k) returned
     assert any(text.startswith(f"gradmedic at step {k}: error nonfinite") for text in found), found
     assert mon._sentinel.alarms[0] == (k, "nonfinite")
-    # the NaN/Inf probe measured step k + 1, off its schedule: the finding names the module the inf went through
+    # the NaN/Inf probe measured step k + 1, off its schedule: the inf comes with the batch (the model's input), and
+    # the first module it went through is named after it
     events = [e for e in mon.trace.events if e.get("kind") == "nonfinite"]
     assert events and min(e["step"] for e in events) == k + 1
-    assert events[0]["module"] == "0"
+    assert events[0]["phase"] == "input" and events[1]["module"] == "0"
     # one episode, one alarm of its kind, though the loss stays non-finite to the end
     assert [kind for _, kind in mon._sentinel.alarms].count("nonfinite") == 1
 

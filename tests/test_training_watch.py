@@ -54,7 +54,8 @@ def test_the_nan_probe_is_asked_for_the_step_after_a_flush_saw_a_nan_loss():
     nan = monitor.diagnose().of_kind("nonfinite")[0]
     # its period is 100 steps: without the request it would not have run before step 100; the loss sentinel saw the
     # NaN loss at step 5 and flushed there, so the probe looked at step 6 (at the flush of step 9 it would be 10)
-    assert nan.evidence["probe_step"] == 6 and nan.layers == ["0"]
+    assert nan.evidence["probe_step"] == 6 and nan.evidence["phase"] == "input"  # the inf comes with the batch
+    assert "model's input holds INF at step 6" in nan.message and nan.layers == []
 
 
 def test_findings_are_said_while_it_trains_once_each():
@@ -65,9 +66,10 @@ def test_findings_are_said_while_it_trains_once_each():
     lines = [str(w.message) for w in caught if issubclass(w.category, gm.GradmedicFindingWarning)]
     # said at step 5 itself: the loss sentinel flushes at the NaN loss rather than waiting for the flush of step 9
     assert lines and lines[0].startswith("gradmedic at step 5: error nonfinite")
-    # said when first seen (no module yet) and once more when the probe named the module: not at every flush
+    # said when first seen (no probe yet) and once more when the probe found where it comes from (the batch): not at
+    # every flush
     assert len(lines) == len(said) == 2
-    assert [f.layers for f in said] == [[], ["0"]]
+    assert "model's input" not in said[0].message and "model's input" in said[1].message
 
 
 def test_live_false_says_nothing_and_a_healthy_run_says_nothing():

@@ -57,13 +57,20 @@ def nonfinite(trace: Trace, ctx: Context) -> list[Finding]:
             said_loss = f"The loss is {loss[1]} from step {loss[0]} ({loss[2]} non-finite loss(es) recorded). "
     if events:
         at = [e for e in events if e["step"] == events[0]["step"]]
-        first = next((e for e in at if e["phase"] == "forward"), at[0])
+        first = next((e for e in at if e["phase"] == "input"), None) or \
+            next((e for e in at if e["phase"] == "forward"), at[0])
         where = "output" if first["phase"] == "forward" else "output's gradient (in the backward pass)"
         evidence.update(phase=first["phase"], value=first["value"], events=len(events), probe_step=first["step"])
         late = ""
         if first["step"] > first_step:  # the probe looked after the first NaN: the weights may carry it by then
             late = (f" (the probe looked after the NaN of step {first_step}, when the weights may carry it: where it "
                     "shows first, not necessarily where it was born)")
+        if first["phase"] == "input":  # the batch itself: no module made it
+            found = finding("nonfinite", "error", [], f"{said_loss}The model's input holds {first['value'].upper()} "
+                            f"at step {first['step']}: it comes with the batch (the data, or what prepares it), not "
+                            "from a module; skip such batches, and find where the data pipeline makes them.",
+                            evidence, ctx)
+            return [dataclasses.replace(found, remedies=list(SUDDEN_REMEDIES[:1]))]
         found = finding("nonfinite", "error", [first["module"]],
                         f"{said_loss}The first {first['value'].upper()} the NaN/Inf probe saw is in the {where} of "
                         f"'{first['module']}' at step {first['step']}{late}; everything after it is poisoned.",
