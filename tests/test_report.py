@@ -197,3 +197,19 @@ def test_printing_a_report_leaves_pythons_random_state_alone():
             "text = str(report)\n"
             "assert text and random.getstate() == state, 'moved'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # a fresh process: rich not yet imported
+
+
+def test_the_loss_curve_marks_its_first_nan_and_draws_the_learning_rate_beside_it():
+    from gradmedic.report import plots
+
+    steps = list(range(60))
+    loss = list(np.linspace(2.3, 1.0, 60))
+    loss[40:] = [float("nan")] * 20
+    fig = plots.loss_curves({"loss": (steps, loss)})
+    ax = fig.axes[0]
+    assert "first non-finite loss (step 40)" in [line.get_label() for line in ax.get_lines()]
+    assert ax.get_xlim() == (0, 59)  # the steps after the NaN ran too
+    lr = (steps, [1e-3] * 30 + [3e-2] * 30)
+    with_lr = plots.loss_curves({"loss": (steps, list(np.linspace(2.3, 1.0, 60)))}, lr=lr)
+    assert len(with_lr.axes) == 2 and with_lr.axes[1].get_ylabel() == "learning rate"
+    assert list(with_lr.axes[1].get_lines()[0].get_ydata()) == lr[1]

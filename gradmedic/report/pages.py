@@ -260,4 +260,7 @@ def trace_figures(page: Page, trace) -> None:
     if "loss" in trace.scalar_names:
         steps, loss = trace.scalar("loss")
         if len(steps) > 1:
-            page.figure(plots.loss_curves({"loss": (list(steps), list(loss))}, title="Training loss"), "loss curve")
+            lr = trace.scalar("lr") if "lr" in trace.scalar_names else None
+            lr = (list(lr[0]), list(lr[1])) if lr is not None and len(lr[0]) > 1 else None
+            page.figure(plots.loss_curves({"loss": (list(steps), list(loss))}, title="Training loss"
+                                          + (" and learning rate" if lr else ""), lr=lr), "loss curve")

@@ -164,8 +164,10 @@ def layer_bars(layers: Sequence[str], norms: Mapping[str, Sequence[float | None]
 
 
 def loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]]], baseline: float | None = None,
-                title: str = ""):
-    """Training loss per label; the task's input-blind baseline as a dashed line."""
+                title: str = "", lr: tuple[Sequence[int], Sequence[float | None]] | None = None):
+    """Training loss per label; the task's input-blind baseline as a dashed line; where a loss first went NaN or
+    infinite, a dotted line (a curve that silently stops reads as a run that ended); ``lr``: the learning rate on a
+    second axis, since a spike that follows a schedule's jump is read off the two together."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     seen: list[np.ndarray] = []
@@ -173,11 +175,22 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]
         y = _values(loss)
         seen.append(y[np.isfinite(y)])
         ax.plot(list(steps)[: len(y)], y, label=_plain(label), linewidth=1.4)
+        bad = np.flatnonzero(~np.isfinite(np.asarray([np.nan if v is None else v for v in loss], dtype=float)))
+        if bad.size:
+            at = list(steps)[int(bad[0])]
+            ax.axvline(at, color="crimson", linestyle=":", linewidth=1.2, label=f"first non-finite loss (step {at})")
+            ax.set_xlim(min(steps), max(steps))  # the steps after it were run too: the axis spans them
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="input-blind baseline")
     finite = np.concatenate(seen) if seen else np.array([])
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:  # log only when it spans decades
         ax.set_yscale("log")
+    if lr is not None:
+        right = ax.twinx()
+        right.plot(list(lr[0]), _values(lr[1]), color="grey", linewidth=1, alpha=0.8, label="learning rate")
+        right.set_ylabel("learning rate", color="grey")
+        right.tick_params(axis="y", colors="grey", labelsize=7)
+        right.legend(fontsize=7, loc="upper center")
     _finish(ax, "training step", "training loss", title or "Loss")
     return fig
 
