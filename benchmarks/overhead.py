@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import gradmedic as gm  # noqa: E402
 from benchmarks._markdown import replace_section  # noqa: E402
+from gradmedic._first_look import FIRST_LOOKS  # noqa: E402
 from tests.helpers import aten_host_reads, count_host_syncs  # noqa: E402
 
 console = Console()
@@ -213,6 +214,9 @@ def run_steps(model, opt, batch, loss_fn, watcher, steps: int) -> float:
     return time.perf_counter() - start
 
 
+WARM_UP = max(FIRST_LOOKS) + 1
+
+
 def time_workload(build, repeats: int, steps: int, progress, task, logdir: str) -> dict[str, list[float]]:
     torch.manual_seed(0)
     base, batch, loss_fn = build()
@@ -221,8 +225,10 @@ def time_workload(build, repeats: int, steps: int, progress, task, logdir: str) 
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         runs[variant] = (model, opt, make_watcher(variant, model, opt, logdir))
-    for model, opt, watcher in runs.values():  # warm-up, not timed
-        run_steps(model, opt, batch, loss_fn, watcher, 3)
+    # warm-up, not timed: past the Monitor's first looks (the update ratio at steps 1, 3, 7 and 15 and a flush after
+    # each: a start-up cost of a run, not a step's; gradmedic/_first_look.py)
+    for model, opt, watcher in runs.values():
+        run_steps(model, opt, batch, loss_fn, watcher, WARM_UP)
     # about half a second of each variant per repeat: fewer steps for the slow workloads, at least 3
     model, opt, _ = runs["plain"]
     steps = max(3, min(steps, int(0.5 * 3 / run_steps(model, opt, batch, loss_fn, None, 3))))  # 3 steps: one is noisy
@@ -404,7 +410,8 @@ def write_markdown(path: Path, args, results, clip, syncs, memory) -> None:
              f"Measured {time.strftime('%Y-%m-%d')} on {cpu} ({platform.system()}), 1 torch thread, torch "
              f"{torch.__version__}, CPU (no GPU was lent to this task: the CUDA checks below are not yet run). "
              f"{args.repeats} repeats of up to {args.steps} Adam steps per variant (about half a second of each, "
-             "at least 3: the steps column), the variants interleaved step by step "
+             f"at least 3: the steps column), after {WARM_UP} untimed steps of each (past the Monitor's first looks, "
+             "a start-up cost of a run), the variants interleaved step by step "
              "in a shuffled order; a cell is the median over repeats of (variant time / plain time in the same "
              "repeat), with the lowest and highest repeat in brackets. `control` is a second plain copy: how far "
              "apart two identical runs read.", "",
