@@ -120,3 +120,27 @@ def test_what_was_said_while_it_trained_is_kept_and_what_the_end_no_longer_holds
     assert said_and_gone(said, [f for _, f in said]) == []  # still there at the end: nothing to add
     with gm.Monitor(nn.Linear(2, 2), live=False) as quiet:
         assert quiet.said == []
+
+
+def _stalled_trace(ratios: dict[int, float], scalars: dict[str, dict[int, float]]) -> gm.Trace:
+    trace = gm.Trace({"modules": ["", "fc"], "types": {"": "Sequential", "fc": "Linear"}, "params": {"fc": 10},
+                      "optimizer": "Adam"})
+    steps = np.array(sorted(ratios))
+    values = np.array([[[ratios[s]]] for s in steps])
+    extra = {name: (np.array(sorted(v)), np.array([v[k] for k in sorted(v)])) for name, v in scalars.items()}
+    trace.extend(Chunk(steps, ["fc"], ["update_to_weight"], values, scalars=extra))
+    return trace
+
+
+def test_updates_that_are_small_by_schedule_are_not_a_stall():
+    from gradmedic.diagnosis.rules.updates import stalled_updates
+
+    lr = {s: 1e-3 * min(1.0, s / 30) for s in range(17)}  # a linear warmup from lr 0 (the Trainer's)
+    # the first looks' updates: step 1's was made at lr 0, the others at a rising lr (all fine per entry)
+    assert stalled_updates(_stalled_trace({1: 0.0, 3: 2e-4, 7: 5e-4}, {"lr": lr}), Context()) == []
+    assert stalled_updates(_stalled_trace({1: 0.0}, {}), Context()) == []  # one measurement is not "each step"
+    scale = {0: 65536.0, 1: 32768.0, 2: 16384.0, 3: 16384.0, 4: 16384.0}  # GradScaler skipped steps 0 and 1
+    assert stalled_updates(_stalled_trace({1: 0.0, 2: 0.0, 4: 1e-3}, {"loss_scale": scale}), Context()) == []
+    (f,) = stalled_updates(_stalled_trace({1: 1e-9, 3: 1e-9, 7: 1e-9}, {"lr": {s: 1e-12 for s in range(8)}}),
+                           Context())  # a tiny lr from the start: stalled, and said
+    assert f.severity == "error" and f.layers == ["fc"]

@@ -3,6 +3,8 @@ optimizer barely moves (stalled updates)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gradmedic.diagnosis.context import Context
@@ -18,14 +20,14 @@ __all__ = ["no_gradient", "stalled_updates"]
 # unit-scale weights); two orders below it a layer barely moves, four orders below it stands still.
 STALLED_WARNING = 1e-5
 STALLED_ERROR = 1e-7
-# In a run (not gm.check, whose steps from init are what it asks about) the first steps move little by schedule, not
-# by a fault: a warmup from lr 0 (Hugging Face's linear schedule gives lr 0 at step 0; a healthy GPT-2 Trainer run with
-# warmup was told "stalled" at step 1 by its first look) and GradScaler's skipped first steps move nothing. Updates
-# measured before this step are not judged (optimizer.py's UPDATE_SETTLE, Adam's transient, is the same span).
-STALLED_SETTLE = 10
-# ...nor those made at less than half the run's latest learning rate (a warmup's scheduled small steps, or the steps
-# before the lr was raised): a layer is stalled at the lr it trains with now.
+# In a run (not gm.check, whose steps from init are what it asks about) some updates are small by schedule, not by a
+# fault, and are not judged: one made at less than half the run's latest learning rate (a warmup's first steps:
+# Hugging Face's linear schedule gives lr 0 at step 0, and a healthy GPT-2 Trainer run was told "stalled" as an error at
+# step 1 by the Monitor's first look; or the steps before the lr was raised), and one GradScaler skipped (its scale
+# halved after it: the weights did not move). The update measured at step s is W_s - W_{s-1}, made with the lr
+# recorded at step s - 1. A single judged measurement is not "each step": a run needs STALLED_MIN_POINTS.
 STALLED_LR_SHARE = 0.5
+STALLED_MIN_POINTS = 2
 # That reference is a weight matrix's: its entries are ~1/sqrt(fan_in) (0.02-0.2 at torch's default init). A layer
 # whose entries are larger (a norm's gain at 1, an embedding drawn from N(0, 1), a scalar gain) moves less relative
 # to its own size for the same step per entry: Adam moves every entry by about lr whatever its scale, so its
@@ -175,20 +177,30 @@ def no_gradient(trace: Trace, ctx: Context) -> list[Finding]:
     return found
 
 
+def _scalar_at(trace: Trace, name: str, steps: np.ndarray) -> np.ndarray:
+    """The run scalar ``name`` at each of ``steps`` (NaN where it was not recorded)."""
+    at, values = trace.scalar(name)
+    order = np.argsort(at, kind="stable")
+    at, values = at[order], np.asarray(values, dtype=np.float64)[order]
+    if not at.size:
+        return np.full(len(steps), np.nan)
+    i = np.minimum(np.searchsorted(at, steps), at.size - 1)
+    return np.where(at[i] == steps, values[i], np.nan)
+
+
 def _judged_steps(trace: Trace) -> np.ndarray:
-    """The trace's rows whose update ratio is judged: all of gm.check's; a run's from STALLED_SETTLE on, made at
-    STALLED_LR_SHARE of its latest learning rate or more where the lr was recorded."""
+    """The trace's rows whose update ratio is judged: all of gm.check's; of a run's, those whose update was made at
+    STALLED_LR_SHARE of the latest lr or more and was not skipped by GradScaler (see STALLED_LR_SHARE)."""
     rows = np.ones(len(trace.steps), dtype=bool)
     if "check" in trace.meta:
         return rows
-    rows &= trace.steps >= STALLED_SETTLE
     if "lr" in trace.scalar_names:
-        lr_steps, lr = trace.scalar("lr")
-        order = np.argsort(lr_steps, kind="stable")
-        lr_steps, lr = lr_steps[order], np.asarray(lr, dtype=np.float64)[order]
-        if lr.size and np.isfinite(lr[-1]) and lr[-1] > 0:
-            at = np.clip(np.searchsorted(lr_steps, trace.steps, side="right") - 1, 0, lr.size - 1)
-            rows &= ~(lr[at] < STALLED_LR_SHARE * lr[-1])
+        latest = trace.scalar("lr")[1]
+        latest = float(latest[-1]) if len(latest) else math.nan
+        if latest > 0:
+            rows &= ~(_scalar_at(trace, "lr", trace.steps - 1) < STALLED_LR_SHARE * latest)
+    if "loss_scale" in trace.scalar_names:  # halved after step s - 1: GradScaler skipped it
+        rows &= ~(_scalar_at(trace, "loss_scale", trace.steps) < _scalar_at(trace, "loss_scale", trace.steps - 1))
     return rows
 
 
@@ -212,6 +224,8 @@ def stalled_updates(trace: Trace, ctx: Context) -> list[Finding]:
         if layer in never:
             continue
         values = column[:, j][~np.isnan(column[:, j])]
+        if "check" not in trace.meta and values.size < STALLED_MIN_POINTS:
+            continue  # one measurement of a run is not "each step"
         if ran is not None and np.isnan(grads[ran, j]).any() and (values > 0).any():  # type: ignore[index]
             # the layer had no gradient at some steps (an expert no token was routed to, a branch taken only
             # sometimes): an optimizer leaves a parameter without a gradient exactly as it is, so those zero
