@@ -48,7 +48,8 @@ def test_update_too_large_judges_plain_sgd_from_its_first_step_by_the_median_lay
 
 
 def _hot_mlp(lr: float, steps: int = 20, preset: str = "standard"):
-    """A tanh MLP on a fixed regression batch, plain SGD with momentum; what the Monitor said, by step."""
+    """A tanh MLP on a fixed regression batch, plain SGD with momentum; what the Monitor said (by step), its trace
+    and the closed Monitor."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -66,21 +67,21 @@ def _hot_mlp(lr: float, steps: int = 20, preset: str = "standard"):
             opt.step()
             opt.zero_grad()
     mon.close()
-    return said, mon.trace
+    return said, mon.trace, mon
 
 
 def test_a_hot_sgd_run_is_told_at_a_first_look_and_a_healthy_one_is_not():
-    said, trace = _hot_mlp(lr=3.0)
+    said, trace, _ = _hot_mlp(lr=3.0)
     assert trace.meta["optimizer"] == "SGD"
     first = [s for s, kind in said if kind == "update_too_large"]
     assert first and first[0] in FIRST_LOOKS  # said at a first look, not at the first scheduled flush (99)
     assert set(FIRST_LOOKS) <= set(trace.steps.tolist())
-    said, _ = _hot_mlp(lr=0.01)
+    said, _, _ = _hot_mlp(lr=0.01)
     assert said == []
 
 
 def test_the_cheap_preset_measures_no_update_and_takes_no_first_look():
-    said, trace = _hot_mlp(lr=3.0, preset="cheap")
+    said, trace, _ = _hot_mlp(lr=3.0, preset="cheap")
     assert trace.steps.tolist() == [0]  # every 50: step 0 only; no update ratio, no first looks
     assert not [s for s, kind in said if kind == "update_too_large"]
 
@@ -100,19 +101,7 @@ def test_corpus_hot_lr_runs_are_told_before_they_fail_and_the_healthy_sgd_run_is
 def test_what_was_said_while_it_trained_is_kept_and_what_the_end_no_longer_holds_is_listed():
     from gradmedic.integrations._common import said_and_gone
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9)
-    x, y = torch.randn(64, 16), torch.randn(64, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mon = gm.Monitor(model, opt)
-        for _ in range(5):
-            nn.functional.mse_loss(model(x), y).backward()
-            mon.step()
-            opt.step()
-            opt.zero_grad()
-        mon.close()
+    _, _, mon = _hot_mlp(lr=3.0, steps=5)
     said = mon.said
     assert said and said[0][0] in FIRST_LOOKS and said[0][1].kind == "update_too_large"
     gone = said_and_gone(said, [])  # nothing at the end: every finding said is listed, with its step
