@@ -297,8 +297,8 @@ def count_syncs(build, preset: str) -> dict[str, int]:
     longest = longest_period(monitor)
     if 5 * longest + 1 >= monitor.flush_every:
         raise SystemExit(f"count_syncs: a probe period of {longest} steps needs flush_every above {5 * longest + 1}")
-    with count_host_syncs() as first:
-        run_steps(model, opt, batch, loss_fn, monitor, longest + 1)
+    with count_host_syncs() as first:  # and the first looks' flushes (steps 1, 3, 7, 15: gradmedic._first_look)
+        run_steps(model, opt, batch, loss_fn, monitor, max(longest + 1, WARM_UP))
     with count_host_syncs() as between:
         run_steps(model, opt, batch, loss_fn, monitor, 2 * longest)
     with count_host_syncs() as at_flush:
@@ -308,7 +308,7 @@ def count_syncs(build, preset: str) -> dict[str, int]:
     torch.manual_seed(0)
     twin, _, _ = build()
     twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-4)
-    run_steps(twin, twin_opt, batch, loss_fn, None, longest + 1)
+    run_steps(twin, twin_opt, batch, loss_fn, None, max(longest + 1, WARM_UP))
     inside = (aten_host_reads(lambda: run_steps(model, opt, batch, loss_fn, monitor, 2 * longest))
               - aten_host_reads(lambda: run_steps(twin, twin_opt, batch, loss_fn, None, 2 * longest)))
     monitor.close()
@@ -433,7 +433,8 @@ def write_markdown(path: Path, args, results, clip, syncs, memory) -> None:
               "data: `torch.tensor`, `torch.as_tensor`, `torch.from_numpy`, `new_tensor`, a Python number written "
               "with `t[i] = x` or `fill_(x)`; counted by `tests/helpers.py:count_host_syncs`, which wraps those "
               "calls and counts the ones whose caller is in the `gradmedic` package). The first measured steps "
-              "build the probes' index tensors once; 'between flushes' covers enough later steps that every "
+              "build the probes' index tensors once and hold the first looks' four flushes (steps 1, 3, 7 and 15); "
+              "'between flushes' covers enough later steps that every "
               "probe of the preset measures at least twice. The last column counts values read to the host "
               "inside torch's own operators over the same number of steps (`aten::_local_scalar_dense` in the "
               "profiler, `tests/helpers.py:aten_host_reads`), monitored minus a plain copy of the same loop:", "",
