@@ -153,7 +153,11 @@ def report(args: argparse.Namespace) -> int:
             import gradmedic as gm
 
             trace = gm.Trace.load(source)
-            page = report_page(gm.diagnose(trace), title=f"gradmedic report: {source.name}")
+            # the model and the file's folder too: every integration names its trace gradmedic.gmtrace, in the run's
+            # output directory, so the file name alone tells no two runs apart
+            where = f"{source.parent.name}/{source.name}" if source.parent.name else source.name
+            page = report_page(gm.diagnose(trace),
+                               title=f"gradmedic report: {trace.meta.get('model') or 'a model'} ({where})")
         else:
             raise GradmedicError(f"{source} is neither a lab database (SQLite) nor a trace (.gmtrace)")
         out = write_page(page, args.output)

@@ -120,7 +120,9 @@ def test_check_report_and_trace_report(tmp_path):
     trace_path = monitor.trace.save(tmp_path / "run.gmtrace")
     done = run("report", str(trace_path), "-o", str(tmp_path / "trace.html"))
     assert done.returncode == 0, done.stderr
-    assert "vanishing_gradients" in (tmp_path / "trace.html").read_text()
+    html = (tmp_path / "trace.html").read_text()
+    assert "vanishing_gradients" in html
+    assert f"gradmedic report: Sequential ({tmp_path.name}/run.gmtrace)" in html  # which model, which run
 
 
 def test_lab_run_smoke_json_then_resume(tmp_path):
