@@ -67,7 +67,7 @@ _ALL = (
            "becomes an identity path and gradients at init are well-scaled without warmup", "model",
            "Xiong et al. 2020"),
     Remedy("lr_warmup", "warm the learning rate up linearly over the first steps (a few percent of training), "
-           "so Adam's early, badly estimated steps do not wreck a post-LN stack", "training",
+           "so Adam's early, badly estimated steps do not wreck the model (a post-LN stack the most)", "training",
            "Vaswani et al. 2017; Liu et al. 2020"),
     Remedy("deepnorm", "scale the residual stream up (x * alpha + F(x)) and the branch's init down "
            "(DeepNorm), so deep post-LN stacks train stably", "model", "Wang et al. 2022"),
