@@ -99,3 +99,7 @@ def test_heatmap_step_ticks_are_evenly_spaced():
     fig = plots.gradient_heatmap(list(range(0, 20, 2)), ["a", "b"], np.ones((10, 2)))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == ["0", "4", "8", "12", "16"]  # every second column; was 0 2 6 8 10 12 16 18
+    # a Monitor's steps: the first looks (1, 3, 7, 15) among every 20th; labels by step, not by column
+    steps = [0, 1, 3, 7, 15, *range(20, 400, 20)]
+    fig = plots.gradient_heatmap(steps, ["a", "b"], np.ones((len(steps), 2)))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "100", "200", "300"]

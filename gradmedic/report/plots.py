@@ -105,7 +105,7 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
                   interpolation="nearest")
         title = f"{title or 'Gradient flow'} (black: exactly 0)"
     ax.set_xlabel("training step")
-    step_ticks = np.arange(0, len(steps), _nice_stride(len(steps), 8))  # even gaps: 0 1 3 4 5 6 8 9 read as a bug
+    step_ticks = _step_ticks(steps, 8)
     ax.set_xticks(step_ticks, [str(int(steps[i])) for i in step_ticks])
     every = max(1, len(layers) // _MAX_LABELS + (len(layers) % _MAX_LABELS > 0))
     rows = list(range(0, len(layers), every))
@@ -113,6 +113,20 @@ def gradient_heatmap(steps: Sequence[int], layers: Sequence[str], values: np.nda
     fig.colorbar(image, ax=ax, label=f"log10 {quantity}")
     ax.set_title(_plain(title or "Gradient flow"), fontsize=10)
     return fig
+
+
+def _step_ticks(steps: Sequence[int], most: int) -> list[int]:
+    """Columns to label on a heatmap whose columns are measured steps, which need not be evenly spaced (the Monitor's
+    first looks add steps 1, 3, 7 and 15 to a schedule of every 20th): from the first step, every multiple of a
+    stride in steps (the schedule's usual gap times 1, 2, 5, 10...), at the first column at or after it. A stride in
+    columns labelled 0, 1, 3, 7, 15, 20 unevenly, or 49, 119, 189 where the steps were 0, 100, 200."""
+    at = np.asarray(steps, dtype=np.int64)
+    if at.size < 2:
+        return list(range(at.size))
+    gap = max(int(np.median(np.diff(at))), 1)
+    stride = gap * _nice_stride(-(-int(at[-1] - at[0] + 1) // gap), most)
+    columns = {int(np.searchsorted(at, t)) for t in range(int(at[0]), int(at[-1]) + 1, stride)}
+    return sorted(c for c in columns if c < at.size)
 
 
 def _nice_stride(n: int, most: int) -> int:
