@@ -17,10 +17,15 @@ from gradmedic.diagnosis import SEVERITIES, Finding, Report, diagnose
 from gradmedic.probes import Chunk, Probe
 from gradmedic.trace import Trace
 
-__all__ = ["LiveFindings", "ask_where_nans_come_from"]
+__all__ = ["LiveFindings", "ask_where_nans_come_from", "finding_key"]
 
 # What is said live: warnings and errors. An info finding is a note for the end-of-run report, not an interruption.
 SAID_FROM = "warning"
+
+
+def finding_key(f: Finding) -> tuple[str, str, str]:
+    """What makes a finding the same one from flush to flush (module docstring): its kind, first layer and phase."""
+    return f.kind, f.layers[0] if f.layers else "", str(f.evidence.get("phase", ""))
 
 
 class LiveFindings:
@@ -40,7 +45,7 @@ class LiveFindings:
             trace.release()  # the run's memory holds its trace, not a dense copy of it made for reading
         fresh = []
         for f in self.report.findings:
-            key = (f.kind, f.layers[0] if f.layers else "", str(f.evidence.get("phase", "")))
+            key = finding_key(f)
             if f.rank < SEVERITIES.index(SAID_FROM) or self._said.get(key, -1) >= f.rank:
                 continue
             self._said[key] = f.rank

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gradmedic._errors import GradmedicError, bad_argument
+from gradmedic._live import finding_key
 from gradmedic._progress import progress
 from gradmedic._sinks import Sink, as_sink
 from gradmedic.diagnosis import SEVERITIES
@@ -173,10 +174,10 @@ def said_and_gone(said: list, findings: list) -> list[str]:
     """One line per finding said while the run trained that the end's diagnosis no longer holds at that severity
     or worse (a spike the run got over, a hot lr's first steps): the end reads the state at the end, and a user who
     reads only it should still learn what was said, and when."""
-    now = {(f.kind, f.layers[0] if f.layers else ""): SEVERITIES.index(f.severity) for f in findings}
+    now = {finding_key(f): SEVERITIES.index(f.severity) for f in findings}
     lines = []
     for step, f in said:
-        if now.get((f.kind, f.layers[0] if f.layers else ""), -1) < SEVERITIES.index(f.severity):
+        if now.get(finding_key(f), -1) < SEVERITIES.index(f.severity):
             lines.append(f"gradmedic: said at step {step}, not so at the end: {f.severity} {f.kind}: "
                          f"{f.message.splitlines()[0] if f.message else ''}")
     return lines

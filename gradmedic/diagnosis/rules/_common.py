@@ -1,5 +1,5 @@
-"""What the rules share: reading a metric at its latest and first steps, depth order, severity, a per-layer share
-rule, and making a Finding (with its remedies ranked by the registry)."""
+"""What the rules share: reading a metric at its latest and first steps, a run scalar in step order, depth order,
+severity, a per-layer share rule, and making a Finding (with its remedies ranked by the registry)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
 from gradmedic.diagnosis.rules._registry import prescribe
 from gradmedic.trace import Trace
+
+
+def scalar_in_order(trace: Trace, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run scalar ``name`` (the loss, the lr, the loss scale) as (steps, float64 values) in step order, or None
+    where it was not recorded: the chunks of a trace need not come in order."""
+    if name not in trace.scalar_names:
+        return None
+    steps, values = trace.scalar(name)
+    order = np.argsort(steps, kind="stable")
+    return steps[order], np.asarray(values, dtype=np.float64)[order]
 
 
 def latest(trace: Trace, metric: str) -> tuple[int, dict[str, float]] | None:

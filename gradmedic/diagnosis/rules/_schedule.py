@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 
 from gradmedic.diagnosis.findings import Finding
+from gradmedic.diagnosis.rules._common import scalar_in_order
 from gradmedic.trace import Trace
 
 __all__ = ["LR_JUMP", "after_lr_jump"]
@@ -26,11 +27,10 @@ LR_JUMP_BEFORE = 50
 def _lr_jump(trace: Trace, step: int) -> tuple[float, int] | None:
     """(how many times the lr rose, the step it rose at) for the largest jump in the LR_JUMP_BEFORE steps up to
     ``step``, or None."""
-    if "lr" not in trace.scalar_names:
+    read = scalar_in_order(trace, "lr")
+    if read is None:
         return None
-    steps, lr = trace.scalar("lr")
-    order = np.argsort(steps, kind="stable")
-    steps, lr = steps[order], np.asarray(lr, dtype=np.float64)[order]
+    steps, lr = read
     if lr.size <= LR_JUMP_STEPS:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -8,10 +8,10 @@ import numpy as np
 
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
-from gradmedic.diagnosis.rules._common import depth_order, finding, per_layer_share
+from gradmedic.diagnosis.rules._common import depth_order, finding, per_layer_share, scalar_in_order
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.diagnosis.rules.depth import zero_gradient
-from gradmedic.diagnosis.rules.training import DIVERGE_ERROR, SMOOTH
+from gradmedic.diagnosis.rules.training import DIVERGE_ERROR, SMOOTH, smoothed
 from gradmedic.trace import Trace
 
 __all__ = ["gradient_underflow", "nonfinite"]
@@ -88,15 +88,14 @@ def nonfinite(trace: Trace, ctx: Context) -> list[Finding]:
 def _if_sudden(found: Finding, trace: Trace, first_step: int, ctx: Context) -> Finding:
     """The finding as it is, or, where the loss was steady until the first NaN (SUDDEN_FACTOR), said so and with the
     remedies of a NaN that came at once first (SUDDEN_REMEDIES; loss scaling before them in 16 bits)."""
-    if "loss" not in trace.scalar_names:
+    loss = scalar_in_order(trace, "loss")
+    if loss is None:
         return found
-    steps, values = trace.scalar("loss")
-    before = np.asarray(values, dtype=np.float64)[np.argsort(steps, kind="stable")]
-    before = before[np.sort(steps) < first_step]
+    before = loss[1][loss[0] < first_step]
     before = before[np.isfinite(before)]
     if before.size < SUDDEN_HISTORY:
         return found
-    smooth = np.array([np.median(before[i:i + SMOOTH]) for i in range(before.size - SMOOTH + 1)])
+    smooth = smoothed(before)[SMOOTH - 1:]  # the running median of the steady part, divergence's smoothing
     if not smooth[-1] <= SUDDEN_FACTOR * smooth.min():
         return found  # the loss rose first: a learning rate or an instability drove it (divergence's remedies)
     remedies = (["loss_scaling"] if ctx.low_precision else []) + SUDDEN_REMEDIES

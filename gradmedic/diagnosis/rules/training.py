@@ -16,7 +16,7 @@ import numpy as np
 
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
-from gradmedic.diagnosis.rules._common import finding
+from gradmedic.diagnosis.rules._common import finding, scalar_in_order
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.diagnosis.rules._schedule import after_lr_jump
 from gradmedic.diagnosis.rules._trend import forecast
@@ -119,11 +119,7 @@ LOG_Z_HORIZON = 500
 
 
 def _loss(trace: Trace) -> tuple[np.ndarray, np.ndarray] | None:
-    if "loss" not in trace.scalar_names:
-        return None
-    steps, values = trace.scalar("loss")
-    order = np.argsort(steps, kind="stable")
-    return steps[order], np.asarray(values, dtype=np.float64)[order]
+    return scalar_in_order(trace, "loss")
 
 
 def _rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -180,7 +176,7 @@ def loss_spike(trace: Trace, ctx: Context) -> list[Finding]:
                                   ctx), trace, int(steps[i]))]
 
 
-def _smoothed(values: np.ndarray) -> np.ndarray:
+def smoothed(values: np.ndarray) -> np.ndarray:
     """The median of the last SMOOTH finite values at each step (a non-finite loss counts as +inf: above any line)."""
     x = np.where(np.isnan(values), np.inf, values)
     if len(x) < SMOOTH:
@@ -201,7 +197,7 @@ def divergence(trace: Trace, ctx: Context) -> list[Finding]:
     if loss is None:
         return []
     steps, values = loss
-    smooth = _smoothed(values)
+    smooth = smoothed(values)
     finite = np.isfinite(values)
     if finite.sum() < SMOOTH:
         return []

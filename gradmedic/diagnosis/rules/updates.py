@@ -3,13 +3,11 @@ optimizer barely moves (stalled updates)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from gradmedic.diagnosis.context import Context
 from gradmedic.diagnosis.findings import Finding
-from gradmedic.diagnosis.rules._common import depth_order, finding, severity_of
+from gradmedic.diagnosis.rules._common import depth_order, finding, scalar_in_order, severity_of
 from gradmedic.diagnosis.rules._registry import Rule, register
 from gradmedic.trace import Trace
 
@@ -177,11 +175,9 @@ def no_gradient(trace: Trace, ctx: Context) -> list[Finding]:
     return found
 
 
-def _scalar_at(trace: Trace, name: str, steps: np.ndarray) -> np.ndarray:
-    """The run scalar ``name`` at each of ``steps`` (NaN where it was not recorded)."""
-    at, values = trace.scalar(name)
-    order = np.argsort(at, kind="stable")
-    at, values = at[order], np.asarray(values, dtype=np.float64)[order]
+def _at(read: tuple[np.ndarray, np.ndarray], steps: np.ndarray) -> np.ndarray:
+    """A run scalar (steps, values in step order) at each of ``steps``, NaN where it was not recorded."""
+    at, values = read
     if not at.size:
         return np.full(len(steps), np.nan)
     i = np.minimum(np.searchsorted(at, steps), at.size - 1)
@@ -194,13 +190,12 @@ def _judged_steps(trace: Trace) -> np.ndarray:
     rows = np.ones(len(trace.steps), dtype=bool)
     if "check" in trace.meta:
         return rows
-    if "lr" in trace.scalar_names:
-        latest = trace.scalar("lr")[1]
-        latest = float(latest[-1]) if len(latest) else math.nan
-        if latest > 0:
-            rows &= ~(_scalar_at(trace, "lr", trace.steps - 1) < STALLED_LR_SHARE * latest)
-    if "loss_scale" in trace.scalar_names:  # halved after step s - 1: GradScaler skipped it
-        rows &= ~(_scalar_at(trace, "loss_scale", trace.steps) < _scalar_at(trace, "loss_scale", trace.steps - 1))
+    lr = scalar_in_order(trace, "lr")
+    if lr is not None and lr[1].size and lr[1][-1] > 0:
+        rows &= ~(_at(lr, trace.steps - 1) < STALLED_LR_SHARE * lr[1][-1])
+    scale = scalar_in_order(trace, "loss_scale")
+    if scale is not None:  # halved after step s - 1: GradScaler skipped it
+        rows &= ~(_at(scale, trace.steps) < _at(scale, trace.steps - 1))
     return rows
 
 
